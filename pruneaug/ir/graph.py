@@ -1,0 +1,223 @@
+"""ONNX <-> IR: a networkx DiGraph of ONNX nodes whose edges follow tensors, weights beside it.
+
+    >>> ir = lift(onnx.load("examples/mlp/model.onnx"))
+    >>> [ir.layer(n).shape for n in ir.prunable_nodes()]
+    [(256, 64), (256, 256), (10, 256)]
+    >>> onnx.checker.check_model(lower(ir))
+
+Each node of `ir.graph` is keyed by its (unique) ONNX node name and holds `proto` (the NodeProto,
+never mutated), `order` (its place in the ONNX graph). A prunable node (the first reader of a prunable
+weight) also holds `layer` (a PrunableLayer) and `block` (a BlockSpec, 1x1 at sparsity 0 until a
+pass sets it); passes add more (`importance`, `mask`, ...). Prunable weights live in `ir.weights` as
+numpy arrays in their ONNX layout; every other initializer stays the TensorProto it was, so lowering
+changes nothing that no pass touched. Subgraphs (If/Loop bodies) are kept whole inside their node's
+attributes and are never pruned.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pruneaug.ir.layer import BlockSpec, PrunableLayer
+from pruneaug.ir.prunable import WeightUse, find_weight_use
+
+
+_SHAPE_TENSOR_MAX_ELEMENTS = 64
+
+
+class IRModel:
+    """The graph, the prunable weights as arrays, and the ONNX model it came from (for everything else)."""
+
+    def __init__(self, source: onnx.ModelProto, graph: nx.DiGraph, weights: dict[str, np.ndarray]):
+        self.source = source  # never mutated; lowering copies it
+        self.graph = graph
+        self.weights = weights
+
+    def prunable_nodes(self) -> list[str]:
+        """Nodes that carry a layer, in ONNX graph order."""
+        nodes = [n for n, data in self.graph.nodes(data=True) if "layer" in data]
+        return sorted(nodes, key=lambda n: self.graph.nodes[n]["order"])
+
+    def layer(self, node: str) -> PrunableLayer:
+        return self.graph.nodes[node]["layer"]
+
+    def layers(self) -> list[PrunableLayer]:
+        return [self.layer(n) for n in self.prunable_nodes()]
+
+    def canonical_weight(self, node: str) -> np.ndarray:
+        """The weight of a prunable node as W[out, in]."""
+        layer = self.layer(node)
+        return layer.layout.to_canonical(self.weights[layer.weight])
+
+    def set_canonical_weight(self, node: str, canonical: np.ndarray) -> None:
+        """Replace the weight of `node`, given in the canonical view (passes call it on their own copy)."""
+        layer = self.layer(node)
+        dtype = self.weights[layer.weight].dtype
+        self.weights[layer.weight] = layer.layout.from_canonical(canonical).astype(dtype, copy=False)
+
+    def copy(self) -> "IRModel":
+        """A copy a pass may change: node attributes and the weights dict are new, arrays shared until replaced."""
+        return IRModel(self.source, self.graph.copy(), dict(self.weights))
+
+    def input_names(self) -> list[str]:
+        initializers = {t.name for t in self.source.graph.initializer}
+        return [v.name for v in self.source.graph.input if v.name not in initializers]
+
+
+def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> IRModel:
+    """Build the IR of a checked model (its external data loaded).
+
+    `input_shapes` fixes the inputs' dynamic dimensions for computing each layer's `m`; without
+    it a dynamic dimension counts as 1.
+    """
+    graph = nx.DiGraph()
+    onnx_graph = model.graph
+    names = _unique_node_names(onnx_graph.node)
+    producers: dict[str, str] = {}
+    for order, (name, node) in enumerate(zip(names, onnx_graph.node)):
+        graph.add_node(name, proto=node, order=order)
+        for tensor in node.output:
+            if tensor:
+                producers[tensor] = name
+    for name, node in zip(names, onnx_graph.node):
+        for tensor in _consumed_tensors(node):
+            if tensor in producers and producers[tensor] != name:
+                graph.add_edge(producers[tensor], name, tensor=tensor)
+
+    uses = _weight_uses(onnx_graph, names)
+    rows = _rows_per_inference(model, uses, input_shapes or {})
+    weights: dict[str, np.ndarray] = {}
+    by_weight: dict[str, list[WeightUse]] = {}
+    for use in uses:
+        by_weight.setdefault(use.weight, []).append(use)
+    tensors = {t.name: t for t in onnx_graph.initializer}
+    for weight, readers in by_weight.items():
+        first = readers[0]
+        if any(r.layout.canonical_shape != first.layout.canonical_shape or r.layout.kind != first.layout.kind
+               for r in readers):
+            continue  # readers disagree on the orientation: one mask cannot serve both views, keep it dense
+        layer = PrunableLayer(
+            weight=weight,
+            nodes=tuple(r.node for r in readers),
+            op_type=first.op_type,
+            layout=first.layout,
+            m=rows.get(first.node),
+            conv=first.conv,
+        )
+        graph.nodes[first.node]["layer"] = layer
+        graph.nodes[first.node]["block"] = BlockSpec(1, 1, 0.0)
+        weights[weight] = numpy_helper.to_array(tensors[weight])
+    return IRModel(model, graph, weights)
+
+
+def lower(ir: IRModel) -> onnx.ModelProto:
+    """The ONNX model of the IR: the source model with the nodes in topological order and the weights written back."""
+    model = copy.deepcopy(ir.source)
+    order = nx.lexicographical_topological_sort(ir.graph, key=lambda n: ir.graph.nodes[n]["order"])
+    nodes = [ir.graph.nodes[n]["proto"] for n in order]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name in ir.weights:
+            array = ir.weights[tensor.name]
+            if not np.array_equal(array, numpy_helper.to_array(ir.source.graph.initializer[index])):
+                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    return model
+
+
+def _unique_node_names(nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    """The nodes' names, with `op_type_index` for unnamed ones and a suffix for repeats (names need not be unique in ONNX)."""
+    seen: set[str] = set()
+    names = []
+    for index, node in enumerate(nodes):
+        base = node.name or f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in seen:
+            name, suffix = f"{base}__{suffix}", suffix + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _consumed_tensors(node: onnx.NodeProto) -> set[str]:
+    """Inputs of the node, and the outer-scope tensors its subgraphs read (so edges keep If/Loop in order)."""
+    consumed = {t for t in node.input if t}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            consumed |= _outer_scope_reads(sub)
+    return consumed
+
+
+def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    reads: set[str] = set()
+    for node in graph.node:
+        reads |= {t for t in _consumed_tensors(node) if t not in defined}
+        defined |= set(node.output)
+    return reads
+
+
+def _weight_uses(onnx_graph: onnx.GraphProto, names: Sequence[str]) -> list[WeightUse]:
+    graph_inputs = {v.name for v in onnx_graph.input}
+    constants = {t.name: t for t in onnx_graph.initializer if t.name not in graph_inputs}
+    transposes = {}
+    for node in onnx_graph.node:
+        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") and node.input[0] in constants:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            transposes[node.output[0]] = (node.input[0], perm)
+    uses = []
+    for name, node in zip(names, onnx_graph.node):
+        use = find_weight_use(node, name, constants, transposes)
+        if use is not None:
+            uses.append(use)
+    return uses
+
+
+def _rows_per_inference(model: onnx.ModelProto, uses: Sequence[WeightUse], input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """m of each prunable node from ONNX shape inference with the inputs' dynamic dims fixed."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.initializer[:]  # weights' shapes suffice; small tensors (Reshape shapes...) keep their data
+    for tensor in model.graph.initializer:
+        if np.prod(tensor.dims) <= _SHAPE_TENSOR_MAX_ELEMENTS:
+            fixed.graph.initializer.append(tensor)
+            continue
+        stub = fixed.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+    _fix_input_dims(fixed.graph, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    rows = {}
+    for use in uses:
+        if use.output in shapes:  # Y holds m rows of `out` values for MatMul, Gemm and Conv alike
+            rows[use.node] = int(np.prod(shapes[use.output])) // use.layout.canonical_shape[0]
+    return rows
+
+
+def _fix_input_dims(graph: onnx.GraphProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    for value in graph.input:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        given = input_shapes.get(value.name)
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if given is not None and axis < len(given):
+                dim.Clear()
+                dim.dim_value = int(given[axis])
+            elif not dim.HasField("dim_value") or dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_value = 1
+

@@ -1,0 +1,81 @@
+"""Parsing and checking what a user asks for, shared by the CLI and the Python API.
+
+Every check raises OptionError naming the option, so `--block 4x` and `compile(block="4x")`
+fail the same way.
+"""
+from __future__ import annotations
+
+import math
+
+from pruneaug.errors import OptionError
+from pruneaug.ir.layer import BlockSpec
+
+DEFAULT_BLOCKS = "1x1,1x4,4x1,8x8,16x16,32x32"
+DEFAULT_SPARSITIES = "0:0.95:0.05"
+PRUNERS = ("magnitude", "activation")
+METRICS = ("top1", "cosine", "relerr")
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    return BlockSpec.parse(text).shape
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """`--blocks 1x1,8x8,...`: a non-empty list of block shapes, duplicates dropped, order kept."""
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise OptionError(f"--blocks {text!r}: give at least one block shape, e.g. 1x1,8x8")
+    try:
+        return list(dict.fromkeys(parse_block(item) for item in items))
+    except OptionError as err:
+        raise OptionError(f"--blocks {text!r}: {err}") from None
+
+
+def parse_sparsity(value: float | str, option: str = "--sparsity") -> float:
+    try:
+        sparsity = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{option} {value!r}: not a number") from None
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
+        raise OptionError(f"{option} {value!r}: must be in [0, 1)")
+    return sparsity
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """`--sparsities`: `start:stop:step` (stop included when the step reaches it) or a comma list."""
+    option = "--sparsities"
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise OptionError(f"{option} {text!r}: expected START:STOP:STEP or a comma-separated list")
+        start, stop = parse_sparsity(parts[0], option), parse_sparsity(parts[1], option)
+        try:
+            step = float(parts[2])
+        except ValueError:
+            raise OptionError(f"{option} {text!r}: step {parts[2]!r} is not a number") from None
+        if not step > 0 or stop < start:
+            raise OptionError(f"{option} {text!r}: need STEP > 0 and STOP >= START")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        values = [round(start + i * step, 10) for i in range(count)]
+    else:
+        values = [parse_sparsity(item, option) for item in text.split(",") if item.strip()]
+    if not values:
+        raise OptionError(f"{option} {text!r}: no sparsity given")
+    return sorted(set(values))
+
+
+def parse_budget(value: float | str) -> float:
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"--budget {value!r}: not a number") from None
+    if not (0.0 < budget < 1.0):
+        raise OptionError(f"--budget {value!r}: must be in (0, 1)")
+    return budget
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise OptionError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+    return value
+

@@ -1,0 +1,57 @@
+"""Running a model in onnxruntime over a data set, in batches, with chosen intermediate tensors as outputs.
+
+Importance, sensitivity and validation all need "run these inputs, give me these tensors";
+this is the one place that knows how to ask onnxruntime for it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pruneaug.ir.onnx_io import PROTOBUF_LIMIT_BYTES
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str], elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs are `tensors` (intermediates included), in that order."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    existing = {v.name: v for v in model.graph.output}
+    del result.graph.output[:]
+    for name in tensors:
+        value = existing.get(name) or onnx.helper.make_tensor_value_info(name, elem_type, None)
+        result.graph.output.append(value)
+    return result
+
+
+def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    assert model.ByteSize() < PROTOBUF_LIMIT_BYTES, "models over 2 GB need a file-backed session"
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def batches(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Slices of `inputs` along axis 0, where every input's first dimension is dynamic; else the whole set once."""
+    initializers = {t.name for t in model.graph.initializer}
+    dynamic = all(
+        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for v in model.graph.input if v.name not in initializers
+    )
+    total = len(next(iter(inputs.values())))
+    if not dynamic or total <= batch_size:
+        yield dict(inputs)
+        return
+    for start in range(0, total, batch_size):
+        yield {name: array[start:start + batch_size] for name, array in inputs.items()}
+
+
+def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    """The model's outputs on the whole data set, batches concatenated along axis 0."""
+    session = make_session(model)
+    parts = [session.run(None, batch) for batch in batches(model, inputs, batch_size)]
+    return [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(parts[0]))]
