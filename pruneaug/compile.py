@@ -1,5 +1,6 @@
-"""The CLI and the Python entry point: parse, then wire the passes together. No pruning logic lives here.
+"""The CLI and the Python entry point: check the options, then wire the passes together. No pruning logic here.
 
+    python -m pruneaug.compile model.onnx --target x86 --calib calib.npz --eval eval.npz --budget 0.01 --out out/
     python -m pruneaug.compile model.onnx --target x86 --block 8x8 --sparsity 0.8 --out out/
 
     >>> import pruneaug
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -26,16 +28,18 @@ import onnx
 
 from pruneaug import options as opt
 from pruneaug.artifacts import OutputFolder, write_json, write_masks
-from pruneaug.calib import Dataset, load_dataset
-from pruneaug.cost_model.targets import resolve_target
-from pruneaug.errors import OptionError, PruneaugError
+from pruneaug.calib import Dataset, graph_inputs, load_dataset
+from pruneaug.errors import CodegenError, OptionError, PruneaugError
 from pruneaug.ir.graph import IRModel, lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.ir.onnx_io import check_model, external_data_files, load_model, save_model
-from pruneaug.passes import blockmask, importance
-from pruneaug.plan import build_plan
+from pruneaug.passes import blockmask, importance, latency, proxy, search
+from pruneaug.passes.reconstruct import reconstructor
+from pruneaug.passes.validate import make_validator
+from pruneaug.plan import build_plan, search_record
+from pruneaug.report import write_report
 
-OUTPUT_FILES = ("pruned.onnx", "masks.npz", "plan.json")
+OUTPUT_FILES = ("pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html", "pareto.png")
 
 
 @dataclass
@@ -47,8 +51,31 @@ class CompileResult:
     pruned_model: Path
     masks: Path
     plan_file: Path
+    report: Path
     artifact: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Every option of one compile, checked before any file is read."""
+
+    target: str
+    fixed: BlockSpec | None
+    keep_sparsity: bool
+    blocks: list[tuple[int, int]]
+    sparsities: list[float]
+    pruner: str
+    budget: float
+    metric: str
+    reconstruct: bool
+    measure: str | None  # None: time kernels locally where the target runs here, else predict
+    batch: int
+    artifact: bool
+
+    @property
+    def searching(self) -> bool:
+        return self.fixed is None and not self.keep_sparsity
 
 
 def compile_model(
@@ -59,58 +86,144 @@ def compile_model(
     sparsity: float | str | None = None,
     pruner: str = "magnitude",
     calib: str | os.PathLike | None = None,
-    keep_sparsity: bool = False,
+    eval: str | os.PathLike | None = None,  # noqa: A002 - named as the CLI's --eval
+    budget: float | str = 0.01,
+    metric: str = "top1",
     blocks: str = opt.DEFAULT_BLOCKS,
+    sparsities: str = opt.DEFAULT_SPARSITIES,
+    reconstruct: bool = False,
+    measure: str | None = None,
+    keep_sparsity: bool = False,
+    batch: int = 1,
+    artifact: bool = True,
 ) -> CompileResult:
-    """Prune `model` for `target` and write pruned.onnx, masks.npz and plan.json into `out`.
+    """Prune `model` for `target`; write pruned.onnx, masks.npz, plan.json, the artifact and the report into `out`.
 
-    With `block` and `sparsity` every prunable layer gets that block shape and sparsity; with
-    `keep_sparsity` each layer's structure is read off its zeros (the largest shape of `blocks` they
-    form) and nothing more is pruned.
+    The plan comes from `block` and `sparsity` (every prunable layer the same), from `keep_sparsity`
+    (each layer's structure read off its zeros, nothing more pruned), or, with neither, from the
+    search: per layer the block shape and sparsity of least predicted latency whose validated
+    metric loss on `eval` stays within `budget`.
     """
-    spec = _fixed_plan(block, sparsity, keep_sparsity)
-    candidates = opt.parse_blocks(blocks)
-    opt.check_choice("--pruner", pruner, opt.PRUNERS)
-    profile = resolve_target(target)
+    request = check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric,
+                            measure, batch, artifact, reconstruct)
     source, protected = _read_model(model)
     folder = OutputFolder(out, protected)
-    folder.check(OUTPUT_FILES)
+    folder.check(OUTPUT_FILES + tuple(f"model.{kind}.{suffix}" for kind in ("x86", "arm64", "cuda") for suffix in ("so", "tar")))
     calib_data = load_dataset(calib, source, "--calib") if calib is not None else None
-    if pruner == "activation" and calib_data is None:
-        raise OptionError("--pruner activation needs --calib FILE.npz (the inputs to measure activations on)")
+    eval_data = load_dataset(eval, source, "--eval") if eval is not None else None
+    from pruneaug.cost_model import cost_model  # TVM loads here: only once every input has been checked
+    from pruneaug.cost_model.targets import resolve_target
 
-    ir = lift(source, calib_data.shapes if calib_data else None)
-    notes = []
+    profile = resolve_target(request.target)
+    measure_mode = request.measure or ("local" if profile.kind == "x86" else "none")
+    notes: list[str] = []
+    if request.pruner == "activation" and calib_data is None:
+        raise OptionError("--pruner activation needs --calib FILE.npz (the inputs to measure activations on)")
+    if request.reconstruct and calib_data is None:
+        raise OptionError("--reconstruct needs --calib FILE.npz (the activations to re-fit the kept weights on)")
+    if request.searching:
+        eval_data = _search_data(eval_data, calib_data, request.metric, notes)
+        calib_data = calib_data or eval_data
+
+    shapes = deploy_shapes(source, calib_data or eval_data, request.batch)
+    ir = lift(source, shapes)
     if not ir.prunable_nodes():
         notes.append("the model has no prunable MatMul/Gemm/Conv node: nothing was pruned")
-        warnings.warn(notes[-1], stacklevel=2)
-    if keep_sparsity:
-        pruned = blockmask.apply_masks(blockmask.detect_blocks(importance.from_zeros(ir), candidates))
+    costs = cost_model(profile, measure_mode)
+    extra: dict[str, Any] = {
+        "pruner": "keep-sparsity" if request.keep_sparsity else request.pruner,
+        "reconstruct": request.reconstruct,
+        "model_name": "model" if isinstance(model, onnx.ModelProto) else Path(model).name,
+        "input_shapes": shapes,
+    }
+    if request.keep_sparsity:
+        pruned = blockmask.apply_masks(blockmask.detect_blocks(importance.from_zeros(ir), request.blocks))
     else:
-        scored = _score(ir, pruner, calib_data)
-        pruned = blockmask.apply_masks(blockmask.assign_blocks(scored, {n: spec for n in ir.prunable_nodes()}))
+        scored = _score(ir, request.pruner, calib_data)
+        finish = reconstructor(scored, calib_data.inputs) if request.reconstruct else None
+        if request.searching and scored.prunable_nodes():
+            pruned, extra["search"] = _search(scored, profile, costs, request, calib_data, eval_data, finish, notes)
+        else:
+            spec = request.fixed or BlockSpec(1, 1, 0.0)
+            pruned = blockmask.apply_masks(blockmask.assign_blocks(scored, {n: spec for n in ir.prunable_nodes()}))
+            pruned = finish(pruned) if finish else pruned
+    pruned = latency.annotate(pruned, costs)
 
-    plan = build_plan(pruned, profile.name, {"pruner": "keep-sparsity" if keep_sparsity else pruner})
     with folder as staging:
         pruned_model = lower(pruned)
         check_model(pruned_model, "pruned.onnx")
         save_model(pruned_model, staging / "pruned.onnx")
         write_masks(staging / "masks.npz", _stored_masks(pruned))
+        artifact_name = None
+        if request.artifact:
+            artifact_name = _build_artifact(pruned, pruned_model, source, profile, shapes, calib_data, staging, extra,
+                                            notes)
+        plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
+        write_report(staging, plan)
     out_dir = Path(out)
     return CompileResult(plan, out_dir, out_dir / "pruned.onnx", out_dir / "masks.npz", out_dir / "plan.json",
-                         warnings=notes)
+                         out_dir / "report.md", out_dir / artifact_name if artifact_name else None, notes)
 
 
-def _fixed_plan(block: str | None, sparsity: float | str | None, keep_sparsity: bool) -> BlockSpec | None:
+def check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric, measure, batch,
+                  artifact, reconstruct) -> Request:
+    """Every option checked before any file is read: a typo costs nothing."""
+    from pruneaug.cost_model.targets import check_target_name
+
+    check_target_name(target)
+    fixed = None
     if keep_sparsity:
         if block is not None or sparsity is not None:
             raise OptionError("--keep-sparsity reads the plan off the model's zeros: drop --block and --sparsity")
-        return None
-    if block is None or sparsity is None:
-        raise OptionError("give both --block RxC and --sparsity S (or --keep-sparsity); "
-                          "the per-layer search is not available yet")
-    return BlockSpec.parse(block, opt.parse_sparsity(sparsity))
+    elif block is not None or sparsity is not None:
+        if block is None or sparsity is None:
+            raise OptionError("a fixed plan needs both --block RxC and --sparsity S (or neither, to search)")
+        fixed = BlockSpec.parse(block, opt.parse_sparsity(sparsity))
+    if not (measure in (None, "local", "none") or str(measure).startswith("rpc://")):
+        raise OptionError(f"--measure {measure!r}: expected local, none or rpc://HOST:PORT/KEY")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise OptionError(f"--batch {batch!r}: must be a positive integer")
+    return Request(
+        target=target, fixed=fixed, keep_sparsity=bool(keep_sparsity), blocks=opt.parse_blocks(blocks),
+        sparsities=opt.parse_sparsities(sparsities), pruner=opt.check_choice("--pruner", pruner, opt.PRUNERS),
+        budget=opt.parse_budget(budget), metric=opt.check_choice("--metric", metric, opt.METRICS),
+        reconstruct=bool(reconstruct), measure=measure, batch=batch, artifact=bool(artifact),
+    )
+
+
+def _search_data(eval_data: Dataset | None, calib_data: Dataset | None, metric: str, notes: list[str]) -> Dataset:
+    """The data the search validates on: --eval, else --calib with a warning; neither is an error."""
+    if eval_data is None:
+        if calib_data is None:
+            raise OptionError("the search validates its plan end to end: give --eval FILE.npz (or at least --calib), "
+                              "or a fixed plan with --block and --sparsity")
+        notes.append(f"no --eval: validating on the calibration data {calib_data.path}, which pruning also saw")
+        eval_data = calib_data
+    if metric == "top1" and eval_data.labels is None:
+        notes.append(f"{eval_data.path} has no 'labels': top1 is measured as agreement with the dense model's argmax")
+    return eval_data
+
+
+def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int) -> dict[str, list[int]]:
+    """The static input shapes the plan is costed and the artifact compiled for.
+
+    Axis 0 of a dynamic input is the batch (`--batch`); its other dynamic axes take the data's sizes
+    (a sequence length, ...), or 1 without data.
+    """
+    shapes = {}
+    for value in graph_inputs(model):
+        seen = data.inputs[value.name].shape if data is not None else None
+        shape = []
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                shape.append(int(seen[axis]) if seen is not None else 1)
+        shapes[value.name] = shape
+    return shapes
 
 
 def _read_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, list[Path]]:
@@ -131,6 +244,51 @@ def _score(ir: IRModel, pruner: str, calib: Dataset | None) -> IRModel:
     return importance.magnitude(ir)
 
 
+def _search(scored: IRModel, profile, costs, request: Request, calib_data: Dataset, eval_data: Dataset,
+            finish, notes: list[str]) -> tuple[IRModel, dict[str, Any]]:
+    """The per-layer search and its baselines; returns the chosen IR and plan.json's `search` record."""
+    started = time.perf_counter()
+    supported = latency.block_supported(profile)
+    kernels_measured = 0
+    if costs.runner is not None:
+        shapes = {(layer.shape[0], layer.shape[1], layer.m or 1) for layer in scored.layers()}
+        # a few densities per block shape; the fitted model answers the rest of the grid
+        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if supported(None, b)])
+    layer_latency = latency.layer_latency(costs)
+    validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
+    ir = proxy.measure_sensitivities(scored, calib_data.inputs, blocks=request.blocks)
+    chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,
+                                                   request.sparsities, supported, finish)
+    report = results.pop("chosen")
+    record = search_record(report, results, request.metric)
+    record["chosen_from"] = next(name for name, result in results.items() if result is report)
+    if record["chosen_from"] == "dense":
+        record["message"] = results["searched"].message or "no pruned plan met the budget: the dense plan is returned"
+        notes.append(record["message"])
+    record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured)
+    return chosen, record
+
+
+def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx.ModelProto, profile,
+                    shapes: dict[str, list[int]], calib_data: Dataset | None, staging: Path,
+                    extra: dict[str, Any], notes: list[str]) -> str | None:
+    """Compile, check and export the artifact; a model TVM cannot compile leaves the other outputs whole."""
+    from pruneaug import deploy
+
+    sparse = {pruned.layer(n).weight: pruned.graph.nodes[n]["block"].shape
+              for n in pruned.prunable_nodes() if pruned.graph.nodes[n]["block"].sparsity > 0}
+    inputs = deploy.sample_inputs(pruned_model, shapes, calib_data.inputs if calib_data else None)
+    try:
+        artifact = deploy.build_artifact(pruned_model, sparse, profile, shapes, staging / f"model.{profile.kind}", inputs)
+    except CodegenError as err:
+        extra["artifact_error"] = str(err)
+        notes.append(f"no compiled artifact: {err}")
+        return None
+    if deploy.runs_here(profile):
+        extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
+    return artifact.name
+
+
 def _stored_masks(ir: IRModel) -> dict[str, np.ndarray]:
     masks = {}
     for node in ir.prunable_nodes():
@@ -142,19 +300,30 @@ def _stored_masks(ir: IRModel) -> dict[str, np.ndarray]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pruneaug.compile",
-        description="Prune an ONNX model into block-sparse layers for a target and write the plan and artifacts.",
+        description="Prune an ONNX model into block-sparse layers for a target; write the plan, the pruned model, "
+                    "the compiled artifact and a report.",
     )
     parser.add_argument("model", help="the ONNX model file (never modified)")
     parser.add_argument("--target", default="x86", help="x86 (this host), arm64[:PROFILE], cuda[:sm_80|sm_90]")
     parser.add_argument("--out", default="out", help="output folder (default: out)")
+    parser.add_argument("--calib", help=".npz of calibration inputs keyed by the model's input names")
+    parser.add_argument("--eval", help=".npz of evaluation inputs (and 'labels') the search validates on")
+    parser.add_argument("--budget", default="0.01", help="largest metric loss the pruned model may have (default 0.01)")
+    parser.add_argument("--metric", default="top1", help="top1 (accuracy drop), cosine (1 - similarity), relerr")
+    parser.add_argument("--blocks", default=opt.DEFAULT_BLOCKS, help=f"block shapes to consider ({opt.DEFAULT_BLOCKS})")
+    parser.add_argument("--sparsities", default=opt.DEFAULT_SPARSITIES,
+                        help=f"sparsity grid, START:STOP:STEP or a list ({opt.DEFAULT_SPARSITIES})")
+    parser.add_argument("--pruner", default="magnitude", help="importance: magnitude or activation (needs --calib)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="re-fit the kept weights by least squares on the calibration activations")
+    parser.add_argument("--measure", help="kernel latencies: local (default for x86), none (predict only; default "
+                                          "for arm64 and cuda), rpc://HOST:PORT/KEY (a device behind a TVM RPC tracker)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size the artifact is compiled for (default 1)")
     parser.add_argument("--block", help="fixed plan: this block shape ROWSxCOLS for every prunable layer")
     parser.add_argument("--sparsity", help="fixed plan: this share of blocks removed in every layer, in [0, 1)")
     parser.add_argument("--keep-sparsity", action="store_true",
                         help="read each layer's block structure off the model's zeros; prune nothing more")
-    parser.add_argument("--blocks", default=opt.DEFAULT_BLOCKS,
-                        help=f"block shapes to consider (default {opt.DEFAULT_BLOCKS})")
-    parser.add_argument("--pruner", default="magnitude", help="importance: magnitude or activation (needs --calib)")
-    parser.add_argument("--calib", help=".npz of calibration inputs keyed by the model's input names")
+    parser.add_argument("--no-artifact", action="store_true", help="skip the TVM compile (plan and pruned model only)")
     return parser
 
 
@@ -176,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")
             result = compile_model(
                 args.model, target=args.target, out=args.out, block=args.block, sparsity=args.sparsity,
-                pruner=args.pruner, calib=args.calib, keep_sparsity=args.keep_sparsity, blocks=args.blocks,
+                pruner=args.pruner, calib=args.calib, eval=args.eval, budget=args.budget, metric=args.metric,
+                blocks=args.blocks, sparsities=args.sparsities, reconstruct=args.reconstruct, measure=args.measure,
+                keep_sparsity=args.keep_sparsity, batch=args.batch, artifact=not args.no_artifact,
             )
     except (PruneaugError, _ArgumentError) as err:
         print(f"pruneaug: error: {err}", file=sys.stderr)
@@ -184,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in result.warnings:
         print(f"pruneaug: warning: {note}", file=sys.stderr)
     totals = result.plan["totals"]
-    print(f"pruned {totals['prunable_layers']} layers to {totals['weight_sparsity']:.1%} weight sparsity "
-          f"for {result.plan['target']}; wrote {', '.join(OUTPUT_FILES)} to {result.out_dir}")
+    written = [p.name for p in (result.pruned_model, result.masks, result.plan_file, result.report, result.artifact) if p]
+    print(f"pruned {totals['prunable_layers']} layers to {totals['weight_sparsity']:.1%} weight sparsity for "
+          f"{result.plan['target']}; wrote {', '.join(written)} to {result.out_dir}")
     return 0
 
 

@@ -8,6 +8,7 @@ with no cost model has no latency.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
@@ -50,8 +51,9 @@ def layer_entry(ir: IRModel, node: str) -> dict[str, Any]:
         "nnz_blocks": nonzero_blocks,
         "weight_sparsity": float(1.0 - np.count_nonzero(weight) / weight.size),
         "proxy_loss": data.get("proxy_loss"),
+        "dense_latency_s": data.get("dense_latency_s"),
         "predicted_latency_s": data.get("predicted_latency_s"),
-        "measured_latency_s": data.get("measured_latency_s"),
+        "latency_source": data.get("latency_source"),
     }
 
 
@@ -75,3 +77,27 @@ def build_plan(ir: IRModel, target: str, extra: dict[str, Any] | None = None) ->
     }
     plan.update(extra or {})
     return plan
+
+
+def _report_figures(report) -> dict[str, Any]:
+    return {
+        "met": report.met,
+        "metric_loss": report.metric_loss,
+        "predicted_latency_s": report.predicted_latency_s,
+        "validations": report.validations,
+        "blocks": sorted({f"{o.block[0]}x{o.block[1]}" for o in report.plan.values() if o.sparsity > 0}),
+    }
+
+
+def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, Any]:
+    """plan.json's `search` section: the chosen plan's figures, the search's validated trials, and the baselines."""
+    return {
+        "budget": report.budget,
+        "metric": metric,
+        **_report_figures(report),
+        "proxy_budget": report.proxy_budget,
+        "dense_latency_s": report.dense_latency_s,
+        "message": report.message,
+        "trials": [asdict(trial) for trial in baselines.get("searched", report).history],
+        "baselines": {name: _report_figures(result) for name, result in baselines.items()},
+    }

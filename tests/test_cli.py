@@ -30,8 +30,9 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+def run_cli(capsys, *argv, artifact: bool = False) -> tuple[int, str, str]:
+    """The CLI in-process; without `artifact` it skips the TVM compile (tests of it live in test_compile_artifact.py)."""
+    code = main([str(a) for a in argv] + ([] if artifact else ["--no-artifact"]))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -44,7 +45,7 @@ def test_fixed_plan_writes_consistent_outputs(tmp_path, capsys, name):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli(capsys, source, "--target", "x86", "--block", "8x8", "--sparsity", "0.8", "--out", out)
     assert code == 0, stderr
-    assert {p.name for p in out.iterdir()} == {"pruned.onnx", "masks.npz", "plan.json"}
+    assert {p.name for p in out.iterdir()} == {"pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html"}
     plan = json.loads((out / "plan.json").read_text())
     pruned = onnx.load(out / "pruned.onnx")
     onnx.checker.check_model(pruned, full_check=True)
@@ -89,8 +90,8 @@ def test_activation_pruner_differs_from_magnitude(tmp_path):
     x = zoo.random_inputs(model, batch=64)["x"]
     x[:, :8] *= 50.0  # inputs whose first columns dominate: activation-aware keeps their weights
     np.savez(calib, x=x)
-    magnitude = pruneaug.compile(source, block="1x1", sparsity=0.5, out=tmp_path / "a")
-    activation = pruneaug.compile(source, block="1x1", sparsity=0.5, out=tmp_path / "b", pruner="activation", calib=calib)
+    magnitude = pruneaug.compile(source, block="1x1", sparsity=0.5, out=tmp_path / "a", artifact=False)
+    activation = pruneaug.compile(source, block="1x1", sparsity=0.5, out=tmp_path / "b", pruner="activation", calib=calib, artifact=False)
     first = magnitude.plan["layers"][0]["weight"]
     with np.load(magnitude.masks) as m, np.load(activation.masks) as a:
         kept_hot_magnitude, kept_hot_activation = m[first][:8].mean(), a[first][:8].mean()
@@ -99,8 +100,8 @@ def test_activation_pruner_differs_from_magnitude(tmp_path):
 
 def test_keep_sparsity_reads_the_plan_back(tmp_path):
     model = zoo.mlp()
-    first = pruneaug.compile(save(model, tmp_path / "model.onnx"), block="8x8", sparsity=0.75, out=tmp_path / "a")
-    again = pruneaug.compile(first.pruned_model, keep_sparsity=True, out=tmp_path / "b")
+    first = pruneaug.compile(save(model, tmp_path / "model.onnx"), block="8x8", sparsity=0.75, out=tmp_path / "a", artifact=False)
+    again = pruneaug.compile(first.pruned_model, keep_sparsity=True, out=tmp_path / "b", artifact=False)
     for before, after in zip(first.plan["layers"], again.plan["layers"], strict=True):
         assert after["block"] == [8, 8]
         assert after["nnz_blocks"] == before["nnz_blocks"]
@@ -111,7 +112,7 @@ def test_keep_sparsity_reads_the_plan_back(tmp_path):
 
 
 def test_python_api_returns_a_result(tmp_path):
-    result = pruneaug.compile(zoo.cnn(), target="arm64", block="4x4", sparsity=0.5, out=tmp_path / "o")
+    result = pruneaug.compile(zoo.cnn(), target="arm64", block="4x4", sparsity=0.5, out=tmp_path / "o", artifact=False)
     assert result.plan_file.is_file() and result.pruned_model.is_file() and result.masks.is_file()
     assert result.plan["target"].startswith("arm64")
     assert json.loads(result.plan_file.read_text()) == result.plan
@@ -133,9 +134,9 @@ def test_external_data_model_compiles(tmp_path, capsys):
 
 def test_rerun_into_existing_folder_replaces_files(tmp_path):
     source = save(zoo.mlp(), tmp_path / "model.onnx")
-    pruneaug.compile(source, block="4x4", sparsity=0.5, out=tmp_path / "o")
+    pruneaug.compile(source, block="4x4", sparsity=0.5, out=tmp_path / "o", artifact=False)
     (tmp_path / "o" / "keep.txt").write_text("mine")
-    result = pruneaug.compile(source, block="4x4", sparsity=0.9, out=tmp_path / "o")
+    result = pruneaug.compile(source, block="4x4", sparsity=0.9, out=tmp_path / "o", artifact=False)
     assert json.loads(result.plan_file.read_text())["layers"][0]["sparsity"] == 0.9
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -203,7 +204,9 @@ def bad_inputs(tmp_path: Path):
         ("out is a file", [good, *fixed, "--out", tmp_path / "afile"], "exists and is not a folder"),
         ("pruner", [good, *fixed, "--pruner", "random"], "--pruner 'random'"),
         ("activation without calib", [good, *fixed, "--pruner", "activation"], "needs --calib"),
-        ("no plan", [good], "give both --block"),
+        ("no plan, no data", [good], "give --eval"),
+        ("block without sparsity", [good, "--block", "8x8"], "a fixed plan needs both --block RxC and --sparsity S"),
+        ("keep-sparsity with a block", [good, "--keep-sparsity", "--block", "8x8"], "drop --block and --sparsity"),
         ("unknown option", [good, *fixed, "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ]
 
@@ -234,5 +237,5 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 
 def test_api_raises_typed_errors(tmp_path):
     with pytest.raises(OptionError, match=r"--block '8y8'"):
-        pruneaug.compile(zoo.mlp(), block="8y8", sparsity=0.5, out=tmp_path / "o")
+        pruneaug.compile(zoo.mlp(), block="8y8", sparsity=0.5, out=tmp_path / "o", artifact=False)
     assert not (tmp_path / "o").exists()

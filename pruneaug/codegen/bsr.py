@@ -1,0 +1,140 @@
+"""Block-sparse (and dense) matmul and conv kernels in TIR, per target, and how to build and time them.
+
+    >>> t = resolve_target("x86")
+    >>> k = bsr_matmul_kernel(t, 128, random_bsr_weight(256, 64, (8, 8), 0.1))
+    >>> [p.name for p in k.primfunc.params], [a.shape for a in k.constants][:1]
+    (['X', 'data', 'indices', 'chunk_ptr', 'bias', 'Y'], [(26, 8, 8)])
+
+A `Kernel` is one PrimFunc in destination-passing style, `X, *constants, Y`, with static shapes and
+its constants already in the layout that its schedule wants; `compile_kernel` builds it alone,
+Relax embeds the same PrimFunc with `call_tir`. Which layout a block shape gets on which target is
+decided here (`_cpu_schedule`), from the figures of `tools/bench_kernels.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pruneaug.codegen import conv, cpu_kernels, cuda_kernels
+from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias, random_bsr_weight, to_bsr
+from pruneaug.cost_model.targets import TargetProfile
+from pruneaug.errors import CodegenError
+
+__all__ = [
+    "BSRWeight", "Kernel", "to_bsr", "random_bsr_weight", "check_block_supported", "bsr_matmul_kernel",
+    "dense_matmul_kernel", "bsr_conv2d_kernel", "compile_kernel", "time_kernel",
+]
+
+MAX_BLOCK_SIDE = 64  # larger blocks would unroll into huge code and spill the accumulators
+DENSE_BLOCK = (16, 32)  # the dense kernel is the BSR kernel with every block kept
+MIN_BLOCKS_PER_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A scheduled PrimFunc `name(X, *constants, Y)` and the arrays it takes besides X and Y."""
+
+    primfunc: "tvm.tirx.PrimFunc"  # noqa: F821 (tvm imported lazily by callers)
+    name: str
+    constants: list[np.ndarray]
+
+
+def check_block_supported(target: TargetProfile, block: tuple[int, int]) -> None:
+    """Raise `CodegenError` if the target's kernels cannot serve `r x c` blocks."""
+    r, c = block
+    if not (1 <= r <= MAX_BLOCK_SIDE and 1 <= c <= MAX_BLOCK_SIDE):
+        raise CodegenError(
+            f"block {r}x{c} is not supported on target {target.name}: "
+            f"both sides must be between 1 and {MAX_BLOCK_SIDE}")
+    if target.kind not in ("x86", "arm64", "cuda"):
+        raise CodegenError(f"block {r}x{c}: target {target.name} has no block-sparse kernels")
+
+
+def _lanes(target: TargetProfile) -> int:
+    return max(1, target.simd_bytes // 4)
+
+
+def _cpu_schedule(lanes: int, m: int, in_: int, block: tuple[int, int],
+                  blocks_per_row: float) -> tuple[str, dict]:
+    """Layout and tile sizes for a CPU: vectorise over a block's rows when they fill a register,
+    else over m (thin blocks: 1x1, 1x4, 4x1), unless m is too small to fill one.
+
+    Register tiles of 8 accumulators; an m tile that divides m (a clamped tail tile cost up to
+    2x in `tools/bench_kernels.py` runs)."""
+    r, _ = block
+    if r >= lanes or m < lanes:
+        cap = max(1, min(m, 8 // -(-r // lanes)))
+        divisor = max(t for t in range(1, cap + 1) if m % t == 0)
+        # Column chunks keep X in L2 (dense 768x3072: 0.69x -> 0.99x of onnxruntime), but each
+        # costs a pass over Y: worth it only with enough kept blocks per row and chunk.
+        k_chunks = -(-min(m, 128) * in_ * 4 // cpu_kernels.X_BYTES_IN_L2)
+        k_chunks = max(1, min(k_chunks, int(blocks_per_row // MIN_BLOCKS_PER_CHUNK)))
+        return "rowvec", {"m_tile": divisor if 2 * divisor >= cap else cap, "k_chunks": k_chunks}
+    row_group = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
+    # A power-of-two number of vectors: a tile of 5 vectors (m=40) ran 4x slower than one of 8.
+    m_tile = min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length())
+    return "mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes}
+
+
+def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np.ndarray | None = None,
+                      name: str = "bsr_matmul") -> Kernel:
+    """`Y[m, out] = X[m, in] @ W.T (+ bias)` with W block-sparse, scheduled for `target`."""
+    check_block_supported(target, weight.block)
+    out, in_ = weight.shape
+    data, indices = nonempty_blocks(weight)
+    if target.kind == "cuda":
+        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, len(indices))
+        consts = [data, indices, weight.indptr, padded_bias(bias, out, weight.block_rows * weight.block[0])]
+        return Kernel(func.with_attr("global_symbol", name), name, consts)
+    layout, tiles = _cpu_schedule(_lanes(target), m, in_, weight.block,
+                                  weight.nnz_blocks / weight.block_rows)
+    pointers = weight.indptr.astype(np.int32)
+    if layout == "rowvec":
+        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), **tiles)
+        data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows are contiguous
+        pointers = cpu_kernels.chunk_pointers(pointers, indices, weight.block_cols, tiles["k_chunks"])
+    else:
+        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), **tiles)
+    bias_len = int(func.params[4].shape[0])
+    consts = [np.ascontiguousarray(data, np.float32), indices.astype(np.int32), pointers,
+              padded_bias(bias, out, bias_len)]
+    return Kernel(func.with_attr("global_symbol", name), name, consts)
+
+
+def dense_matmul_kernel(target: TargetProfile, m: int, w2d: np.ndarray, bias: np.ndarray | None = None,
+                        name: str = "dense_matmul") -> Kernel:
+    """The dense layer as a BSR product with every block kept: the rowvec layout is a packed GEMM
+    micro-kernel (a `m_tile x r` register tile over a `[c, r]`-packed weight panel)."""
+    weight = to_bsr(np.asarray(w2d, np.float32), DENSE_BLOCK)
+    return bsr_matmul_kernel(target, m, weight, bias, name)
+
+
+def bsr_conv2d_kernel(target: TargetProfile, x_shape: tuple[int, int, int, int], weight: BSRWeight,
+                      kernel_hw: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
+                      dilations: tuple[int, int], bias: np.ndarray | None = None,
+                      name: str = "bsr_conv2d") -> Kernel:
+    """Group-1 Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with `W[Cout, C*kh*kw]` block-sparse."""
+    check_block_supported(target, weight.block)
+    func, consts = conv.bsr_conv2d(target, x_shape, weight, kernel_hw, strides, pads, dilations, bias)
+    return Kernel(func.with_attr("global_symbol", name), name, consts)
+
+
+def compile_kernel(kernel: Kernel, target: TargetProfile) -> "tvm.runtime.Module":  # noqa: F821
+    """Build the kernel alone (`tvm.compile` of its PrimFunc) and return the runtime module."""
+    import tvm
+
+    module = tvm.IRModule({kernel.name: kernel.primfunc})
+    return tvm.compile(module, target=target.tvm()).mod
+
+
+def time_kernel(module, kernel: Kernel, x: np.ndarray, dev, number: int, repeat: int) -> list[float]:
+    """Seconds per call, `repeat` figures each the mean of `number` calls; works alike for a local
+    module and device and for an RPC session's remote module and device."""
+    import tvm
+
+    out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
+    args.append(tvm.runtime.empty(out_shape, "float32", dev))
+    timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat)
+    return [float(t) for t in timer(*args).results]

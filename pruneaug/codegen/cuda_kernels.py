@@ -1,0 +1,86 @@
+"""TIR for the block-sparse matmul on CUDA: block rows over thread blocks.
+
+One thread block per (block row, tile of m); one thread per (row of the block, m), each summing
+its row over the block row's kept blocks. A plain CUDA-core kernel: no tensor cores yet.
+Parameters: `X[m, in], data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y[m, out]`.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+THREADS_PER_BLOCK = 256
+
+
+def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int):
+    """`Y[m, out] = X[m, in] @ W.T + bias` for a BSR `W`, for CUDA."""
+    r, c = block
+    block_rows = -(-out // r)
+    m_tile = max(1, min(m, THREADS_PER_BLOCK // r))
+    m_tiles = -(-m // m_tile)
+
+    @T.prim_func
+    def kernel(X: T.Buffer((m, in_), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
+               indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
+               bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((m, out), "float32")):
+        T.func_attr({"tir.noalias": True})
+        for i in T.thread_binding(block_rows, thread="blockIdx.x"):
+            for mo in T.thread_binding(m_tiles, thread="blockIdx.y"):
+                for mi in T.thread_binding(m_tile, thread="threadIdx.y"):
+                    for rr in T.thread_binding(r, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((1,), "float32", scope="local")
+                        acc[0] = T.float32(0)
+                        for b in range(indptr[i], indptr[i + 1]):
+                            for k in T.unroll(c):
+                                acc[0] = acc[0] + data[b, rr, k] * X[
+                                    T.min(mo * m_tile + mi, m - 1), T.min(indices[b] * c + k, in_ - 1)]
+                        if mo * m_tile + mi < m and i * r + rr < out:
+                            Y[mo * m_tile + mi, i * r + rr] = acc[0] + bias[i * r + rr]
+
+    return kernel
+
+
+def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, int], nnzb: int,
+               kernel_hw, strides, pads, dilations):
+    """Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with a BSR `W[Cout, C*kh*kw]`: one thread per
+    (output channel, pixel), the im2col column decoded and bounds-checked in place (no padded copy)."""
+    n, c, h, w = x_shape
+    r, cb = block
+    kh, kw = kernel_hw
+    (sh, sw), (dh, dw), (top, left) = strides, dilations, pads[:2]
+    oh, ow = out_hw
+    block_rows = -(-out_c // r)
+    columns = c * kh * kw
+    pixels = n * oh * ow
+    px_tile = max(1, min(pixels, THREADS_PER_BLOCK // r))
+    px_tiles = -(-pixels // px_tile)
+
+    @T.prim_func
+    def kernel(X: T.Buffer((n, c, h, w), "float32"), data: T.Buffer((nnzb, r, cb), "float32"),
+               indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
+               bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((n, out_c, oh, ow), "float32")):
+        T.func_attr({"tir.noalias": True})
+        for i in T.thread_binding(block_rows, thread="blockIdx.x"):
+            for po in T.thread_binding(px_tiles, thread="blockIdx.y"):
+                for pi in T.thread_binding(px_tile, thread="threadIdx.y"):
+                    for rr in T.thread_binding(r, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((1,), "float32", scope="local")
+                        acc[0] = T.float32(0)
+                        for b in range(indptr[i], indptr[i + 1]):
+                            for k in T.unroll(cb):
+                                acc[0] = acc[0] + data[b, rr, k] * T.if_then_else(
+                                    indices[b] * cb + k < columns
+                                    and 0 <= (po * px_tile + pi) % (oh * ow) // ow * sh - top + (indices[b] * cb + k) // kw % kh * dh
+                                    and (po * px_tile + pi) % (oh * ow) // ow * sh - top + (indices[b] * cb + k) // kw % kh * dh < h
+                                    and 0 <= (po * px_tile + pi) % ow * sw - left + (indices[b] * cb + k) % kw * dw
+                                    and (po * px_tile + pi) % ow * sw - left + (indices[b] * cb + k) % kw * dw < w
+                                    and po * px_tile + pi < pixels,
+                                    X[T.min((po * px_tile + pi) // (oh * ow), n - 1),
+                                      T.min((indices[b] * cb + k) // (kh * kw), c - 1),
+                                      T.min(T.max((po * px_tile + pi) % (oh * ow) // ow * sh - top + (indices[b] * cb + k) // kw % kh * dh, 0), h - 1),
+                                      T.min(T.max((po * px_tile + pi) % ow * sw - left + (indices[b] * cb + k) % kw * dw, 0), w - 1)],
+                                    T.float32(0))
+                        if po * px_tile + pi < pixels and i * r + rr < out_c:
+                            Y[(po * px_tile + pi) // (oh * ow), i * r + rr, (po * px_tile + pi) % (oh * ow) // ow,
+                              (po * px_tile + pi) % ow] = acc[0] + bias[i * r + rr]
+
+    return kernel

@@ -1,0 +1,117 @@
+"""Write a compiled model to disk as the artifact `pruneaug.load` runs (DESIGN §1, §4).
+
+    >>> export_artifact(ex, resolve_target("x86"), "out/model.x86", model_signature(pruned))
+    PosixPath('out/model.x86.so')
+
+Beside the library sits `<artifact>.json`: the ONNX input names, shapes and dtypes and the output
+names (so that `run()` takes a dict by name), and for CUDA the kernels compiled ahead of time by nvcc
+(TVM embeds CUDA *source* in the library and compiles it when loading, which needs NVRTC on the
+deploying machine; `pruneaug.load` hands TVM these binaries instead).
+
+Per target: x86 -> `.so`; arm64 -> `.so` cross-compiled with `aarch64-linux-gnu-gcc`, or, where that
+is not installed, an object `.tar` (with a warning) to link on the device; cuda -> `.so` plus the
+binaries. Files are written to a temporary name and renamed, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+
+from pruneaug.cost_model.targets import TargetProfile
+from pruneaug.errors import CodegenError
+from pruneaug.runtime import cuda_source_key
+
+SIGNATURE_SCHEMA = 1
+CROSS_COMPILER = "aarch64-linux-gnu-gcc"
+
+
+def model_signature(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """The inputs (name, static shape, dtype) and output names that the compiled model takes and returns."""
+    given = input_shapes or {}
+    initializer_names = {init.name for init in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = given.get(value.name) or [d.dim_value for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        inputs.append({"name": value.name, "shape": [int(d) for d in shape], "dtype": dtype})
+    return {"inputs": inputs, "outputs": [value.name for value in model.graph.output]}
+
+
+def export_artifact(executable, target: TargetProfile, path_without_suffix, signature: Mapping) -> Path:
+    """Write the library for `target` and its `.json` sidecar; return the library's path."""
+    stem = Path(path_without_suffix)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"schema": SIGNATURE_SCHEMA, "target": target.name, "kind": target.kind, **signature}
+    if target.kind == "arm64":
+        if shutil.which(CROSS_COMPILER):
+            from tvm.support import cc
+
+            path = stem.with_name(stem.name + ".so")
+            _write_atomic(path, lambda tmp: executable.export_library(tmp, fcompile=cc.cross_compiler(CROSS_COMPILER)))
+        else:
+            warnings.warn(
+                f"{CROSS_COMPILER} not found (Debian: apt-get install gcc-aarch64-linux-gnu): wrote object files "
+                "in a .tar instead of a .so; link them on the device"
+            )
+            path = stem.with_name(stem.name + ".tar")
+            _write_atomic(path, executable.export_library)
+    else:
+        path = stem.with_name(stem.name + ".so")
+        if target.kind == "cuda":
+            meta["cuda_binaries"] = _compile_cuda_binaries(executable, target)
+        _write_atomic(path, executable.export_library)
+    sidecar = path.with_name(path.name + ".json")
+    _write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    return path
+
+
+def _cuda_sources(module) -> list[str]:
+    """The CUDA source of every CUDA module imported (at any depth) by `module`."""
+    sources = [module.inspect_source("cuda")] if module.kind == "cuda" else []
+    for imported in module.imports:
+        sources += _cuda_sources(imported)
+    return sources
+
+
+def _compile_cuda_binaries(executable, target: TargetProfile) -> dict[str, str]:
+    """nvcc-compile each CUDA module to a fatbin (SASS for the target's arch plus PTX for newer GPUs), base64."""
+    from tvm.support import nvcc
+
+    arch = str(target.tvm_target.get("arch", "sm_80")).removeprefix("sm_")
+    gencode = [
+        *("-gencode", f"arch=compute_{arch},code=sm_{arch}"),
+        *("-gencode", f"arch=compute_{arch},code=compute_{arch}"),
+    ]
+    binaries = {}
+    with target.tvm():
+        for source in _cuda_sources(executable.mod):
+            try:
+                binary = nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc")
+            except RuntimeError as err:
+                raise CodegenError(f"nvcc could not compile the CUDA kernels for {target.name}: {err}") from err
+            binaries[cuda_source_key(source)] = base64.b64encode(bytes(binary)).decode()
+    return binaries
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call `write(tmp_path)` for a file in a temporary folder beside `path`, then rename it onto `path`.
+
+    The file is created by `write` itself (not pre-created by mkstemp), so it gets the usual permissions."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = folder / path.name
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,266 @@
+"""The combined latency predictor: measured where cached, fitted where measured nearby, else analytical.
+
+    >>> model = CostModel("x86", measure="local")
+    >>> model.fill([(768, 768, 128), (3072, 768, 128)])        # measure what the cache lacks
+    >>> model.predict(768, 768, 128, (8, 8), 0.9)
+    Prediction(seconds=3.1e-05, source='fitted')
+    >>> model.predict_grid(768, 768, 128, [(1, 1), (8, 8)], [0.0, 0.5, 0.9]).shape
+    (2, 3)
+
+Sparsity 0 means the layer stays dense, so its figure is the dense kernel's, whatever the block.
+Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
+(the analytical model with parameters fitted to this target's and block shape's measurements) or
+`analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
+prediction is a dictionary lookup or a few numpy operations.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from pruneaug.cost_model import analytical
+from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement, density_key, open_cache
+from pruneaug.cost_model.measured import DeviceLost, make_runner
+from pruneaug.cost_model.targets import TargetProfile, resolve_target
+from pruneaug.errors import OptionError
+
+DEFAULT_BLOCKS = ((1, 1), (1, 4), (4, 1), (8, 8), (16, 16), (32, 32))
+DEFAULT_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+MIN_FIT_POINTS = 6  # fewer measurements than this for a block shape: stay analytical
+RECHECK_ERROR = 0.25  # a new time this far from the fit is timed again
+SOURCES = ("measured", "fitted", "analytical")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A latency in seconds and where it came from (one of SOURCES)."""
+
+    seconds: float
+    source: str
+
+    def __float__(self) -> float:
+        return self.seconds
+
+
+def as_block(block) -> tuple[int, int]:
+    """(rows, cols) from a tuple, a `BlockSpec` or text like "8x8"."""
+    if isinstance(block, str):
+        from pruneaug.ir.layer import BlockSpec
+
+        return BlockSpec.parse(block).shape
+    if hasattr(block, "shape") and hasattr(block, "rows"):
+        return tuple(block.shape)
+    rows, cols = block
+    return int(rows), int(cols)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise OptionError(f"sparsity {sparsity}: must be in [0, 1)")
+
+
+class CostModel:
+    """Latency predictions for one target, backed by the latency cache and (optionally) a runner."""
+
+    def __init__(self, target: TargetProfile | str, measure: str = "none", cache: LatencyCache | None = None):
+        self.target = resolve_target(target) if isinstance(target, str) else target
+        self.cache = cache or open_cache()
+        self.runner = make_runner(self.target, measure)
+        self._measured: dict[tuple, float] = {}
+        self._by_block: dict[tuple[int, int], dict[tuple, Measurement]] = {}
+        self._fitted: dict[tuple[int, int], analytical.Params | None] = {}
+        self._defaults: dict[bool, analytical.Params] = {}
+        for row in self.cache.all(self.target.cache_key):
+            self._remember(row)
+
+    @classmethod
+    def from_measurements(cls, target: TargetProfile, rows: Iterable[Measurement]) -> "CostModel":
+        """A model that knows only `rows`, kept in memory: for held-out evaluation of the fit."""
+        cache = LatencyCache(":memory:")
+        cache.put_many(target.cache_key, list(rows))
+        return cls(target, cache=cache)
+
+    # --- what is known --------------------------------------------------------------------
+
+    def _remember(self, row: Measurement) -> None:
+        block = tuple(row.block)
+        key = (row.out, row.in_, row.m, block, density_key(row.density))
+        self._measured[key] = row.seconds
+        self._by_block.setdefault(block, {})[key] = row
+        self._fitted.pop(block, None)
+
+    def params(self, block: tuple[int, int]) -> tuple[analytical.Params, str]:
+        """The parameters used for `block` ((0, 0): dense) and their source."""
+        block = tuple(block)
+        if block not in self._fitted:
+            rows = list(self._by_block.get(block, {}).values())
+            fitted = None
+            if len(rows) >= MIN_FIT_POINTS:
+                out, in_, m, density, seconds = (np.array(column, dtype=np.float64) for column in
+                                                 zip(*[(r.out, r.in_, r.m, r.density, r.seconds) for r in rows]))
+                feats = analytical.features(self.target, out, in_, m, block, density)
+                fitted = analytical.fit(feats, seconds, self._default(block))
+            self._fitted[block] = fitted
+        fitted = self._fitted[block]
+        return (fitted, "fitted") if fitted is not None else (self._default(block), "analytical")
+
+    def _default(self, block: tuple[int, int]) -> analytical.Params:
+        dense = tuple(block) == DENSE_BLOCK
+        if dense not in self._defaults:
+            self._defaults[dense] = analytical.default_params(self.target, dense)
+        return self._defaults[dense]
+
+    # --- predicting ---------------------------------------------------------------------------
+
+    def predict(self, out: int, in_: int, m: int, block, sparsity: float) -> Prediction:
+        """Seconds for one layer; sparsity 0 is the dense kernel."""
+        _check_sparsity(sparsity)
+        block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
+        hit = self._measured.get((out, in_, m, block, density_key(density)))
+        if hit is not None:
+            return Prediction(hit, "measured")
+        params, source = self.params(block)
+        feats = analytical.features(self.target, out, in_, m, block, density)
+        return Prediction(float(analytical.latency_from_features(params, feats)), source)
+
+    def predict_grid(self, out: int, in_: int, m: int, blocks: Iterable, sparsities: Iterable[float]) -> np.ndarray:
+        """Seconds for every (block, sparsity) of one layer, shape (len(blocks), len(sparsities)).
+
+        Cached measurements take precedence over the model, as in `predict`.
+        """
+        sparsities = np.asarray(list(sparsities), dtype=np.float64)
+        for sparsity in sparsities:
+            _check_sparsity(float(sparsity))
+        blocks = [as_block(b) for b in blocks]
+        dense = self.predict(out, in_, m, DENSE_BLOCK, 0.0).seconds
+        grid = np.empty((len(blocks), len(sparsities)))
+        for i, block in enumerate(blocks):
+            params, _ = self.params(block)
+            grid[i] = analytical.latency_from_features(
+                params, analytical.features(self.target, out, in_, m, block, 1.0 - sparsities))
+            for j, sparsity in enumerate(sparsities):
+                hit = self._measured.get((out, in_, m, block, density_key(1.0 - sparsity)))
+                if hit is not None:
+                    grid[i, j] = hit
+        grid[:, sparsities == 0] = dense
+        return grid
+
+    # --- measuring ----------------------------------------------------------------------------
+
+    def _require_runner(self):
+        if self.runner is None:
+            raise OptionError(f"--measure none: target {self.target.name} has no runner to measure with")
+        return self.runner
+
+    def measure(self, out: int, in_: int, m: int, block, sparsity: float) -> float:
+        """Measured seconds for one layer (from the cache, or timed now and cached)."""
+        _check_sparsity(sparsity)
+        block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
+        hit = self._measured.get((out, in_, m, block, density_key(density)))
+        if hit is not None:
+            return hit
+        return self._time_point(self._require_runner(), out, in_, m, block, density)
+
+    def _time_point(self, runner, out: int, in_: int, m: int, block: tuple[int, int], density: float,
+                    keep_faster: bool = False) -> float:
+        """Time one kernel and cache it; `keep_faster` keeps an earlier, faster time of it."""
+        seconds = runner.time_layer(out, in_, m, block, density)
+        if keep_faster:
+            seconds = min(seconds, self._measured.get((out, in_, m, block, density_key(density)), seconds))
+        row = Measurement(out, in_, m, block, density, seconds)
+        self.cache.put_many(self.target.cache_key, [row], device=runner.device)
+        self._remember(row)
+        return seconds
+
+    def missing(self, shapes: Iterable[tuple[int, int, int]], blocks=DEFAULT_BLOCKS,
+                densities=DEFAULT_DENSITIES) -> list[tuple[int, int, int, tuple[int, int], float]]:
+        """The (out, in, m, block, density) points of the grid (plus each dense kernel) not yet cached."""
+        points = []
+        for out, in_, m in dict.fromkeys(tuple(s) for s in shapes):
+            grid = [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
+            for block, density in grid:
+                if (out, in_, m, block, density_key(density)) not in self._measured:
+                    points.append((out, in_, m, block, density))
+        return points
+
+    def fill(self, shapes: Iterable[tuple[int, int, int]], blocks=DEFAULT_BLOCKS, densities=DEFAULT_DENSITIES,
+             progress: bool = True, recheck: bool = True) -> int:
+        """Measure every grid point the cache lacks for these layer shapes; returns how many were timed.
+
+        With `recheck`, the new times that the fitted model misses by more than RECHECK_ERROR are
+        timed once more and the faster time kept: a kernel timed while another process held a core
+        reads slow, and the fit (robust to a few such points) singles it out.
+        A device lost mid-way ends the filling with a warning naming it; predictions then come
+        from what was measured so far and the analytical model.
+        """
+        todo = self.missing(shapes, blocks, densities)
+        if not todo:
+            return 0
+        contended_before = getattr(self._require_runner(), "contended", 0)
+        done = self._time_points(todo, "measuring", progress)
+        if recheck and self.runner is not None:
+            self._time_points(self._suspects(todo), "re-measuring outliers", progress, keep_faster=True)
+        contended = getattr(self.runner, "contended", 0) - contended_before
+        if contended > 0:
+            warnings.warn(f"{contended} kernel times were taken while other processes held the cores: they are "
+                          f"upper bounds (cache {self.cache.path})", RuntimeWarning, stacklevel=2)
+        return done
+
+    def _time_points(self, points: list, what: str, progress: bool, keep_faster: bool = False) -> int:
+        """Time `points` with a progress bar; a lost device ends it with a warning."""
+        done = 0
+        bar = tqdm(points, desc=f"{what} {self.target.name} kernels", unit="kernel", disable=not progress or not points)
+        try:
+            for out, in_, m, block, density in bar:
+                bar.set_postfix_str(f"{out}x{in_} m={m} {block[0]}x{block[1]} d={density:g}", refresh=False)
+                self._time_point(self.runner, out, in_, m, block, density, keep_faster)
+                done += 1
+        except DeviceLost as err:
+            warnings.warn(f"device {err.device} stopped answering after {done} of {len(points)} measurements "
+                          f"({err}); using predictions for the rest", RuntimeWarning, stacklevel=3)
+            self.runner = None
+        finally:
+            bar.close()
+        return done
+
+    def _suspects(self, points: list) -> list:
+        """The measured points that their block shape's fitted model misses by more than RECHECK_ERROR."""
+        suspects = []
+        for out, in_, m, block, density in points:
+            params, source = self.params(block)
+            seconds = self._measured.get((out, in_, m, block, density_key(density)))
+            if source != "fitted" or seconds is None:
+                continue
+            feats = analytical.features(self.target, out, in_, m, block, density)
+            if abs(seconds / float(analytical.latency_from_features(params, feats)) - 1.0) > RECHECK_ERROR:
+                suspects.append((out, in_, m, block, density))
+        return suspects
+
+
+_MODELS: dict[tuple, CostModel] = {}
+
+
+def cost_model(target: TargetProfile | str, measure: str = "none") -> CostModel:
+    """One shared `CostModel` per (target, measure, cache file) in this process."""
+    profile = resolve_target(target) if isinstance(target, str) else target
+    cache = open_cache()
+    key = (profile.cache_key, measure, str(cache.path))
+    if key not in _MODELS:
+        _MODELS[key] = CostModel(profile, measure, cache)
+    return _MODELS[key]
+
+
+def predict(target: TargetProfile | str, out: int, in_: int, m: int, block, sparsity: float,
+            measure: str = "none") -> Prediction:
+    """Predicted seconds of one layer on `target` (see `CostModel.predict`)."""
+    return cost_model(target, measure).predict(out, in_, m, block, sparsity)
+
+
+def measure(target: TargetProfile | str, out: int, in_: int, m: int, block, sparsity: float,
+            measure: str = "local") -> float:
+    """Measured seconds of one layer on `target` (cached; see `CostModel.measure`)."""
+    return cost_model(target, measure).measure(out, in_, m, block, sparsity)

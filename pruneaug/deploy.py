@@ -1,0 +1,83 @@
+"""From pruned.onnx to a checked artifact, and the whole-model latency the report quotes.
+
+The correctness gate runs before the artifact is written: the compiled model (on the host) must
+match pruned.onnx in onnxruntime on the calibration inputs, else a CodegenError names the first
+layer that differs. Latencies are measured here only when the artifact runs on this machine
+(the x86 target); for other targets the report gives the cost model's predictions.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pruneaug.calib import graph_inputs
+from pruneaug.passes import ort_run
+
+GATE_RTOL = 1e-4
+BENCH_REPEAT = 50
+
+
+def runs_here(profile) -> bool:
+    return profile.kind == "x86"
+
+
+def sample_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                  calib: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Inputs of the deployment shapes: the first calibration rows, or seeded random values without calibration data."""
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for value in graph_inputs(model):
+        shape = tuple(shapes[value.name])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if calib is not None and calib[value.name].shape[1:] == shape[1:] and len(calib[value.name]) >= shape[0]:
+            inputs[value.name] = np.ascontiguousarray(calib[value.name][: shape[0]])
+        else:
+            inputs[value.name] = rng.standard_normal(shape).astype(dtype)
+    return inputs
+
+
+def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]], profile,
+                   shapes: Mapping[str, Sequence[int]], stem: Path, inputs: Mapping[str, np.ndarray]) -> Path:
+    """Compile for `profile`, gate against onnxruntime where the code runs here, export; returns the artifact's path."""
+    from pruneaug.codegen.export import export_artifact, model_signature
+    from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
+
+    executable = build_model(pruned_model, sparse_weights, profile, shapes)
+    if runs_here(profile):
+        check_against_onnxruntime(executable, pruned_model, inputs, GATE_RTOL, sparse_weights=sparse_weights,
+                                  target=profile)
+    return export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
+
+
+def _median_seconds(run, repeat: int) -> float:
+    run()  # warm-up: first-run allocations and lazy initialisation
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_model_latency(dense_model: onnx.ModelProto, pruned_model: onnx.ModelProto, artifact: Path,
+                          inputs: Mapping[str, np.ndarray], repeat: int = BENCH_REPEAT) -> dict:
+    """Median whole-model latency of onnxruntime (dense and pruned models) and of the artifact, in one run."""
+    from pruneaug.runtime import load
+
+    threads = len(os.sched_getaffinity(0))
+    dense = ort_run.make_session(dense_model, threads)
+    pruned = ort_run.make_session(pruned_model, threads)
+    compiled = load(artifact)
+    return {
+        "onnxruntime_dense_s": _median_seconds(lambda: dense.run(None, dict(inputs)), repeat),
+        "onnxruntime_pruned_s": _median_seconds(lambda: pruned.run(None, dict(inputs)), repeat),
+        "tvm_pruned_s": compiled.benchmark(dict(inputs), repeat)["median"],
+        "repeat": repeat,
+        "threads": threads,
+        "note": f"input shapes {', '.join(f'{k}{list(v.shape)}' for k, v in inputs.items())}; measured on this host",
+    }

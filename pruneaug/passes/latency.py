@@ -1,0 +1,55 @@
+"""Latency annotations from the cost model, and the cost model as the search needs it.
+
+Needs: prunable nodes with `block`. Leaves on each: `dense_latency_s` (the layer run dense),
+`predicted_latency_s` (at its block and sparsity) and `latency_source` (measured, fitted or
+analytical: where the chosen figure came from).
+
+    >>> annotate(ir, cost_model(resolve_target("x86"))).graph.nodes[node]["predicted_latency_s"]
+    4.1e-05
+"""
+from __future__ import annotations
+
+from pruneaug.errors import CodegenError
+from pruneaug.ir.graph import IRModel
+from pruneaug.ir.layer import PrunableLayer
+
+
+def _m(layer: PrunableLayer) -> int:
+    return layer.m or 1  # shape inference could not tell: cost one row, as for a batch-1 vector
+
+
+def layer_latency(costs):
+    """The search's latency function: seconds of one layer at (block, sparsity); sparsity 0 is the dense kernel."""
+
+    def latency(layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> float:
+        return float(costs.predict(layer.shape[0], layer.shape[1], _m(layer), block, sparsity).seconds)
+
+    return latency
+
+
+def block_supported(profile):
+    """The search's filter: block shapes the target's kernels can serve."""
+    from pruneaug.codegen.bsr import check_block_supported
+
+    def supported(layer: PrunableLayer, block: tuple[int, int]) -> bool:
+        try:
+            check_block_supported(profile, block)
+        except CodegenError:
+            return False
+        return True
+
+    return supported
+
+
+def annotate(ir: IRModel, costs) -> IRModel:
+    result = ir.copy()
+    for node in ir.prunable_nodes():
+        layer = ir.layer(node)
+        data = result.graph.nodes[node]
+        spec = data["block"]
+        out, in_ = layer.shape
+        chosen = costs.predict(out, in_, _m(layer), spec.shape, min(spec.sparsity, 0.999))
+        data["dense_latency_s"] = float(costs.predict(out, in_, _m(layer), (1, 1), 0.0).seconds)
+        data["predicted_latency_s"] = float(chosen.seconds)
+        data["latency_source"] = chosen.source
+    return result

@@ -1,0 +1,296 @@
+"""The search: a block shape and sparsity per layer, least latency under an accuracy budget.
+
+Needs: prunable nodes with `importance` and `sensitivity` (proxy.measure_sensitivities). Leaves, on
+the returned IR: `block` (BlockSpec), `mask` and the pruned weights (blockmask.apply_masks, then
+the caller's `finish`, e.g. reconstruction), `proxy_loss` and `predicted_latency_s` on every
+prunable node.
+
+    >>> pruned, report = search(ir, latency, validate, budget=0.01, blocks=[(1, 1), (8, 8)],
+    ...                         sparsities=parse_sparsities("0:0.95:0.05"))     # examples/mlp
+    >>> report.met, report.validations, report.predicted_latency_s / report.dense_latency_s
+    (True, 8, 0.433688446969697)
+
+Three steps:
+1. Options per layer: every (block, sparsity) of the grid whose block fits in the layer (a block
+   larger than the weight cannot tile it) and that the caller's `supported` accepts, plus the
+   dense layer (1x1 at sparsity 0); latency from the caller's `latency(layer, block, sparsity)`
+   (seconds, sparsity 0 meaning the dense kernel), loss from the proxy. Options another beats on
+   both latency and loss are dropped (`pareto_front`).
+2. For a proxy budget P, a multiple-choice knapsack by dynamic programming (`knapsack`): each
+   option's loss is rounded *up* to whole bins of P / bins, so a plan the DP accepts never exceeds
+   P; it returns the least total latency whose binned loss fits.
+3. The proxy only predicts accuracy, so an outer loop bisects P (geometrically: losses span
+   decades) and validates each new plan end to end with the caller's `validate(ir) -> metric loss`
+   until the bracket closes or `max_validations` runs out. The answer is the fastest validated plan
+   within the user's budget; if none is, the dense plan and a message saying so.
+
+`baselines` reruns the same search with fewer choices: unstructured only (1x1), one block shape
+for every layer (each shape of `blocks` tried; per-layer sparsities still by the DP), and dense.
+`search_with_baselines` runs both and answers with the fastest validated plan of them all.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pruneaug.errors import OptionError
+from pruneaug.ir.graph import IRModel
+from pruneaug.ir.layer import BlockSpec, PrunableLayer
+from pruneaug.passes.blockmask import apply_masks, assign_blocks
+from pruneaug.passes.proxy import proxy_losses
+
+LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
+ValidateFn = Callable[[IRModel], float]
+SupportedFn = Callable[[PrunableLayer, tuple[int, int]], bool]
+FinishFn = Callable[[IRModel], IRModel]
+
+DENSE_BLOCK = (1, 1)
+DEFAULT_BINS = 1000
+DEFAULT_MAX_VALIDATIONS = 8
+# The bisection's lower end, relative to the fastest plan's proxy loss: losses of near-zero weights
+# reach 1e-70 and would spend validations on plans indistinguishable from dense.
+LOWEST_PROXY_BUDGET = 1e-6
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a layer: its block shape and sparsity, predicted latency and proxy loss."""
+
+    block: tuple[int, int]
+    sparsity: float
+    latency_s: float
+    proxy_loss: float
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.sparsity == 0 else f"{self.block[0]}x{self.block[1]}@{self.sparsity:g}"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One validated plan of the outer loop."""
+
+    proxy_budget: float
+    predicted_latency_s: float
+    proxy_loss: float
+    metric_loss: float
+    met: bool
+
+
+@dataclass
+class SearchReport:
+    budget: float
+    met: bool  # a pruned plan met the budget (False: the dense plan was returned)
+    metric_loss: float  # validated loss of the returned plan (0 for dense)
+    proxy_budget: float
+    predicted_latency_s: float
+    dense_latency_s: float
+    validations: int
+    plan: dict[str, Option]
+    blocks: list[tuple[int, int]]
+    history: list[Trial] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_latency_s / self.predicted_latency_s if self.predicted_latency_s > 0 else 1.0
+
+
+def fits(shape: tuple[int, int], block: tuple[int, int]) -> bool:
+    """A block tiles a layer when neither side exceeds the weight's (ragged edges are fine)."""
+    return block[0] <= shape[0] and block[1] <= shape[1]
+
+
+def usable_blocks(ir: IRModel, node: str, blocks: Sequence[tuple[int, int]],
+                  supported: SupportedFn | None = None) -> list[tuple[int, int]]:
+    layer = ir.layer(node)
+    return [b for b in blocks if fits(layer.shape, b) and (supported is None or supported(layer, b))]
+
+
+def pareto_front(options: Sequence[Option]) -> list[Option]:
+    """The options no other beats on both loss and latency, by increasing loss (and so decreasing latency)."""
+    front: list[Option] = []
+    for option in sorted(options, key=lambda o: (o.proxy_loss, o.latency_s)):
+        if not front or option.latency_s < front[-1].latency_s:
+            front.append(option)
+    return front
+
+
+def dense_option(ir: IRModel, node: str, latency: LatencyFn) -> Option:
+    return Option(DENSE_BLOCK, 0.0, float(latency(ir.layer(node), DENSE_BLOCK, 0.0)), 0.0)
+
+
+def layer_options(ir: IRModel, node: str, latency: LatencyFn, blocks: Sequence[tuple[int, int]],
+                  sparsities: Sequence[float], supported: SupportedFn | None = None, pool: str = "l2") -> list[Option]:
+    """The Pareto front of `node`'s options, dense included (it may be dominated by a zero-loss sparse option)."""
+    layer = ir.layer(node)
+    options = [dense_option(ir, node, latency)]
+    grid = [s for s in sparsities if s > 0]
+    for block in usable_blocks(ir, node, blocks, supported) if grid else []:
+        losses = proxy_losses(ir, node, block, grid, pool)
+        options += [Option(block, s, float(latency(layer, block, s)), float(loss)) for s, loss in zip(grid, losses)]
+    return pareto_front(options)
+
+
+def loss_bins(losses: np.ndarray, budget: float, bins: int) -> np.ndarray:
+    """Losses in whole bins of budget/bins, rounded up (so fitting in `bins` bins means fitting in the budget)."""
+    if budget <= 0:
+        return np.where(np.asarray(losses) > 0, bins + 1, 0)
+    return np.ceil(np.asarray(losses, np.float64) / budget * bins - 1e-9).clip(0, bins + 1).astype(np.int64)
+
+
+def knapsack(fronts: Sequence[Sequence[Option]], budget: float, bins: int = DEFAULT_BINS) -> list[int]:
+    """Per layer, the index of its chosen option: least summed latency whose binned loss fits in `budget`.
+
+    Every front must hold a zero-loss option, so a plan always exists. best[b] is the least latency
+    of the layers so far using at most b bins.
+    """
+    best = np.zeros(bins + 1)
+    choices = []
+    for front in fronts:
+        weights = loss_bins(np.array([o.proxy_loss for o in front]), budget, bins)
+        assert (weights == 0).any(), "every layer needs a zero-loss (dense) option"
+        candidates = np.full((len(front), bins + 1), np.inf)
+        for index, (option, weight) in enumerate(zip(front, weights)):
+            if weight <= bins:
+                candidates[index, weight:] = best[: bins + 1 - weight] + option.latency_s
+        choice = np.argmin(candidates, axis=0)
+        best = candidates[choice, np.arange(bins + 1)]
+        choices.append((choice, weights))
+    picked, remaining = [], bins
+    for choice, weights in reversed(choices):
+        index = int(choice[remaining])
+        picked.append(index)
+        remaining -= int(weights[index])
+    return picked[::-1]
+
+
+def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
+    """Blocks assigned, masks applied, `finish` run, and `proxy_loss` / `predicted_latency_s` annotated."""
+    result = apply_masks(assign_blocks(ir, {n: BlockSpec(*o.block, o.sparsity) for n, o in plan.items()}), pool)
+    if finish is not None:
+        result = finish(result)
+    for node, option in plan.items():
+        result.graph.nodes[node]["proxy_loss"] = option.proxy_loss
+        result.graph.nodes[node]["predicted_latency_s"] = option.latency_s
+    return result
+
+
+def _totals(plan: Mapping[str, Option]) -> tuple[float, float]:
+    return sum(o.latency_s for o in plan.values()), sum(o.proxy_loss for o in plan.values())
+
+
+def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
+           sparsities: Sequence[float], supported: SupportedFn | None = None, finish: FinishFn | None = None,
+           bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
+           pool: str = "l2") -> tuple[IRModel, SearchReport]:
+    """The fastest plan whose validated metric loss is within `budget` (see the module docstring)."""
+    nodes = ir.prunable_nodes()
+    fronts = [layer_options(ir, n, latency, blocks, sparsities, supported, pool) for n in nodes]
+    dense = {n: dense_option(ir, n, latency) for n in nodes}
+    dense_latency_s = _totals(dense)[0]
+    report = SearchReport(budget, False, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dense, list(blocks))
+    if nodes and not any(usable_blocks(ir, n, blocks, supported) for n in nodes):
+        labels = ",".join(f"{r}x{c}" for r, c in blocks)
+        raise OptionError(f"--blocks {labels}: no prunable layer can use any of these block shapes")
+    losses = [o.proxy_loss for front in fronts for o in front if o.proxy_loss > 0]
+    if not losses:
+        report.message = "nothing to prune: no layer has a sparse option that is faster than dense"
+        return apply_plan(ir, dense, None, pool), report
+
+    def plan_at(proxy_budget: float) -> dict[str, Option]:
+        picked = knapsack(fronts, proxy_budget, bins)
+        return {n: front[i] for n, front, i in zip(nodes, fronts, picked)}
+
+    def key(plan: Mapping[str, Option]) -> tuple:
+        return tuple((o.block, o.sparsity) for o in plan.values())
+
+    best: tuple[dict[str, Option], IRModel | None, Trial] = (dense, None, Trial(0.0, dense_latency_s, 0.0, 0.0, True))
+    # The bracket: `low` gives a plan known to meet the budget (dense at first), `high` one known to miss it.
+    high = sum(front[-1].proxy_loss for front in fronts) * (1 + 1e-6)
+    low = max(min(losses) / 2, high * LOWEST_PROXY_BUDGET)
+    low_key, high_key = key(dense), None
+    proxy_budget = high  # first the fastest plan: if it meets the budget, nothing is faster
+    while report.validations < max_validations and high / low > 1 + 1e-3:
+        plan = plan_at(proxy_budget)
+        plan_key = key(plan)
+        if plan_key in (low_key, high_key):  # known already: narrow the bracket without a validation
+            met = plan_key == low_key
+        else:
+            candidate = apply_plan(ir, plan, finish, pool)
+            metric_loss = float(validate(candidate))
+            report.validations += 1
+            latency_s, proxy = _totals(plan)
+            trial = Trial(proxy_budget, latency_s, proxy, metric_loss, metric_loss <= budget)
+            report.history.append(trial)
+            met = trial.met
+            if met and latency_s < best[2].predicted_latency_s:
+                best = (plan, candidate, trial)
+            if met and high_key is None:
+                break
+        if met:
+            low, low_key = proxy_budget, plan_key
+        else:
+            high, high_key = proxy_budget, plan_key
+        proxy_budget = math.sqrt(low * high)
+
+    plan, candidate, trial = best
+    report.plan, report.metric_loss, report.met = plan, trial.metric_loss, candidate is not None
+    report.predicted_latency_s, report.proxy_budget = trial.predicted_latency_s, trial.proxy_budget
+    if candidate is None:
+        report.message = (f"no pruned plan met the budget {budget:g} in {report.validations} validation(s): "
+                          "the dense plan is returned")
+        candidate = apply_plan(ir, plan, None, pool)
+    return candidate, report
+
+
+def baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
+              sparsities: Sequence[float], supported: SupportedFn | None = None, finish: FinishFn | None = None,
+              **options) -> dict[str, SearchReport]:
+    """The comparison plans: `dense`, `unstructured` (1x1 only), `single RxC` per usable shape, and `best single`.
+
+    `best single` is the fastest single-shape plan that met the budget (the fastest of all if none did).
+    """
+    nodes = ir.prunable_nodes()
+    results: dict[str, SearchReport] = {}
+    dense_plan = {n: dense_option(ir, n, latency) for n in nodes}
+    dense_latency_s = _totals(dense_plan)[0]
+    results["dense"] = SearchReport(budget, True, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dense_plan, [])
+    if any(usable_blocks(ir, n, [DENSE_BLOCK], supported) for n in nodes):
+        results["unstructured"] = search(ir, latency, validate, budget, [DENSE_BLOCK], sparsities, supported, finish,
+                                         **options)[1]
+    singles = {}
+    for block in blocks:
+        if any(usable_blocks(ir, n, [block], supported) for n in nodes):
+            singles[f"single {block[0]}x{block[1]}"] = search(ir, latency, validate, budget, [block], sparsities,
+                                                              supported, finish, **options)[1]
+    results.update(singles)
+    if singles:
+        results["best single"] = min(singles.values(), key=lambda r: (not r.met, r.predicted_latency_s))
+    return results
+
+
+def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
+                          blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
+                          supported: SupportedFn | None = None, finish: FinishFn | None = None,
+                          **options) -> tuple[IRModel, dict[str, SearchReport]]:
+    """The search, its `baselines`, `searched` (the search's own answer) and `chosen`, with chosen's pruned IR.
+
+    `chosen` is the fastest plan that met the budget among the searched one and every baseline:
+    each of them was validated end to end, so picking among them costs nothing, and the answer is
+    never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
+    rows) and the proxy's ranking of near-equal plans is noise.
+    """
+    pruned, searched = search(ir, latency, validate, budget, blocks, sparsities, supported, finish, **options)
+    results = baselines(ir, latency, validate, budget, blocks, sparsities, supported, finish, **options)
+    results["searched"] = searched
+    candidates = [r for name, r in results.items() if r.met and name != "best single"]
+    chosen = min(candidates, key=lambda r: r.predicted_latency_s)
+    if chosen is not searched:
+        pruned = apply_plan(ir, chosen.plan, finish if chosen.plan != results["dense"].plan else None,
+                            options.get("pool", "l2"))
+    results["chosen"] = chosen
+    return pruned, results

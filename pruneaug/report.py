@@ -1,0 +1,176 @@
+"""report.md, report.html and pareto.png: plan.json told for people.
+
+Rendered from the plan dict alone (what plan.json holds), so a report can be rebuilt from a plan
+file and never says more than the plan measured. Every latency carries where it came from:
+`measured` (timed on this machine or a device), `fitted` or `analytical` (predicted by the cost model).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+REPORT_FILES = ("report.md", "report.html", "pareto.png")
+
+
+def _us(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1e6:,.1f} µs"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "–"
+    return f"{numerator / denominator:.2f}x"
+
+
+def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for entry in plan["layers"]:
+        chosen = entry.get("predicted_latency_s")
+        source = entry.get("latency_source") or "–"
+        rows.append([
+            entry["node"], entry["op_type"], f"{entry['shape'][0]}x{entry['shape'][1]}", str(entry["m"] or "?"),
+            f"{entry['block'][0]}x{entry['block'][1]}", f"{entry['sparsity']:.2f}", f"{entry['nnz_blocks']}/{entry['blocks']}",
+            "–" if entry.get("proxy_loss") is None else f"{entry['proxy_loss']:.2e}",
+            _us(entry.get("dense_latency_s")), _us(chosen), source,
+            _ratio(entry.get("dense_latency_s"), chosen),
+        ])
+    return rows
+
+
+LAYER_HEADER = ["node", "op", "W [out x in]", "m", "block", "sparsity", "kept blocks", "proxy loss",
+                "dense latency", "chosen latency", "source", "speed-up"]
+
+
+def _baseline_rows(plan: dict[str, Any]) -> list[list[str]]:
+    search = plan.get("search") or {}
+    baselines = search.get("baselines") or {}
+    rows = [[f"chosen (= {search.get('chosen_from', 'searched')})", _us(search.get("predicted_latency_s")),
+             _ratio(search.get("dense_latency_s"), search.get("predicted_latency_s")),
+             _metric(search.get("metric_loss")), "yes" if search.get("met") else "no"]]
+    for name, figures in baselines.items():
+        rows.append([name, _us(figures.get("predicted_latency_s")),
+                     _ratio(search.get("dense_latency_s"), figures.get("predicted_latency_s")),
+                     _metric(figures.get("metric_loss")), "yes" if figures.get("met") else "no"])
+    return rows
+
+
+def _metric(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _model_rows(plan: dict[str, Any]) -> list[list[str]]:
+    latency = plan.get("model_latency") or {}
+    base = latency.get("onnxruntime_dense_s")
+    names = {"onnxruntime_dense_s": "onnxruntime, dense model", "onnxruntime_pruned_s": "onnxruntime, pruned.onnx",
+             "tvm_pruned_s": "pruneaug artifact (TVM, block-sparse)"}
+    return [[label, _us(latency[key]), _ratio(base, latency[key])] for key, label in names.items() if latency.get(key)]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], list[list[str]]]]:
+    """(title, text, header, rows) of each section, shared by the Markdown and the HTML."""
+    totals = plan["totals"]
+    search = plan.get("search")
+    latency = plan.get("model_latency") or {}
+    summary = (f"Target `{plan['target']}`; {totals['prunable_layers']} prunable layers, "
+               f"{totals['weight_sparsity']:.1%} of their weights pruned; pruner `{plan.get('pruner')}`.")
+    if search:
+        summary += (f" Budget {search['budget']:g} on `{search['metric']}`: validated loss "
+                    f"{_metric(search.get('metric_loss'))} in {search['validations']} validation(s); search "
+                    f"{search.get('time_s', 0):.1f} s, {search.get('kernels_measured', 0)} kernels measured.")
+        if search.get("message"):
+            summary += f" {search['message']}"
+    sections = [("Summary", summary, [], [])]
+    if latency:
+        where = latency.get("note", "")
+        sections.append(("Whole model, measured", f"Median of {latency.get('repeat', '?')} runs, "
+                         f"{latency.get('threads', '?')} threads. {where}".strip(),
+                         ["runtime", "median latency", "speed-up vs onnxruntime dense"], _model_rows(plan)))
+    if plan.get("artifact_error"):
+        sections.append(("Artifact", f"No compiled artifact: {plan['artifact_error']}", [], []))
+    if search:
+        sections.append(("Plans compared (predicted latency of the prunable layers)", None,
+                         ["plan", "latency", "speed-up vs dense", "validated loss", "meets budget"], _baseline_rows(plan)))
+    sections.append(("Layers", None, LAYER_HEADER, layer_rows(plan)))
+    return sections
+
+
+def render_markdown(plan: dict[str, Any], pareto: bool) -> str:
+    parts = [f"# pruneaug report: {plan.get('model_name', 'model')} for {plan['target']}"]
+    for title, text, header, rows in _sections(plan):
+        parts.append(f"## {title}")
+        if text:
+            parts.append(text)
+        if header:
+            parts.append(_markdown_table(header, rows))
+    if pareto:
+        parts.append("## Latency / accuracy\n\n![Pareto front](pareto.png)")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(plan: dict[str, Any], png: bytes | None) -> str:
+    """One self-contained page: styles inline, the plot as a data URI."""
+    body = [f"<h1>pruneaug report: {html.escape(str(plan.get('model_name', 'model')))} for {html.escape(plan['target'])}</h1>"]
+    for title, text, header, rows in _sections(plan):
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        if text:
+            body.append(f"<p>{html.escape(text)}</p>")
+        if header:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    if png:
+        data = base64.b64encode(png).decode()
+        body.append(f'<h2>Latency / accuracy</h2><img alt="Pareto front" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#eee}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>pruneaug report</title><style>{style}</style></head>" \
+           f"<body>{''.join(body)}</body></html>\n"
+
+
+def pareto_png(plan: dict[str, Any]) -> bytes | None:
+    """Validated loss against predicted latency for every plan the search validated, baselines marked."""
+    search = plan.get("search")
+    if not search or not search.get("trials"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    trials = search["trials"]
+    ax.scatter([t["predicted_latency_s"] * 1e6 for t in trials], [t["metric_loss"] for t in trials],
+               label="validated plans (per-layer blocks)", color="tab:blue")
+    for name, figures in (search.get("baselines") or {}).items():
+        if figures.get("predicted_latency_s") is not None and figures.get("metric_loss") is not None:
+            ax.scatter([figures["predicted_latency_s"] * 1e6], [figures["metric_loss"]], marker="x", label=name)
+    ax.axhline(search["budget"], color="gray", linestyle="--", label=f"budget {search['budget']:g}")
+    ax.set_xlabel("predicted latency of the prunable layers (µs)")
+    ax.set_ylabel(f"validated loss ({search['metric']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(folder: Path, plan: dict[str, Any]) -> list[str]:
+    """Write the report files into `folder`; returns the names written."""
+    png = pareto_png(plan)
+    written = ["report.md", "report.html"]
+    (folder / "report.md").write_text(render_markdown(plan, png is not None), encoding="utf-8")
+    (folder / "report.html").write_text(render_html(plan, png), encoding="utf-8")
+    if png:
+        (folder / "pareto.png").write_bytes(png)
+        written.append("pareto.png")
+    return written

@@ -1,0 +1,124 @@
+"""Load and run a compiled pruneaug artifact with TVM's runtime alone (DESIGN §4).
+
+    >>> model = load("out/model.x86.so")
+    >>> model.run({"input": x})[0].shape
+    (1, 10)
+    >>> model.benchmark({"input": x}, repeat=50)
+    {'median': 0.0012, 'p10': 0.0011, 'p90': 0.0013}
+
+Nothing here imports TVM's compiler: `tvm` with `lib/libtvm_compiler.so` removed loads these
+artifacts. The sidecar `<artifact>.json` written by `pruneaug.codegen.export` gives the input and
+output names; for CUDA it also holds the kernels nvcc compiled ahead of time, which are handed to TVM
+when it asks to compile the library's CUDA source, so the deploying machine needs no NVRTC.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pruneaug.errors import ModelError, OptionError
+
+_DEVICES = ("cpu", "cuda")
+
+
+class LoadedModel:
+    """A compiled model ready to run on one device; inputs and outputs by their ONNX names."""
+
+    def __init__(self, path: Path, device: str, signature: dict):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = path
+        self.inputs: list[dict] = signature["inputs"]
+        self.output_names: list[str] = signature["outputs"]
+        self._device = tvm.runtime.device(device, 0)
+        library = tvm.runtime.load_module(str(path))
+        self._vm = VirtualMachine(library, self._device)
+
+    def _arguments(self, inputs: Mapping[str, np.ndarray]) -> list:
+        """The inputs on the device in the model's order, after checking names, shapes and dtypes."""
+        import tvm
+
+        names = [spec["name"] for spec in self.inputs]
+        if set(inputs) != set(names):
+            raise OptionError(f"inputs {sorted(inputs)} do not match the model's inputs {names}")
+        arguments = []
+        for spec in self.inputs:
+            array = np.asarray(inputs[spec["name"]])
+            if list(array.shape) != spec["shape"] or array.dtype != np.dtype(spec["dtype"]):
+                raise OptionError(
+                    f"input {spec['name']!r}: got {array.dtype}{list(array.shape)}, "
+                    f"the model was compiled for {spec['dtype']}{spec['shape']}"
+                )
+            arguments.append(tvm.runtime.tensor(np.ascontiguousarray(array), self._device))
+        return arguments
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs, in the ONNX graph's output order."""
+        result = self._vm["main"](*self._arguments(inputs))
+        outputs = [result] if hasattr(result, "numpy") else list(result)
+        return [output.numpy() for output in outputs]
+
+    def benchmark(self, inputs: Mapping[str, np.ndarray], repeat: int = 50) -> dict[str, float]:
+        """Seconds per run (median, 10th and 90th percentile of `repeat` timed runs, after a warm-up run)."""
+        arguments = self._arguments(inputs)
+        timer = self._vm.time_evaluator("main", self._device, number=1, repeat=repeat, min_repeat_ms=0)
+        seconds = np.asarray(timer(*arguments).results, dtype=np.float64)
+        return {
+            "median": float(np.median(seconds)),
+            "p10": float(np.percentile(seconds, 10)),
+            "p90": float(np.percentile(seconds, 90)),
+        }
+
+
+def load(path, device: str = "cpu") -> LoadedModel:
+    """Load an artifact (`.so`) written by `pruneaug.codegen.export.export_artifact` onto `device`."""
+    path = Path(path)
+    if device not in _DEVICES:
+        raise OptionError(f"device {device!r}: expected one of {', '.join(_DEVICES)}")
+    if not path.is_file():
+        raise ModelError(f"{path}: no such artifact")
+    if path.suffix != ".so":
+        raise ModelError(f"{path}: only a .so loads; link a .tar's object files into a .so on the device first")
+    sidecar = path.with_name(path.name + ".json")
+    try:
+        signature = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{sidecar}: missing or unreadable ({err}); it is written beside the artifact") from err
+    built_for = "cuda" if signature.get("kind") == "cuda" else "cpu"
+    if device != built_for:
+        raise OptionError(f"{path} was compiled for {signature.get('target')}: load it with device={built_for!r}")
+    if signature.get("cuda_binaries"):
+        _serve_cuda_binaries({key: base64.b64decode(blob) for key, blob in signature["cuda_binaries"].items()})
+    return LoadedModel(path, device, signature)
+
+
+def cuda_source_key(source: str) -> str:
+    """The key under which a CUDA module's compiled binary is stored: the digest of its source."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _serve_cuda_binaries(binaries: dict[str, bytes]) -> None:
+    """Answer TVM's request to compile CUDA source with the binary compiled ahead of time for that source.
+
+    TVM's CUDA runtime calls the global `tvm_callback_cuda_compile(source)` when it loads a module that
+    carries source; sources we have a binary for get it, others go to the callback registered before.
+    """
+    import tvm_ffi
+
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+
+    def compile_cuda(source, *rest):
+        key = cuda_source_key(str(source))
+        if key in binaries:
+            return binaries[key]
+        if previous is None:
+            raise RuntimeError("no compiled binary for this CUDA module and no CUDA compiler registered")
+        return previous(source, *rest)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)

@@ -1,0 +1,204 @@
+"""BSR format and matmul kernels against numpy, on x86 (run), arm64 and CUDA (build; run where possible)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pruneaug.codegen.bsr import (
+    BSRWeight,
+    bsr_matmul_kernel,
+    check_block_supported,
+    compile_kernel,
+    dense_matmul_kernel,
+    random_bsr_weight,
+    time_kernel,
+    to_bsr,
+)
+from pruneaug.cost_model.targets import resolve_target
+from pruneaug.errors import CodegenError
+
+tvm = pytest.importorskip("tvm")
+
+X86 = resolve_target("x86")
+BLOCKS = [(1, 1), (1, 4), (4, 1), (2, 3), (8, 8), (16, 16), (3, 16)]
+
+
+def _run(kernel, x: np.ndarray) -> np.ndarray:
+    module = compile_kernel(kernel, X86)
+    dev = tvm.cpu()
+    out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
+    args.append(tvm.runtime.empty(out_shape, "float32", dev))
+    module[kernel.name](*args)
+    return args[-1].numpy()
+
+
+def _check_matmul(m: int, out: int, in_: int, block, density: float, with_bias: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    weight = random_bsr_weight(out, in_, block, density, seed=seed)
+    bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
+    x = rng.standard_normal((m, in_)).astype(np.float32)
+    y = _run(bsr_matmul_kernel(X86, m, weight, bias), x)
+    expected = x @ weight.to_dense().T + (bias if with_bias else 0)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- the format ------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(1, 40), in_=st.integers(1, 40), r=st.integers(1, 9), c=st.integers(1, 9),
+       density=st.floats(0, 1), seed=st.integers(0, 10))
+def test_to_bsr_round_trip(out, in_, r, c, density, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out, in_)).astype(np.float32) * (rng.random((out, in_)) < density)
+    bsr = to_bsr(w, (r, c))
+    np.testing.assert_array_equal(bsr.to_dense(), w)
+    assert bsr.data.shape == (bsr.nnz_blocks, r, c) and bsr.indptr.shape == (-(-out // r) + 1,)
+    assert bsr.data.dtype == np.float32 and bsr.indices.dtype == np.int32 and bsr.indptr.dtype == np.int32
+    assert all(np.any(block != 0) for block in bsr.data)  # all-zero blocks are dropped
+
+
+def test_to_bsr_small_example():
+    bsr = to_bsr(np.array([[1, 0, 0], [0, 0, 2], [0, 3, 0]], np.float32), (2, 2))
+    assert bsr.indptr.tolist() == [0, 2, 3] and bsr.indices.tolist() == [0, 1, 0]
+    np.testing.assert_array_equal(bsr.data[1], [[0, 0], [2, 0]])  # ragged column block, zero-padded
+    assert bsr.shape == (3, 3) and bsr.block == (2, 2)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_random_bsr_weight_keeps_exact_block_count(density):
+    weight = random_bsr_weight(37, 50, (4, 8), density, seed=3)
+    assert isinstance(weight, BSRWeight)
+    assert weight.nnz_blocks == round(density * 10 * 7)
+    assert weight.to_dense().shape == (37, 50)
+
+
+# --- x86 kernels -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.sampled_from([1, 3, 8, 17, 40]), out=st.integers(1, 70), in_=st.integers(1, 70),
+       block=st.sampled_from(BLOCKS), density=st.floats(0, 1), with_bias=st.booleans())
+def test_bsr_matmul_matches_numpy(m, out, in_, block, density, with_bias):
+    _check_matmul(m, out, in_, block, density, with_bias)
+
+
+@pytest.mark.parametrize("m,out,in_,block,density,with_bias", [
+    (128, 96, 64, (8, 8), 0.3, True),     # rows vectorised, m a multiple of the tile
+    (37, 50, 45, (16, 16), 0.5, False),   # ragged out, in and m
+    (1, 33, 20, (32, 4), 1.0, True),      # m = 1
+    (64, 40, 30, (1, 1), 0.2, True),      # m vectorised (unstructured), X transposed in the kernel
+    (19, 41, 29, (4, 1), 0.6, False),     # m vectorised with a ragged m tile and out
+    (70, 23, 50, (1, 4), 0.0, True),      # nothing kept: bias only
+])
+def test_bsr_matmul_schedules(m, out, in_, block, density, with_bias):
+    _check_matmul(m, out, in_, block, density, with_bias)
+
+
+@pytest.mark.parametrize("m,out,in_", [
+    (16, 48, 32),
+    (5, 33, 70),
+    (64, 20, 1100),  # X over 256 KiB: two column chunks, the second adding to Y; ragged in and out
+])
+def test_dense_matmul_matches_numpy(m, out, in_):
+    rng = np.random.default_rng(1)
+    w, bias = rng.standard_normal((out, in_)).astype(np.float32), rng.standard_normal(out).astype(np.float32)
+    x = rng.standard_normal((m, in_)).astype(np.float32)
+    kernel = dense_matmul_kernel(X86, m, w, bias, name="dense_test")
+    assert kernel.constants[2].shape[1] - 1 == (2 if in_ > 1000 else 1)  # column chunks per block row
+    y = _run(kernel, x)
+    np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_signature_and_time_kernel():
+    weight = random_bsr_weight(40, 24, (8, 8), 0.5)
+    kernel = bsr_matmul_kernel(X86, 16, weight, name="my_layer")
+    assert kernel.name == "my_layer" and kernel.primfunc.attrs["global_symbol"] == "my_layer"
+    params = [p.name for p in kernel.primfunc.params]
+    assert params[0] == "X" and params[-1] == "Y" and len(params) == 2 + len(kernel.constants)
+    times = time_kernel(compile_kernel(kernel, X86), kernel, np.ones((16, 24), np.float32), tvm.cpu(),
+                        number=2, repeat=3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+
+
+@pytest.mark.slow
+def test_time_kernel_through_rpc(tmp_path):
+    """The cost model times kernels on boards through TVM RPC with the same function."""
+    from tvm import rpc
+
+    weight = random_bsr_weight(32, 16, (4, 4), 0.5)
+    kernel = bsr_matmul_kernel(X86, 8, weight)
+    lib = tmp_path / "k.so"
+    tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=X86.tvm()).export_library(str(lib))
+    server = rpc.Server(host="127.0.0.1", port=9300, port_end=9500)
+    try:
+        session = rpc.connect("127.0.0.1", server.port)
+        session.upload(str(lib))
+        remote = session.load_module("k.so")
+        times = time_kernel(remote, kernel, np.ones((8, 16), np.float32), session.cpu(), number=2, repeat=2)
+    finally:
+        server.terminate()
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("block", [(0, 4), (4, 0), (65, 1), (1, 128)])
+def test_unsupported_block_is_a_codegen_error(block):
+    with pytest.raises(CodegenError, match=rf"block {block[0]}x{block[1]} is not supported on target x86"):
+        check_block_supported(X86, block)
+
+
+def test_unsupported_block_rejected_before_building():
+    weight = to_bsr(np.ones((4, 200), np.float32), (1, 100))
+    with pytest.raises(CodegenError, match="block 1x100"):
+        bsr_matmul_kernel(X86, 4, weight)
+
+
+# --- other targets -----------------------------------------------------------------------------
+
+def test_arm64_kernel_compiles_to_object_code(tmp_path):
+    arm = resolve_target("arm64")
+    for block in [(8, 8), (1, 1)]:
+        kernel = bsr_matmul_kernel(arm, 16, random_bsr_weight(40, 24, block, 0.5), name="arm_k")
+        executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=arm.tvm())
+        executable.export_library(str(tmp_path / f"k{block[0]}.tar"))
+        assert (tmp_path / f"k{block[0]}.tar").stat().st_size > 0
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc missing (apt-get install gcc-aarch64-linux-gnu): no .so export")
+    executable.export_library(str(tmp_path / "k.so"),
+                              fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    assert (tmp_path / "k.so").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_cuda_kernel_builds_source():
+    cuda = resolve_target("cuda")
+    kernel = bsr_matmul_kernel(cuda, 7, random_bsr_weight(37, 29, (4, 3), 0.5), name="cuda_k")
+    executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=cuda.tvm())
+    assert "cuda_k" in executable.mod.imports[0].inspect_source("cuda")
+
+
+def _has_gpu() -> bool:
+    try:
+        return tvm.cuda(0).exist
+    except Exception:  # noqa: BLE001 (no CUDA runtime at all)
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("block", [(1, 1), (8, 8), (16, 4)])
+def test_cuda_kernel_matches_numpy(block):
+    cuda = resolve_target("cuda")
+    rng = np.random.default_rng(0)
+    weight = random_bsr_weight(70, 45, block, 0.4)
+    bias = rng.standard_normal(70).astype(np.float32)
+    x = rng.standard_normal((33, 45)).astype(np.float32)
+    kernel = bsr_matmul_kernel(cuda, 33, weight, bias)
+    module = compile_kernel(kernel, cuda)
+    dev = tvm.cuda(0)
+    args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
+    args.append(tvm.runtime.empty((33, 70), "float32", dev))
+    module[kernel.name](*args)
+    np.testing.assert_allclose(args[-1].numpy(), x @ weight.to_dense().T + bias, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,75 @@
+"""The compile writes a checked TVM artifact next to pruned.onnx; a model TVM cannot import still gets the rest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import pruneaug
+from pruneaug.compile import main
+from pruneaug.passes import ort_run
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
+
+
+@pytest.mark.slow
+def test_fixed_plan_artifact_matches_pruned_onnx_and_is_measured(tmp_path):
+    calib = EXAMPLES / "cnn" / "calib.npz"
+    result = pruneaug.compile(EXAMPLES / "cnn" / "model.onnx", block="8x8", sparsity=0.8, calib=calib, batch=4,
+                              measure="none", out=tmp_path / "out")
+    assert result.artifact == tmp_path / "out" / "model.x86.so" and result.artifact.is_file()
+    with np.load(calib) as data:
+        x = data["input"][:4]
+    got = pruneaug.load(result.artifact).run({"input": x})[0]
+    (want,) = ort_run.make_session(onnx.load(result.pruned_model)).run(None, {"input": x})
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    latency = result.plan["model_latency"]
+    assert latency["threads"] >= 1 and latency["repeat"] >= 10
+    assert all(latency[k] > 0 for k in ("onnxruntime_dense_s", "onnxruntime_pruned_s", "tvm_pruned_s"))
+    assert result.plan["input_shapes"] == {"input": [4, 1, 8, 8]}
+    report = result.report.read_text()
+    assert "Whole model, measured" in report and "pruneaug artifact" in report
+
+
+@pytest.mark.slow
+def test_arm64_artifact_is_cross_compiled_or_an_object_tar(tmp_path):
+    result = pruneaug.compile(EXAMPLES / "mlp" / "model.onnx", target="arm64", block="4x1", sparsity=0.5,
+                              out=tmp_path / "out")
+    assert result.artifact is not None and result.artifact.suffix in (".so", ".tar")
+    if result.artifact.suffix == ".so":
+        assert result.artifact.read_bytes()[:4] == b"\x7fELF" and result.artifact.read_bytes()[18] == 183  # EM_AARCH64
+    assert "model_latency" not in result.plan  # nothing measured that did not run here
+
+
+def model_with_an_op_tvm_lacks() -> onnx.ModelProto:
+    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("FancyOp", ["h"], ["y"], name="fancy", domain="com.example")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+
+
+def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
+    onnx.save(model_with_an_op_tvm_lacks(), tmp_path / "model.onnx")
+    code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "no compiled artifact" in err and "FancyOp" in err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"pruned.onnx", "masks.npz", "plan.json", "report.md"} <= files
+    assert not any(name.startswith("model.") for name in files)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert "FancyOp" in plan["artifact_error"]
+    assert "FancyOp" in (tmp_path / "out" / "report.md").read_text()

@@ -1,0 +1,114 @@
+"""The full compile: search + report + artifact, on the bundled examples, and the search's bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import pruneaug
+from pruneaug.compile import main
+from pruneaug.passes import ort_run
+from pruneaug.passes.validate import accuracy
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example(name: str) -> tuple[Path, Path, Path]:
+    folder = EXAMPLES / name
+    return folder / "model.onnx", folder / "calib.npz", folder / "eval.npz"
+
+
+def eval_accuracy(model_path: Path, eval_path: Path) -> float:
+    with np.load(eval_path) as data:
+        inputs = {k: data[k] for k in data.files if k != "labels"}
+        labels = data["labels"]
+    return accuracy(ort_run.run(onnx.load(model_path), inputs)[0], labels)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_search_meets_the_budget_on_the_examples(tmp_path, name):
+    model, calib, eval_ = example(name)
+    result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.01, measure="none", artifact=False,
+                              out=tmp_path / "out")
+    search = result.plan["search"]
+    assert search["met"] and search["metric_loss"] <= 0.01
+    dense, pruned = eval_accuracy(model, eval_), eval_accuracy(result.pruned_model, eval_)
+    assert dense - pruned == pytest.approx(search["metric_loss"], abs=1e-9)  # the plan's figure is the real drop
+    assert result.plan["totals"]["weight_sparsity"] > 0.1
+    assert search["validations"] >= 1 and len(search["trials"]) == search["validations"]
+    assert {"dense", "unstructured", "best single"} <= set(search["baselines"])
+    assert search["predicted_latency_s"] <= search["baselines"]["dense"]["predicted_latency_s"]
+    for entry in result.plan["layers"]:
+        assert entry["proxy_loss"] is not None and entry["predicted_latency_s"] > 0
+        assert entry["latency_source"] in ("measured", "fitted", "analytical")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Plans compared" in report and "best single" in report
+    for entry in result.plan["layers"]:
+        assert entry["node"] in report
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_targets_with_other_costs_get_other_plans(tmp_path):
+    model, calib, eval_ = example("mlp")
+    plans = {}
+    for target in ("x86", "arm64:cortex-a55", "cuda:sm_90"):
+        result = pruneaug.compile(model, target=target, calib=calib, eval=eval_, budget=0.02, measure="none",
+                                  artifact=False, out=tmp_path / target.replace(":", "_"))
+        plans[target] = [(e["block"], e["sparsity"]) for e in result.plan["layers"]]
+    assert len({json.dumps(p) for p in plans.values()}) > 1, plans
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_search_bad_inputs(tmp_path, capsys):
+    model, calib, eval_ = example("mlp")
+    common = ["--measure", "none", "--no-artifact"]
+    cases = [
+        ([model, "--calib", calib, "--eval", eval_, "--budget", "0", *common], "--budget '0': must be in (0, 1)"),
+        ([model, "--calib", calib, "--eval", eval_, "--budget", "1.5", *common], "--budget '1.5'"),
+        ([model, *common], "give --eval"),
+        ([model, "--calib", calib, "--eval", eval_, "--blocks", "512x512", *common],
+         "--blocks 512x512: no prunable layer can use"),
+        ([model, "--calib", calib, "--eval", eval_, "--metric", "f1", *common], "--metric 'f1'"),
+        ([model, "--calib", calib, "--eval", eval_, "--sparsities", "0.5:0.1:0.1", *common], "--sparsities"),
+        ([model, "--calib", calib, "--eval", eval_, "--measure", "ftp://x", "--no-artifact"], "--measure 'ftp://x'"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "o"
+        code, err = run_cli(capsys, *argv, "--out", out)
+        assert code == 2 and message in err, (argv, err)
+        assert not out.exists()
+
+
+def test_eval_falls_back_to_calib_and_top1_without_labels_is_agreement(tmp_path, capsys):
+    model, calib, _ = example("mlp")
+    code, err = run_cli(capsys, model, "--calib", calib, "--measure", "none", "--no-artifact", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "no --eval" in err and "agreement with the dense model" in err
+
+
+def test_unreachable_budget_returns_the_dense_plan(tmp_path, capsys):
+    model, calib, eval_ = example("mlp")
+    code, err = run_cli(capsys, model, "--calib", calib, "--eval", eval_, "--metric", "relerr", "--budget", "1e-9",
+                        "--blocks", "32x32", "--sparsities", "0.5,0.9", "--measure", "none", "--no-artifact",
+                        "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "dense plan" in err
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert all(entry["sparsity"] == 0 for entry in plan["layers"])
+    assert plan["search"]["chosen_from"] == "dense"

@@ -1,0 +1,240 @@
+"""Cost model: target profiles, the analytical model, the fit, and predictions from a cache."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from pruneaug.cost_model import CostModel, Prediction, analytical
+from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement
+from pruneaug.cost_model.targets import hardware_peaks, load_profiles, resolve_target
+from pruneaug.errors import OptionError, TargetError
+
+A76 = resolve_target("arm64")
+BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 8), (16, 16), (32, 32)]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Never touch the user's ~/.cache."""
+    monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+def test_builtin_profiles_have_hardware_figures():
+    little = resolve_target("arm64:cortex-a55")
+    assert A76.name == "arm64:cortex-a76" and little.kind == "arm64"
+    assert little.peak_gflops < A76.peak_gflops and little.mem_gbps < A76.mem_gbps
+    assert resolve_target("cuda").tvm_target["arch"] == "sm_80"
+    assert resolve_target("cuda:sm_90").peak_gflops > resolve_target("cuda:sm_80").peak_gflops
+    assert A76.tvm().kind.name == "llvm"
+
+
+def test_host_profile_read_off_the_machine():
+    host = resolve_target("x86")
+    assert host.kind == "x86" and host.cores >= 1 and host.simd_bytes in (16, 32, 64)
+    assert host.l1_bytes > 0 and host.l2_bytes > host.l1_bytes
+    assert host.peak_gflops is None  # measured on first use by hardware_peaks
+
+
+def test_host_peaks_measured_once_and_cached(monkeypatch):
+    host = resolve_target("x86")
+    calls = []
+    monkeypatch.setattr("pruneaug.cost_model.measured.measure_peaks", lambda: calls.append(1) or (100.0, 20.0))
+    assert hardware_peaks(host) == (100.0, 20.0)
+    assert hardware_peaks(host) == (100.0, 20.0)
+    assert calls == [1]
+
+
+BOARD_TOML = """
+[profiles."arm64:myboard"]
+kind = "arm64"
+tvm_target = { kind = "llvm", mtriple = "aarch64-linux-gnu", mcpu = "cortex-a72", mattr = ["+neon"] }
+cores = 4
+simd_bytes = 16
+freq_ghz = 1.8
+peak_gflops = 57.6
+mem_gbps = 4
+"""
+
+
+def test_user_profile_from_toml_and_json(tmp_path, monkeypatch):
+    toml_file = tmp_path / "boards.toml"
+    toml_file.write_text(BOARD_TOML)
+    board = resolve_target("arm64:myboard", profile_file=toml_file)
+    assert (board.cores, board.mem_gbps, board.tvm_target["mcpu"]) == (4, 4.0, "cortex-a72")
+    assert resolve_target(str(toml_file)) == board
+    assert resolve_target(f"{toml_file}#arm64:myboard") == board
+    monkeypatch.setenv("PRUNEAUG_PROFILES", str(toml_file))
+    assert resolve_target("arm64:myboard") == board
+    json_file = tmp_path / "boards.json"
+    json_file.write_text(json.dumps({"profiles": {"arm64:myboard": dataclasses.asdict(board) | {"name": None}}}
+                                    ).replace('"name": null, ', ""))
+    assert load_profiles(json_file)["arm64:myboard"] == board
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOARD_TOML.replace("cores = 4", "cores = 'four'"), "key 'cores' must be int"),
+    (BOARD_TOML.replace("mem_gbps = 4", ""), "missing key 'mem_gbps'"),
+    (BOARD_TOML + "colour = 'red'\n", "unknown key 'colour'"),
+    (BOARD_TOML.replace('kind = "arm64"', 'kind = "riscv"'), "key 'kind' is 'riscv'"),
+    ("[profiles", "not valid TOML"),
+    ("title = 'x'", "expected a non-empty table 'profiles'"),
+])
+def test_bad_profile_files_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(TargetError, match=message) as err:
+        resolve_target("arm64:myboard", profile_file=path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_target_lists_known_ones(tmp_path):
+    with pytest.raises(TargetError, match="unknown target; known targets: x86, arm64, cuda"):
+        resolve_target("riscv")
+    with pytest.raises(TargetError, match="cannot read it"):
+        resolve_target(str(tmp_path / "missing.toml"))
+
+
+# --- analytical model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("target", ["arm64:cortex-a76", "arm64:cortex-a55", "cuda:sm_80", "cuda:sm_90"])
+def test_analytical_monotone_in_sparsity(target, block):
+    profile = resolve_target(target)
+    sparsities = np.linspace(0.0, 0.99, 34)
+    times = [analytical.latency(profile, 768, 3072, 128, block, s) for s in sparsities]
+    assert all(t > 0 for t in times)
+    assert np.all(np.diff(times) <= 1e-15), times
+
+
+def test_analytical_equals_dense_at_density_one():
+    """codegen's dense kernel is its BSR kernel with every 16x16 block kept: the same work and time;
+    any other block shape with every block kept does the dense layer's flops."""
+    params = analytical.default_params(A76)
+    assert analytical.latency(A76, 768, 512, 128, (16, 16), 0.0, params) == pytest.approx(
+        analytical.dense_latency(A76, 768, 512, 128, params))
+    for block in [(1, 1), (4, 1), (8, 8), (32, 32)]:
+        flops = analytical.features(A76, 768, 512, 192, block, 1.0)[1]  # m=192: no tile of m is padded
+        assert flops == pytest.approx(2 * 192 * 768 * 512 / A76.cores), block
+
+
+def test_ragged_edges_are_padded_to_whole_blocks():
+    exact = analytical.features(A76, 64, 64, 128, (16, 16), 1.0)
+    ragged = analytical.features(A76, 50, 50, 128, (16, 16), 1.0)
+    np.testing.assert_allclose(ragged[1], exact[1])  # 4x4 padded blocks either way
+    assert analytical.kept_blocks(50, 50, (16, 16), 0.5) == 8
+
+
+def test_parallel_efficiency_counts_whole_block_rows():
+    """Block rows are dealt out whole: two block rows on four cores take as long as four."""
+    two_rows = analytical.features(A76, 64, 256, 128, (32, 32), 1.0)
+    four_rows = analytical.features(A76, 128, 256, 128, (32, 32), 1.0)
+    np.testing.assert_allclose(two_rows[1:5], four_rows[1:5])
+
+
+def test_fit_recovers_known_parameters():
+    rng = np.random.default_rng(0)
+    truth = analytical.Params(t_call=3e-6, t_flop=2e-11, t_block=8e-9, t_row=2e-7, t_out=4e-10, t_in=2e-10,
+                              t_spill=1e-10, t_byte=1.2e-10)
+    shapes = [(out, in_, m, d) for out in (256, 768, 3072) for in_ in (384, 768, 3072) for m in (16, 128, 1024)
+              for d in (0.05, 0.2, 0.5, 1.0)]
+    out, in_, m, density = (np.array(v, dtype=float) for v in zip(*shapes))
+    feats = analytical.features(A76, out, in_, m, (1, 4), density)  # m-vectorised: every term counts
+    seconds = analytical.latency_from_features(truth, feats) * rng.normal(1.0, 0.002, len(shapes))
+    start = analytical.default_params(A76)
+    fitted = analytical.fit(feats, seconds, start)
+    relative = np.abs(fitted.array() / truth.array() - 1)
+    assert relative.max() < 0.1, dict(zip(analytical.PARAM_NAMES, relative))
+    predicted = analytical.latency_from_features(fitted, feats)
+    assert np.max(np.abs(predicted / seconds - 1)) < 0.02
+
+
+# --- the combined model ----------------------------------------------------------------------
+
+
+def _synthetic_cache(path, target, truth: analytical.Params, blocks) -> LatencyCache:
+    cache = LatencyCache(path)
+    rows = []
+    for block in blocks:
+        for out, in_, m, d in [(o, i, m, d) for o in (256, 768) for i in (256, 1024) for m in (32, 128)
+                               for d in (0.1, 0.5, 1.0)]:
+            feats = analytical.features(target, out, in_, m, block, d)
+            rows.append(Measurement(out, in_, m, block, d, float(analytical.latency_from_features(truth, feats))))
+    cache.put_many(target.cache_key, rows)
+    return cache
+
+
+def test_predictions_say_where_they_come_from(tmp_path):
+    truth = analytical.Params(2e-6, 3e-11, 5e-9, 2e-8, 3e-10, 1e-10, 2e-10, 1e-10)
+    cache = _synthetic_cache(tmp_path / "c.sqlite", A76, truth, [(8, 8), DENSE_BLOCK])
+    model = CostModel(A76, cache=cache)
+    measured = model.predict(768, 1024, 128, (8, 8), 0.5)
+    assert measured.source == "measured"
+    fitted = model.predict(512, 640, 64, (8, 8), 0.7)  # a shape never measured
+    assert fitted.source == "fitted"
+    expected = analytical.latency_from_features(truth, analytical.features(A76, 512, 640, 64, (8, 8), 0.3))
+    assert float(fitted) == pytest.approx(expected, rel=0.02)
+    assert model.predict(512, 640, 64, (16, 16), 0.7).source == "analytical"
+    dense = model.predict(512, 640, 64, (16, 16), 0.0)  # sparsity 0: the dense kernel
+    assert dense.source == "fitted" and dense == model.predict(512, 640, 64, (1, 1), 0.0)
+    assert isinstance(measured, Prediction) and float(measured) == measured.seconds
+
+
+def test_grid_matches_single_predictions(tmp_path):
+    truth = analytical.Params(2e-6, 3e-11, 5e-9, 2e-8, 3e-10, 1e-10, 2e-10, 1e-10)
+    cache = _synthetic_cache(tmp_path / "c.sqlite", A76, truth, BLOCKS + [DENSE_BLOCK])
+    model = CostModel(A76, cache=cache)
+    sparsities = np.round(np.arange(0.0, 0.96, 0.05), 2)
+    grid = model.predict_grid(768, 1024, 128, BLOCKS, sparsities)
+    singles = [[model.predict(768, 1024, 128, b, s).seconds for s in sparsities] for b in BLOCKS]
+    np.testing.assert_allclose(grid, singles, rtol=1e-9)
+
+
+def test_measure_none_refuses_to_measure(tmp_path):
+    model = CostModel(A76, measure="none", cache=LatencyCache(tmp_path / "c.sqlite"))
+    with pytest.raises(OptionError, match="--measure none"):
+        model.measure(64, 64, 16, (8, 8), 0.5)
+    with pytest.raises(OptionError, match="sparsity 1.0"):
+        model.predict(64, 64, 16, (8, 8), 1.0)
+    with pytest.raises(OptionError, match="cannot run on this machine"):
+        CostModel(A76, measure="local", cache=model.cache)
+    with pytest.raises(OptionError, match="expected local, none or rpc://HOST:PORT/KEY"):
+        CostModel(A76, measure="rpc://nohost", cache=model.cache)
+
+
+class _ContendedRunner:
+    """Times from known parameters, except that the first timing of `slow_point` reads 3x slow."""
+
+    device = "fake"
+
+    def __init__(self, target, truth, slow_point):
+        self.target, self.truth, self.slow_point, self.calls = target, truth, slow_point, []
+
+    def time_layer(self, out, in_, m, block, density):
+        self.calls.append((out, in_, m, block, density))
+        seconds = float(analytical.latency_from_features(
+            self.truth, analytical.features(self.target, out, in_, m, block, density)))
+        first = self.calls.count((out, in_, m, block, density)) == 1
+        return 3 * seconds if first and (out, in_, m, block, density) == self.slow_point else seconds
+
+
+def test_fill_measures_what_is_missing_and_retimes_outliers(tmp_path):
+    truth = analytical.Params(2e-6, 3e-11, 5e-9, 2e-8, 3e-10, 1e-10, 2e-10, 1e-10)
+    model = CostModel(A76, cache=LatencyCache(tmp_path / "c.sqlite"))
+    slow = (256, 512, 32, (8, 8), 0.5)
+    model.runner = _ContendedRunner(A76, truth, slow)
+    shapes = [(256, 256, 32), (256, 512, 32), (512, 256, 64), (512, 512, 64)]
+    densities = [0.1, 0.25, 0.5, 0.75]
+    assert model.fill(shapes, blocks=[(8, 8)], densities=densities, progress=False) == 4 * (1 + 4)
+    assert model.runner.calls.count(slow) == 2  # the outlier was timed again, nothing else was
+    assert len(model.runner.calls) == 21
+    expected = analytical.latency_from_features(truth, analytical.features(A76, *slow))
+    assert model.cache.get(A76.cache_key, *slow) == pytest.approx(float(expected))
+    assert model.missing(shapes, [(8, 8)], densities) == []
+    assert model.fill(shapes, blocks=[(8, 8)], densities=densities, progress=False) == 0

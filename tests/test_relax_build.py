@@ -1,0 +1,155 @@
+"""Whole-model compile through TVM Relax: block-sparse kernels for declared weights, dense for the rest,
+outputs against onnxruntime, and the errors a user can meet."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import helper, numpy_helper
+
+import zoo
+from pruneaug.codegen import bsr, relax_build
+from pruneaug.codegen.relax_build import build_model, canonical_views, check_against_onnxruntime
+from pruneaug.cost_model.targets import resolve_target
+from pruneaug.errors import CodegenError
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def x86():
+    return resolve_target("x86")
+
+
+def prune_blocks(model: onnx.ModelProto, blocks: dict[str, tuple[int, int]], density: float = 0.3,
+                 seed: int = 0) -> onnx.ModelProto:
+    """A copy of `model` whose named weights keep a random `density` of the r x c blocks of their canonical view."""
+    rng = np.random.default_rng(seed)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    views = canonical_views(model, blocks)
+    for init in pruned.graph.initializer:
+        if init.name not in blocks:
+            continue
+        stored = numpy_helper.to_array(init)
+        w = views[init.name].copy()
+        r, c = blocks[init.name]
+        keep = rng.random((-(-w.shape[0] // r), -(-w.shape[1] // c))) < density
+        w *= np.kron(keep, np.ones((r, c), np.float32))[: w.shape[0], : w.shape[1]]
+        if stored.ndim > 2:
+            new = w.reshape(stored.shape)
+        elif stored.shape == w.shape and np.array_equal(stored, views[init.name]):
+            new = w
+        else:
+            new = w.T
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
+    return pruned
+
+
+def ort_outputs(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+def assert_matches_onnxruntime(executable, model, inputs):
+    ours = relax_build._run_compiled(executable, model, inputs)
+    for a, b in zip(ours, ort_outputs(model, inputs), strict=True):
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= RTOL * np.max(np.abs(b))
+
+
+def test_mlp_sparse_and_dense_layers(x86):
+    # fc1: MatMul; fc2: Gemm transB=1 with alpha/beta; fc3 (Gemm transB=0) stays dense.
+    model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8), "fc2.weight": (16, 1)})
+    inputs = zoo.random_inputs(model, batch=3)
+    ex = build_model(model, {"fc1.weight": (8, 8), "fc2.weight": (16, 1)}, x86, {"x": [3, 64]})
+    assert_matches_onnxruntime(ex, model, inputs)
+    check_against_onnxruntime(ex, model, inputs)
+
+
+def test_gemm_variants_with_ragged_blocks(x86):
+    blocks = {"g1.B": (4, 4), "g2.B": (3, 5), "g4.B": (8, 8)}  # 40 and 48 are not all multiples of the blocks
+    model = prune_blocks(zoo.gemm_variants(), blocks)
+    inputs = zoo.random_inputs(model, batch=5)
+    ex = build_model(model, blocks, x86, {"a": [32, 5]})
+    assert_matches_onnxruntime(ex, model, inputs)
+
+
+def test_transformer_block_on_3d_activations(x86):
+    blocks = {"q_proj.weight": (16, 16), "out_proj.weight": (8, 8), "ffn.up.weight": (4, 1)}
+    model = prune_blocks(zoo.transformer_block(), blocks, density=0.4)
+    inputs = zoo.random_inputs(model, batch=2)
+    ex = build_model(model, blocks, x86, {"x": [2, 16, 64]})
+    assert_matches_onnxruntime(ex, model, inputs)
+
+
+@pytest.mark.slow
+def test_cnn_convolutions(x86):
+    # 1x1, 3x3 padded, strided, dilated and 1x3 sparse; depthwise and grouped stay dense (TVM's own conv).
+    blocks = {"pointwise.weight": (4, 1), "conv3x3.weight": (8, 8), "strided.weight": (8, 4),
+              "dilated.weight": (16, 16), "row1x3.weight": (4, 4), "fc.weight": (2, 8)}
+    model = prune_blocks(zoo.cnn(), blocks, density=0.5)
+    inputs = zoo.random_inputs(model, batch=2)
+    ex = build_model(model, blocks, x86, {"x": [2, 3, 16, 16]})
+    assert_matches_onnxruntime(ex, model, inputs)
+
+
+def test_sparse_layers_use_the_block_sparse_kernel(x86, monkeypatch):
+    calls = []
+    real = bsr.bsr_matmul_kernel
+
+    def spy(target, m, weight, bias=None, name="bsr_matmul"):
+        calls.append((name, weight.shape, weight.block, bias is not None))
+        return real(target, m, weight, bias, name)
+
+    monkeypatch.setattr(bsr, "bsr_matmul_kernel", spy)
+    model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8)})
+    build_model(model, {"fc1.weight": (8, 8)}, x86, {"x": [2, 64]})
+    sparse = [call for call in calls if call[0] == "bsr_matmul"]
+    assert sparse == [("bsr_matmul", (128, 64), (8, 8), True)]  # MatMul + Add: the bias add is fused in
+
+
+def test_unsupported_block_fails_before_compiling(x86, monkeypatch):
+    monkeypatch.setattr(relax_build, "import_onnx", lambda *a, **k: pytest.fail("imported before the check"))
+    with pytest.raises(CodegenError, match="block 128x4"):
+        build_model(zoo.mlp(), {"fc1.weight": (128, 4)}, x86, {"x": [2, 64]})
+
+
+def test_op_the_frontend_cannot_import_is_named(x86):
+    node = helper.make_node("FancyOp", ["x"], ["y"], name="fancy", domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(CodegenError, match="'fancy'.*com.example.FancyOp"):
+        build_model(model, {}, x86)
+
+
+def test_dynamic_input_needs_a_static_shape(x86):
+    with pytest.raises(CodegenError, match="input 'x' has a dynamic shape"):
+        build_model(zoo.mlp(), {}, x86)
+
+
+def test_unknown_sparse_weight_is_named(x86):
+    with pytest.raises(CodegenError, match="'nope' is not an initializer"):
+        build_model(zoo.mlp(), {"nope": (4, 4)}, x86, {"x": [2, 64]})
+
+
+@pytest.mark.slow
+def test_gate_names_the_first_layer_that_differs(x86, monkeypatch):
+    real = bsr.bsr_matmul_kernel
+
+    def broken(target, m, weight, bias=None, name="bsr_matmul"):
+        kernel = real(target, m, weight, bias, name)
+        if name != "bsr_matmul":  # the dense kernel is this function too
+            return kernel
+        return bsr.Kernel(kernel.primfunc, kernel.name, [kernel.constants[0] * 1.01, *kernel.constants[1:]])
+
+    monkeypatch.setattr(bsr, "bsr_matmul_kernel", broken)
+    blocks = {"fc2.weight": (8, 8)}
+    model = prune_blocks(zoo.mlp(), blocks)
+    inputs = zoo.random_inputs(model, batch=2)
+    ex = build_model(model, blocks, x86, {"x": [2, 64]})
+    with pytest.raises(CodegenError, match="layer 'fc2/Gemm'"):
+        check_against_onnxruntime(ex, model, inputs, sparse_weights=blocks, target=x86)
+    with pytest.raises(CodegenError, match="output 'y'"):
+        check_against_onnxruntime(ex, model, inputs)

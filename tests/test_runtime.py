@@ -1,0 +1,175 @@
+"""Exported artifacts: written per target, loaded and run by `pruneaug.load` with TVM's runtime alone."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+import zoo
+from pruneaug.codegen.export import export_artifact, model_signature
+from pruneaug.codegen.relax_build import build_model
+from pruneaug.cost_model.targets import resolve_target
+from pruneaug.errors import ModelError, OptionError
+from pruneaug.runtime import load
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"x": [2, 64]}
+SPARSE = {"fc1.weight": (8, 8)}  # any weight does: the zoo's dense weights compile through the BSR kernel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zoo.mlp()
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return zoo.random_inputs(model, batch=2)
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(model, tmp_path_factory):
+    target = resolve_target("x86")
+    executable = build_model(model, SPARSE, target, SHAPES)
+    return export_artifact(executable, target, tmp_path_factory.mktemp("x86") / "model.x86",
+                           model_signature(model, SHAPES))
+
+
+def reference(model, inputs):
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+def runtime_only_tvm(root: Path) -> Path:
+    """A copy of the installed `tvm` package (symlinks) without lib/libtvm_compiler.so, under `root`."""
+    import tvm
+
+    source = Path(tvm.__file__).parent
+    package = root / "tvm"
+    (package / "lib").mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "lib":
+            (package / entry.name).symlink_to(entry)
+    for entry in (source / "lib").iterdir():
+        if entry.name != "libtvm_compiler.so":
+            (package / "lib" / entry.name).symlink_to(entry)
+    return root
+
+
+def test_artifact_and_sidecar(x86_artifact):
+    assert x86_artifact.suffix == ".so" and x86_artifact.is_file()
+    meta = json.loads(x86_artifact.with_name(x86_artifact.name + ".json").read_text())
+    assert meta["inputs"] == [{"name": "x", "shape": [2, 64], "dtype": "float32"}]
+    assert meta["outputs"] == ["y"] and meta["kind"] == "x86"
+    assert not [p for p in x86_artifact.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_run_and_benchmark(x86_artifact, model, inputs):
+    loaded = load(x86_artifact)
+    (y,) = loaded.run(inputs)
+    (expected,) = reference(model, inputs)
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
+    figures = loaded.benchmark(inputs, repeat=5)
+    assert set(figures) == {"median", "p10", "p90"}
+    assert 0 < figures["p10"] <= figures["median"] <= figures["p90"]
+
+
+@pytest.mark.slow
+def test_loads_in_a_fresh_process_without_the_compiler(x86_artifact, model, inputs, tmp_path):
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    script = (
+        "import sys, numpy as np, tvm, tvm.base\n"
+        "assert tvm.base._RUNTIME_ONLY and 'tvm_compiler' not in tvm.base._LOADED_LIBS\n"
+        "import pruneaug\n"
+        f"model = pruneaug.load({str(x86_artifact)!r})\n"
+        f"inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, model.run(inputs)[0])\n"
+        "assert 'tvm.relax' not in sys.modules and 'onnx' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{runtime_only_tvm(tmp_path / 'site')}{os.pathsep}{REPO}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (expected,) = reference(model, inputs)
+    assert np.max(np.abs(np.load(tmp_path / "y.npy") - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_load_errors(x86_artifact, inputs, tmp_path):
+    with pytest.raises(ModelError, match="no such artifact"):
+        load(tmp_path / "missing.so")
+    with pytest.raises(OptionError, match="device 'tpu'"):
+        load(x86_artifact, device="tpu")
+    with pytest.raises(OptionError, match="load it with device='cpu'"):
+        load(x86_artifact, device="cuda")
+    (tmp_path / "model.tar").write_bytes(b"")
+    with pytest.raises(ModelError, match="only a .so loads"):
+        load(tmp_path / "model.tar")
+    loaded = load(x86_artifact)
+    with pytest.raises(OptionError, match=r"inputs \['z'\] do not match the model's inputs \['x'\]"):
+        loaded.run({"z": inputs["x"]})
+    with pytest.raises(OptionError, match=r"input 'x': got float32\[3, 64\]"):
+        loaded.run({"x": np.zeros((3, 64), np.float32)})
+
+
+@pytest.fixture(scope="module")
+def arm64_executable(model):
+    return build_model(model, SPARSE, resolve_target("arm64"), SHAPES)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="no aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)")
+def test_arm64_cross_compiles_to_an_aarch64_elf(arm64_executable, model, tmp_path):
+    path = export_artifact(arm64_executable, resolve_target("arm64"), tmp_path / "model.arm64",
+                           model_signature(model, SHAPES))
+    header = path.read_bytes()[:20]
+    assert path.suffix == ".so" and header[:4] == b"\x7fELF"
+    assert int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_arm64_without_cross_compiler_writes_objects(arm64_executable, model, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("tar", "gzip"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(bin_dir))  # what a .tar needs, and no aarch64-linux-gnu-gcc
+    with pytest.warns(UserWarning, match="aarch64-linux-gnu-gcc not found"):
+        path = export_artifact(arm64_executable, resolve_target("arm64"), tmp_path / "model.arm64",
+                               model_signature(model, SHAPES))
+    assert path.suffix == ".tar" and path.stat().st_size > 0
+
+
+def _has_gpu() -> bool:
+    import tvm
+
+    return tvm.runtime.device("cuda", 0).exist
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(model, tmp_path_factory):
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc to compile the CUDA kernels ahead of time")
+    target = resolve_target("cuda")
+    executable = build_model(model, SPARSE, target, SHAPES)
+    return export_artifact(executable, target, tmp_path_factory.mktemp("cuda") / "model.cuda",
+                           model_signature(model, SHAPES))
+
+
+@pytest.mark.slow
+def test_cuda_export_ships_compiled_kernels(cuda_artifact):
+    meta = json.loads(cuda_artifact.with_name(cuda_artifact.name + ".json").read_text())
+    binaries = [base64.b64decode(blob) for blob in meta["cuda_binaries"].values()]
+    assert binaries and all(blob[:4] == b"\x50\xed\x55\xba" for blob in binaries)  # fatbin magic
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU")
+def test_cuda_artifact_runs(cuda_artifact, model, inputs):
+    (y,) = load(cuda_artifact, device="cuda").run(inputs)
+    (expected,) = reference(model, inputs)
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))

@@ -1,0 +1,187 @@
+"""The search: Pareto fronts, the knapsack DP against brute force, and the outer loop on the bundled MLP."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import zoo
+from pruneaug.errors import OptionError
+from pruneaug.ir.graph import lift
+from pruneaug.options import parse_sparsities
+from pruneaug.passes import importance
+from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
+from pruneaug.passes.search import (Option, baselines, knapsack, layer_options, loss_bins, pareto_front, search,
+                                    search_with_baselines)
+from pruneaug.passes.validate import make_validator
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SPARSITIES = parse_sparsities("0:0.95:0.05")
+BLOCKS = [(1, 1), (4, 4), (8, 8)]
+
+
+def random_options(rng: np.random.Generator, count: int) -> list[Option]:
+    return [Option((1, 1), 0.5, float(rng.integers(1, 20)), float(rng.integers(0, 10)) / 10) for _ in range(count)]
+
+
+def dominated(option: Option, others: list[Option]) -> bool:
+    return any(o.latency_s <= option.latency_s and o.proxy_loss <= option.proxy_loss
+               and (o.latency_s, o.proxy_loss) != (option.latency_s, option.proxy_loss) for o in others)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_is_exactly_the_non_dominated_options(seed):
+    options = random_options(np.random.default_rng(seed), 15)
+    front = pareto_front(options)
+    expected = {(o.latency_s, o.proxy_loss) for o in options if not dominated(o, options)}
+    assert {(o.latency_s, o.proxy_loss) for o in front} == expected and len(front) == len(expected)
+    assert all(a.proxy_loss < b.proxy_loss and a.latency_s > b.latency_s for a, b in zip(front, front[1:]))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_knapsack_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    fronts = []
+    for _ in range(rng.integers(1, 5)):
+        options = [Option((1, 1), 0.0, float(rng.uniform(5, 10)), 0.0)]
+        options += [Option((1, 1), 0.5, float(rng.uniform(0, 10)), float(rng.uniform(0, 1))) for _ in range(rng.integers(0, 5))]
+        fronts.append(pareto_front(options))
+    budget, bins = float(rng.uniform(0.1, 2)), int(rng.integers(5, 50))
+    picked = knapsack(fronts, budget, bins)
+    total_latency = sum(front[i].latency_s for front, i in zip(fronts, picked))
+    weights = [loss_bins(np.array([o.proxy_loss for o in front]), budget, bins) for front in fronts]
+    assert sum(w[i] for w, i in zip(weights, picked)) <= bins
+    assert sum(front[i].proxy_loss for front, i in zip(fronts, picked)) <= budget + 1e-12
+    best = min(sum(f[i].latency_s for f, i in zip(fronts, combo))
+               for combo in itertools.product(*(range(len(f)) for f in fronts))
+               if sum(w[i] for w, i in zip(weights, combo)) <= bins)
+    assert total_latency == pytest.approx(best)
+
+
+def test_knapsack_with_fine_bins_reaches_the_unbinned_optimum():
+    rng = np.random.default_rng(7)
+    fronts = [pareto_front([Option((1, 1), 0.0, 10.0, 0.0)] + [
+        Option((1, 1), 0.5, float(rng.uniform(0, 10)), float(rng.uniform(0, 1))) for _ in range(4)]) for _ in range(4)]
+    combos = itertools.product(*(range(len(f)) for f in fronts))
+    best = min(sum(f[i].latency_s for f, i in zip(fronts, c)) for c in combos
+               if sum(f[i].proxy_loss for f, i in zip(fronts, c)) <= 1.0 - 0.01)
+    picked = knapsack(fronts, 1.0, 2000)
+    assert sum(f[i].latency_s for f, i in zip(fronts, picked)) <= best + 1e-12
+
+
+def synthetic_latency(layer, block, sparsity):
+    """Kept multiply-adds, with bigger blocks running faster per kept weight (as block-sparse kernels do)."""
+    out, in_ = layer.shape
+    dense = (layer.m or 1) * out * in_ * 1e-9
+    if sparsity == 0:
+        return dense
+    efficiency = {1: 0.4, 16: 0.8, 64: 1.0}[block[0] * block[1]]
+    return dense * (1 - sparsity) / efficiency + 1e-8
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = onnx.load(EXAMPLES / "mlp" / "model.onnx")
+    calib = dict(np.load(EXAMPLES / "mlp" / "calib.npz"))
+    evaluation = np.load(EXAMPLES / "mlp" / "eval.npz")
+    ir = measure_sensitivities(importance.magnitude(lift(model)), calib)
+    return ir, make_validator(ir, {"input": evaluation["input"]}, evaluation["labels"], "top1")
+
+
+def test_layer_options_skip_blocks_that_do_not_fit_or_are_unsupported(mlp):
+    ir, _ = mlp
+    node = ir.prunable_nodes()[-1]  # fc3: (10, 256)
+    options = layer_options(ir, node, synthetic_latency, [(1, 1), (16, 16), (4, 4)], SPARSITIES,
+                            supported=lambda layer, block: block != (1, 1))
+    assert {o.block for o in options if o.sparsity > 0} == {(4, 4)}
+    assert options[0] == Option((1, 1), 0.0, synthetic_latency(ir.layer(node), (1, 1), 0.0), 0.0)
+    for option in options[1:]:
+        assert option.proxy_loss == pytest.approx(proxy_loss(ir, node, option.block, option.sparsity))
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05])
+def test_search_meets_the_budget_on_the_bundled_mlp(mlp, budget):
+    ir, validate = mlp
+    pruned, report = search(ir, synthetic_latency, validate, budget, BLOCKS, SPARSITIES)
+    assert report.met and report.metric_loss <= budget and report.validations <= 8
+    assert validate(pruned) == pytest.approx(report.metric_loss)  # the returned IR is the validated one
+    assert report.predicted_latency_s < report.dense_latency_s
+    assert report.validations == len(report.history)
+    for node in ir.prunable_nodes():
+        data, option = pruned.graph.nodes[node], report.plan[node]
+        assert (data["block"].shape, data["block"].sparsity) == (option.block, option.sparsity)
+        assert data["proxy_loss"] == option.proxy_loss
+        assert data["predicted_latency_s"] == synthetic_latency(ir.layer(node), option.block, option.sparsity)
+        assert np.all(pruned.canonical_weight(node)[~data["mask"]] == 0)
+    assert report.predicted_latency_s == pytest.approx(sum(o.latency_s for o in report.plan.values()))
+
+
+def test_a_looser_budget_gives_a_faster_plan(mlp):
+    ir, validate = mlp
+    tight = search(ir, synthetic_latency, validate, 0.005, BLOCKS, SPARSITIES)[1]
+    loose = search(ir, synthetic_latency, validate, 0.2, BLOCKS, SPARSITIES)[1]
+    assert loose.predicted_latency_s < tight.predicted_latency_s
+
+
+def test_an_impossible_budget_returns_the_dense_plan_and_says_so(mlp):
+    ir, _ = mlp
+    pruned, report = search(ir, synthetic_latency, lambda candidate: 1.0, 0.01, BLOCKS, SPARSITIES, max_validations=5)
+    assert not report.met and 1 <= report.validations <= 5 and "dense plan" in report.message
+    assert all(o.sparsity == 0 for o in report.plan.values())
+    for node in ir.prunable_nodes():
+        np.testing.assert_array_equal(pruned.canonical_weight(node), ir.canonical_weight(node))
+
+
+def test_blocks_no_layer_can_use_are_an_option_error(mlp):
+    ir, validate = mlp
+    with pytest.raises(OptionError, match="--blocks 512x512: no prunable layer can use"):
+        search(ir, synthetic_latency, validate, 0.01, [(512, 512)], SPARSITIES)
+
+
+def test_finish_runs_on_every_candidate(mlp):
+    ir, validate = mlp
+    seen = []
+    pruned, report = search(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES,
+                            finish=lambda candidate: seen.append(candidate) or candidate)
+    assert len(seen) == report.validations
+
+
+def test_baselines_use_fewer_choices(mlp):
+    ir, validate = mlp
+    results = baselines(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES)
+    assert set(results) == {"dense", "unstructured", "single 1x1", "single 4x4", "single 8x8", "best single"}
+    assert results["dense"].predicted_latency_s == results["dense"].dense_latency_s
+    assert {o.block for o in results["unstructured"].plan.values()} == {(1, 1)}
+    assert {o.block for o in results["single 8x8"].plan.values() if o.sparsity > 0} <= {(8, 8)}
+    assert results["best single"].predicted_latency_s == min(
+        r.predicted_latency_s for name, r in results.items() if name.startswith("single ") and r.met)
+    assert all(r.met and r.metric_loss <= 0.01 for r in results.values())
+
+
+@pytest.mark.parametrize("proxy_budget", [0.001, 0.01, 0.1])
+def test_more_choices_never_give_a_slower_plan_at_the_same_proxy_budget(mlp, proxy_budget):
+    ir, _ = mlp
+    def best(blocks):
+        fronts = [layer_options(ir, n, synthetic_latency, blocks, SPARSITIES) for n in ir.prunable_nodes()]
+        return sum(f[i].latency_s for f, i in zip(fronts, knapsack(fronts, proxy_budget)))
+    assert best(BLOCKS) <= min(best([block]) for block in BLOCKS) + 1e-15
+
+
+def test_a_model_without_prunable_layers_stays_dense():
+    ir = importance.magnitude(lift(zoo.no_prunable()))
+    pruned, report = search(ir, synthetic_latency, lambda candidate: 0.0, 0.01, BLOCKS, SPARSITIES)
+    assert report.plan == {} and report.validations == 0 and report.message
+
+
+def test_search_with_baselines_answers_with_the_fastest_validated_plan(mlp):
+    ir, validate = mlp
+    pruned, results = search_with_baselines(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES)
+    met = [r for name, r in results.items() if r.met and name not in ("chosen", "best single")]
+    assert results["chosen"].predicted_latency_s == min(r.predicted_latency_s for r in met)
+    assert validate(pruned) == pytest.approx(results["chosen"].metric_loss) and results["chosen"].metric_loss <= 0.01
+    for node, option in results["chosen"].plan.items():
+        assert pruned.graph.nodes[node]["block"].shape == option.block
+        assert pruned.graph.nodes[node]["predicted_latency_s"] == option.latency_s

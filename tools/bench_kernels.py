@@ -1,0 +1,233 @@
+"""Block-sparse kernels against onnxruntime's dense MatMul/Conv, TVM dense and scipy's BSR product.
+
+    TVM_NUM_THREADS is set from --threads before TVM loads; onnxruntime gets the same intra-op count.
+    python tools/bench_kernels.py [--threads 2] [--rounds 40] [--number 5] [--quick]
+    python tools/bench_kernels.py --threads 1 --clock thread   # CPU time: robust to a loaded machine
+    python tools/bench_kernels.py --threads 1 --clock thread --baked   # pattern baked in vs read at run time
+
+Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
+each), so that load from other processes hits them alike; a figure is the median over rounds of the
+mean call time. Ratios are onnxruntime dense / ours (higher is better). Also printed: the ratio of
+the best rounds (min), which is what the kernel does on a quiet machine. `--clock thread` times
+the calling thread's CPU time instead of the wall clock (with one thread every competitor runs in
+the calling thread): on a machine shared with other jobs it is the figure that does not move.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+MATMUL_SHAPES = [(1536, 384), (384, 1536)]  # W[out, in]
+BLOCKS = [(1, 1), (1, 4), (4, 1), (4, 4), (8, 8), (16, 16), (32, 32)]
+CONVS = [  # name, x_shape, Cout, kernel, pads
+    ("3x3 64->64 56x56", (1, 64, 56, 56), 64, (3, 3), (1, 1, 1, 1)),
+    ("1x1 256->64 56x56", (1, 256, 56, 56), 64, (1, 1), (0, 0, 0, 0)),
+]
+CONV_BLOCKS = [(1, 1), (4, 1), (4, 4), (8, 8), (16, 16)]
+
+
+CLOCK = time.perf_counter
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, number: int) -> dict[str, list[float]]:
+    """Seconds per call of each callable, one figure per round, the callables taking turns."""
+    for call in calls.values():
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = CLOCK()
+            for _ in range(number):
+                call()
+            samples[name].append((CLOCK() - start) / number)
+    return samples
+
+
+def ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def one_node_model(op: str, x_shape, weight: np.ndarray, **attrs):
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def tvm_call(kernel, target, x: np.ndarray) -> Callable[[], object]:
+    import tvm
+
+    from pruneaug.codegen.bsr import compile_kernel
+
+    module = compile_kernel(kernel, target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
+    args.append(tvm.runtime.empty([int(d) for d in kernel.primfunc.params[-1].shape], "float32", dev))
+    func = module[kernel.name]
+    return lambda: func(*args)
+
+
+def summarise(samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    return {name: (statistics.median(times), min(times)) for name, times in samples.items()}
+
+
+def bench_matmul(target, m: int, rounds: int, number: int, threads: int, blocks, densities) -> None:
+    import scipy.sparse
+
+    from pruneaug.codegen.bsr import bsr_matmul_kernel, dense_matmul_kernel, random_bsr_weight
+
+    print(f"\n## MatMul, m={m}, x86 host, {threads} threads (TVM_NUM_THREADS={threads}, ort intra_op={threads})")
+    print("| W (out x in) | sparsity | block | ours µs | ort dense µs | TVM dense µs | scipy BSR µs "
+          "| ort/ours (median) | ort/ours (min) | ort/TVM dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for out, in_ in MATMUL_SHAPES:
+        x = rng.standard_normal((m, in_)).astype(np.float32)
+        dense_w = rng.standard_normal((out, in_)).astype(np.float32)  # no zero blocks for to_bsr to drop
+        tvm_dense = tvm_call(dense_matmul_kernel(target, m, dense_w), target, x)
+        for density in densities:
+            for block in blocks:
+                weight = random_bsr_weight(out, in_, block, density, seed=1)
+                w2d = weight.to_dense()
+                session = ort_session(one_node_model("MatMul", x.shape, np.ascontiguousarray(w2d.T)), threads)
+                scipy_w = scipy.sparse.bsr_matrix(w2d, blocksize=block)
+                calls = {
+                    "ours": tvm_call(bsr_matmul_kernel(target, m, weight), target, x),
+                    "ort": lambda s=session: s.run(None, {"x": x}),
+                    "tvm_dense": tvm_dense,
+                    "scipy": lambda w=scipy_w: w @ x.T,
+                }
+                t = summarise(time_interleaved(calls, rounds, number))
+                print(f"| {out}x{in_} | {1 - density:.0%} | {block[0]}x{block[1]} | {t['ours'][0] * 1e6:.0f} "
+                      f"| {t['ort'][0] * 1e6:.0f} | {t['tvm_dense'][0] * 1e6:.0f} | {t['scipy'][0] * 1e6:.0f} "
+                      f"| {t['ort'][0] / t['ours'][0]:.2f}x | {t['ort'][1] / t['ours'][1]:.2f}x "
+                      f"| {t['ort'][0] / t['tvm_dense'][0]:.2f}x |", flush=True)
+
+
+def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
+    from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
+
+    print(f"\n## Conv, N=1, 90% block sparsity, x86 host, {threads} threads")
+    print("| conv | block | ours µs | ort dense µs | ort/ours (median) | ort/ours (min) |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for label, x_shape, out_c, khw, pads in CONVS:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        for block in blocks:
+            weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, 0.1, seed=1)
+            w4 = weight.to_dense().reshape(out_c, x_shape[1], *khw)
+            session = ort_session(one_node_model("Conv", x_shape, w4, pads=list(pads)), threads)
+            kernel = bsr_conv2d_kernel(target, x_shape, weight, khw, (1, 1), pads, (1, 1))
+            calls = {"ours": tvm_call(kernel, target, x), "ort": lambda s=session: s.run(None, {"x": x})}
+            t = summarise(time_interleaved(calls, rounds, number))
+            print(f"| {label} | {block[0]}x{block[1]} | {t['ours'][0] * 1e6:.0f} | {t['ort'][0] * 1e6:.0f} "
+                  f"| {t['ort'][0] / t['ours'][0]:.2f}x | {t['ort'][1] / t['ours'][1]:.2f}x |", flush=True)
+
+
+def baked_rowvec_kernel(m: int, weight, m_tile: int):
+    """The rowvec kernel with the sparsity pattern baked in: per block row, its kept blocks' column
+    offsets and data positions as constants, fully unrolled (TVMScript text, parsed). The issue asks
+    whether specialising on the pattern beats runtime index arrays; this measures it."""
+    from tvm.script import from_source
+
+    from pruneaug.codegen.bsr import Kernel
+
+    (out, in_), (r, c) = weight.shape, weight.block
+    assert out % r == 0 and m % m_tile == 0, "kept simple: no ragged edges"
+    lines = [
+        "@T.prim_func",
+        f"def baked(X: T.Buffer(({m}, {in_}), 'float32'), data: T.Buffer(({weight.nnz_blocks}, {c}, {r}), "
+        f"'float32'), Y: T.Buffer(({m}, {out}), 'float32')):",
+        "    T.func_attr({'tir.noalias': True})",
+        f"    for i in T.parallel({weight.block_rows}):",
+        f"        for mo in range({m // m_tile}):",
+        f"            acc = T.alloc_buffer(({m_tile}, {r}), 'float32', scope='global')",
+        f"            for mi, rr in T.grid({m_tile}, {r}):",
+        "                acc[mi, rr] = T.float32(0)",
+    ]
+    for row in range(weight.block_rows):
+        lines.append(f"            {'if' if row == 0 else 'elif'} i == {row}:")
+        lines.append("                T.evaluate(0)")
+        for b in range(weight.indptr[row], weight.indptr[row + 1]):
+            lines += [f"                for k in T.unroll({c}):",
+                      f"                    for mi in T.unroll({m_tile}):",
+                      f"                        for rr in T.vectorized({r}):",
+                      f"                            acc[mi, rr] = acc[mi, rr] + X[mo * {m_tile} + mi, "
+                      f"{int(weight.indices[b]) * c} + k] * data[{b}, k, rr]"]
+    lines += [f"            for mi in T.unroll({m_tile}):",
+              f"                for rr in T.vectorized({r}):",
+              f"                    Y[mo * {m_tile} + mi, i * {r} + rr] = acc[mi, rr]"]
+    func = from_source("\n".join(lines)).with_attr("global_symbol", "baked")
+    return Kernel(func, "baked", [np.ascontiguousarray(weight.data.transpose(0, 2, 1))])
+
+
+def bench_baked(target, m: int, rounds: int, number: int) -> None:
+    from pruneaug.codegen.bsr import bsr_matmul_kernel, random_bsr_weight
+
+    print("\n## Pattern baked into the code vs read at run time (90% sparsity)")
+    print("| W | block | runtime index µs | baked µs | baked compile s |")
+    print("|---|---|---|---|---|")
+    for (out, in_), block, m_tile in [((1536, 384), (32, 32), 2), ((1536, 384), (16, 16), 4),
+                                      ((384, 1536), (16, 16), 4)]:
+        weight = random_bsr_weight(out, in_, block, 0.1, seed=1)
+        x = np.random.default_rng(0).standard_normal((m, in_)).astype(np.float32)
+        start = time.perf_counter()
+        baked = tvm_call(baked_rowvec_kernel(m, weight, m_tile), target, x)
+        compile_s = time.perf_counter() - start
+        calls = {"runtime": tvm_call(bsr_matmul_kernel(target, m, weight), target, x), "baked": baked}
+        t = summarise(time_interleaved(calls, rounds, number))
+        print(f"| {out}x{in_} | {block[0]}x{block[1]} | {t['runtime'][0] * 1e6:.0f} | {t['baked'][0] * 1e6:.0f} "
+              f"| {compile_s:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--number", type=int, default=5)
+    parser.add_argument("--m", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
+    parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall clock, or the calling thread's CPU time (needs --threads 1)")
+    args = parser.parse_args()
+    if args.clock == "thread":
+        if args.threads != 1:
+            parser.error("--clock thread needs --threads 1 (other threads' work would not be counted)")
+        global CLOCK
+        CLOCK = time.thread_time
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pruneaug.cost_model.targets import resolve_target
+
+    target = resolve_target("x86")
+    if args.quick:
+        args.rounds = min(args.rounds, 10)
+    print(f"target {target.tvm_target}, simd {target.simd_bytes} bytes; rounds {args.rounds} x {args.number} calls; "
+          f"clock: {'thread CPU time' if args.clock == 'thread' else 'wall'}")
+    if args.baked:
+        bench_baked(target, args.m, args.rounds, args.number)
+        return
+    blocks = [(1, 1), (16, 16)] if args.quick else BLOCKS
+    densities = [0.1] if args.quick else [0.1, 0.5]
+    bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
+    bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
+
+
+if __name__ == "__main__":
+    main()

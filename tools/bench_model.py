@@ -1,0 +1,166 @@
+"""End-to-end latency of a BERT-style encoder: onnxruntime vs our TVM build, dense and block-sparse.
+
+    python tools/bench_model.py                       # hidden 768, FFN 3072, 4 layers, seq 128, batch 1
+    python tools/bench_model.py --layers 1 --rounds 5 # a quick look
+
+Competitors, all in the same process and interleaved round by round (so that load from other
+processes hits them alike): (a) onnxruntime on the dense model, (b) onnxruntime on the pruned model
+(its zeros do not make it faster, but it is the model users would otherwise run), (c) our dense build,
+(d) our build with every linear layer block-sparse. Both runtimes get the same thread count
+(TVM_NUM_THREADS, onnxruntime intra_op_num_threads); both thread pools spin-wait after a run, so each
+competitor's block of runs starts after a pause that lets the previous one's threads go idle. Weights are random: latency does not depend on
+their values, only on the pruned blocks' count. Prints a Markdown table; the ratio is speed-up over (a).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def encoder(hidden: int, ffn: int, layers: int, seq: int, heads: int, seed: int = 0) -> onnx.ModelProto:
+    """A post-norm BERT encoder as exporters emit it: MatMul+Add linears, Erf GELU, LayerNormalization (opset 17)."""
+    rng = np.random.default_rng(seed)
+    initializers, nodes = [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(op_type: str, inputs: list[str], **attrs) -> str:
+        name = f"{op_type}_{len(nodes)}"
+        nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    def linear(x: str, n_in: int, n_out: int, name: str) -> str:
+        w = const(f"{name}.weight", (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
+        b = const(f"{name}.bias", (0.02 * rng.standard_normal(n_out)).astype(np.float32))
+        return op("Add", [op("MatMul", [x, w]), b])
+
+    def layer_norm(x: str, name: str) -> str:
+        gamma = const(f"{name}.gamma", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        beta = const(f"{name}.beta", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        return op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
+
+    head_dim = hidden // heads
+    split = const("split_heads", np.array([1, seq, heads, head_dim], np.int64))
+    merge = const("merge_heads", np.array([1, seq, hidden], np.int64))
+    scalar_values = {"scale": 1 / np.sqrt(head_dim), "half": 0.5, "one": 1.0, "rsqrt2": 2**-0.5}
+    scalars = {name: const(name, np.array(value, np.float32)) for name, value in scalar_values.items()}
+    x = "input"
+    for i in range(layers):
+        q, k, v = (op("Transpose", [op("Reshape", [linear(x, hidden, hidden, f"layer{i}.{n}"), split])], perm=perm)
+                   for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))
+        probs = op("Softmax", [op("Mul", [op("MatMul", [q, k]), scalars["scale"]])], axis=-1)
+        context = op("Reshape", [op("Transpose", [op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
+        x = layer_norm(op("Add", [x, linear(context, hidden, hidden, f"layer{i}.o")]), f"layer{i}.ln1")
+        h = linear(x, hidden, ffn, f"layer{i}.ffn1")
+        erf = op("Erf", [op("Mul", [h, scalars["rsqrt2"]])])
+        gelu = op("Mul", [op("Mul", [h, scalars["half"]]), op("Add", [scalars["one"], erf])])
+        x = layer_norm(op("Add", [x, linear(gelu, ffn, hidden, f"layer{i}.ffn2")]), f"layer{i}.ln2")
+    graph = helper.make_graph(
+        nodes, "encoder", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, seq, hidden])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, seq, hidden])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def prune_linears(model: onnx.ModelProto, block: tuple[int, int], sparsity: float) -> tuple[onnx.ModelProto, dict]:
+    """Every `.weight` initializer pruned by magnitude at `sparsity` in `block`s of its canonical view W = B.T."""
+    from pruneaug.ir.layer import BlockSpec
+    from pruneaug.passes.blockmask import layer_mask
+
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    blocks = {}
+    for init in pruned.graph.initializer:
+        if init.name.endswith(".weight"):
+            w = numpy_helper.to_array(init).T  # MatMul B[K, N] -> W[N, K]
+            mask = layer_mask(np.abs(w), BlockSpec(block[0], block[1], sparsity))
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.where(mask, w, 0).T), init.name))
+            blocks[init.name] = block
+    return pruned, blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--block", default="16x16")
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="interleaved rounds; each runs every competitor --runs times")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
+
+    import onnxruntime
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
+    from pruneaug.cost_model.targets import resolve_target
+
+    block = tuple(int(side) for side in args.block.split("x"))
+    dense = encoder(args.hidden, args.ffn, args.layers, args.seq, args.heads)
+    pruned, blocks = prune_linears(dense, block, args.sparsity)
+    x = np.random.default_rng(1).standard_normal((1, args.seq, args.hidden)).astype(np.float32)
+    target = resolve_target("x86")
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    runners, compile_s = {}, {}
+    for label, model in (("(a) onnxruntime, dense", dense), ("(b) onnxruntime, pruned model", pruned)):
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runners[label] = lambda session=session: session.run(None, {"input": x})
+    device = tvm.cpu()
+    x_tvm = tvm.runtime.tensor(x, device)
+    ours = (("(c) ours, dense", dense, {}), (f"(d) ours, {args.block} at {args.sparsity:.0%}", pruned, blocks))
+    for label, model, sparse in ours:
+        start = time.perf_counter()
+        executable = build_model(model, sparse, target)
+        compile_s[label] = time.perf_counter() - start
+        check_against_onnxruntime(executable, model, {"input": x}, sparse_weights=sparse, target=target)
+        machine = VirtualMachine(executable, device)
+        runners[label] = lambda machine=machine: machine["main"](x_tvm).numpy()
+
+    times = {label: [] for label in runners}
+    for run in runners.values():  # warm-up
+        run()
+    for _ in range(args.rounds):
+        for label, run in runners.items():
+            time.sleep(0.2)  # let the previous competitor's spinning worker threads go idle
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                run()
+                times[label].append(time.perf_counter() - start)
+
+    base = np.median(times["(a) onnxruntime, dense"])
+    print(f"BERT-style encoder: hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, seq {args.seq}, batch 1; "
+          f"{args.threads} threads (TVM_NUM_THREADS, ort intra_op_num_threads); "
+          f"median of {args.rounds * args.runs} runs, interleaved; host {target.tvm_target.get('mcpu')}\n")
+    print("| competitor | median ms | p10 ms | p90 ms | speed-up vs (a) | compile s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, seconds in times.items():
+        seconds = np.asarray(seconds) * 1e3
+        compiled = f"{compile_s[label]:.1f}" if label in compile_s else ""
+        p10, median, p90 = np.percentile(seconds, [10, 50, 90])
+        print(f"| {label} | {median:.2f} | {p10:.2f} | {p90:.2f} | {base * 1e3 / median:.2f}x | {compiled} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""How well the fitted cost model predicts kernels it never measured.
+
+    TVM_NUM_THREADS=2 python tools/eval_cost_model.py --target x86
+
+Measures (or reads from the latency cache) the kernels of a set of TRAIN layer shapes and of a
+disjoint set of TEST shapes, fits the model on TRAIN alone, and prints for TEST:
+- per block shape, the share of predictions within ±10% of the measured time;
+- the ranking check: for each test layer and density, is the block shape the model ranks fastest
+  the measured fastest, or within 5% of it;
+- how long a warm cache takes to answer a BERT-base-sized model's whole prediction grid.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_target import print_error_table  # noqa: E402
+
+from pruneaug.cost_model.cache import DENSE_BLOCK  # noqa: E402
+from pruneaug.cost_model.model import DEFAULT_BLOCKS, CostModel, as_block  # noqa: E402
+from pruneaug.cost_model.targets import resolve_target  # noqa: E402
+
+# TRAIN spans the sizes of TEST (X and W from a few KiB to several MiB, so the per-core cache
+# overflows in both) without containing any TEST shape.
+TRAIN = [(256, 256, 64), (512, 1024, 128), (1024, 512, 128), (768, 768, 32), (1536, 384, 256), (512, 3072, 64),
+         (3072, 512, 96)]
+TEST = [(768, 768, 128), (3072, 768, 128), (768, 3072, 128), (1024, 1024, 96)]
+TRAIN_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+TEST_DENSITIES = (0.1, 0.3, 0.5, 0.8)
+RANK_SLACK = 0.05
+
+
+def ranking_hits(fitted: CostModel, measured: dict, blocks, shapes, densities) -> tuple[int, int]:
+    """(hits, cases): the predicted-fastest block is measured fastest or within RANK_SLACK of it."""
+    hits = cases = 0
+    for out, in_, m in shapes:
+        for density in densities:
+            times = {b: measured.get((out, in_, m, b, density)) for b in blocks}
+            if any(t is None for t in times.values()):
+                continue
+            predicted = {b: fitted.predict(out, in_, m, b, 1.0 - density).seconds for b in blocks}
+            choice = min(predicted, key=predicted.get)
+            hits += times[choice] <= (1 + RANK_SLACK) * min(times.values())
+            cases += 1
+    return hits, cases
+
+
+def bert_grid_seconds(target) -> float:
+    """Seconds for a fresh model on the warm cache to predict BERT-base's whole option grid."""
+    start = time.perf_counter()
+    model = CostModel(target)
+    sparsities = np.round(np.arange(0.0, 0.96, 0.05), 2)
+    for _ in range(12):
+        for out, in_ in [(768, 768)] * 4 + [(3072, 768), (768, 3072)]:
+            model.predict_grid(out, in_, 128, DEFAULT_BLOCKS, sparsities)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="x86")
+    parser.add_argument("--measure", default="local")
+    parser.add_argument("--blocks", default=",".join(f"{r}x{c}" for r, c in DEFAULT_BLOCKS))
+    args = parser.parse_args(argv)
+    target = resolve_target(args.target)
+    blocks = [as_block(b) for b in args.blocks.split(",")]
+    model = CostModel(target, measure=args.measure)
+    print(f"target {target.name} ({target.model}), TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}, "
+          f"cache {model.cache.path}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    start = time.perf_counter()
+    timed = model.fill(TRAIN, blocks, TRAIN_DENSITIES) + model.fill(TEST, blocks, TEST_DENSITIES)
+    print(f"measured {timed} new kernels in {time.perf_counter() - start:.1f} s; "
+          f"load average now {os.getloadavg()[0]:.1f}")
+
+    rows = model.cache.all(target.cache_key)
+    train = [r for r in rows if (r.out, r.in_, r.m) in TRAIN]
+    test = [r for r in rows if (r.out, r.in_, r.m) in TEST and (r.block in blocks or r.block == DENSE_BLOCK)]
+    fitted = CostModel.from_measurements(target, train)
+    errors: dict[str, list[float]] = {}
+    for row in test:
+        sparsity = 0.0 if row.block == DENSE_BLOCK else 1.0 - row.density
+        prediction = fitted.predict(row.out, row.in_, row.m, row.block, sparsity)
+        assert prediction.source != "measured", "a test shape leaked into the training set"
+        label = "dense" if row.block == DENSE_BLOCK else f"{row.block[0]}x{row.block[1]}"
+        errors.setdefault(label, []).append(prediction.seconds / row.seconds - 1.0)
+    print(f"\nfitted on {len(train)} kernels of {len(TRAIN)} shapes; tested on {len(test)} kernels of "
+          f"{len(TEST)} shapes never measured for the fit:")
+    share = print_error_table({label: np.array(e) for label, e in errors.items()})
+
+    measured = {(r.out, r.in_, r.m, r.block, round(r.density, 6)): r.seconds for r in test}
+    hits, cases = ranking_hits(fitted, measured, blocks, TEST, TEST_DENSITIES)
+    print(f"\nfastest block shape ranked right (or within {RANK_SLACK:.0%}): {hits}/{cases} = {hits / max(cases, 1):.1%}")
+    print(f"within ±10%: {share:.1%} (goal 95%); ranking: goal 90%")
+    print(f"warm-cache prediction grid, BERT-base (72 layers x {len(DEFAULT_BLOCKS)} blocks x 20 sparsities): "
+          f"{bert_grid_seconds(target):.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
