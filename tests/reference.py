@@ -6,7 +6,7 @@ import onnx
 
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.passes import ort_run
-from pruneaug.passes.importance import resolve_pads
+from pruneaug.passes.activations import resolve_pads
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:

@@ -10,7 +10,7 @@ import zoo
 from reference import im2col, node_tensors
 from pruneaug.ir.graph import lift
 from pruneaug.passes import importance
-from pruneaug.passes.importance import resolve_pads
+from pruneaug.passes.activations import resolve_pads
 
 
 def conv_model(kernel, **attrs) -> onnx.ModelProto:

@@ -14,8 +14,8 @@ from test_importance import conv_model
 from pruneaug.ir.graph import lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance, ort_run
-from pruneaug.passes.importance import resolve_pads
-from pruneaug.passes.reconstruct import im2col, input_grams, reconstruct, reconstructor, refit
+from pruneaug.passes.activations import im2col, resolve_pads
+from pruneaug.passes.reconstruct import input_grams, reconstruct, reconstructor, refit
 from pruneaug.passes.validate import relerr_loss
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

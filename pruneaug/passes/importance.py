@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import onnx
 
 from pruneaug.ir.graph import IRModel, lower
-from pruneaug.ir.layer import ConvGeometry
 from pruneaug.passes import ort_run
+from pruneaug.passes.activations import column_squares
 
 
 def _annotate(ir: IRModel, scores: Mapping[str, np.ndarray]) -> IRModel:
@@ -60,55 +59,5 @@ def input_column_norms(ir: IRModel, calib: Mapping[str, np.ndarray], batch_size:
     for batch in ort_run.batches(model, calib, batch_size):
         values = dict(zip(tensors, session.run(tensors, batch)))
         for layer_node, activation_name, proto in readers.values():
-            squares[layer_node] += _column_squares(values[activation_name], proto, ir.layer(layer_node).conv)
+            squares[layer_node] += column_squares(values[activation_name], proto, ir.layer(layer_node).conv)
     return {n: np.sqrt(sq).astype(np.float32) for n, sq in squares.items()}
-
-
-def _column_squares(x: np.ndarray, proto: onnx.NodeProto, conv: ConvGeometry | None) -> np.ndarray:
-    """Sum over all rows of X of x_j**2, per canonical input column j."""
-    x = x.astype(np.float64, copy=False)
-    if proto.op_type == "Conv":
-        assert conv is not None
-        return _im2col_column_squares(x, conv)
-    if proto.op_type == "Gemm" and any(a.name == "transA" and a.i for a in proto.attribute):
-        return np.einsum("km,km->k", x, x)
-    flat = x.reshape(-1, x.shape[-1])
-    return np.einsum("mk,mk->k", flat, flat)
-
-
-def resolve_pads(conv: ConvGeometry, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """Explicit begin/end pads, auto_pad resolved as ONNX defines it."""
-    rank = len(spatial)
-    if conv.auto_pad in ("NOTSET", ""):
-        return conv.pads
-    if conv.auto_pad == "VALID":
-        return (0,) * (2 * rank)
-    begins, ends = [], []
-    for size, kernel, stride, dilation in zip(spatial, conv.kernel, conv.strides, conv.dilations):
-        out = -(-size // stride)
-        total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-        small, large = total // 2, total - total // 2
-        begins.append(small if conv.auto_pad == "SAME_UPPER" else large)
-        ends.append(large if conv.auto_pad == "SAME_UPPER" else small)
-    return tuple(begins + ends)
-
-
-def _im2col_column_squares(x: np.ndarray, conv: ConvGeometry) -> np.ndarray:
-    """Per (channel, kernel offset): the sum of squares of the inputs that offset reads at every output position."""
-    rank = len(conv.kernel)
-    spatial = x.shape[2:]
-    pads = resolve_pads(conv, spatial)
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[rank + i]) for i in range(rank)])
-    outs = [
-        (padded.shape[2 + i] - conv.dilations[i] * (conv.kernel[i] - 1) - 1) // conv.strides[i] + 1 for i in range(rank)
-    ]
-    squares = np.empty((x.shape[1], *conv.kernel))
-    for offset in np.ndindex(*conv.kernel):
-        window = tuple(
-            slice(offset[i] * conv.dilations[i], offset[i] * conv.dilations[i] + conv.strides[i] * (outs[i] - 1) + 1,
-                  conv.strides[i])
-            for i in range(rank)
-        )
-        taken = padded[(slice(None), slice(None)) + window]
-        squares[(slice(None),) + offset] = (taken * taken).sum(axis=tuple(a for a in range(taken.ndim) if a != 1))
-    return squares.reshape(-1)

@@ -30,46 +30,13 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from pruneaug.ir.graph import IRModel
-from pruneaug.ir.layer import ConvGeometry
 from pruneaug.passes import ort_run
-from pruneaug.passes.importance import resolve_pads
+from pruneaug.passes.activations import input_rows
 
 DEFAULT_RIDGE = 1e-2
-
-
-def im2col(x: np.ndarray, conv: ConvGeometry) -> np.ndarray:
-    """[N * output positions, Cin * prod(kernel)] rows of a Conv input, columns in canonical W order."""
-    rank = len(conv.kernel)
-    pads = resolve_pads(conv, x.shape[2:])
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[rank + i]) for i in range(rank)])
-    outs = [
-        (padded.shape[2 + i] - conv.dilations[i] * (conv.kernel[i] - 1) - 1) // conv.strides[i] + 1 for i in range(rank)
-    ]
-    columns = np.empty((x.shape[0], x.shape[1], *conv.kernel, *outs), x.dtype)
-    for offset in np.ndindex(*conv.kernel):
-        window = tuple(
-            slice(offset[i] * conv.dilations[i], offset[i] * conv.dilations[i] + conv.strides[i] * (outs[i] - 1) + 1,
-                  conv.strides[i])
-            for i in range(rank)
-        )
-        columns[(slice(None), slice(None)) + offset] = padded[(slice(None), slice(None)) + window]
-    # [N, Cin, k..., out...] -> [N, out..., Cin, k...] -> rows
-    moved = np.moveaxis(columns, list(range(2 + rank, 2 + 2 * rank)), list(range(1, 1 + rank)))
-    return moved.reshape(-1, int(np.prod(columns.shape[1:2 + rank])))
-
-
-def input_rows(x: np.ndarray, proto: onnx.NodeProto, conv: ConvGeometry | None) -> np.ndarray:
-    """The X of Y[m, out] = X[m, in] @ W.T for a prunable node reading activation `x`."""
-    if proto.op_type == "Conv":
-        assert conv is not None
-        return im2col(x, conv)
-    if proto.op_type == "Gemm" and any(a.name == "transA" and a.i for a in proto.attribute):
-        return x.T
-    return x.reshape(-1, x.shape[-1])
 
 
 def input_grams(ir: IRModel, calib: Mapping[str, np.ndarray], nodes: Sequence[str],
