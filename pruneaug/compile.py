@@ -278,14 +278,16 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx
     sparse = {pruned.layer(n).weight: pruned.graph.nodes[n]["block"].shape
               for n in pruned.prunable_nodes() if pruned.graph.nodes[n]["block"].sparsity > 0}
     inputs = deploy.sample_inputs(pruned_model, shapes, calib_data.inputs if calib_data else None)
-    try:
-        artifact = deploy.build_artifact(pruned_model, sparse, profile, shapes, staging / f"model.{profile.kind}", inputs)
-    except CodegenError as err:
-        extra["artifact_error"] = str(err)
-        notes.append(f"no compiled artifact: {err}")
-        return None
-    if deploy.runs_here(profile):
-        extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
+    with deploy.quiet_native_stderr():
+        try:
+            artifact = deploy.build_artifact(pruned_model, sparse, profile, shapes, staging / f"model.{profile.kind}",
+                                             inputs)
+        except CodegenError as err:
+            extra["artifact_error"] = str(err)
+            notes.append(f"no compiled artifact: {err}")
+            return None
+        if deploy.runs_here(profile):
+            extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
     return artifact.name
 
 

@@ -7,7 +7,10 @@ layer that differs. Latencies are measured here only when the artifact runs on t
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,10 +19,28 @@ import numpy as np
 import onnx
 
 from pruneaug.calib import graph_inputs
+from pruneaug.errors import CodegenError
 from pruneaug.passes import ort_run
 
 GATE_RTOL = 1e-4
 BENCH_REPEAT = 50
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Drop what TVM's C++ side prints to stderr (LOG(WARNING) notes on schedules and scopes).
+
+    Real failures reach us as exceptions with their message; the CLI's stderr stays for our own lines.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def runs_here(profile) -> bool:
@@ -47,11 +68,18 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
     from pruneaug.codegen.export import export_artifact, model_signature
     from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
 
-    executable = build_model(pruned_model, sparse_weights, profile, shapes)
-    if runs_here(profile):
-        check_against_onnxruntime(executable, pruned_model, inputs, GATE_RTOL, sparse_weights=sparse_weights,
-                                  target=profile)
-    return export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
+    try:
+        executable = build_model(pruned_model, sparse_weights, profile, shapes)
+        if runs_here(profile):
+            check_against_onnxruntime(executable, pruned_model, inputs, GATE_RTOL, sparse_weights=sparse_weights,
+                                      target=profile)
+        return export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
+    except CodegenError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TVM's own failures end the codegen, not the compile
+        text = str(err).strip().splitlines()
+        raise CodegenError(f"TVM failed to compile the model for {profile.name}: {type(err).__name__}: "
+                           f"{text[-1] if text else ''}") from err
 
 
 def _median_seconds(run, repeat: int) -> float:

@@ -16,11 +16,6 @@ from pruneaug.passes import ort_run
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
-
-
 @pytest.mark.slow
 def test_fixed_plan_artifact_matches_pruned_onnx_and_is_measured(tmp_path):
     calib = EXAMPLES / "cnn" / "calib.npz"

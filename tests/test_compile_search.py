@@ -28,11 +28,6 @@ def eval_accuracy(model_path: Path, eval_path: Path) -> float:
     return accuracy(ort_run.run(onnx.load(model_path), inputs)[0], labels)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_search_meets_the_budget_on_the_examples(tmp_path, name):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from pruneaug.codegen import schedule
 from pruneaug.cost_model import CostModel, Prediction, analytical
 from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement
 from pruneaug.cost_model.targets import hardware_peaks, load_profiles, resolve_target
@@ -114,10 +115,10 @@ def test_analytical_monotone_in_sparsity(target, block):
 
 
 def test_analytical_equals_dense_at_density_one():
-    """codegen's dense kernel is its BSR kernel with every 16x16 block kept: the same work and time;
-    any other block shape with every block kept does the dense layer's flops."""
+    """codegen's dense kernel is its BSR kernel with every `DENSE_BLOCK` block kept: the same work and
+    time; any other block shape with every block kept does the dense layer's flops."""
     params = analytical.default_params(A76)
-    assert analytical.latency(A76, 768, 512, 128, (16, 16), 0.0, params) == pytest.approx(
+    assert analytical.latency(A76, 768, 512, 128, schedule.DENSE_BLOCK, 0.0, params) == pytest.approx(
         analytical.dense_latency(A76, 768, 512, 128, params))
     for block in [(1, 1), (4, 1), (8, 8), (32, 32)]:
         flops = analytical.features(A76, 768, 512, 192, block, 1.0)[1]  # m=192: no tile of m is padded

@@ -7,8 +7,8 @@
 
 A `Kernel` is one PrimFunc in destination-passing style, `X, *constants, Y`, with static shapes and
 its constants already in the layout that its schedule wants; `compile_kernel` builds it alone,
-Relax embeds the same PrimFunc with `call_tir`. Which layout a block shape gets on which target is
-decided here (`_cpu_schedule`), from the figures of `tools/bench_kernels.py`.
+Relax embeds the same PrimFunc with `call_tir`. Which layout and tiles a block shape gets on which
+target is decided by `schedule.kernel_schedule`, which the cost model shares.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from pruneaug.codegen import conv, cpu_kernels, cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias, random_bsr_weight, to_bsr
+from pruneaug.codegen.schedule import DENSE_BLOCK, kernel_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 
@@ -27,8 +28,6 @@ __all__ = [
 ]
 
 MAX_BLOCK_SIDE = 64  # larger blocks would unroll into huge code and spill the accumulators
-DENSE_BLOCK = (16, 32)  # the dense kernel is the BSR kernel with every block kept
-MIN_BLOCKS_PER_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -51,51 +50,24 @@ def check_block_supported(target: TargetProfile, block: tuple[int, int]) -> None
         raise CodegenError(f"block {r}x{c}: target {target.name} has no block-sparse kernels")
 
 
-def _lanes(target: TargetProfile) -> int:
-    return max(1, target.simd_bytes // 4)
-
-
-def _cpu_schedule(lanes: int, m: int, in_: int, block: tuple[int, int],
-                  blocks_per_row: float) -> tuple[str, dict]:
-    """Layout and tile sizes for a CPU: vectorise over a block's rows when they fill a register,
-    else over m (thin blocks: 1x1, 1x4, 4x1), unless m is too small to fill one.
-
-    Register tiles of 8 accumulators; an m tile that divides m (a clamped tail tile cost up to
-    2x in `tools/bench_kernels.py` runs)."""
-    r, _ = block
-    if r >= lanes or m < lanes:
-        cap = max(1, min(m, 8 // -(-r // lanes)))
-        divisor = max(t for t in range(1, cap + 1) if m % t == 0)
-        # Column chunks keep X in L2 (dense 768x3072: 0.69x -> 0.99x of onnxruntime), but each
-        # costs a pass over Y: worth it only with enough kept blocks per row and chunk.
-        k_chunks = -(-min(m, 128) * in_ * 4 // cpu_kernels.X_BYTES_IN_L2)
-        k_chunks = max(1, min(k_chunks, int(blocks_per_row // MIN_BLOCKS_PER_CHUNK)))
-        return "rowvec", {"m_tile": divisor if 2 * divisor >= cap else cap, "k_chunks": k_chunks}
-    row_group = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
-    # A power-of-two number of vectors: a tile of 5 vectors (m=40) ran 4x slower than one of 8.
-    m_tile = min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length())
-    return "mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes}
-
-
 def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np.ndarray | None = None,
                       name: str = "bsr_matmul") -> Kernel:
     """`Y[m, out] = X[m, in] @ W.T (+ bias)` with W block-sparse, scheduled for `target`."""
     check_block_supported(target, weight.block)
     out, in_ = weight.shape
     data, indices = nonempty_blocks(weight)
-    if target.kind == "cuda":
+    if target.kind == "cuda":  # its m tile is `kernel_schedule`'s, derived in the builder
         func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, len(indices))
         consts = [data, indices, weight.indptr, padded_bias(bias, out, weight.block_rows * weight.block[0])]
         return Kernel(func.with_attr("global_symbol", name), name, consts)
-    layout, tiles = _cpu_schedule(_lanes(target), m, in_, weight.block,
-                                  weight.nnz_blocks / weight.block_rows)
+    schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
     pointers = weight.indptr.astype(np.int32)
-    if layout == "rowvec":
-        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), **tiles)
+    if schedule.layout == "rowvec":
+        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), **schedule.tiles)
         data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows are contiguous
-        pointers = cpu_kernels.chunk_pointers(pointers, indices, weight.block_cols, tiles["k_chunks"])
+        pointers = cpu_kernels.chunk_pointers(pointers, indices, weight.block_cols, schedule.tiles["k_chunks"])
     else:
-        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), **tiles)
+        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), **schedule.tiles)
     bias_len = int(func.params[4].shape[0])
     consts = [np.ascontiguousarray(data, np.float32), indices.astype(np.int32), pointers,
               padded_bias(bias, out, bias_len)]

@@ -18,8 +18,10 @@ outputs. So, per core:
 
 where the work is the busiest core's share (block rows are dealt out whole, so `ceil(block_rows /
 cores)` of them: the parallel efficiency). Ragged edges are padded to full blocks, as the kernels
-do; the tiles follow the kernels' schedules (`_cpu_tiles`). The dense kernel is codegen's BSR
-kernel with every 16x16 block kept, so `dense_latency` is that with its own fitted parameters.
+do; the layout and tiles are the kernels' own (codegen's `schedule.kernel_schedule`), so a row tile
+and an output pass are also counted per row group and per column chunk. The dense kernel is
+codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so `dense_latency` is that with
+its own fitted parameters.
 
 The eight parameters (`Params`) come from the target's hardware figures by default and are fitted by
 least squares (`fit`) to measured kernel times per (target, block shape) wherever measurements
@@ -32,6 +34,7 @@ from dataclasses import astuple, dataclass, fields
 import numpy as np
 from scipy.optimize import least_squares
 
+from pruneaug.codegen import schedule
 from pruneaug.cost_model.targets import TargetProfile, hardware_peaks
 
 _F32 = 4
@@ -91,31 +94,38 @@ def kept_blocks(out, in_, block: tuple[int, int], density) -> np.ndarray:
     return np.rint(np.asarray(density, dtype=np.float64) * n_blocks).astype(np.int64)
 
 
-DENSE_KERNEL_BLOCK = (16, 16)  # codegen's dense kernel is its BSR kernel with every 16x16 block kept
-
-
 def _cache_bytes(target: TargetProfile) -> int:
     """The per-core cache that holds X's tiles between block rows: L2, else L1 (some little cores have no L2)."""
     return target.l2_bytes or target.l1_bytes or 32 << 10
 
 
-def _cpu_tiles(lanes: int, m: np.ndarray, block: tuple[int, int]):
-    """(r_pad, m_tile, row_groups, packs_x) of the CPU kernels for `block`, per m.
+def _tile_terms(target: TargetProfile, sched: schedule.Schedule, r: int) -> tuple[int, int, int, int, int, bool]:
+    """(r_pad, m_tile, row groups, passes over Y, block rows per parallel task, packs X) of a kernel schedule.
 
-    Mirrors the two layouts of codegen/bsr.py: rows of a block vectorised (r padded to the
-    vector width, register tiles of up to 8 rows of X, fewer for wide blocks) when they fill a
-    register or m is tiny; else m vectorised (tiles of up to 64 values of m over 1 or 2 rows
-    of a block, X transposed once). If the kernels change, the fit absorbs constant factors.
+    rowvec: a block's rows padded to whole vectors, one pass over Y per column chunk; mvec: X
+    transposed once, a block's rows walked in row groups, `out_tile` outputs (whole block rows) per
+    parallel task; cuda: a thread per (row of a block, m).
     """
-    r, _ = block
-    rowvec = (r >= lanes) | (m < lanes)
-    vectors_per_row = -(-r // lanes)
-    row_group = 2 if r % 2 == 0 else 1
-    m_tile = np.where(rowvec, np.maximum(1, np.minimum(np.minimum(8, m), 12 // vectors_per_row)),
-                      np.minimum(64 // row_group, np.ceil(m / lanes) * lanes))
-    r_pad = np.where(rowvec, vectors_per_row * lanes, r)
-    groups = np.where(rowvec, 1, r // row_group)
-    return r_pad, m_tile, groups, ~rowvec
+    tiles = sched.tiles
+    if sched.layout == "rowvec":
+        lanes = target.simd_lanes
+        return -(-r // lanes) * lanes, tiles["m_tile"], 1, tiles["k_chunks"], 1, False
+    if sched.layout == "mvec":
+        return r, tiles["m_tile"], r // tiles["row_group"], 1, max(1, tiles["out_tile"] // r), True
+    assert sched.layout == "cuda", sched
+    return r, tiles["m_tile"], 1, 1, 1, False
+
+
+def _kernel_tiles(target: TargetProfile, out: np.ndarray, in_: np.ndarray, m: np.ndarray,
+                  block: tuple[int, int], nnzb: np.ndarray) -> list[np.ndarray]:
+    """`_tile_terms` per element of the (broadcast) layer arrays, from codegen's own `kernel_schedule`
+    (called once per distinct layer)."""
+    layers = np.stack([a.ravel() for a in (m, out, in_, nnzb)], axis=-1).astype(np.int64)
+    unique, inverse = np.unique(layers, axis=0, return_inverse=True)
+    terms = np.array([_tile_terms(target, schedule.kernel_schedule(target, int(m_), int(out_), int(in__), block,
+                                                                   int(nnzb_)), block[0])
+                      for m_, out_, in__, nnzb_ in unique], dtype=np.float64).reshape(len(unique), 6)
+    return [column[inverse.ravel()].reshape(m.shape) for column in terms.T]
 
 
 def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density) -> np.ndarray:
@@ -123,27 +133,24 @@ def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density
 
     `block` (0, 0) means the dense kernel. Arguments broadcast like numpy arrays.
     """
-    out, in_, m, density = (np.asarray(a, dtype=np.float64) for a in (out, in_, m, density))
+    out, in_, m, density = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (out, in_, m, density)))
     if tuple(block) == (0, 0):
-        block, density = DENSE_KERNEL_BLOCK, np.ones_like(density)
+        block, density = schedule.DENSE_BLOCK, np.ones_like(density)
     r, c = block
-    lanes = target.simd_lanes
-    if target.kind == "cuda":  # threads over (rows of a block, m): a warp's worth of m at a time
-        r_pad, m_tile, groups, packs_x = r, np.full_like(m, lanes), 1, np.zeros_like(m, dtype=bool)
-    else:
-        r_pad, m_tile, groups, packs_x = _cpu_tiles(lanes, m, block)
+    nnzb = kept_blocks(out, in_, block, density).astype(np.float64)
+    r_pad, m_tile, groups, y_passes, task_rows, packs_x = _kernel_tiles(target, out, in_, m, block, nnzb)
     m_tiles = np.ceil(m / m_tile)
     m_pad = m_tiles * m_tile
     block_rows = np.ceil(out / r)
     block_cols = np.ceil(in_ / c)
-    nnzb = kept_blocks(out, in_, block, density).astype(np.float64)
-    busiest_rows = np.ceil(block_rows / target.cores)
+    # parallel tasks of `task_rows` block rows are dealt out whole over the cores
+    busiest_rows = np.minimum(np.ceil(block_rows / task_rows / target.cores) * task_rows, block_rows)
     blocks = nnzb * busiest_rows / block_rows  # the busiest core's share of the kept blocks
     flops = 2.0 * r_pad * c * m_pad * blocks
     visits = blocks * m_tiles * groups  # each kept block is walked once per tile of m (and row group)
-    row_tiles = busiest_rows * m_tiles * groups
-    outs = r * m_pad * busiest_rows
-    ins = np.where(packs_x, m_pad * block_cols * c / target.cores, 0.0)
+    row_tiles = busiest_rows * m_tiles * groups * y_passes
+    outs = r * m_pad * busiest_rows * y_passes
+    ins = np.where(packs_x > 0, m_pad * block_cols * c / target.cores, 0.0)
     # each kept block reads c columns of X (m_pad values each); the share that misses the per-core
     # cache grows as X outgrows it (about 3/4 of it left to X beside weights and outputs)
     x_bytes = _F32 * m_pad * block_cols * c
