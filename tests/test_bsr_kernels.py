@@ -1,6 +1,7 @@
 """BSR format and matmul kernels against numpy, on x86 (run), arm64 and CUDA (build; run where possible)."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -18,6 +19,7 @@ from pruneaug.codegen.bsr import (
     time_kernel,
     to_bsr,
 )
+from pruneaug.codegen.schedule import kernel_schedule
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 
@@ -123,6 +125,27 @@ def test_kernel_signature_and_time_kernel():
     times = time_kernel(compile_kernel(kernel, X86), kernel, np.ones((16, 24), np.float32), tvm.cpu(),
                         number=2, repeat=3)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("target", ["x86", "arm64", "cuda"])
+@pytest.mark.parametrize("m,block", [(24, (8, 8)), (40, (1, 1)), (3, (1, 4)), (128, (4, 1)), (96, (16, 32))])
+def test_kernels_are_built_with_the_shared_schedule(target, m, block):
+    """The cost model counts `kernel_schedule`'s tiles: the kernels must be built with exactly those."""
+    profile = resolve_target(target)
+    weight = random_bsr_weight(64, 3072, block, 0.5)
+    schedule = kernel_schedule(profile, m, 64, 3072, block, weight.nnz_blocks)
+    kernel = bsr_matmul_kernel(profile, m, weight)
+    script = kernel.primfunc.script()
+    tiles = schedule.tiles
+    if schedule.layout == "cuda":
+        assert re.findall(r'thread_binding\((\d+), thread="threadIdx.y"\)', script) == [str(tiles["m_tile"])]
+        return
+    acc = tuple(int(d) for d in re.search(r"acc = T.alloc_buffer\(\((\d+), (\d+)\)", script).groups())
+    if schedule.layout == "rowvec":
+        assert acc == (tiles["m_tile"], block[0])
+        assert kernel.constants[2].shape == (weight.block_rows, tiles["k_chunks"] + 1)
+    else:
+        assert schedule.layout == "mvec" and acc == (tiles["row_group"], tiles["m_tile"])
 
 
 @pytest.mark.slow

@@ -139,6 +139,26 @@ def test_parallel_efficiency_counts_whole_block_rows():
     np.testing.assert_allclose(two_rows[1:5], four_rows[1:5])
 
 
+def test_features_count_the_kernels_own_tiles():
+    """The tiles are codegen's `kernel_schedule`: dense 768x3072 at m=128 on the A76 cuts X into six
+    column chunks (each a pass over Y) and takes m in tiles of 2 rows."""
+    sched = schedule.kernel_schedule(A76, 128, 768, 3072, schedule.DENSE_BLOCK, 48 * 96)
+    assert sched.layout == "rowvec" and sched.tiles["k_chunks"] == 6 and sched.tiles["m_tile"] == 2
+    feats = analytical.features(A76, 768, 3072, 128, (0, 0), 1.0)
+    busiest_rows, m_tiles = 48 / A76.cores, 128 / 2
+    assert feats[3] == busiest_rows * m_tiles * 6  # row tiles
+    assert feats[4] == 16 * 128 * busiest_rows * 6  # outputs stored, once per chunk
+
+
+def test_vectorised_features_match_one_layer_at_a_time():
+    out, in_, m, density = np.array([64, 768, 3072]), np.array([768, 3072, 96]), np.array([[1], [40], [128]]), 0.3
+    for block in [(1, 1), (4, 1), (8, 8), (0, 0)]:
+        grid = analytical.features(A76, out, in_, m, block, density)
+        assert grid.shape == (3, 3, 8)
+        for i, j in np.ndindex(3, 3):
+            np.testing.assert_array_equal(grid[i, j], analytical.features(A76, out[j], in_[j], m[i, 0], block, density))
+
+
 def test_fit_recovers_known_parameters():
     rng = np.random.default_rng(0)
     truth = analytical.Params(t_call=3e-6, t_flop=2e-11, t_block=8e-9, t_row=2e-7, t_out=4e-10, t_in=2e-10,

@@ -102,3 +102,9 @@ def test_detect_block_reads_back_the_structure(block):
 
 def test_detect_block_without_zeros_is_dense():
     assert detect_block(np.ones((8, 8)), [(4, 4)]) == BlockSpec(1, 1, 0.0)
+
+
+def test_detect_block_skips_blocks_larger_than_the_weight():
+    weight = np.ones((32, 1))
+    weight[4:8] = 0  # one 4x1 block; a 1x4 block on a single column would be a ragged 1x1
+    assert detect_block(weight, [(1, 4), (4, 1)]) == BlockSpec(4, 1, 1 / 8)

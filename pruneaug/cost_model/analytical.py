@@ -122,9 +122,8 @@ def _kernel_tiles(target: TargetProfile, out: np.ndarray, in_: np.ndarray, m: np
     (called once per distinct layer)."""
     layers = np.stack([a.ravel() for a in (m, out, in_, nnzb)], axis=-1).astype(np.int64)
     unique, inverse = np.unique(layers, axis=0, return_inverse=True)
-    terms = np.array([_tile_terms(target, schedule.kernel_schedule(target, int(m_), int(out_), int(in__), block,
-                                                                   int(nnzb_)), block[0])
-                      for m_, out_, in__, nnzb_ in unique], dtype=np.float64).reshape(len(unique), 6)
+    terms = np.array([_tile_terms(target, schedule.kernel_schedule(target, rows, outs, ins, block, kept), block[0])
+                      for rows, outs, ins, kept in unique.tolist()], dtype=np.float64).reshape(len(unique), 6)
     return [column[inverse.ravel()].reshape(m.shape) for column in terms.T]
 
 

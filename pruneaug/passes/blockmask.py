@@ -30,6 +30,11 @@ def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
     return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
+def fits(shape: tuple[int, int], block: tuple[int, int]) -> bool:
+    """A block tiles a layer when neither side exceeds the weight's (ragged edges are fine)."""
+    return block[0] <= shape[0] and block[1] <= shape[1]
+
+
 def _blocked(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """[block_rows, r, block_cols, c] view of `matrix` zero-padded to whole blocks."""
     rows, cols = block_grid(matrix.shape, block)
@@ -104,6 +109,7 @@ def detect_block(weight: np.ndarray, candidates: Iterable[tuple[int, int]]) -> B
     """The largest candidate block whose whole blocks hold every zero of `weight`, with its block sparsity.
 
     Falls back to 1x1 (every zero is its own block); equal areas: the first candidate listed wins.
+    Blocks that do not fit the weight are skipped: a 1x4 block on a one-column weight is no 1x4 block.
     A weight without zeros is dense: 1x1 at sparsity 0.
     """
     zeros = weight == 0
@@ -111,6 +117,8 @@ def detect_block(weight: np.ndarray, candidates: Iterable[tuple[int, int]]) -> B
     if total_zeros == 0:
         return BlockSpec(1, 1, 0.0)
     for rows, cols in sorted(dict.fromkeys(candidates), key=lambda b: -b[0] * b[1]):
+        if not fits(weight.shape, (rows, cols)):
+            continue
         areas = block_areas(weight.shape, (rows, cols))
         empty = _blocked(zeros, (rows, cols)).sum(axis=(1, 3)) == areas
         if int(areas[empty].sum()) == total_zeros:

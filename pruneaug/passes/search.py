@@ -39,7 +39,7 @@ import numpy as np
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec, PrunableLayer
-from pruneaug.passes.blockmask import apply_masks, assign_blocks
+from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits
 from pruneaug.passes.proxy import proxy_losses
 
 LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
@@ -97,11 +97,6 @@ class SearchReport:
     @property
     def speedup(self) -> float:
         return self.dense_latency_s / self.predicted_latency_s if self.predicted_latency_s > 0 else 1.0
-
-
-def fits(shape: tuple[int, int], block: tuple[int, int]) -> bool:
-    """A block tiles a layer when neither side exceeds the weight's (ragged edges are fine)."""
-    return block[0] <= shape[0] and block[1] <= shape[1]
 
 
 def usable_blocks(ir: IRModel, node: str, blocks: Sequence[tuple[int, int]],
