@@ -1,0 +1,87 @@
+"""The arm64 block-sparse matmul kernels, cross-compiled and run under qemu-aarch64, against numpy.
+
+Needs qemu-aarch64, the aarch64 cross compilers (Debian: qemu-user, gcc- and g++-aarch64-linux-gnu)
+and the aarch64 TVM runtime with its harness, prepared once by `python tools/arm64_runtime.py`
+($PRUNEAUG_ARM64_RUNTIME or ~/.cache/pruneaug/arm64-runtime). Without them the tests skip, saying
+which is missing; they never download anything.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pruneaug.codegen.bsr import bsr_matmul_kernel, compile_kernel, random_bsr_weight
+from pruneaug.codegen.export import CROSS_COMPILER
+from pruneaug.codegen.schedule import kernel_schedule
+from pruneaug.cost_model.targets import resolve_target
+
+tvm = pytest.importorskip("tvm")
+
+ARM64 = resolve_target("arm64")
+
+
+def _load_runtime_tool():
+    """tools/ is not a package: load tools/arm64_runtime.py by path."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "arm64_runtime.py"
+    spec = importlib.util.spec_from_file_location("arm64_runtime", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+arm64_runtime = _load_runtime_tool()
+
+
+def _skip_reason() -> str | None:
+    """Why the qemu tests cannot run here (a missing program or an unprepared runtime), or None."""
+    missing = arm64_runtime.missing_tools() + ([CROSS_COMPILER] if shutil.which(CROSS_COMPILER) is None else [])
+    if missing:
+        return f"not installed: {', '.join(missing)} (Debian: qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)"
+    folder = arm64_runtime.runtime_dir()
+    if not arm64_runtime.is_prepared(folder):
+        return f"no aarch64 TVM runtime prepared in {folder}: run `python tools/arm64_runtime.py`"
+    return None
+
+
+SKIP_REASON = _skip_reason()
+
+# (m, out, in, block, density, with_bias): ragged edges both ways, thin blocks (the "mvec" layout),
+# square ones (the "rowvec" layout), a bias, an empty and a full weight.
+CASES = [
+    (13, 45, 50, (4, 8), 0.4, False),
+    (16, 24, 20, (1, 1), 0.3, True),
+    (32, 64, 48, (8, 8), 0.25, True),
+    (8, 40, 36, (16, 16), 1.0, False),
+    (24, 20, 33, (1, 4), 0.5, True),
+    (16, 32, 32, (8, 8), 0.0, True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+@pytest.mark.parametrize("m, out, in_, block, density, with_bias", CASES)
+def test_arm64_bsr_matmul_matches_numpy_under_qemu(tmp_path, m, out, in_, block, density, with_bias):
+    rng = np.random.default_rng(m * out + in_)
+    weight = random_bsr_weight(out, in_, block, density, seed=m)
+    bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
+    x = rng.standard_normal((m, in_)).astype(np.float32)
+    kernel = bsr_matmul_kernel(ARM64, m, weight, bias)
+    library = tmp_path / "kernel.so"
+    compile_kernel(kernel, ARM64).export_library(
+        str(library), fcompile=tvm.support.cc.cross_compiler(CROSS_COMPILER))
+
+    out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
+    y = arm64_runtime.run_under_qemu(arm64_runtime.runtime_dir(), library, kernel.name, [x, *kernel.constants],
+                                     out_shape)
+
+    expected = x @ weight.to_dense().T + (bias if with_bias else 0)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cases_cover_both_cpu_layouts():
+    layouts = {kernel_schedule(ARM64, m, out, in_, block, 1).layout for m, out, in_, block, *_ in CASES}
+    assert layouts == {"mvec", "rowvec"}

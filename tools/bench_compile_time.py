@@ -1,0 +1,61 @@
+"""How long the full compile (search + codegen) takes on a BERT-base-sized encoder, cold and with a warm cache.
+
+    python tools/bench_compile_time.py [--layers 12 --hidden 768 --seq 128]
+
+Random weights and inputs (timing only): the encoder of tools/bench_model.py (static batch 1), one
+calibration and one evaluation sequence of `--seq` tokens, `--metric cosine --budget 0.01`. The first compile runs against an empty
+latency cache (it measures every kernel it needs), the second against the cache the first filled.
+Prints wall-clock seconds per phase as the plan records them, and the kernels measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import encoder  # noqa: E402
+
+import pruneaug  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--no-artifact", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pruneaug-compile-time-"))
+    os.environ["PRUNEAUG_CACHE"] = str(work / "latency.sqlite")
+    model = encoder(args.hidden, args.ffn, args.layers, args.seq, args.heads)
+    onnx.save(model, work / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    name = model.graph.input[0].name
+    rng = np.random.default_rng(0)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    for split in ("calib", "eval"):
+        np.savez(work / f"{split}.npz", **{name: rng.standard_normal(shape).astype(np.float32)})
+    print(f"encoder: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, seq {args.seq}; "
+          f"{len(os.sched_getaffinity(0))} cores; work folder {work}")
+    print(f"{'run':<6} {'total s':>8} {'search s':>9} {'kernels measured':>17} {'validations':>12} {'speed-up (pred.)':>17}")
+    for run in ("cold", "warm"):
+        started = time.perf_counter()
+        result = pruneaug.compile(work / "model.onnx", calib=work / "calib.npz", eval=work / "eval.npz",
+                                  metric="cosine", budget=0.01, artifact=not args.no_artifact, out=work / run)
+        total = time.perf_counter() - started
+        search = result.plan["search"]
+        speedup = search["dense_latency_s"] / search["predicted_latency_s"]
+        print(f"{run:<6} {total:>8.1f} {search['time_s']:>9.1f} {search['kernels_measured']:>17} "
+              f"{search['validations']:>12} {speedup:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()
