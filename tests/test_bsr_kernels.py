@@ -225,3 +225,13 @@ def test_cuda_kernel_matches_numpy(block):
     args.append(tvm.runtime.empty((33, 70), "float32", dev))
     module[kernel.name](*args)
     np.testing.assert_allclose(args[-1].numpy(), x @ weight.to_dense().T + bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [4, 5, 7])
+def test_neon_schedule_tiles_small_m_in_whole_strips(m):
+    """4-lane NEON with 4 <= m < 8 takes the m-vectorised layout; its m tile must stay a multiple of 8."""
+    target = resolve_target("arm64")
+    schedule = kernel_schedule(target, m, 32, 40, (1, 1), 12)
+    assert schedule.layout == "mvec" and schedule.tiles["m_tile"] % 8 == 0
+    kernel = bsr_matmul_kernel(target, m, random_bsr_weight(32, 40, (1, 1), 0.3))
+    assert kernel.primfunc is not None

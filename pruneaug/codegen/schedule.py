@@ -56,5 +56,6 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
         return Schedule("rowvec", {"m_tile": divisor if 2 * divisor >= cap else cap, "k_chunks": k_chunks,
                                    "x_bytes_per_pass": X_BYTES_IN_L2})
     row_group = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
-    m_tile = min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length())
+    # at least 8 (the kernel stages X in 8-row strips: 4-lane NEON with m = 4..7 would otherwise get 4)
+    m_tile = max(8, min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length()))
     return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes})

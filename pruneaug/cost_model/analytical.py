@@ -17,7 +17,8 @@ outputs. So, per core:
     latency = t_call + max(compute, memory)   # roofline, plus the call (or launch) overhead
 
 where the work is the busiest core's share (block rows are dealt out whole, so `ceil(block_rows /
-cores)` of them: the parallel efficiency). Ragged edges are padded to full blocks, as the kernels
+cores)` of them, or whole tasks of several block rows where the kernel groups them: the parallel
+efficiency). Ragged edges are padded to full blocks, as the kernels
 do; the layout and tiles are the kernels' own (codegen's `schedule.kernel_schedule`), so a row tile
 and an output pass are also counted per row group and per column chunk. The dense kernel is
 codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so `dense_latency` is that with
