@@ -1,0 +1,47 @@
+"""The cost model as the search sees it: one prediction per distinct point, annotations on the IR."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import zoo
+from pruneaug.ir.graph import lift
+from pruneaug.ir.layer import BlockSpec
+from pruneaug.passes import blockmask, importance, latency
+
+
+class CountingCosts:
+    """Predicts `out * in * m * density * 1e-9` seconds and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, out, in_, m, block, sparsity):
+        self.calls += 1
+        return SimpleNamespace(seconds=out * in_ * m * (1 - sparsity) * 1e-9, source="analytical")
+
+
+def test_layer_latency_asks_once_per_distinct_point():
+    costs = CountingCosts()
+    fn = latency.layer_latency(costs)
+    ir = lift(zoo.transformer_block(), {"x": [2, 16, 64]})
+    layers = ir.layers()
+    same_shape = [layer for layer in layers if layer.shape == layers[0].shape]
+    assert len(same_shape) > 1  # Q, K, V (and out) share a shape
+    for _ in range(3):
+        for layer in same_shape:
+            assert fn(layer, (8, 8), 0.5) == pytest.approx(layer.shape[0] * layer.shape[1] * 32 * 0.5e-9)
+    assert costs.calls == 1
+
+
+def test_annotate_writes_dense_and_chosen_latency():
+    ir = importance.magnitude(lift(zoo.mlp(), {"x": [4, 64]}))
+    ir = blockmask.apply_masks(blockmask.assign_blocks(ir, {n: BlockSpec(4, 4, 0.75) for n in ir.prunable_nodes()}))
+    annotated = latency.annotate(ir, CountingCosts())
+    for node in annotated.prunable_nodes():
+        data = annotated.graph.nodes[node]
+        out, in_ = annotated.layer(node).shape
+        assert data["dense_latency_s"] == pytest.approx(out * in_ * 4e-9)
+        assert data["predicted_latency_s"] == pytest.approx(out * in_ * 4 * 0.25e-9)
+        assert data["latency_source"] == "analytical"
