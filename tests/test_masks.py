@@ -108,3 +108,13 @@ def test_detect_block_skips_blocks_larger_than_the_weight():
     weight = np.ones((32, 1))
     weight[4:8] = 0  # one 4x1 block; a 1x4 block on a single column would be a ragged 1x1
     assert detect_block(weight, [(1, 4), (4, 1)]) == BlockSpec(4, 1, 1 / 8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.integers(0, 4), min_size=1, max_size=40), sparsity=st.floats(0, 1))
+def test_block_keep_equals_a_stable_sort_with_ties(values, sparsity):
+    scores = np.asarray(values, dtype=np.float64).reshape(1, -1)
+    order = np.argsort(scores, axis=None, kind="stable")
+    want = np.ones(scores.size, bool)
+    want[order[: pruned_block_count(scores.size, sparsity)]] = False
+    assert np.array_equal(block_keep(scores, sparsity).ravel(), want)
