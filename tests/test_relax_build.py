@@ -94,6 +94,31 @@ def test_cnn_convolutions(x86):
     assert_matches_onnxruntime(ex, model, inputs)
 
 
+def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], **attrs) -> onnx.ModelProto:
+    """x -> Conv (with bias) -> y, weights seeded; y's shape inferred (the frontend wants it)."""
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.standard_normal((c_out, x_shape[1], *kernel)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b")
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=list(kernel), **attrs)
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [y], [weight, bias])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("kernel, attrs", [
+    ((3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # even padded size: phases fit exactly
+    ((3, 3), {"strides": [3, 3], "pads": [1, 0, 2, 1]}),  # asymmetric pads; the phase grid crops a row
+    ((3, 3), {"strides": [2, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),  # dilated taps in one phase
+    ((1, 1), {"strides": [2, 2]}),
+])
+def test_strided_conv_runs_over_stride_phases(x86, kernel, attrs):
+    # The stride-1 rewrite over the input's stride phases (`_Phases`), sparse and with ragged 8x8 blocks.
+    model = prune_blocks(single_conv([2, 5, 10, 9], 12, kernel, **attrs), {"w": (8, 8)}, density=0.5)
+    inputs = {"x": np.random.default_rng(2).standard_normal((2, 5, 10, 9)).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {"w": (8, 8)}, x86), model, inputs)
+
+
 def test_sparse_layers_use_the_block_sparse_kernel(x86, monkeypatch):
     calls = []
     real = bsr.bsr_matmul_kernel

@@ -6,7 +6,8 @@
 Steps (DESIGN §2 "Codegen"): import with TVM's ONNX frontend at static shapes; fold constants so that
 every linear layer reads `matmul(x, const)` or `conv2d(x, const)`; rewrite those calls into `call_tir`
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
-in `sparse_weights`, the dense kernel otherwise, a bias add fused in; then TVM's usual legalize-and-fuse
+in `sparse_weights`, the dense kernel otherwise, a bias add fused in (a strided conv runs as a stride-1
+conv over its input's stride phases, see `_Phases`); then TVM's usual legalize-and-fuse
 for the rest. TVM's CPU pipeline schedules nothing (an untuned model ran ~100x slower than
 onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV and Reduction rules
 (softmax, layer norm) and two small rules below, one for a reduction with two operands (matmuls
@@ -346,19 +347,103 @@ class _LinearRewriter:
         w = np.ascontiguousarray(found.weight.reshape(c_out, -1))
         entry = self._sparse_entry(w)
         block = entry[1] if entry is not None else bsr.DENSE_BLOCK  # dense: every block kept
-        kernel = bsr.bsr_conv2d_kernel(
-            self.target,
-            tuple(x_shape),
-            bsr.to_bsr(w, block),
-            (kh, kw),
-            tuple(int(s) for s in attrs.strides),
-            tuple(int(p) for p in attrs.padding),
-            tuple(int(d) for d in attrs.dilation),
-            bias=bias,
-            name="bsr_conv2d" if entry is not None else "dense_conv2d",
-        )
+        kernel_hw, strides = (kh, kw), tuple(int(s) for s in attrs.strides)
+        pads, dilations = tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation)
         out_shape = [int(d) for d in call.ty.shape]
-        return self._call(kernel, found.x, out_shape)
+        name = "bsr_conv2d" if entry is not None else "dense_conv2d"
+        if strides == (1, 1):
+            kernel = bsr.bsr_conv2d_kernel(self.target, tuple(x_shape), bsr.to_bsr(w, block), kernel_hw, strides,
+                                           pads, dilations, bias=bias, name=name)
+            return self._call(kernel, found.x, out_shape)
+        phases = _Phases(tuple(x_shape), kernel_hw, strides, pads, dilations, out_shape[2:])
+        wide = np.zeros((c_out, phases.columns), np.float32)
+        wide[:, : w.shape[1]] = w
+        kernel = bsr.bsr_conv2d_kernel(self.target, phases.shape, bsr.to_bsr(wide, block), phases.kernel_hw,
+                                       (1, 1), (0, 0, 0, 0), (1, 1), bias=bias, name=name)
+        data, indices, indptr, offsets, padded_bias = kernel.constants
+        kernel = bsr.Kernel(kernel.primfunc, kernel.name,
+                            [data, indices, indptr, phases.column_offsets(len(offsets)), padded_bias])
+        split = self._call(bsr.Kernel(phases.primfunc(), "stride_phases", []), found.x, list(phases.shape))
+        return self._call(kernel, split, out_shape)
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """A strided conv as a stride-1 conv over the input's stride phases (space-to-depth).
+
+    The conv kernel vectorises along an output row and reads the input at the stride: a strided
+    vector load is a gather, which made a stride-2 3x3 conv ~5x slower per kept block than a stride-1
+    one. Split the padded input into its `sh * sw` phases `P[n, (py * sw + px) * C + c, y, x] =
+    Xp[n, c, y * sh + py, x * sw + px]`; tap `(dy, dx)` of channel `c` then reads phase `(dy*dh % sh,
+    dx*dw % sw)` at `(dy*dh // sh, dx*dw // sw)`, a stride-1 read. The kernel runs as a stride-1
+    unpadded conv of `kernel_hw` taps over P with the weight's columns kept in their order (the other
+    columns zero, so no extra blocks): only its column offsets, a kernel constant, are replaced by
+    where each original column lies in P. (A 1x1 strided conv reads one of the phases; the others are
+    copied for nothing.)
+    """
+
+    x_shape: tuple[int, int, int, int]
+    original_hw: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+    out_hw: list[int]
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]:
+        return tuple((k - 1) * d // s + 1 for k, d, s in zip(self.original_hw, self.dilations, self.strides))
+
+    @property
+    def phase_hw(self) -> tuple[int, int]:
+        return tuple(o + k - 1 for o, k in zip(self.out_hw, self.kernel_hw))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, c, _, _ = self.x_shape
+        return (n, self.strides[0] * self.strides[1] * c, *self.phase_hw)
+
+    @property
+    def columns(self) -> int:
+        return self.shape[1] * self.kernel_hw[0] * self.kernel_hw[1]
+
+    def column_offsets(self, length: int) -> np.ndarray:
+        """Offset in one image of P of each original im2col column `(c, dy, dx)`; 0 for the padding columns."""
+        _, c, _, _ = self.x_shape
+        (kh, kw), (sh, sw), (dh, dw) = self.original_hw, self.strides, self.dilations
+        hq, wq = self.phase_hw
+        j = np.arange(c * kh * kw)
+        cin, dy, dx = j // (kh * kw), (j // kw) % kh, j % kw
+        channel = ((dy * dh % sh) * sw + dx * dw % sw) * c + cin
+        offsets = np.zeros(length, np.int32)
+        offsets[: len(j)] = channel * hq * wq + (dy * dh // sh) * wq + dx * dw // sw
+        return offsets
+
+    def primfunc(self):
+        """P from X[N, C, H, W]: one pass, zero where a phase reads the padding, parallel over images and channels.
+
+        (As Relax pad, reshape and transpose ops, TVM fuses them into one loop nest indexed by divisions.)"""
+        from tvm.script import tirx as T
+
+        n, c, h, w = self.x_shape
+        (sh, sw), (hq, wq) = self.strides, self.phase_hw
+        top, left = self.pads[0], self.pads[1]
+
+        @T.prim_func(s_tir=True)
+        def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
+            # opaque (pattern 8): FuseOps would fuse a producer in, which FuseTIR cannot (int32 shapes);
+            # TVM's analyses want a root block
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            with T.sblock("root"):
+                for nc in T.parallel(n * c):
+                    for py, px, y, x in T.grid(sh, sw, hq, wq):
+                        P[nc // c, (py * sw + px) * c + nc % c, y, x] = T.if_then_else(
+                            top <= y * sh + py and y * sh + py < top + h and left <= x * sw + px
+                            and x * sw + px < left + w,
+                            X[nc // c, nc % c, T.min(T.max(y * sh + py - top, 0), h - 1),
+                              T.min(T.max(x * sw + px - left, 0), w - 1)],
+                            T.float32(0))
+
+        return phases
 
 
 def _static_shape(expr) -> list[int] | None:
@@ -488,8 +573,8 @@ class _LoopNestRule(_CPURule):
 
     Schedule: the last two spatial axes tiled into a register tile (rows unrolled, columns vectorised)
     with an accumulator of the tile's size; reductions inside the tile loop; the outer spatial axes
-    parallel; producers inlined, except padding, which is materialised once; the epilogue computed per
-    parallel chunk.
+    parallel; producers inlined, except padding, which is materialised per parallel chunk; the epilogue
+    (bias, relu) applied where the accumulator is written back, else per parallel chunk.
     """
 
     def schedule(self, sch) -> bool:
@@ -520,6 +605,10 @@ class _LoopNestRule(_CPURule):
         sch.reorder(*spatial[:-2], row_out, col_out, *reduce_loops, row_in, col_in)
         # "global" scope: TVM 0.27 makes a small one a stack array; a "local" one a heap workspace.
         accumulator = sch.cache_write(main.block_rv, 0, "global")
+        # The epilogue (bias, relu) applied as the tile leaves its accumulator, not in a pass of its own.
+        epilogues = [
+            info.block_rv for info in infos[reductions[0] + 1 :] if not _try(sch.reverse_compute_inline, info.block_rv)
+        ]
         sch.reverse_compute_at(accumulator, col_out, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(accumulator)[-1])
         sch.unroll(row_in)
@@ -528,13 +617,29 @@ class _LoopNestRule(_CPURule):
         for producer in infos[: reductions[0]]:
             sch.compute_at(producer.block_rv, outer, preserve_unit_loops=True)
             _vectorize_innermost(sch, sch.get_loops(producer.block_rv)[-1], self.lanes)
-        for pad in padding:  # materialised once, not inlined: inlined, every load would test the bounds
-            _schedule_injective(sch, pad.block_rv, self.lanes, self.cores)
-        for epilogue in infos[reductions[0] + 1 :]:
-            sch.reverse_compute_at(epilogue.block_rv, outer, preserve_unit_loops=True)
-            _vectorize_innermost(sch, sch.get_loops(epilogue.block_rv)[-1], self.lanes)
+        for pad in padding:
+            # Materialised, not inlined (inlined, every load would test the bounds); per parallel chunk
+            # where the chunk's window is a box, so that it stays in cache; else once, whole.
+            if _try(sch.compute_at, pad.block_rv, outer, preserve_unit_loops=True):
+                _vectorize_innermost(sch, sch.get_loops(pad.block_rv)[-1], self.lanes)
+            else:
+                _schedule_injective(sch, pad.block_rv, self.lanes, self.cores)
+        for epilogue in epilogues:
+            sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+            _vectorize_innermost(sch, sch.get_loops(epilogue)[-1], self.lanes)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
         return True
+
+
+def _try(primitive, *args, **kwargs) -> bool:
+    """Apply a schedule primitive if it fits; whether it did (a failed primitive leaves the schedule as it was)."""
+    from tvm import s_tir
+
+    try:
+        primitive(*args, **kwargs)
+    except s_tir.ScheduleError:
+        return False
+    return True
 
 
 class _InjectiveRule(_CPURule):
