@@ -99,5 +99,6 @@ def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, A
         "dense_latency_s": report.dense_latency_s,
         "message": report.message,
         "trials": [asdict(trial) for trial in baselines.get("searched", report).history],
+        "validations_total": sum(result.validations for result in baselines.values()) or report.validations,
         "baselines": {name: _report_figures(result) for name, result in baselines.items()},
     }

@@ -84,7 +84,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
                f"{totals['weight_sparsity']:.1%} of their weights pruned; pruner `{plan.get('pruner')}`.")
     if search:
         summary += (f" Budget {search['budget']:g} on `{search['metric']}`: validated loss "
-                    f"{_metric(search.get('metric_loss'))} in {search['validations']} validation(s); search "
+                    f"{_metric(search.get('metric_loss'))} ({search.get('validations_total', search['validations'])} "
+                    f"onnxruntime validations in all, baselines included); search "
                     f"{search.get('time_s', 0):.1f} s, {search.get('kernels_measured', 0)} kernels measured.")
         if search.get("message"):
             summary += f" {search['message']}"
