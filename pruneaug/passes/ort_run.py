@@ -55,3 +55,29 @@ def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], batch_size: in
     session = make_session(model)
     parts = [session.run(None, batch) for batch in batches(model, inputs, batch_size)]
     return [np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(parts[0]))]
+
+
+def weights_as_inputs(model: onnx.ModelProto, weights: set[str]) -> onnx.ModelProto:
+    """`model` with the named initializers also declared as graph inputs, so a run may feed other values.
+
+    One onnxruntime session then serves every probe and every validation: building a session per
+    candidate (serialising and optimising the whole model) costs more than the run itself on large models.
+    """
+    declared = {v.name for v in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name in weights and tensor.name not in declared:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return model
+
+
+class WeightFedRunner:
+    """One session of a model whose named weights each run may replace: run(feeds) -> outputs over the whole data set."""
+
+    def __init__(self, model: onnx.ModelProto, weights: set[str], inputs: Mapping[str, np.ndarray], batch_size: int):
+        fed = weights_as_inputs(model, weights)
+        self.session = make_session(fed)
+        self.batches = list(batches(fed, inputs, batch_size))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        parts = [self.session.run(None, {**batch, **feeds}) for batch in self.batches]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]

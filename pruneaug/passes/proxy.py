@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
@@ -127,13 +126,8 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
     fits the layer gets one more probe, at the middle share, for its scale. onnxruntime runs of the
     calibration set: one for the dense model, then (len(probe_shares) + len(blocks)) per layer.
     """
-    model = _weights_as_inputs(lower(ir), {ir.layer(n).weight for n in ir.prunable_nodes()})
-    session = ort_run.make_session(model)
-    batches = list(ort_run.batches(model, calib_inputs, batch_size))
-
-    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        parts = [session.run(None, {**batch, **feeds}) for batch in batches]
-        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    run = ort_run.WeightFedRunner(lower(ir), {ir.layer(n).weight for n in ir.prunable_nodes()}, calib_inputs,
+                                 batch_size).run
 
     def probe_error(node: str, spec: BlockSpec) -> float:
         """The model's squared relative output error with `node` alone pruned as `spec` says."""
@@ -166,19 +160,6 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                 scales[block] = probe_error(node, BlockSpec(*block, sparsity)) / expected
         result.graph.nodes[node]["sensitivity"] = Sensitivity(sensitivity.shares, sensitivity.errors, scales)
     return result
-
-
-def _weights_as_inputs(model: onnx.ModelProto, weights: set[str]) -> onnx.ModelProto:
-    """`model` with the named initializers also declared as graph inputs, so a run may feed other values.
-
-    One onnxruntime session then serves every probe: building a session per probe (serialising and
-    optimising the whole model) costs more than the run itself on large models.
-    """
-    declared = {v.name for v in model.graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.name in weights and tensor.name not in declared:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    return model
 
 
 def proxy_losses(ir: IRModel, node: str, block: tuple[int, int], sparsities: Sequence[float],

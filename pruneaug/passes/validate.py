@@ -65,14 +65,15 @@ class Validator:
     """The metric loss of a candidate IR against the dense outputs computed once at construction."""
 
     metric: str
-    inputs: Mapping[str, np.ndarray]
+    runner: ort_run.WeightFedRunner  # the dense model with its prunable weights fed per run
+    weights: frozenset[str]
     dense_outputs: Sequence[np.ndarray]
     labels: np.ndarray | None
     note: str
-    batch_size: int = 256
 
     def __call__(self, candidate: IRModel) -> float:
-        return self.loss(ort_run.run(lower(candidate), self.inputs, self.batch_size))
+        """One onnxruntime run: the candidate's prunable weights fed into the dense model's session."""
+        return self.loss(self.runner.run({name: candidate.weights[name] for name in self.weights}))
 
     def loss(self, outputs: Sequence[np.ndarray]) -> float:
         if self.metric == "top1":
@@ -88,5 +89,6 @@ def make_validator(dense_ir: IRModel, inputs: Mapping[str, np.ndarray], labels: 
     note = ""
     if metric == "top1" and labels is None:
         note = "top1 without labels: measured as disagreement with the dense model's argmax"
-    dense = ort_run.run(lower(dense_ir), inputs, batch_size)
-    return Validator(metric, inputs, dense, labels, note, batch_size)
+    weights = frozenset(dense_ir.layer(n).weight for n in dense_ir.prunable_nodes())
+    runner = ort_run.WeightFedRunner(lower(dense_ir), set(weights), inputs, batch_size)
+    return Validator(metric, runner, weights, runner.run({}), labels, note)
