@@ -6,6 +6,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from devices import requires_cuda_gpu
+
 from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, random_bsr_weight
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
@@ -86,14 +88,7 @@ def test_conv_builds_for_cuda():
     assert "conv_cuda" in executable.mod.imports[0].inspect_source("cuda")
 
 
-def _has_gpu() -> bool:
-    try:
-        return tvm.cuda(0).exist
-    except Exception:  # noqa: BLE001 (no CUDA runtime at all)
-        return False
-
-
-@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine")
+@requires_cuda_gpu
 @pytest.mark.parametrize("case", CASES[3:6])
 def test_cuda_conv_matches_onnxruntime(case):
     x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias = case

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devices import requires_cuda_gpu
+
 from pruneaug.codegen.bsr import (
     BSRWeight,
     bsr_matmul_kernel,
@@ -203,14 +205,7 @@ def test_cuda_kernel_builds_source():
     assert "cuda_k" in executable.mod.imports[0].inspect_source("cuda")
 
 
-def _has_gpu() -> bool:
-    try:
-        return tvm.cuda(0).exist
-    except Exception:  # noqa: BLE001 (no CUDA runtime at all)
-        return False
-
-
-@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine")
+@requires_cuda_gpu
 @pytest.mark.parametrize("block", [(1, 1), (8, 8), (16, 4)])
 def test_cuda_kernel_matches_numpy(block):
     cuda = resolve_target("cuda")

@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from devices import requires_cuda_gpu
+
 import zoo
 from pruneaug.codegen.export import export_artifact, model_signature
 from pruneaug.codegen.relax_build import build_model
@@ -144,12 +146,6 @@ def test_arm64_without_cross_compiler_writes_objects(arm64_executable, model, tm
     assert path.suffix == ".tar" and path.stat().st_size > 0
 
 
-def _has_gpu() -> bool:
-    import tvm
-
-    return tvm.runtime.device("cuda", 0).exist
-
-
 @pytest.fixture(scope="module")
 def cuda_artifact(model, tmp_path_factory):
     if shutil.which("nvcc") is None:
@@ -168,7 +164,7 @@ def test_cuda_export_ships_compiled_kernels(cuda_artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU")
+@requires_cuda_gpu
 def test_cuda_artifact_runs(cuda_artifact, model, inputs):
     (y,) = load(cuda_artifact, device="cuda").run(inputs)
     (expected,) = reference(model, inputs)
