@@ -253,7 +253,7 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     if costs.runner is not None:
         shapes = {(layer.shape[0], layer.shape[1], layer.m or 1) for layer in scored.layers()}
         # a few densities per block shape; the fitted model answers the rest of the grid
-        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if supported(None, b)])
+        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)])
     layer_latency = latency.layer_latency(costs)
     validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
     ir = proxy.measure_sensitivities(scored, calib_data.inputs)  # per-block probes: no consistent gain, 2.7x the runs

@@ -35,16 +35,22 @@ def layer_latency(costs):
     return latency
 
 
-def block_supported(profile):
-    """The search's filter: block shapes the target's kernels can serve."""
+def target_serves(profile, block: tuple[int, int]) -> bool:
+    """Whether the target's kernels can serve `block` (whatever the layer)."""
     from pruneaug.codegen.bsr import check_block_supported
 
+    try:
+        check_block_supported(profile, block)
+    except CodegenError:
+        return False
+    return True
+
+
+def block_supported(profile):
+    """The search's filter: block shapes the target's kernels can serve."""
+
     def supported(layer: PrunableLayer, block: tuple[int, int]) -> bool:
-        try:
-            check_block_supported(profile, block)
-        except CodegenError:
-            return False
-        return True
+        return target_serves(profile, block)
 
     return supported
 
