@@ -1,6 +1,9 @@
 """Block-sparse Conv2d kernels against onnxruntime's Conv on the same (pruned) dense weight."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -9,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from devices import requires_cuda_gpu
 
 from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, random_bsr_weight
+from pruneaug.codegen.schedule import conv_schedule
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 
@@ -39,17 +43,25 @@ CASES = [
     ((2, 6, 9, 7), 10, (1, 3), (2, 1), (0, 2, 1, 0), (1, 2), (3, 2), 0.4, True),    # 1x3, ragged blocks
     ((1, 3, 6, 6), 7, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), (8, 8), 1.0, True),     # unpadded 3x3, dense
     ((1, 5, 5, 5), 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (2, 2), 0.0, True),     # nothing kept: bias only
+    # small maps, the channel-vectorised layout's own tiles:
+    ((2, 16, 8, 8), 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (8, 8), 0.3, True),   # 8x8 map, N=2, ragged out
+    ((1, 4, 7, 3), 20, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), (16, 4), 0.5, True),   # 5x1 out: 3x1 tiles, ragged h
+    ((1, 8, 9, 9), 20, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), (16, 4), 0.4, False),  # 7x7 out: 1x4 tiles, ragged w
+    ((1, 6, 14, 14), 16, (3, 3), (2, 2), (1, 1, 1, 1), (2, 2), (16, 2), 0.5, True),  # strided, dilated
 ]
 
 
-@pytest.mark.parametrize("x_shape,out_c,khw,strides,pads,dilations,block,density,with_bias", CASES)
-def test_bsr_conv_matches_onnxruntime(x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias):
+def _check_conv(case, layout: str | None = None, activation: str | None = None) -> None:
+    x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias = case
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density)
     bias = rng.standard_normal(out_c).astype(np.float32) if with_bias else None
     x = rng.standard_normal(x_shape).astype(np.float32)
-    kernel = bsr_conv2d_kernel(X86, x_shape, weight, khw, strides, pads, dilations, bias)
+    kernel = bsr_conv2d_kernel(X86, x_shape, weight, khw, strides, pads, dilations, bias,
+                               activation=activation, layout=layout)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
+    if activation == "relu":
+        expected = np.maximum(expected, 0)
     assert [int(d) for d in kernel.primfunc.params[-1].shape] == list(expected.shape)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
@@ -58,10 +70,50 @@ def test_bsr_conv_matches_onnxruntime(x_shape, out_c, khw, strides, pads, dilati
     np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["pixvec", "chanvec"])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_bsr_conv_matches_onnxruntime(case, layout):
+    """Both CPU layouts, whichever the schedule would pick, on every stride, pad and dilation."""
+    _check_conv(case, layout)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8], CASES[10]], ids=["1x1", "3x3", "8x8map", "ragged_h"])
+def test_relu_epilogue_matches_onnxruntime(case):
+    _check_conv(case, activation="relu")
+
+
+@pytest.mark.parametrize("out_hw,block,layout", [
+    ((8, 8), (8, 8), "chanvec"),     # a row is one AVX2 vector: vectorise over the block's channels
+    ((14, 14), (16, 16), "chanvec"),
+    ((56, 56), (16, 16), "chanvec"),
+    ((8, 8), (4, 4), "pixvec"),      # the block's rows do not fill a vector
+    ((1, 3136), (8, 8), "pixvec"),   # 1x1 conv flattened to one long row
+    ((1, 196), (8, 8), "chanvec"),   # ... to one short row (14x14)
+])
+def test_short_rows_are_vectorised_over_channels(out_hw, block, layout):
+    """On AVX2 (8 lanes); the kernel is built with the schedule's tiles (the cost model reads the same)."""
+    avx2 = dataclasses.replace(resolve_target("x86"), simd_bytes=32)
+    schedule = conv_schedule(avx2, out_hw, block)
+    assert schedule.layout == layout
+    if layout == "chanvec":
+        assert schedule.tiles["tile_h"] * schedule.tiles["tile_w"] * -(-block[0] // 8) <= 8
+        weight = random_bsr_weight(block[0] * 2, 4 * 9, block, 0.5)
+        kernel = bsr_conv2d_kernel(avx2, (1, 4, out_hw[0] + 2, out_hw[1] + 2), weight, (3, 3), (1, 1),
+                                   (0, 0, 0, 0), (1, 1))
+        acc = re.search(r"acc = T.alloc_buffer\(\((\d+), (\d+), (\d+)\)", kernel.primfunc.script()).groups()
+        assert tuple(int(d) for d in acc) == (schedule.tiles["tile_h"], schedule.tiles["tile_w"], block[0])
+
+
 def test_conv_weight_shape_mismatch_is_a_codegen_error():
     weight = random_bsr_weight(8, 20, (4, 4), 0.5)
     with pytest.raises(CodegenError, match=r"does not match input channels 3 x kernel 3x3"):
         bsr_conv2d_kernel(X86, (1, 3, 8, 8), weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+
+
+def test_unknown_activation_is_a_codegen_error():
+    weight = random_bsr_weight(8, 27, (4, 4), 0.5)
+    with pytest.raises(CodegenError, match="activation 'gelu' is not supported by the block-sparse kernels"):
+        bsr_conv2d_kernel(X86, (1, 3, 8, 8), weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), activation="gelu")
 
 
 def test_conv_unsupported_block_is_a_codegen_error():
@@ -83,22 +135,26 @@ def test_conv_compiles_for_arm64(tmp_path):
 def test_conv_builds_for_cuda():
     cuda = resolve_target("cuda")
     weight = random_bsr_weight(10, 6 * 3, (3, 2), 0.4)
-    kernel = bsr_conv2d_kernel(cuda, (2, 6, 9, 7), weight, (1, 3), (2, 1), (0, 2, 1, 0), (1, 2), name="conv_cuda")
+    kernel = bsr_conv2d_kernel(cuda, (2, 6, 9, 7), weight, (1, 3), (2, 1), (0, 2, 1, 0), (1, 2), name="conv_cuda",
+                               activation="relu")
     executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=cuda.tvm())
-    assert "conv_cuda" in executable.mod.imports[0].inspect_source("cuda")
+    source = executable.mod.imports[0].inspect_source("cuda")
+    assert "conv_cuda" in source and "max(" in source  # the ReLU epilogue
 
 
 @requires_cuda_gpu
-@pytest.mark.parametrize("case", CASES[3:6])
-def test_cuda_conv_matches_onnxruntime(case):
+@pytest.mark.parametrize("case,activation", [(CASES[3], None), (CASES[4], None), (CASES[5], "relu")])
+def test_cuda_conv_matches_onnxruntime(case, activation):
     x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias = case
     cuda = resolve_target("cuda")
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density)
     bias = rng.standard_normal(out_c).astype(np.float32) if with_bias else None
     x = rng.standard_normal(x_shape).astype(np.float32)
-    kernel = bsr_conv2d_kernel(cuda, x_shape, weight, khw, strides, pads, dilations, bias)
+    kernel = bsr_conv2d_kernel(cuda, x_shape, weight, khw, strides, pads, dilations, bias, activation=activation)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
+    if activation == "relu":
+        expected = np.maximum(expected, 0)
     dev = tvm.cuda(0)
     args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
     args.append(tvm.runtime.empty(expected.shape, "float32", dev))

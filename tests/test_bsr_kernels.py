@@ -1,6 +1,7 @@
 """BSR format and matmul kernels against numpy, on x86 (run), arm64 and CUDA (build; run where possible)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 
@@ -41,13 +42,17 @@ def _run(kernel, x: np.ndarray) -> np.ndarray:
     return args[-1].numpy()
 
 
-def _check_matmul(m: int, out: int, in_: int, block, density: float, with_bias: bool, seed: int = 0):
+def _check_matmul(m: int, out: int, in_: int, block, density: float, with_bias: bool, seed: int = 0,
+                  activation: str | None = None, profile=X86):
+    """The kernel scheduled for `profile` (built and run on this x86 host) against numpy."""
     rng = np.random.default_rng(seed)
     weight = random_bsr_weight(out, in_, block, density, seed=seed)
     bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
     x = rng.standard_normal((m, in_)).astype(np.float32)
-    y = _run(bsr_matmul_kernel(X86, m, weight, bias), x)
+    y = _run(bsr_matmul_kernel(profile, m, weight, bias, activation=activation), x)
     expected = x @ weight.to_dense().T + (bias if with_bias else 0)
+    if activation == "relu":
+        expected = np.maximum(expected, 0)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -103,19 +108,55 @@ def test_bsr_matmul_schedules(m, out, in_, block, density, with_bias):
     _check_matmul(m, out, in_, block, density, with_bias)
 
 
-@pytest.mark.parametrize("m,out,in_", [
-    (16, 48, 32),
-    (5, 33, 70),
-    (64, 20, 1100),  # X over 256 KiB: two column chunks, the second adding to Y; ragged in and out
+@pytest.mark.parametrize("m,out,in_,block,with_bias", [
+    (40, 48, 64, (8, 8), True),       # rowvec
+    (37, 50, 45, (16, 16), False),    # rowvec, ragged m, in and out (the staged store)
+    (33, 40, 30, (1, 1), True),       # mvec
+    (19, 41, 29, (4, 1), False),      # mvec, ragged out tile
 ])
-def test_dense_matmul_matches_numpy(m, out, in_):
+def test_relu_epilogue_matches_numpy(m, out, in_, block, with_bias):
+    _check_matmul(m, out, in_, block, 0.5, with_bias, activation="relu")
+
+
+@pytest.mark.parametrize("m,out,in_,activation", [
+    (16, 48, 32, None),
+    (5, 33, 70, "relu"),
+    (64, 20, 1100, None),  # X over 256 KiB: two column chunks, the second adding to Y; ragged in and out
+    (64, 20, 1100, "relu"),  # the ReLU only once the last chunk is summed in
+])
+def test_dense_matmul_matches_numpy(m, out, in_, activation):
     rng = np.random.default_rng(1)
     w, bias = rng.standard_normal((out, in_)).astype(np.float32), rng.standard_normal(out).astype(np.float32)
     x = rng.standard_normal((m, in_)).astype(np.float32)
-    kernel = dense_matmul_kernel(X86, m, w, bias, name="dense_test")
+    kernel = dense_matmul_kernel(X86, m, w, bias, name="dense_test", activation=activation)
     assert kernel.constants[2].shape[1] - 1 == (2 if in_ > 1000 else 1)  # column chunks per block row
     y = _run(kernel, x)
-    np.testing.assert_allclose(y, x @ w.T + bias, rtol=1e-4, atol=1e-4)
+    expected = x @ w.T + bias
+    np.testing.assert_allclose(y, np.maximum(expected, 0) if activation else expected, rtol=1e-4, atol=1e-4)
+
+
+AVX2 = dataclasses.replace(X86, simd_bytes=32, l1_bytes=32 << 10)
+
+
+def test_thin_m_tiles_keep_a_block_rows_weights_in_l1():
+    """32-row blocks on AVX2 take m in tiles of 2: a block row's kept weights are cut into column chunks
+    of L1 size (at most 4, at least a block each); the dense kernel keeps its X-sized chunks."""
+    assert kernel_schedule(AVX2, 128, 384, 1536, (32, 32), 58).tiles["k_chunks"] == 4   # 19.6 KB a row
+    assert kernel_schedule(AVX2, 128, 1536, 384, (32, 32), 58).tiles["k_chunks"] == 1   # 1.2 blocks a row
+    assert kernel_schedule(AVX2, 128, 384, 1536, (16, 16), 230).tiles["k_chunks"] == 1  # m tiles of 4
+    assert kernel_schedule(AVX2, 128, 768, 3072, (16, 32), 48 * 96).tiles["k_chunks"] == 6  # X in L2
+
+
+def test_weight_chunks_with_relu_match_numpy():
+    """Ragged m, in and out, four column chunks of a block row's weights, the ReLU after the last."""
+    assert kernel_schedule(AVX2, 19, 70, 1000, (32, 32), 30).tiles["k_chunks"] == 4
+    _check_matmul(19, 70, 1000, (32, 32), 30 / (3 * 32), True, activation="relu", profile=AVX2)
+
+
+def test_unknown_activation_is_a_codegen_error():
+    with pytest.raises(CodegenError, match=r"activation 'tanh' is not supported by the block-sparse kernels "
+                                           r"\(known: None, 'relu'\)"):
+        bsr_matmul_kernel(X86, 4, random_bsr_weight(8, 8, (4, 4), 0.5), activation="tanh")
 
 
 def test_kernel_signature_and_time_kernel():
@@ -200,26 +241,30 @@ def test_arm64_kernel_compiles_to_object_code(tmp_path):
 
 def test_cuda_kernel_builds_source():
     cuda = resolve_target("cuda")
-    kernel = bsr_matmul_kernel(cuda, 7, random_bsr_weight(37, 29, (4, 3), 0.5), name="cuda_k")
+    kernel = bsr_matmul_kernel(cuda, 7, random_bsr_weight(37, 29, (4, 3), 0.5), name="cuda_k", activation="relu")
     executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=cuda.tvm())
-    assert "cuda_k" in executable.mod.imports[0].inspect_source("cuda")
+    source = executable.mod.imports[0].inspect_source("cuda")
+    assert "cuda_k" in source and "max(" in source  # the ReLU epilogue
 
 
 @requires_cuda_gpu
 @pytest.mark.parametrize("block", [(1, 1), (8, 8), (16, 4)])
-def test_cuda_kernel_matches_numpy(block):
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_cuda_kernel_matches_numpy(block, activation):
     cuda = resolve_target("cuda")
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(70, 45, block, 0.4)
     bias = rng.standard_normal(70).astype(np.float32)
     x = rng.standard_normal((33, 45)).astype(np.float32)
-    kernel = bsr_matmul_kernel(cuda, 33, weight, bias)
+    kernel = bsr_matmul_kernel(cuda, 33, weight, bias, activation=activation)
     module = compile_kernel(kernel, cuda)
     dev = tvm.cuda(0)
     args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
     args.append(tvm.runtime.empty((33, 70), "float32", dev))
     module[kernel.name](*args)
-    np.testing.assert_allclose(args[-1].numpy(), x @ weight.to_dense().T + bias, rtol=1e-4, atol=1e-4)
+    expected = x @ weight.to_dense().T + bias
+    np.testing.assert_allclose(args[-1].numpy(), np.maximum(expected, 0) if activation else expected,
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("m", [4, 5, 7])

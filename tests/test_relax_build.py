@@ -94,14 +94,18 @@ def test_cnn_convolutions(x86):
     assert_matches_onnxruntime(ex, model, inputs)
 
 
-def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], **attrs) -> onnx.ModelProto:
-    """x -> Conv (with bias) -> y, weights seeded; y's shape inferred (the frontend wants it)."""
+def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: bool = False,
+                **attrs) -> onnx.ModelProto:
+    """x -> Conv (with bias) [-> Relu] -> y, weights seeded; y's shape inferred (the frontend wants it)."""
     rng = np.random.default_rng(1)
     weight = numpy_helper.from_array(rng.standard_normal((c_out, x_shape[1], *kernel)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b")
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=list(kernel), **attrs)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if relu else "y"], name="conv",
+                              kernel_shape=list(kernel), **attrs)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
                               [y], [weight, bias])
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
@@ -123,15 +127,33 @@ def test_sparse_layers_use_the_block_sparse_kernel(x86, monkeypatch):
     calls = []
     real = bsr.bsr_matmul_kernel
 
-    def spy(target, m, weight, bias=None, name="bsr_matmul"):
-        calls.append((name, weight.shape, weight.block, bias is not None))
-        return real(target, m, weight, bias, name)
+    def spy(target, m, weight, bias=None, name="bsr_matmul", activation=None):
+        calls.append((name, weight.shape, weight.block, bias is not None, activation))
+        return real(target, m, weight, bias, name, activation)
 
     monkeypatch.setattr(bsr, "bsr_matmul_kernel", spy)
-    model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8)})
-    build_model(model, {"fc1.weight": (8, 8)}, x86, {"x": [2, 64]})
+    model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8), "fc3.weight": (2, 2)})
+    build_model(model, {"fc1.weight": (8, 8), "fc3.weight": (2, 2)}, x86, {"x": [2, 64]})
     sparse = [call for call in calls if call[0] == "bsr_matmul"]
-    assert sparse == [("bsr_matmul", (128, 64), (8, 8), True)]  # MatMul + Add: the bias add is fused in
+    # MatMul + Add + Relu: the bias add and the ReLU are fused in; the last Gemm has no ReLU after it
+    assert sparse == [("bsr_matmul", (128, 64), (8, 8), True, "relu"), ("bsr_matmul", (10, 96), (2, 2), True, None)]
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 1, 1, 1]}])
+def test_relu_after_a_conv_is_fused_into_its_kernel(x86, monkeypatch, attrs):
+    activations = []
+    real = bsr.bsr_conv2d_kernel
+
+    def spy(*args, activation=None, **kwargs):
+        activations.append(activation)
+        return real(*args, activation=activation, **kwargs)
+
+    monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
+    model = prune_blocks(single_conv([1, 8, 8, 8], 16, (3, 3), relu=True, **attrs), {"w": (8, 8)}, density=0.5)
+    inputs = {"x": np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)}
+    executable = build_model(model, {"w": (8, 8)}, x86)
+    assert activations == ["relu"]
+    assert_matches_onnxruntime(executable, model, inputs)
 
 
 def test_unsupported_block_fails_before_compiling(x86, monkeypatch):
@@ -163,8 +185,8 @@ def test_unknown_sparse_weight_is_named(x86):
 def test_gate_names_the_first_layer_that_differs(x86, monkeypatch):
     real = bsr.bsr_matmul_kernel
 
-    def broken(target, m, weight, bias=None, name="bsr_matmul"):
-        kernel = real(target, m, weight, bias, name)
+    def broken(target, m, weight, bias=None, name="bsr_matmul", activation=None):
+        kernel = real(target, m, weight, bias, name, activation)
         if name != "bsr_matmul":  # the dense kernel is this function too
             return kernel
         return bsr.Kernel(kernel.primfunc, kernel.name, [kernel.constants[0] * 1.01, *kernel.constants[1:]])

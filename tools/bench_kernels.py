@@ -4,6 +4,7 @@
     python tools/bench_kernels.py [--threads 2] [--rounds 40] [--number 5] [--quick]
     python tools/bench_kernels.py --threads 1 --clock thread   # CPU time: robust to a loaded machine
     python tools/bench_kernels.py --threads 1 --clock thread --baked   # pattern baked in vs read at run time
+    python tools/bench_kernels.py --threads 1 --clock thread --part conv   # only the conv table
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -11,6 +12,9 @@ mean call time. Ratios are onnxruntime dense / ours (higher is better). Also pri
 the best rounds (min), which is what the kernel does on a quiet machine. `--clock thread` times
 the calling thread's CPU time instead of the wall clock (with one thread every competitor runs in
 the calling thread): on a machine shared with other jobs it is the figure that does not move.
+The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" along output rows,
+"chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
+schedule picks.
 """
 from __future__ import annotations
 
@@ -29,8 +33,13 @@ BLOCKS = [(1, 1), (1, 4), (4, 1), (4, 4), (8, 8), (16, 16), (32, 32)]
 CONVS = [  # name, x_shape, Cout, kernel, pads
     ("3x3 64->64 56x56", (1, 64, 56, 56), 64, (3, 3), (1, 1, 1, 1)),
     ("1x1 256->64 56x56", (1, 256, 56, 56), 64, (1, 1), (0, 0, 0, 0)),
+    ("3x3 256->256 14x14", (1, 256, 14, 14), 256, (3, 3), (1, 1, 1, 1)),
+    ("1x1 256->256 14x14", (1, 256, 14, 14), 256, (1, 1), (0, 0, 0, 0)),
+    ("3x3 64->128 8x8", (1, 64, 8, 8), 128, (3, 3), (1, 1, 1, 1)),
+    ("3x3 512->512 7x7", (1, 512, 7, 7), 512, (3, 3), (1, 1, 1, 1)),
 ]
-CONV_BLOCKS = [(1, 1), (4, 1), (4, 4), (8, 8), (16, 16)]
+CONV_BLOCKS = [(1, 1), (4, 1), (4, 4), (8, 8), (16, 16), (32, 32)]
+CONV_LAYOUTS = ["pixvec", "chanvec"]
 
 
 CLOCK = time.perf_counter
@@ -121,22 +130,31 @@ def bench_matmul(target, m: int, rounds: int, number: int, threads: int, blocks,
 
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
+    from pruneaug.codegen.conv import conv_geometry
+    from pruneaug.codegen.schedule import conv_schedule
 
-    print(f"\n## Conv, N=1, 90% block sparsity, x86 host, {threads} threads")
-    print("| conv | block | ours µs | ort dense µs | ort/ours (median) | ort/ours (min) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n## Conv, N=1, 90% block sparsity, x86 host, {threads} threads (TVM_NUM_THREADS={threads}, "
+          f"ort intra_op={threads}); * = the layout the schedule picks")
+    print("| conv | block | " + " | ".join(f"{layout} µs" for layout in CONV_LAYOUTS) + " | ort dense µs | "
+          + " | ".join(f"ort/{layout} (median)" for layout in CONV_LAYOUTS) + " | ort/picked (min) |")
+    print("|---|---|" + "---|" * (2 * len(CONV_LAYOUTS) + 2))
     rng = np.random.default_rng(0)
     for label, x_shape, out_c, khw, pads in CONVS:
         x = rng.standard_normal(x_shape).astype(np.float32)
+        geo = conv_geometry(x_shape, khw, (1, 1), pads, (1, 1))
         for block in blocks:
+            picked = conv_schedule(target, (geo.out_h, geo.out_w), block).layout
             weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, 0.1, seed=1)
             w4 = weight.to_dense().reshape(out_c, x_shape[1], *khw)
             session = ort_session(one_node_model("Conv", x_shape, w4, pads=list(pads)), threads)
-            kernel = bsr_conv2d_kernel(target, x_shape, weight, khw, (1, 1), pads, (1, 1))
-            calls = {"ours": tvm_call(kernel, target, x), "ort": lambda s=session: s.run(None, {"x": x})}
+            calls = {layout: tvm_call(bsr_conv2d_kernel(target, x_shape, weight, khw, (1, 1), pads, (1, 1),
+                                                        layout=layout), target, x) for layout in CONV_LAYOUTS}
+            calls["ort"] = lambda s=session: s.run(None, {"x": x})
             t = summarise(time_interleaved(calls, rounds, number))
-            print(f"| {label} | {block[0]}x{block[1]} | {t['ours'][0] * 1e6:.0f} | {t['ort'][0] * 1e6:.0f} "
-                  f"| {t['ort'][0] / t['ours'][0]:.2f}x | {t['ort'][1] / t['ours'][1]:.2f}x |", flush=True)
+            times = " | ".join(f"{t[layout][0] * 1e6:.0f}{'*' if layout == picked else ''}" for layout in CONV_LAYOUTS)
+            ratios = " | ".join(f"{t['ort'][0] / t[layout][0]:.2f}x" for layout in CONV_LAYOUTS)
+            print(f"| {label} | {block[0]}x{block[1]} | {times} | {t['ort'][0] * 1e6:.0f} | {ratios} "
+                  f"| {t['ort'][1] / t[picked][1]:.2f}x |", flush=True)
 
 
 def baked_rowvec_kernel(m: int, weight, m_tile: int):
@@ -203,6 +221,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
+    parser.add_argument("--part", choices=["all", "matmul", "conv"], default="all", help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -225,8 +244,10 @@ def main() -> None:
         return
     blocks = [(1, 1), (16, 16)] if args.quick else BLOCKS
     densities = [0.1] if args.quick else [0.1, 0.5]
-    bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
-    bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
+    if args.part in ("all", "matmul"):
+        bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
+    if args.part in ("all", "conv"):
+        bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
 
 
 if __name__ == "__main__":

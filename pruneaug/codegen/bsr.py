@@ -8,7 +8,9 @@
 A `Kernel` is one PrimFunc in destination-passing style, `X, *constants, Y`, with static shapes and
 its constants already in the layout that its schedule wants; `compile_kernel` builds it alone,
 Relax embeds the same PrimFunc with `call_tir`. Which layout and tiles a block shape gets on which
-target is decided by `schedule.kernel_schedule`, which the cost model shares.
+target is decided by `schedule.kernel_schedule` and `schedule.conv_schedule`, which the cost model
+shares. Every kernel takes an `activation` (None or "relu", `ACTIVATIONS`) applied as it stores Y,
+so that `relu(layer(x) + bias)` is one call.
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import numpy as np
 
 from pruneaug.codegen import conv, cpu_kernels, cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias, random_bsr_weight, to_bsr
+from pruneaug.codegen.cpu_kernels import ACTIVATIONS
 from pruneaug.codegen.schedule import DENSE_BLOCK, kernel_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 
 __all__ = [
-    "BSRWeight", "Kernel", "to_bsr", "random_bsr_weight", "check_block_supported", "bsr_matmul_kernel",
+    "ACTIVATIONS", "BSRWeight", "Kernel", "to_bsr", "random_bsr_weight", "check_block_supported", "bsr_matmul_kernel",
     "dense_matmul_kernel", "bsr_conv2d_kernel", "compile_kernel", "time_kernel",
 ]
 
@@ -50,24 +53,35 @@ def check_block_supported(target: TargetProfile, block: tuple[int, int]) -> None
         raise CodegenError(f"block {r}x{c}: target {target.name} has no block-sparse kernels")
 
 
+def check_activation(activation: str | None) -> None:
+    """Raise `CodegenError` for an activation the kernels cannot apply as they store their result."""
+    if activation not in ACTIVATIONS:
+        known = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise CodegenError(f"activation {activation!r} is not supported by the block-sparse kernels (known: {known})")
+
+
 def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np.ndarray | None = None,
-                      name: str = "bsr_matmul") -> Kernel:
-    """`Y[m, out] = X[m, in] @ W.T (+ bias)` with W block-sparse, scheduled for `target`."""
+                      name: str = "bsr_matmul", activation: str | None = None) -> Kernel:
+    """`Y[m, out] = act(X[m, in] @ W.T (+ bias))` with W block-sparse, scheduled for `target`."""
     check_block_supported(target, weight.block)
+    check_activation(activation)
     out, in_ = weight.shape
     data, indices = nonempty_blocks(weight)
-    if target.kind == "cuda":  # its m tile is `kernel_schedule`'s, derived in the builder
-        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, len(indices))
+    schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
+    if target.kind == "cuda":
+        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+                                       **schedule.tiles)
         consts = [data, indices, weight.indptr, padded_bias(bias, out, weight.block_rows * weight.block[0])]
         return Kernel(func.with_attr("global_symbol", name), name, consts)
-    schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
     pointers = weight.indptr.astype(np.int32)
     if schedule.layout == "rowvec":
-        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), **schedule.tiles)
+        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+                                         **schedule.tiles)
         data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows are contiguous
         pointers = cpu_kernels.chunk_pointers(pointers, indices, weight.block_cols, schedule.tiles["k_chunks"])
     else:
-        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), **schedule.tiles)
+        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+                                       **schedule.tiles)
     bias_len = int(func.params[4].shape[0])
     consts = [np.ascontiguousarray(data, np.float32), indices.astype(np.int32), pointers,
               padded_bias(bias, out, bias_len)]
@@ -75,20 +89,23 @@ def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np
 
 
 def dense_matmul_kernel(target: TargetProfile, m: int, w2d: np.ndarray, bias: np.ndarray | None = None,
-                        name: str = "dense_matmul") -> Kernel:
+                        name: str = "dense_matmul", activation: str | None = None) -> Kernel:
     """The dense layer as a BSR product with every block kept: the rowvec layout is a packed GEMM
     micro-kernel (a `m_tile x r` register tile over a `[c, r]`-packed weight panel)."""
     weight = to_bsr(np.asarray(w2d, np.float32), DENSE_BLOCK)
-    return bsr_matmul_kernel(target, m, weight, bias, name)
+    return bsr_matmul_kernel(target, m, weight, bias, name, activation)
 
 
 def bsr_conv2d_kernel(target: TargetProfile, x_shape: tuple[int, int, int, int], weight: BSRWeight,
                       kernel_hw: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
                       dilations: tuple[int, int], bias: np.ndarray | None = None,
-                      name: str = "bsr_conv2d") -> Kernel:
-    """Group-1 Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with `W[Cout, C*kh*kw]` block-sparse."""
+                      name: str = "bsr_conv2d", activation: str | None = None, layout: str | None = None) -> Kernel:
+    """Group-1 Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with `W[Cout, C*kh*kw]` block-sparse, then
+    `activation`. `layout` forces a CPU layout of `schedule.conv_schedule` (benchmarks compare them)."""
     check_block_supported(target, weight.block)
-    func, consts = conv.bsr_conv2d(target, x_shape, weight, kernel_hw, strides, pads, dilations, bias)
+    check_activation(activation)
+    func, consts = conv.bsr_conv2d(target, x_shape, weight, kernel_hw, strides, pads, dilations, bias,
+                                   activation, layout)
     return Kernel(func.with_attr("global_symbol", name), name, consts)
 
 

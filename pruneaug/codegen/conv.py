@@ -4,10 +4,18 @@ The canonical weight is `W[Cout, C*kh*kw]` (im2col order: cin major, then kh, kw
 the im2col matrix at output pixel `(ho, wo)` is `Xp[cin, ho*sh + dy*dh, wo*sw + dx*dw]` of the
 padded input `Xp`: one flat offset per column (`col_offsets`, a kernel constant) plus a per-pixel
 base. So nothing but the padded input is materialised (and not even that for an unpadded conv whose
-rows the tiles divide), and the kernel is the m-vectorised BSR product with NCHW output for free:
-vectorised over a tile of `wo` within an output row, `acc[row_group, tile] += data[b, row, k] *
-Xp[off[col] + base : ... : sw]`. A 1x1, stride-1, unpadded conv is one row of `H*W` pixels.
-Parameters: `X[N, C, H, W], data[nnzb, r, c], indices, indptr, col_offsets, bias, Y[N, Cout, Ho, Wo]`.
+rows the tiles divide). Two layouts, chosen by `schedule.conv_schedule`:
+
+* "pixvec": vectorised over a tile of `wo` within an output row, `acc[row_group, tile] += data[b, row,
+  k] * Xp[off[col] + base : ... : sw]`, data `[nnzb, r, c]`; NCHW output rows stored as they are.
+* "chanvec": vectorised over the `r` output channels of a block, `acc[tile_h, tile_w, r] +=
+  Xp[off[col] + base(pixel)] * data[b, k, :]`, data prepacked `[nnzb, c, r]`: on short output rows
+  (8x8, 14x14 maps) a row is one or two vectors, so "pixvec" has few pixels per kept weight to reuse
+  it on, while here each weight vector serves `tile_h * tile_w` pixels; the tile is stored transposed.
+
+A 1x1, stride-1, unpadded conv is one row of `H*W` pixels. The bias and an optional activation are
+applied as the accumulators are stored.
+Parameters: `X[N, C, H, W], data, indices, indptr, col_offsets, bias, Y[N, Cout, Ho, Wo]`.
 """
 from __future__ import annotations
 
@@ -18,11 +26,10 @@ from tvm.script import tirx as T
 
 from pruneaug.codegen import cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias
+from pruneaug.codegen.cpu_kernels import activation_epilogue
+from pruneaug.codegen.schedule import Schedule, conv_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
-
-MAX_TILE_VECTORS = 4  # vectors of pixels per accumulator row
-
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -69,38 +76,56 @@ def column_offsets(geo: ConvGeometry, kernel_hw, dilations, columns: int) -> np.
     return offsets
 
 
-def _tiles(out_w: int, lanes: int, r: int) -> tuple[int, int]:
-    """(row_group, pixel tile): at most 12 accumulator registers, tiles that waste little of a row."""
-    vectors = -(-out_w // lanes)
-    tiles = -(-vectors // MAX_TILE_VECTORS)
-    tile_vectors = -(-vectors // tiles)
-    row_group = max(g for g in (4, 3, 2, 1) if r % g == 0 and g * tile_vectors <= 12)
-    return row_group, tile_vectors * lanes
-
-
-def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int], nnzb: int,
-                  columns: int, lanes: int):
-    """The CPU PrimFunc: a padded copy of X unless it can be read in place, then per (image, block
-    row, output row) task the `row_group x tile` register tiles over the kept blocks."""
+def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int], nnzb: int, columns: int,
+                  schedule: Schedule, activation: str | None = None):
+    """The CPU PrimFunc: a padded copy of X unless it can be read in place, then the register tiles over
+    the kept blocks of the schedule's layout (see the module docstring), the bias and `activation` applied
+    as the tiles are stored."""
     n, c, h, w = x_shape
     r, cb = block
     block_rows = -(-out_c // r)
-    row_group, tile = _tiles(geo.out_w, lanes, r)
-    groups = r // row_group
-    w_tiles = -(-geo.out_w // tile)
-    ragged_w = w_tiles * tile != geo.out_w
     ragged_out = out_c % r != 0
-    direct = geo.direct and not ragged_w
-    flattened = geo.padded_w == h * w and geo.padded_h == 1 and h > 1
-    image = c * geo.padded_h * geo.padded_w
-    image_pad = image + (w_tiles * tile - geo.out_w) * geo.stride_w + 1  # reads past a row's end
+    chanvec = schedule.layout == "chanvec"
+    assert schedule.layout in ("chanvec", "pixvec"), schedule
+    act = activation_epilogue(activation)
     oh, ow, sh, sw = geo.out_h, geo.out_w, geo.stride_h, geo.stride_w
     hp, wp, top, left = geo.padded_h, geo.padded_w, geo.pad_top, geo.pad_left
+    image = c * hp * wp
+    if chanvec:
+        tile_h, tile_w = schedule.tiles["tile_h"], schedule.tiles["tile_w"]
+        h_tiles, w_tiles = -(-oh // tile_h), -(-ow // tile_w)
+        ragged_h, ragged_w = h_tiles * tile_h != oh, w_tiles * tile_w != ow
+        direct = geo.direct  # a tail tile reads the last pixel again (clamped), never past the image
+        image_pad = image
+        data_shape = (nnzb, cb, r)
+    else:
+        row_group, tile = schedule.tiles["row_group"], schedule.tiles["tile"]
+        groups = r // row_group
+        w_tiles = -(-ow // tile)
+        ragged_w = w_tiles * tile != ow
+        direct = geo.direct and not ragged_w
+        image_pad = image if direct else image + (w_tiles * tile - ow) * sw + 1  # a tail tile reads past its row's end
+        data_shape = (nnzb, r, cb)
+        ragged_h = False
+
+    # index arithmetic of the chanvec tasks, named (TVMScript evaluates these Python calls while parsing)
+    def block_row(task):
+        return task // (n * h_tiles)
+
+    def image_of(task):
+        return task // h_tiles % n
+
+    def out_y(task, ty):
+        return task % h_tiles * tile_h + ty
+
+    clamp_h = (lambda y: T.min(y, oh - 1)) if ragged_h else (lambda y: y)
+    clamp_w = (lambda x: T.min(x, ow - 1)) if ragged_w else (lambda x: x)
+    flattened = geo.padded_w == h * w and geo.padded_h == 1 and h > 1
     out_shape = (n, out_c, *geo.y_hw)
     y_flat = n * out_c * oh * ow
 
     @T.prim_func
-    def kernel(X: T.Buffer((n, c, h, w), "float32"), data: T.Buffer((nnzb, r, cb), "float32"),
+    def kernel(X: T.Buffer((n, c, h, w), "float32"), data: T.Buffer(data_shape, "float32"),
                indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
                col_offsets: T.Buffer((columns,), "int32"), bias: T.Buffer((block_rows * r,), "float32"),
                Y: T.Buffer(out_shape, "float32")):
@@ -124,40 +149,74 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
                 if nc % c == 0:
                     for z in range(image_pad - image):
                         Xp[nc // c * image_pad + image + z] = T.float32(0)
-        for task in T.parallel(n * block_rows * oh):
-            for g in range(groups):
+        if chanvec:
+            # task = (block row, image, row of patches); a tile_h x tile_w patch of pixels times the block's r
+            # channels. A thread's tasks are a contiguous range: mostly one block row, its weights kept in L1.
+            for task in T.parallel(block_rows * n * h_tiles):
                 for wt in range(w_tiles):
-                    acc = T.alloc_buffer((row_group, tile), "float32", scope="global")
-                    for rr in T.unroll(row_group):
-                        for px in T.vectorized(tile):
-                            acc[rr, px] = T.float32(0)
-                    for b in range(indptr[task // oh % block_rows], indptr[task // oh % block_rows + 1]):
+                    acc = T.alloc_buffer((tile_h, tile_w, r), "float32", scope="global")
+                    for ty in T.unroll(tile_h):
+                        for tx in T.unroll(tile_w):
+                            for rr in T.vectorized(r):
+                                acc[ty, tx, rr] = T.float32(0)
+                    for b in range(indptr[block_row(task)], indptr[block_row(task) + 1]):
                         for k in T.unroll(cb):
-                            for rr in T.unroll(row_group):
-                                for px in T.vectorized(tile):
-                                    acc[rr, px] = acc[rr, px] + data[b, g * row_group + rr, k] * Xp[
-                                        task // (oh * block_rows) * (image if direct else image_pad)
-                                        + col_offsets[indices[b] * cb + k]
-                                        + task % oh * sh * wp + (wt * tile + px) * sw]
-                    for rr in T.unroll(row_group):
-                        if not ragged_out or (task // oh % block_rows) * r + g * row_group + rr < out_c:
-                            if not ragged_w or wt < w_tiles - 1:
-                                for px in T.vectorized(tile):
-                                    Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = (
-                                        acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr])
-                            else:
-                                stage = T.alloc_buffer((tile,), "float32", scope="global")
-                                for px in T.vectorized(tile):
-                                    stage[px] = acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr]
-                                for px in range(ow - wt * tile):
-                                    Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = stage[px]
+                            for ty in T.unroll(tile_h):
+                                for tx in T.unroll(tile_w):
+                                    for rr in T.vectorized(r):
+                                        acc[ty, tx, rr] = acc[ty, tx, rr] + Xp[
+                                            image_of(task) * image_pad + col_offsets[indices[b] * cb + k]
+                                            + clamp_h(out_y(task, ty)) * sh * wp + clamp_w(wt * tile_w + tx) * sw
+                                        ] * data[b, k, rr]
+                    for ty in T.unroll(tile_h):
+                        for tx in T.unroll(tile_w):
+                            for rr in T.vectorized(r):  # bias and activation on the vectors, then transposed out
+                                acc[ty, tx, rr] = act(acc[ty, tx, rr] + bias[block_row(task) * r + rr])
+                    for rr in T.unroll(r):
+                        for ty in T.unroll(tile_h):
+                            for tx in T.unroll(tile_w):
+                                if ((not ragged_out or block_row(task) * r + rr < out_c)
+                                        and (not ragged_h or out_y(task, ty) < oh)
+                                        and (not ragged_w or wt * tile_w + tx < ow)):
+                                    Yf[((image_of(task) * out_c + block_row(task) * r + rr) * oh + out_y(task, ty)) * ow
+                                       + wt * tile_w + tx] = acc[ty, tx, rr]
+        else:
+            # task = (image, block row, output row); row_group x tile accumulators along the row
+            for task in T.parallel(n * block_rows * oh):
+                for g in range(groups):
+                    for wt in range(w_tiles):
+                        acc = T.alloc_buffer((row_group, tile), "float32", scope="global")
+                        for rr in T.unroll(row_group):
+                            for px in T.vectorized(tile):
+                                acc[rr, px] = T.float32(0)
+                        for b in range(indptr[task // oh % block_rows], indptr[task // oh % block_rows + 1]):
+                            for k in T.unroll(cb):
+                                for rr in T.unroll(row_group):
+                                    for px in T.vectorized(tile):
+                                        acc[rr, px] = acc[rr, px] + data[b, g * row_group + rr, k] * Xp[
+                                            task // (oh * block_rows) * image_pad
+                                            + col_offsets[indices[b] * cb + k]
+                                            + task % oh * sh * wp + (wt * tile + px) * sw]
+                        for rr in T.unroll(row_group):
+                            if not ragged_out or (task // oh % block_rows) * r + g * row_group + rr < out_c:
+                                if not ragged_w or wt < w_tiles - 1:
+                                    for px in T.vectorized(tile):
+                                        Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = act(
+                                            acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr])
+                                else:
+                                    stage = T.alloc_buffer((tile,), "float32", scope="global")
+                                    for px in T.vectorized(tile):
+                                        stage[px] = act(acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr])
+                                    for px in range(ow - wt * tile):
+                                        Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = stage[px]
 
     return kernel
 
 
 def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, strides, pads, dilations,
-               bias) -> tuple:
-    """PrimFunc and constants of the conv (for `bsr.bsr_conv2d_kernel`, which checks the block)."""
+               bias, activation: str | None = None, layout: str | None = None) -> tuple:
+    """PrimFunc and constants of the conv (for `bsr.bsr_conv2d_kernel`, which checks the block and the
+    activation). `layout` overrides the schedule's CPU layout ("pixvec" or "chanvec", for benchmarks)."""
     n, c, h, w = x_shape
     out_c, cols = weight.shape
     kh, kw = kernel_hw
@@ -166,13 +225,17 @@ def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, str
     geo = conv_geometry(x_shape, kernel_hw, strides, pads, dilations)
     data, indices = nonempty_blocks(weight)
     bias_padded = padded_bias(bias, out_c, weight.block_rows * weight.block[0])
+    schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block)
     if target.kind == "cuda":
         func = cuda_kernels.bsr_conv2d(tuple(x_shape), out_c, geo.y_hw, weight.block, len(indices),
-                                       kernel_hw, strides, pads, dilations)
+                                       kernel_hw, strides, pads, dilations, activation=activation, **schedule.tiles)
         return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),
                       weight.indptr.astype(np.int32), bias_padded]
+    if layout is not None:
+        schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, layout=layout)
     columns = weight.block_cols * weight.block[1]
-    func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, len(indices), columns,
-                         max(1, target.simd_bytes // 4))
+    func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, len(indices), columns, schedule, activation)
+    if schedule.layout == "chanvec":
+        data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows (output channels) are contiguous
     return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),
                   weight.indptr.astype(np.int32), column_offsets(geo, kernel_hw, dilations, columns), bias_padded]

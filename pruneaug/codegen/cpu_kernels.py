@@ -16,26 +16,47 @@ Parameters are `X, data, indices, <block pointers>, bias, Y`: `chunk_ptr[block_r
 for rowvec, `indptr[block_rows + 1]` for mvec.
 Accumulators are `global`-scope allocations under 1 KiB: TVM 0.27 turns those into stack
 arrays that LLVM keeps in registers, while a `local`-scope one becomes a heap workspace.
+An `activation` ("relu") is applied as the results are stored (`activation_epilogue`), so that a
+following ReLU costs no pass of its own over Y.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from tvm.script import tirx as T
 
-X_BYTES_IN_L2 = 256 * 1024  # the part of X a kernel keeps hot while all block rows go over it
+ACTIVATIONS = (None, "relu")  # what the kernels can apply to their result as they store it
+
+
+def activation_epilogue(activation: str | None) -> Callable:
+    """`f(value) -> value` for TVMScript: the activation applied to a result before it is stored.
+
+    (TVMScript evaluates a Python call on TIR expressions while parsing, so the kernels stay one text.)"""
+    assert activation in ACTIVATIONS, activation
+    if activation == "relu":
+        return lambda value: T.max(value, T.float32(0))
+    return lambda value: value
 
 
 def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, m_tile: int,
-                  k_chunks: int, x_bytes_per_pass: int = X_BYTES_IN_L2):
+                  k_chunks: int, x_bytes_per_pass: int, activation: str | None = None):
     """BSR matmul vectorised over block rows: `acc[m_tile, r] += X[., col] * data[b, k, :]`.
 
     Cache blocking for X: the columns are cut into `k_chunks` chunks (block row `i`'s blocks in
     chunk `kc` are `chunk_ptr[i, kc]:chunk_ptr[i, kc + 1]`, see `chunk_pointers`; the first chunk
     writes Y, the others add to it) and the rows of X into passes of about `x_bytes_per_pass`, so
     that the part of X in use stays in L2 while every block row goes over it (else a 768x3072 layer
-    re-reads X from L3 once per block row, or W once per pass).
+    re-reads X from L3 once per block row, or W once per pass). The activation waits for the last chunk.
     """
     r, c = block
+    act = activation_epilogue(activation)
+
+    def finish(value, kc):  # the activation, once the last column chunk is summed in
+        if k_chunks == 1 or activation is None:
+            return act(value)
+        return T.if_then_else(kc == k_chunks - 1, act(value), value)
+
     block_rows = -(-out // r)
     m_tiles = -(-m // m_tile)
     chunk_bytes = m_tile * -(-in_ // k_chunks) * 4
@@ -70,16 +91,16 @@ def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int,
                         if not ragged_m or (p * tiles_per_pass + mp) * m_tile + mi < m:
                             if not ragged_out or i < block_rows - 1:
                                 for rr in T.vectorized(r):
-                                    Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr] = acc[mi, rr] + T.if_then_else(
-                                        kc == 0, bias[i * r + rr], Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr])
+                                    Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr] = finish(acc[mi, rr] + T.if_then_else(
+                                        kc == 0, bias[i * r + rr], Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr]), kc)
                             else:
                                 stage = T.alloc_buffer((r,), "float32", scope="global")
                                 for rr in T.vectorized(r):
                                     stage[rr] = acc[mi, rr]
                                 for rr in range(r):
                                     if i * r + rr < out:
-                                        Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr] = stage[rr] + T.if_then_else(
-                                            kc == 0, bias[i * r + rr], Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr])
+                                        Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr] = finish(stage[rr] + T.if_then_else(
+                                            kc == 0, bias[i * r + rr], Y[(p * tiles_per_pass + mp) * m_tile + mi, i * r + rr]), kc)
 
     return kernel
 
@@ -96,7 +117,7 @@ def chunk_pointers(indptr: np.ndarray, indices: np.ndarray, block_cols: int, k_c
 
 
 def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, row_group: int,
-                m_tile: int, out_tile: int = 8, in_tile: int = 16):
+                m_tile: int, out_tile: int = 8, in_tile: int = 16, activation: str | None = None):
     """BSR matmul vectorised over m: `acc[row_group, m_tile] += data[b, row, k] * XT[col + k, .]`.
 
     X is transposed in `in_tile`-column strips and the result is staged per `out_tile` output rows
@@ -104,6 +125,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, r
     of a multiple of 512 bytes) thrashes a few L1 sets and was slower than the whole product.
     """
     r, c = block
+    act = activation_epilogue(activation)
     assert r % row_group == 0 and m_tile % 8 == 0, (r, row_group, m_tile)
     block_rows = -(-out // r)
     rows_per_tile = max(1, out_tile // r)  # block rows staged together
@@ -152,10 +174,10 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, r
             for mm in range(m):
                 if not ragged_out or t < row_tiles - 1:
                     for o in T.vectorized(out_tile):
-                        Y[mm, t * out_tile + o] = stage[o, mm] + bias[t * out_tile + o]
+                        Y[mm, t * out_tile + o] = act(stage[o, mm] + bias[t * out_tile + o])
                 else:
                     for o in range(out_tile):
                         if t * out_tile + o < out:
-                            Y[mm, t * out_tile + o] = stage[o, mm] + bias[t * out_tile + o]
+                            Y[mm, t * out_tile + o] = act(stage[o, mm] + bias[t * out_tile + o])
 
     return kernel

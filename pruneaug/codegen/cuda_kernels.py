@@ -1,21 +1,23 @@
 """TIR for the block-sparse matmul on CUDA: block rows over thread blocks.
 
 One thread block per (block row, tile of m); one thread per (row of the block, m), each summing
-its row over the block row's kept blocks. A plain CUDA-core kernel: no tensor cores yet.
+its row over the block row's kept blocks. A plain CUDA-core kernel: no tensor cores yet. The tiles
+(threads per block along m or pixels) are `schedule.kernel_schedule`'s and `schedule.conv_schedule`'s.
 Parameters: `X[m, in], data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y[m, out]`.
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-THREADS_PER_BLOCK = 256
+from pruneaug.codegen.cpu_kernels import activation_epilogue
 
 
-def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int):
-    """`Y[m, out] = X[m, in] @ W.T + bias` for a BSR `W`, for CUDA."""
+def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, m_tile: int,
+               activation: str | None = None):
+    """`Y[m, out] = act(X[m, in] @ W.T + bias)` for a BSR `W`, for CUDA."""
     r, c = block
+    act = activation_epilogue(activation)
     block_rows = -(-out // r)
-    m_tile = max(1, min(m, THREADS_PER_BLOCK // r))
     m_tiles = -(-m // m_tile)
 
     @T.prim_func
@@ -34,24 +36,25 @@ def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int):
                                 acc[0] = acc[0] + data[b, rr, k] * X[
                                     T.min(mo * m_tile + mi, m - 1), T.min(indices[b] * c + k, in_ - 1)]
                         if mo * m_tile + mi < m and i * r + rr < out:
-                            Y[mo * m_tile + mi, i * r + rr] = acc[0] + bias[i * r + rr]
+                            Y[mo * m_tile + mi, i * r + rr] = act(acc[0] + bias[i * r + rr])
 
     return kernel
 
 
 def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, int], nnzb: int,
-               kernel_hw, strides, pads, dilations):
+               kernel_hw, strides, pads, dilations, px_tile: int, activation: str | None = None):
     """Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with a BSR `W[Cout, C*kh*kw]`: one thread per
     (output channel, pixel), the im2col column decoded and bounds-checked in place (no padded copy)."""
     n, c, h, w = x_shape
     r, cb = block
+    act = activation_epilogue(activation)
     kh, kw = kernel_hw
     (sh, sw), (dh, dw), (top, left) = strides, dilations, pads[:2]
     oh, ow = out_hw
     block_rows = -(-out_c // r)
     columns = c * kh * kw
     pixels = n * oh * ow
-    px_tile = max(1, min(pixels, THREADS_PER_BLOCK // r))
+    px_tile = min(pixels, px_tile)
     px_tiles = -(-pixels // px_tile)
 
     @T.prim_func
@@ -81,6 +84,6 @@ def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, i
                                     T.float32(0))
                         if po * px_tile + pi < pixels and i * r + rr < out_c:
                             Y[(po * px_tile + pi) // (oh * ow), i * r + rr, (po * px_tile + pi) % (oh * ow) // ow,
-                              (po * px_tile + pi) % ow] = acc[0] + bias[i * r + rr]
+                              (po * px_tile + pi) % ow] = act(acc[0] + bias[i * r + rr])
 
     return kernel

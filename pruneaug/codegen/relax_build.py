@@ -6,8 +6,8 @@
 Steps (DESIGN §2 "Codegen"): import with TVM's ONNX frontend at static shapes; fold constants so that
 every linear layer reads `matmul(x, const)` or `conv2d(x, const)`; rewrite those calls into `call_tir`
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
-in `sparse_weights`, the dense kernel otherwise, a bias add fused in (a strided conv runs as a stride-1
-conv over its input's stride phases, see `_Phases`); then TVM's usual legalize-and-fuse
+in `sparse_weights`, the dense kernel otherwise, a bias add and a ReLU after it fused in (a strided conv
+runs as a stride-1 conv over its input's stride phases, see `_Phases`); then TVM's usual legalize-and-fuse
 for the rest. TVM's CPU pipeline schedules nothing (an untuned model ran ~100x slower than
 onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV and Reduction rules
 (softmax, layer norm) and two small rules below, one for a reduction with two operands (matmuls
@@ -244,15 +244,18 @@ def _fold_constants(mod):
 
 @dataclass
 class _Match:
-    """One linear call found in the Relax graph: its activation, weight constant and optional bias constant."""
+    """One linear call found in the Relax graph: its input, weight constant, optional bias constant and the
+    activation applied to its result (None or one of `bsr.ACTIVATIONS`)."""
 
     x: object
     weight: np.ndarray
     bias: np.ndarray | None
+    activation: str | None = None
 
 
 class _LinearRewriter:
-    """Replaces `matmul(x, const)` and group-1 `conv2d(x, const)` (with an optional `+ const` bias) by kernels."""
+    """Replaces `matmul(x, const)` and group-1 `conv2d(x, const)` (with an optional `+ const` bias and an
+    optional ReLU after it) by kernels."""
 
     def __init__(self, target: TargetProfile, sparse: dict[tuple, tuple[str, tuple[int, int], np.ndarray]]):
         self.target = target
@@ -270,18 +273,23 @@ class _LinearRewriter:
             x, weight, bias = wildcard(), is_const(), is_const()
             call = is_op(op)(x, weight)
             with_bias = is_op("relax.add")(call, bias) | is_op("relax.add")(bias, call)
-            for pattern in (with_bias, call):
-                func = relax.dpl.rewrite_call(
-                    pattern, lambda orig, m, c=call: self._dispatch(orig, m, c, x, weight, bias, make), func
-                )
+            # the longest pattern first: a ReLU after the layer is fused into its kernel's stores
+            for activation in ("relu", None):
+                for linear in (with_bias, call):
+                    pattern = is_op(f"relax.nn.{activation}")(linear) if activation else linear
+                    func = relax.dpl.rewrite_call(
+                        pattern,
+                        lambda orig, m, c=call, a=activation: self._dispatch(orig, m, c, x, weight, bias, a, make),
+                        func,
+                    )
         out = self._bb.get()
         out["main"] = func
         return relax.transform.DeadCodeElimination()(out)
 
-    def _dispatch(self, orig, m, call_pattern, x, weight, bias, make):
+    def _dispatch(self, orig, m, call_pattern, x, weight, bias, activation, make):
         call = m[call_pattern]
         bias_array = m[bias].value.numpy() if bias in m else None
-        found = _Match(m[x], m[weight].value.numpy(), bias_array)
+        found = _Match(m[x], m[weight].value.numpy(), bias_array, activation)
         new = make(call, found)
         return orig if new is None else new
 
@@ -320,9 +328,11 @@ class _LinearRewriter:
         m = int(np.prod(x_shape[:-1]))
         entry = self._sparse_entry(w)
         if entry is not None:
-            kernel = bsr.bsr_matmul_kernel(self.target, m, bsr.to_bsr(w, entry[1]), bias=bias, name="bsr_matmul")
+            kernel = bsr.bsr_matmul_kernel(self.target, m, bsr.to_bsr(w, entry[1]), bias=bias, name="bsr_matmul",
+                                           activation=found.activation)
         else:
-            kernel = bsr.dense_matmul_kernel(self.target, m, w, bias=bias, name="dense_matmul")
+            kernel = bsr.dense_matmul_kernel(self.target, m, w, bias=bias, name="dense_matmul",
+                                             activation=found.activation)
         x2 = found.x if len(x_shape) == 2 else relax.op.reshape(found.x, [m, in_dim])
         y = self._call(kernel, x2, [m, out_dim])
         return y if len(x_shape) == 2 else relax.op.reshape(y, [*x_shape[:-1], out_dim])
@@ -353,13 +363,14 @@ class _LinearRewriter:
         name = "bsr_conv2d" if entry is not None else "dense_conv2d"
         if strides == (1, 1):
             kernel = bsr.bsr_conv2d_kernel(self.target, tuple(x_shape), bsr.to_bsr(w, block), kernel_hw, strides,
-                                           pads, dilations, bias=bias, name=name)
+                                           pads, dilations, bias=bias, name=name, activation=found.activation)
             return self._call(kernel, found.x, out_shape)
         phases = _Phases(tuple(x_shape), kernel_hw, strides, pads, dilations, out_shape[2:])
         wide = np.zeros((c_out, phases.columns), np.float32)
         wide[:, : w.shape[1]] = w
         kernel = bsr.bsr_conv2d_kernel(self.target, phases.shape, bsr.to_bsr(wide, block), phases.kernel_hw,
-                                       (1, 1), (0, 0, 0, 0), (1, 1), bias=bias, name=name)
+                                       (1, 1), (0, 0, 0, 0), (1, 1), bias=bias, name=name,
+                                       activation=found.activation)
         data, indices, indptr, offsets, padded_bias = kernel.constants
         kernel = bsr.Kernel(kernel.primfunc, kernel.name,
                             [data, indices, indptr, phases.column_offsets(len(offsets)), padded_bias])

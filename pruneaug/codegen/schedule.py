@@ -1,13 +1,15 @@
-"""Which layout and tiles a block-sparse (or dense) matmul kernel gets, per target: decided here alone.
+"""Which layout and tiles a block-sparse (or dense) matmul or conv kernel gets, per target: decided here alone.
 
     >>> kernel_schedule(resolve_target("x86"), 128, 768, 768, (8, 8), 864)
     Schedule(layout='rowvec', tiles={'m_tile': 8, 'k_chunks': 1, 'x_bytes_per_pass': 262144})
+    >>> conv_schedule(resolve_target("x86"), (8, 8), (8, 8))
+    Schedule(layout='chanvec', tiles={'tile_h': 1, 'tile_w': 8})
 
 `bsr.py` builds its kernels with these tiles and `cost_model/analytical.py` counts the work of the
 same tiles, so the two cannot drift apart; hence this module imports no TVM (the cost model runs
 without it). `tiles` are the keyword arguments of the layout's TIR builder: `cpu_kernels.rowvec_matmul`,
-`cpu_kernels.mvec_matmul`; for "cuda", `m_tile` is the one `cuda_kernels.bsr_matmul` derives from
-`CUDA_THREADS_PER_BLOCK` (a test checks that they agree). The choices come from the figures of
+`cpu_kernels.mvec_matmul`, `cuda_kernels.bsr_matmul` ("cuda"); for convs `conv.conv_primfunc`
+("pixvec", "chanvec") and `cuda_kernels.bsr_conv2d` ("cuda"). The choices come from the figures of
 `tools/bench_kernels.py`.
 """
 from __future__ import annotations
@@ -21,15 +23,42 @@ if TYPE_CHECKING:  # a runtime import would be circular: cost_model imports this
 DENSE_BLOCK = (16, 32)  # the dense kernel is the BSR kernel with every block of this shape kept
 MIN_BLOCKS_PER_CHUNK = 16  # kept blocks per block row and column chunk that pay for a chunk's pass over Y
 X_BYTES_IN_L2 = 256 * 1024  # the part of X a rowvec kernel keeps hot while all block rows go over it
+W_L1_SHARE = 8  # a block row's weights in one column chunk: at most this fraction of L1 (where m tiles are thin)
+MAX_L1_CHUNKS = 4  # ... in at most this many chunks (each a pass over Y; 4 is the most measured)
 CUDA_THREADS_PER_BLOCK = 256
+ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
+PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
+PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x tile vectors)
+CHANVEC_MAX_ROW_VECTORS = 32  # a flattened 1x1 conv row of at most this many vectors: vectorised over channels
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A kernel layout ("rowvec", "mvec" or "cuda") and its tile sizes (see the module docstring)."""
+    """A kernel layout ("rowvec", "mvec", "pixvec", "chanvec" or "cuda") and its tile sizes (see the module docstring)."""
 
     layout: str
     tiles: dict[str, int]
+
+
+def _tile(extent: int, cap: int) -> int:
+    """A tile of at most `cap` along `extent`: the largest divisor of `extent` if it is at least half the cap
+    (a clamped tail tile cost up to 2x), else the cap."""
+    cap = max(1, min(extent, cap))
+    divisor = max(t for t in range(1, cap + 1) if extent % t == 0)
+    return divisor if 2 * divisor >= cap else cap
+
+
+def _pixel_patch(oh: int, ow: int, cap: int) -> tuple[int, int]:
+    """(tile_h, tile_w) of at most `cap` pixels covering `oh x ow` in the fewest patches (each patch is one
+    pass over a block row's weights), then with the fewest pixels computed past the edges, then the widest."""
+    patches = [(th, tw) for tw in range(1, min(ow, cap) + 1) for th in range(1, min(oh, cap // tw) + 1)]
+
+    def cost(patch):
+        th, tw = patch
+        count = -(-oh // th) * -(-ow // tw)
+        return count, count * th * tw, -tw
+
+    return min(patches, key=cost)
 
 
 def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tuple[int, int],
@@ -40,7 +69,8 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     ("mvec": thin blocks 1x1, 1x4, 4x1), unless m is too small to fill one. Register tiles of 8
     accumulators; a rowvec m tile that divides m (a clamped tail tile cost up to 2x); column chunks
     keep X in L2 (dense 768x3072: 0.69x -> 0.99x of onnxruntime) but each costs a pass over Y, so
-    they are used only with enough kept blocks per row and chunk; an mvec m tile of a power-of-two
+    they are used only with enough kept blocks per row and chunk; with m tiles of 1-2 rows (blocks of
+    32 rows on AVX2) they also keep a block row's weights in L1 instead; an mvec m tile of a power-of-two
     number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8).
     """
     r, _ = block
@@ -48,14 +78,51 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
         return Schedule("cuda", {"m_tile": max(1, min(m, CUDA_THREADS_PER_BLOCK // r))})
     lanes = target.simd_lanes
     if r >= lanes or m < lanes:
-        cap = max(1, min(m, 8 // -(-r // lanes)))
-        divisor = max(t for t in range(1, cap + 1) if m % t == 0)
+        m_tile = _tile(m, ACCUMULATOR_VECTORS // -(-r // lanes))
         k_chunks = -(-min(m, 128) * in_ * 4 // X_BYTES_IN_L2)
         blocks_per_row = nnz_blocks / -(-out // r)
         k_chunks = max(1, min(k_chunks, int(blocks_per_row // MIN_BLOCKS_PER_CHUNK)))
-        return Schedule("rowvec", {"m_tile": divisor if 2 * divisor >= cap else cap, "k_chunks": k_chunks,
-                                   "x_bytes_per_pass": X_BYTES_IN_L2})
+        if k_chunks == 1 and m_tile <= 2:
+            # Each weight vector loaded feeds at most 2 FMAs: a block row's weights must stay in L1 while the
+            # m tiles go over them (W 384x1536, 32x32 at 90%: 19.6 KB a row; 4 chunks ran 1.15-1.2x faster).
+            row_bytes = blocks_per_row * block[0] * block[1] * 4
+            w_budget = (target.l1_bytes or 32 << 10) // W_L1_SHARE
+            k_chunks = max(1, min(-(-int(row_bytes) // w_budget), int(blocks_per_row), MAX_L1_CHUNKS))
+        return Schedule("rowvec", {"m_tile": m_tile, "k_chunks": k_chunks, "x_bytes_per_pass": X_BYTES_IN_L2})
     row_group = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
     # at least 8 (the kernel stages X in 8-row strips: 4-lane NEON with m = 4..7 would otherwise get 4)
     m_tile = max(8, min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length()))
     return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes})
+
+
+def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int],
+                  layout: str | None = None) -> Schedule:
+    """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
+    one row of all pixels) with `r x c` blocks.
+
+    On CPUs, where a block's rows fill a register, the kernel vectorises over them, i.e. over output
+    channels ("chanvec": a `tile_h x tile_w` patch of pixels times `r` channels, like the rowvec
+    matmul), for every conv with real 2-D output rows, and for a flattened 1x1 conv of a small map
+    (its one row at most `CHANVEC_MAX_ROW_VECTORS` vectors); else along an output row ("pixvec": a
+    `row_group x tile` accumulator of pixel vectors, which reads X as contiguous vectors). On AVX2
+    at 90% (`tools/bench_kernels.py --part conv`, 1 thread) chanvec ran 3x3 convs 1.25-1.6x faster
+    than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
+    pixvec the 1x1 conv on 56x56 1.1x faster. `layout` forces one of the two CPU layouts.
+    """
+    r, _ = block
+    oh, ow = out_hw
+    if target.kind == "cuda":  # one thread per (row of a block, pixel) in a thread block
+        return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
+    lanes = target.simd_lanes
+    row_vectors = -(-ow // lanes)
+    if layout is None:
+        short_row = row_vectors <= CHANVEC_MAX_ROW_VECTORS
+        layout = "chanvec" if r >= lanes and (oh > 1 or short_row) else "pixvec"
+    if layout == "chanvec":
+        cap = max(1, ACCUMULATOR_VECTORS // -(-r // lanes))
+        tile_h, tile_w = _pixel_patch(oh, ow, cap)
+        return Schedule("chanvec", {"tile_h": tile_h, "tile_w": tile_w})
+    tiles = -(-row_vectors // PIXVEC_TILE_VECTORS)
+    tile_vectors = -(-row_vectors // tiles)
+    row_group = max(g for g in (4, 3, 2, 1) if r % g == 0 and g * tile_vectors <= PIXVEC_MAX_ACCUMULATORS)
+    return Schedule("pixvec", {"row_group": row_group, "tile": tile_vectors * lanes})
