@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from pruneaug.cost_model.cache import LatencyCache, Measurement, cache_path, current_kernel_version, open_cache
+from pruneaug.cost_model.cache import (MEASUREMENT_PROTOCOL, LatencyCache, Measurement, cache_path,
+                                      current_kernel_version, open_cache)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +30,8 @@ def test_round_trip_survives_reopening(tmp_path):
     cache.put("x86|cpu", 768, 3072, 128, (16, 16), 0.2, 1.5e-4)
     cache.put("x86|cpu", 768, 3072, 128, (16, 16), 0.2, 1.25e-4)  # re-measured: replaces
     cache.put_peaks("x86|cpu", 100.0, 20.0)
+    cache.put_reference("x86|cpu", 2e-3)
+    cache.put_reference("x86|cpu", 1e-3)  # the first calibration scaled every time cached since: kept
     cache.close()
     again = LatencyCache(path, tvm_version="0.27", kernel_version="k1")
     assert again.get("x86|cpu", 768, 3072, 128, (16, 16), 0.2) == 1.25e-4
@@ -36,6 +39,8 @@ def test_round_trip_survives_reopening(tmp_path):
     assert again.get("arm64|a76", 768, 3072, 128, (16, 16), 0.2) is None
     assert again.all("x86|cpu") == [Measurement(768, 3072, 128, (16, 16), 0.2, 1.25e-4)]
     assert again.get_peaks("x86|cpu") == (100.0, 20.0)
+    assert again.get_reference("x86|cpu") == 2e-3 and again.get_reference("arm64|a76") is None
+    assert LatencyCache(path, tvm_version="0.27", kernel_version="k2").get_reference("x86|cpu") is None
 
 
 @pytest.mark.parametrize("changed", [{"tvm_version": "0.28"}, {"kernel_version": "k2"}])
@@ -48,9 +53,10 @@ def test_new_tvm_or_kernel_version_invalidates(tmp_path, changed):
     assert LatencyCache(path, tvm_version="0.27", kernel_version="k1").get("x86", 64, 64, 16, (1, 1), 0.5) == 1e-5
 
 
-def test_kernel_version_is_a_source_hash():
-    version = current_kernel_version()
-    assert version == "no-kernels" or len(version) == 16
+def test_kernel_version_is_a_source_hash_tagged_with_the_timing_protocol():
+    """A figure measured under an older protocol (it meant something else) is not reused."""
+    source, protocol = current_kernel_version().split(".")
+    assert (source == "no-kernels" or len(source) == 16) and protocol == f"p{MEASUREMENT_PROTOCOL}"
 
 
 def test_corrupted_file_is_set_aside_and_rebuilt(tmp_path):

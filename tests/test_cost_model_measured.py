@@ -5,15 +5,20 @@ import importlib.util
 import socket
 import time
 
+import numpy as np
 import pytest
 
 from pruneaug.cost_model import CostModel, Prediction
 from pruneaug.cost_model.cache import LatencyCache
-from pruneaug.cost_model.measured import measure_peaks, occupancy, stable_median, uncontended
+from pruneaug.cost_model.measured import (MAX_ROUNDS, MIN_CLEAN, PAUSE_S, REFERENCE, ROUND, LocalRunner, Sample,
+                                          batch_calls,
+                                          collect, paired, cpu_clock, device_clock, measure_peaks, run_queue_wait_s,
+                                          running_profile, sample_clock, steal_s, summarise, wall_clock)
 from pruneaug.cost_model.targets import resolve_target
 
 needs_kernels = pytest.mark.skipif(importlib.util.find_spec("pruneaug.codegen.bsr") is None,
                                    reason="pruneaug/codegen/bsr.py (the kernels to measure) is not there yet")
+A76 = resolve_target("arm64")
 SHAPE = (64, 96, 16)  # out, in, m: small enough to compile and time in about a second
 
 
@@ -23,18 +28,110 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEAUG_CACHE", str(tmp_path / "latency.sqlite"))
 
 
-def test_stable_median_batches_to_a_few_milliseconds_and_repeats_when_noisy():
-    calls = []
+def test_samples_last_two_milliseconds_and_stop_once_clean_ones_agree():
+    assert batch_calls(1e-5) == 200 and batch_calls(5e-3) == 1  # 200 calls of 10 us: one 2 ms sample
+    taken = []
 
-    def noisy(number, repeat):
-        calls.append(number)
-        return [1e-5, 3e-5] * (repeat // 2) + [2e-5] * (repeat % 2)
+    def steady():
+        taken.append(1)
+        return Sample(1e-5 * (1 + 0.01 * (len(taken) % 3)))
 
-    assert stable_median(noisy, first_call_s=1e-5) == pytest.approx(2e-5)
-    assert calls == [400, 400, 400]  # 4 ms batches; too spread out, so every round is used
-    calls.clear()
-    assert stable_median(lambda n, r: calls.append(n) or [1e-3] * r, first_call_s=1e-2) == 1e-3
-    assert calls == [1]  # stable at once
+    seconds, settled = collect(steady, pause=pytest.fail)
+    assert settled and seconds == pytest.approx(1.01e-5)
+    assert len(taken) == ROUND  # one round was enough
+
+
+def test_samples_that_never_agree_take_every_round_and_give_the_fallback():
+    """Load from other processes only slows a kernel: without agreement the fastest sample is the figure."""
+    values = np.random.default_rng(0).permutation(np.linspace(1e-3, 3e-3, ROUND * MAX_ROUNDS))
+    times, pauses = iter(values), []
+    seconds, settled = collect(lambda: Sample(next(times)), pause=pauses.append)
+    assert not settled and seconds == pytest.approx(1e-3)
+    assert next(times, None) is None  # all MAX_ROUNDS rounds were sampled
+    assert pauses == [PAUSE_S * k for k in range(1, MAX_ROUNDS)]  # growing pauses spread them out
+    times = iter(values)
+    assert collect(lambda: Sample(next(times)), pause=pauses.append, fallback=np.median)[0] == pytest.approx(2e-3)
+
+
+def test_contended_samples_are_left_out_of_the_median():
+    """A burst of load: the first round is contended (slow), the next round is clean and agrees."""
+    taken, pauses = [], []
+
+    def bursty():
+        taken.append(1)
+        return Sample(5e-3, contended=True) if len(taken) <= ROUND else Sample(1e-3)
+
+    assert collect(bursty, pause=pauses.append) == (1e-3, True)
+    assert len(taken) == 2 * ROUND and pauses == [PAUSE_S]
+    assert summarise([Sample(2e-3, True)] * 3 + [Sample(1e-3)] * MIN_CLEAN) == (1e-3, True)
+    assert summarise([Sample(2e-3, True)] * 9 + [Sample(1.5e-3)] * (MIN_CLEAN - 1)) == (1.5e-3, False)
+
+
+def test_a_pair_is_the_kernel_over_the_reference_and_load_on_both_cancels():
+    """Lasting load slows the kernel and the reference sample taken just before it alike."""
+    ratios = [paired(lambda s=slowdown: Sample(3e-3 * s), lambda s=slowdown: Sample(1e-3 * s))
+              for slowdown in (1.0, 2.5, 1.7)]
+    assert [r.seconds for r in ratios] == pytest.approx([3.0, 3.0, 3.0])
+    assert paired(lambda: Sample(3e-3), lambda: Sample(1e-3, contended=True)).contended
+
+
+class _FakeBench:
+    """A compiled kernel whose samples read `seconds` (a machine `load` times slower)."""
+
+    def __init__(self, seconds, load=1.0):
+        self.seconds, self.load = seconds, load
+
+    def sample(self):
+        return Sample(self.seconds * self.load)
+
+
+def test_local_figures_are_reference_ratios_and_the_reference_is_calibrated_once(tmp_path, monkeypatch):
+    host = resolve_target("x86")
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    quiet = LocalRunner(host, cache=cache)
+    monkeypatch.setattr(quiet, "_bench", lambda *layer: _FakeBench(1e-3 if layer == REFERENCE else 3e-3))
+    assert quiet.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
+    assert cache.get_reference(host.cache_key) == pytest.approx(1e-3)
+    loaded = LocalRunner(host, cache=LatencyCache(tmp_path / "c.sqlite"))  # a later fill, on a busy machine
+    monkeypatch.setattr(loaded, "_bench", lambda *layer: _FakeBench(1e-3 if layer == REFERENCE else 3e-3, load=2.5))
+    assert loaded.reference()[1] == pytest.approx(1e-3)  # the cache's calibration, not a new one
+    assert loaded.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
+    assert loaded.contended == 0
+
+
+def test_wall_clock_flags_run_queue_waits_and_stolen_time():
+    waits, steals = iter([0.0, 0.0]), iter([0.0, 0.0])
+    clock = wall_clock(2, wait_probe=lambda: next(waits), steal_probe=lambda: next(steals))
+    assert clock(lambda: 1e-3, 10) == Sample(1e-3, False)
+    waits, steals = iter([0.0, 1.0]), iter([0.0, 0.0])  # our threads queued for a second
+    assert clock(lambda: 1e-3, 10).contended
+    waits, steals = iter([0.0, 0.0]), iter([5.0, 5.01])  # the hypervisor took a tick
+    assert clock(lambda: 1e-3, 10).contended
+    assert run_queue_wait_s() >= 0.0 and steal_s() >= 0.0
+
+
+def test_cpu_clock_does_not_count_time_off_the_core():
+    """A one-thread kernel preempted by another process: wall time grows, this thread's CPU time does not."""
+    sample = cpu_clock(lambda: time.sleep(0.05) or 0.05, calls=5)
+    assert not sample.contended and sample.seconds < 0.005
+
+
+def test_clocks_per_target_and_thread_count():
+    host = resolve_target("x86")
+    assert sample_clock(host, 1) is cpu_clock
+    assert sample_clock(resolve_target("cuda"), 4) is device_clock
+    assert sample_clock(host, 2) not in (cpu_clock, device_clock)
+
+
+def test_host_cores_follow_tvm_num_threads(monkeypatch):
+    """Figures timed with one thread are cached, fitted and predicted for one core."""
+    host = resolve_target("x86")
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert running_profile(host).cores == 1 and running_profile(host).cache_key != host.cache_key
+    assert CostModel("x86").target.cores == 1
+    assert running_profile(A76) is A76  # a board's cores are its own
+    monkeypatch.setenv("TVM_NUM_THREADS", str(host.cores))
+    assert running_profile(host) is host
 
 
 def test_measure_peaks_gives_plausible_figures():
@@ -115,19 +212,3 @@ def test_rpc_spec_is_parsed_and_arm64_needs_the_cross_compiler(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(CodegenError, match="needs the cross compiler aarch64-linux-gnu-gcc"):
         runner._fcompile()
-
-
-def test_occupancy_sees_a_descheduled_process():
-    """A sleeping process holds no core: what a timing looks like when another process has ours."""
-    result, share = occupancy(lambda: time.sleep(0.05) or "done", threads=1)
-    assert result == "done" and share < 0.2
-
-
-def test_contended_timings_are_retried_and_the_fastest_kept(monkeypatch):
-    shares = iter([0.5, 0.95])
-    monkeypatch.setattr("pruneaug.cost_model.measured.occupancy", lambda run, threads: (run(), next(shares)))
-    times = iter([2e-3, 1e-3])
-    assert uncontended(lambda: next(times), threads=2) == (1e-3, True)
-    monkeypatch.setattr("pruneaug.cost_model.measured.occupancy", lambda run, threads: (run(), 0.5))
-    times = iter([3e-3, 2e-3, 4e-3])
-    assert uncontended(lambda: next(times), threads=2, tries=3) == (2e-3, False)

@@ -7,6 +7,8 @@
 Layer shapes are read off the ONNX model's MatMul/Gemm/Conv initializer weights (canonical
 `W[out, in]`; Conv `in = Cin*kh*kw`), m from the outputs' inferred shapes with --batch for the
 dynamic dims (m = batch x tokens for MatMul, batch x H_out x W_out for Conv).
+Host figures are for TVM_NUM_THREADS threads (else every core), cached apart per thread count; with
+one thread they are CPU times, which leave out the time other processes held the core.
 After filling, every layer shape is held out in turn: the model is fitted on the other shapes'
 measurements and predicts the held-out ones, and the table says how close it came.
 """

@@ -1,32 +1,45 @@
 """The analytical latency of one block-sparse (or dense) layer `Y[m, out] = X[m, in] @ W.T`.
 
     >>> latency(resolve_target("arm64"), 768, 768, 128, (8, 8), 0.9)   # seconds
-    4.1e-05
+    0.00026
 
 The kernel walks block rows in parallel over the cores; inside a block row it visits each kept
 `r x c` block (its column index read from `indices`) once per tile of m and accumulates `r x m`
 outputs. So, per core:
 
-    compute = t_flop * flops                  # FMAs of the kept blocks, padded to the vector width and tiles
-            + t_block * visits                # per kept block and m tile: index load, loop set-up
-            + t_row * row_tiles               # per block row and m tile: accumulator set-up, indptr reads
-            + t_out * r*m_pad * rows          # per block row: storing r x m outputs
-            + t_in * m_pad*in / cores         # per input element: packing (transposing) X once, where done
-            + t_spill * spilled_bytes         # reads of X tiles that miss the per-core cache (X larger than L2)
-    memory  = t_byte * bytes                  # weights of kept blocks + indices + indptr + X + Y
-    latency = t_call + max(compute, memory)   # roofline, plus the call (or launch) overhead
+    overhead = t_call                         # the call
+             + t_launch * launches            # parallel regions (each a fork and join of the pool)
+    compute  = t_flop * flops                 # FMAs of the kept blocks, padded to the vector width and tiles
+             + t_block * visits               # per kept block and m tile: index load, loop set-up
+             + t_row * row_tiles              # per block row and m tile: accumulator set-up, indptr reads
+             + t_out * r*m_pad * rows         # per block row: storing r x m outputs
+             + t_in * m_pad*in / cores        # per input element: packing (transposing) X once, where done
+             + t_l2 * l2_bytes                # operand bytes whose reuse distance outgrows L1 (read from L2)
+             + t_l3 * l3_bytes                # operand bytes whose reuse distance outgrows L2 (read from L3/DRAM)
+    memory   = t_byte * bytes                 # weights of kept blocks + indices + indptr + X + Y
+    latency  = overhead + max(compute, memory)   # roofline
 
 where the work is the busiest core's share (block rows are dealt out whole, so `ceil(block_rows /
 cores)` of them, or whole tasks of several block rows where the kernel groups them: the parallel
-efficiency). Ragged edges are padded to full blocks, as the kernels
-do; the layout and tiles are the kernels' own (codegen's `schedule.kernel_schedule`), so a row tile
-and an output pass are also counted per row group and per column chunk. The dense kernel is
-codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so `dense_latency` is that with
-its own fitted parameters.
+efficiency). Ragged edges are padded to full blocks, as the kernels do; the layout and tiles are the
+kernels' own (codegen's `schedule.kernel_schedule`), and so is the loop order that the cache terms
+follow (`_working_sets`):
+- rowvec (`cpu_kernels.rowvec_matmul`): for each column chunk and pass over m, every block row
+  walks its m tiles. An X element is reused by the next block row (distance: the pass's slice of
+  X); a core's weights come from beyond L2 once per pass unless they stay in L2 beside that slice.
+  A block row's weights are contiguous and read in order (prefetched), so their re-reads per m tile
+  are not counted as misses (counting them, the 1-thread held-out share within ±10% did not move).
+- mvec (`cpu_kernels.mvec_matmul`): X is transposed once into XT, and every block row reads its
+  kept columns of the whole XT (distance: XT).
+A working set `ws` reused through a cache of `size` misses it for a share `clip(1 - USABLE*size/ws, 0, 1)`
+of the reads (a smooth capacity miss; USABLE leaves room for what else lives there).
+The dense kernel is codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so
+`dense_latency` is that with its own fitted parameters.
 
-The eight parameters (`Params`) come from the target's hardware figures by default and are fitted by
+The ten parameters (`Params`) come from the target's hardware figures by default and are fitted by
 least squares (`fit`) to measured kernel times per (target, block shape) wherever measurements
-exist. Everything is vectorised over numpy arrays so that a model's whole option grid costs one call.
+exist. Features are computed once per distinct layer and broadcast like numpy arrays, so that a
+model's whole option grid costs one call.
 """
 from __future__ import annotations
 
@@ -40,6 +53,9 @@ from pruneaug.cost_model.targets import TargetProfile, hardware_peaks
 
 _F32 = 4
 _INDEX_BYTES = 4
+USABLE = 0.75  # share of a cache that one working set gets (the rest: other operands, conflicts)
+_OVERHEAD = slice(0, 2)  # feature columns: [1, launches | compute terms ... | bytes]
+_COMPUTE = slice(2, 9)
 
 
 @dataclass(frozen=True)
@@ -47,12 +63,14 @@ class Params:
     """Seconds per unit of each cost term (see the module docstring)."""
 
     t_call: float
+    t_launch: float
     t_flop: float
     t_block: float
     t_row: float
     t_out: float
     t_in: float
-    t_spill: float
+    t_l2: float
+    t_l3: float
     t_byte: float
 
     def array(self) -> np.ndarray:
@@ -64,13 +82,15 @@ class Params:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(Params))
+FEATURE_NAMES = ("call", "launches", "flops", "visits", "row_tiles", "outs", "ins", "l2_bytes", "l3_bytes", "bytes")
 
 
 def default_params(target: TargetProfile, dense: bool = False) -> Params:
     """Parameters from the target's datasheet figures: what is assumed before anything is measured.
 
     Sparse kernels are assumed to reach half of the per-core fp32 peak (index indirection, short
-    inner loops), dense ones 70%; a block visit costs about 12 cycles of bookkeeping, a row tile 40.
+    inner loops), dense ones 70%; a block visit costs about 12 cycles of bookkeeping, a row tile 40,
+    a parallel region 2000; L2 delivers about 32 bytes a cycle, beyond it a quarter of that.
     """
     gflops, gbps = hardware_peaks(target)
     per_core_flops = gflops * 1e9 / target.cores
@@ -78,12 +98,14 @@ def default_params(target: TargetProfile, dense: bool = False) -> Params:
     efficiency = 0.7 if dense else 0.5
     return Params(
         t_call=target.call_overhead_s,
+        t_launch=2000.0 / freq_hz,
         t_flop=1.0 / (per_core_flops * efficiency),
         t_block=12.0 / freq_hz,
         t_row=40.0 / freq_hz,
         t_out=1.0 / (freq_hz * target.simd_lanes),
         t_in=0.5 / freq_hz,
-        t_spill=4.0 / (gbps * 1e9),
+        t_l2=1.0 / (32.0 * freq_hz),
+        t_l3=1.0 / (8.0 * freq_hz),
         t_byte=1.0 / (gbps * 1e9),
     )
 
@@ -95,79 +117,138 @@ def kept_blocks(out, in_, block: tuple[int, int], density) -> np.ndarray:
     return np.rint(np.asarray(density, dtype=np.float64) * n_blocks).astype(np.int64)
 
 
-def _cache_bytes(target: TargetProfile) -> int:
-    """The per-core cache that holds X's tiles between block rows: L2, else L1 (some little cores have no L2)."""
-    return target.l2_bytes or target.l1_bytes or 32 << 10
+def miss_share(working_set: float, cache_bytes: float) -> float:
+    """Share of the reads of a working set, reused through a cache of `cache_bytes`, that miss it."""
+    if working_set <= 0 or cache_bytes <= 0:
+        return 1.0 if cache_bytes <= 0 else 0.0
+    return min(1.0, max(0.0, 1.0 - USABLE * cache_bytes / working_set))
 
 
-def _tile_terms(target: TargetProfile, sched: schedule.Schedule, r: int) -> tuple[int, int, int, int, int, bool]:
-    """(r_pad, m_tile, row groups, passes over Y, block rows per parallel task, packs X) of a kernel schedule.
-
-    rowvec: a block's rows padded to whole vectors, one pass over Y per column chunk; mvec: X
-    transposed once, a block's rows walked in row groups, `out_tile` outputs (whole block rows) per
-    parallel task; cuda: a thread per (row of a block, m).
-    """
-    tiles = sched.tiles
-    if sched.layout == "rowvec":
-        lanes = target.simd_lanes
-        return -(-r // lanes) * lanes, tiles["m_tile"], 1, tiles["k_chunks"], 1, False
-    if sched.layout == "mvec":
-        return r, tiles["m_tile"], r // tiles["row_group"], 1, max(1, tiles["out_tile"] // r), True
-    assert sched.layout == "cuda", sched
-    return r, tiles["m_tile"], 1, 1, 1, False
+def _caches(target: TargetProfile) -> tuple[int, int]:
+    """(L1, L2) bytes per core; a core without an L2 (some little cores) reads past L1 from beyond it."""
+    l1 = target.l1_bytes or 32 << 10
+    return l1, target.l2_bytes or l1
 
 
-def _kernel_tiles(target: TargetProfile, out: np.ndarray, in_: np.ndarray, m: np.ndarray,
-                  block: tuple[int, int], nnzb: np.ndarray) -> list[np.ndarray]:
-    """`_tile_terms` per element of the (broadcast) layer arrays, from codegen's own `kernel_schedule`
-    (called once per distinct layer)."""
-    layers = np.stack([a.ravel() for a in (m, out, in_, nnzb)], axis=-1).astype(np.int64)
-    unique, inverse = np.unique(layers, axis=0, return_inverse=True)
-    terms = np.array([_tile_terms(target, schedule.kernel_schedule(target, rows, outs, ins, block, kept), block[0])
-                      for rows, outs, ins, kept in unique.tolist()], dtype=np.float64).reshape(len(unique), 6)
-    return [column[inverse.ravel()].reshape(m.shape) for column in terms.T]
+def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
+                  tiles: dict[str, int]) -> list[float]:
+    """The busiest core's work in `cpu_kernels.rowvec_matmul` (see the module docstring)."""
+    r, c = block
+    lanes = target.simd_lanes
+    r_pad = -(-r // lanes) * lanes
+    m_tile, k_chunks = tiles["m_tile"], tiles["k_chunks"]
+    m_tiles = -(-m // m_tile)
+    # The cache terms and parallel regions follow the column chunks that X's size asks for: the kernel
+    # takes fewer where a block row keeps too few blocks to pay for a chunk, and following that switch
+    # would make a sparser layer predict slower (more passes over m) than a denser one.
+    x_chunks = max(1, -(-min(m, 128) * in_ * _F32 // tiles["x_bytes_per_pass"]))
+    in_chunk = -(-in_ // x_chunks)
+    # the kernel's own pass split of m: passes of about x_bytes_per_pass of X, evened out
+    per_pass = max(1, min(m_tiles, tiles["x_bytes_per_pass"] // (m_tile * in_chunk * _F32)))
+    passes = -(-m_tiles // per_pass)
+    per_pass = -(-m_tiles // passes)
+    tiles_run = passes * per_pass
+    m_pad = tiles_run * m_tile
+    block_rows = -(-out // r)
+    rows = min(-(-block_rows // target.cores), block_rows)
+    blocks = nnzb * rows / block_rows
+    l1, l2 = _caches(target)
+    x_slice = _F32 * per_pass * m_tile * in_chunk
+    row_weights = _F32 * r * c * nnzb / block_rows / x_chunks
+    x_reads = _F32 * c * m_pad * blocks
+    w_share = _F32 * r * c * blocks
+    l2_bytes = x_reads * miss_share(x_slice, l1)
+    l3_bytes = x_reads * miss_share(x_slice + row_weights, l2) + w_share * passes * miss_share(w_share + x_slice, l2)
+    return [x_chunks * passes, 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
+            r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes]
+
+
+def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
+                tiles: dict[str, int]) -> list[float]:
+    """The busiest core's work in `cpu_kernels.mvec_matmul` (see the module docstring)."""
+    r, c = block
+    row_group, m_tile = tiles["row_group"], tiles["m_tile"]
+    rows_per_task = max(1, tiles["out_tile"] // r)
+    block_rows = -(-out // r)
+    tasks = -(-block_rows // rows_per_task)
+    rows = min(-(-tasks // target.cores) * rows_per_task, block_rows)
+    blocks = nnzb * rows / block_rows
+    m_pad = -(-m // m_tile) * m_tile
+    in_pad = -(-in_ // (16 * c)) * 16 * c  # X is transposed in strips of 16 block columns
+    groups = r // row_group
+    l1, l2 = _caches(target)
+    xt_bytes = _F32 * in_pad * m_pad
+    x_reads = _F32 * c * m_pad * blocks * groups
+    return [2.0, 2.0 * r * c * m_pad * blocks, blocks * (m_pad // m_tile) * groups,
+            rows * (m_pad // m_tile) * groups, r * m_pad * rows, m_pad * in_pad / target.cores,
+            x_reads * miss_share(xt_bytes, l1), x_reads * miss_share(xt_bytes, l2)]
+
+
+def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
+                tiles: dict[str, int]) -> list[float]:
+    """A thread per (row of a block, m) in thread blocks of one block row and `m_tile` values of m,
+    spread over the SMs; no cache terms (the fit has had no GPU to see them on)."""
+    r, c = block
+    m_tile = tiles["m_tile"]
+    m_tiles = -(-m // m_tile)
+    block_rows = -(-out // r)
+    rows = min(-(-block_rows // target.cores), block_rows)
+    blocks = nnzb * rows / block_rows
+    m_pad = m_tiles * m_tile
+    return [1.0, 2.0 * r * c * m_pad * blocks, blocks * m_tiles, rows * m_tiles, r * m_pad * rows, 0.0, 0.0, 0.0]
+
+
+_TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms}
+
+
+_MEMO: dict[tuple, list[float]] = {}  # feature rows by (target's identity and caches, layer): a model's
+_MEMO_MAX = 1 << 16                   # layers repeat (BERT-base: 72 layers of 3 shapes), its grid is re-asked
+
+
+def _layer_features(target: TargetProfile, identity: tuple, out: int, in_: int, m: int, block: tuple[int, int],
+                    nnzb: int) -> list[float]:
+    """The feature row of one layer (see `features`), memoised under the target's `identity`."""
+    key = (identity, out, in_, m, block, nnzb)
+    if key not in _MEMO:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = _work_features(target, out, in_, m, block, nnzb)
+    return _MEMO[key]
+
+
+def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int) -> list[float]:
+    """The feature row of one layer, worked out from its kernel schedule."""
+    sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb)
+    r, c = block
+    block_rows = -(-out // r)
+    bytes_moved = _F32 * nnzb * r * c + _INDEX_BYTES * (nnzb + block_rows + 1) + _F32 * m * (in_ + out)
+    return [1.0, *_TERMS[sched.layout](target, out, in_, m, block, nnzb, sched.tiles), float(bytes_moved)]
 
 
 def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density) -> np.ndarray:
-    """The work terms [1, flops, visits, row tiles, outs, ins, spilled, bytes] of the busiest core, (..., 8).
+    """The work terms (FEATURE_NAMES) of the busiest core, shape (..., 10).
 
-    `block` (0, 0) means the dense kernel. Arguments broadcast like numpy arrays.
+    `block` (0, 0) means the dense kernel. Arguments broadcast like numpy arrays; each distinct
+    layer is worked out once per process.
     """
     out, in_, m, density = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (out, in_, m, density)))
     if tuple(block) == (0, 0):
         block, density = schedule.DENSE_BLOCK, np.ones_like(density)
-    r, c = block
-    nnzb = kept_blocks(out, in_, block, density).astype(np.float64)
-    r_pad, m_tile, groups, y_passes, task_rows, packs_x = _kernel_tiles(target, out, in_, m, block, nnzb)
-    m_tiles = np.ceil(m / m_tile)
-    m_pad = m_tiles * m_tile
-    block_rows = np.ceil(out / r)
-    block_cols = np.ceil(in_ / c)
-    # parallel tasks of `task_rows` block rows are dealt out whole over the cores
-    busiest_rows = np.minimum(np.ceil(block_rows / task_rows / target.cores) * task_rows, block_rows)
-    blocks = nnzb * busiest_rows / block_rows  # the busiest core's share of the kept blocks
-    flops = 2.0 * r_pad * c * m_pad * blocks
-    visits = blocks * m_tiles * groups  # each kept block is walked once per tile of m (and row group)
-    row_tiles = busiest_rows * m_tiles * groups * y_passes
-    outs = r * m_pad * busiest_rows * y_passes
-    ins = np.where(packs_x > 0, m_pad * block_cols * c / target.cores, 0.0)
-    # each kept block reads c columns of X (m_pad values each); the share that misses the per-core
-    # cache grows as X outgrows it (about 3/4 of it left to X beside weights and outputs)
-    x_bytes = _F32 * m_pad * block_cols * c
-    miss_share = np.clip(1.0 - 0.75 * _cache_bytes(target) / x_bytes, 0.0, 1.0)
-    spilled = miss_share * _F32 * c * m_pad * blocks
-    index_bytes = _INDEX_BYTES * (nnzb + block_rows + 1)
-    bytes_moved = _F32 * nnzb * r * c + index_bytes + _F32 * m * (in_ + out)
-    terms = np.broadcast_arrays(np.ones_like(flops), flops, visits, row_tiles, outs, ins, spilled, bytes_moved)
-    return np.stack(terms, axis=-1)
+    block = (int(block[0]), int(block[1]))
+    nnzb = kept_blocks(out, in_, block, density)
+    identity = (target.cache_key, target.simd_bytes, target.l1_bytes, target.l2_bytes)
+    layers = zip(*(a.ravel().astype(np.int64).tolist() for a in (out, in_, m, nnzb)))
+    rows = [_layer_features(target, identity, o, i, mm, block, k) for o, i, mm, k in layers]
+    return np.array(rows, dtype=np.float64).reshape(*out.shape, len(FEATURE_NAMES))
 
 
 def latency_from_features(params: Params | np.ndarray, feats: np.ndarray) -> np.ndarray:
-    """Seconds for each row of `features(...)` under `params` (roofline of compute and memory)."""
+    """Seconds for each row of `features(...)` under `params` (overheads plus the roofline of compute and memory)."""
     p = params.array() if isinstance(params, Params) else np.asarray(params)
-    compute = feats[..., 1:7] @ p[1:7]
-    memory = feats[..., 7] * p[7]
-    return feats[..., 0] * p[0] + np.maximum(compute, memory)
+    overhead = feats[..., _OVERHEAD] @ p[_OVERHEAD]
+    compute = feats[..., _COMPUTE] @ p[_COMPUTE]
+    memory = feats[..., -1] * p[-1]
+    return overhead + np.maximum(compute, memory)
 
 
 def latency(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], sparsity: float,

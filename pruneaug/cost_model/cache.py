@@ -6,8 +6,9 @@
     0.00013
 
 Rows are keyed by target profile, TVM version, kernel version (a hash of `codegen/bsr.py`'s
-source), layer shape, m, block and density, so a new TVM or a changed kernel invalidates old rows
-without deleting them. Block (0, 0) stands for the dense kernel. The file is in WAL mode with a
+source, tagged with the timing protocol's `MEASUREMENT_PROTOCOL`), layer shape, m, block and
+density, so a new TVM, a changed kernel or a figure that now means something else invalidates old
+rows without deleting them. Block (0, 0) stands for the dense kernel. The file is in WAL mode with a
 busy timeout, so several compiles can write at once; a corrupted or unreadable file is renamed
 aside with a warning and a fresh one is built (or, where nothing can be written, an in-memory one).
 """
@@ -27,6 +28,10 @@ from pathlib import Path
 CACHE_ENV = "PRUNEAUG_CACHE"
 DEFAULT_PATH = Path("~/.cache/pruneaug/latency.sqlite")
 DENSE_BLOCK = (0, 0)
+# What a cached figure means: bump it whenever `measured.py`'s protocol changes what it measures.
+# 3: >= 2 ms samples, each paired with a reference kernel's; one-thread kernels timed by CPU time;
+#    host cores = TVM_NUM_THREADS.
+MEASUREMENT_PROTOCOL = 3
 _BUSY_TIMEOUT_S = 60.0
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _SCHEMA = """
@@ -38,6 +43,10 @@ CREATE TABLE IF NOT EXISTS latency (
     PRIMARY KEY (target, tvm_version, kernel_version, out, in_, m, block_r, block_c, density)
 );
 CREATE TABLE IF NOT EXISTS peaks (target TEXT PRIMARY KEY, gflops REAL NOT NULL, gbps REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reference (
+    target TEXT NOT NULL, tvm_version TEXT NOT NULL, kernel_version TEXT NOT NULL, seconds REAL NOT NULL,
+    PRIMARY KEY (target, tvm_version, kernel_version)
+);
 """
 
 
@@ -75,10 +84,11 @@ _CODEGEN_IMPORT = re.compile(r"from\s+(?:pruneaug\.codegen)?\.(\w+)\s+import|fro
 
 @lru_cache(maxsize=1)
 def current_kernel_version() -> str:
-    """A hash of the kernels' source (`codegen/bsr.py` and the codegen modules it imports).
+    """A hash of the kernels' source (`codegen/bsr.py` and the codegen modules it imports), then
+    ".p" and the MEASUREMENT_PROTOCOL.
 
-    Read as text, not imported, so asking costs no TVM import; any change to the kernels
-    invalidates the times measured with the old ones.
+    Read as text, not imported, so asking costs no TVM import; any change to the kernels or to
+    what a measurement means invalidates the times measured before.
     """
     spec = importlib.util.find_spec("pruneaug.codegen")
     folder = Path(next(iter(spec.submodule_search_locations)))
@@ -94,7 +104,7 @@ def current_kernel_version() -> str:
         digest.update(name.encode() + b"\0" + source)
         for one, many in _CODEGEN_IMPORT.findall(source.decode("utf-8", "replace")):
             todo.extend([one] if one else [n.strip() for n in many.split(",")])
-    return digest.hexdigest()[:16] if seen else "no-kernels"
+    return f"{digest.hexdigest()[:16] if seen else 'no-kernels'}.p{MEASUREMENT_PROTOCOL}"
 
 
 def density_key(density: float) -> float:
@@ -214,6 +224,18 @@ class LatencyCache:
             self._versions(target),
         )
         return [Measurement(o, i, m, (r, c), d, s) for o, i, m, r, c, d, s in rows]
+
+    # --- the reference kernel's quiet time (measured.LocalRunner scales its ratios by it) ------
+
+    def get_reference(self, target: str) -> float | None:
+        rows = self._execute("SELECT seconds FROM reference WHERE target=? AND tvm_version=? AND kernel_version=?",
+                             self._versions(target))
+        return rows[0][0] if rows else None
+
+    def put_reference(self, target: str, seconds: float) -> None:
+        """Keep the first figure: every cached time of these versions was scaled by it."""
+        self._execute("INSERT OR IGNORE INTO reference (target, tvm_version, kernel_version, seconds) VALUES (?,?,?,?)",
+                      (*self._versions(target), float(seconds)))
 
     # --- hardware peaks -----------------------------------------------------------------------
 

@@ -10,35 +10,53 @@ exports each kernel with the target's compiler (`aarch64-linux-gnu-gcc` for arm6
 times it there; `none` measures nothing. A device that goes away mid-measurement raises
 `DeviceLost`, which the cost model turns into a warning and a fall back to predictions.
 
-Each kernel is timed with warm-up calls, then batches of `number` calls sized to last a few
-milliseconds, repeated until the median is stable (relative spread under 5%, at most a few rounds).
-Locally, a timing during which another process held one of our cores (seen from this process's
-CPU time against the wall time, `occupancy`) is taken again after a short pause.
+Each kernel is timed as samples of `number` back-to-back calls, `number` sized so that one sample
+lasts at least `SAMPLE_S` (timer and scheduler granularity vanish in it), in rounds (`collect`):
+on a quiet machine the clean samples agree (interquartile range under STABLE_SPREAD) after a round
+or two and the figure is their median; otherwise sampling goes on, spread out by short pauses, to
+MAX_ROUNDS rounds, and the figure falls back to the fastest sample (other processes only ever slow
+a kernel down).
+Locally, on a CPU, each sample is paired with a sample of a fixed REFERENCE kernel taken just before
+it, and the figure is the ratio's median times the reference's quiet time (`LocalRunner`): on this
+shared 2-core VM, load from other processes (which also slows a thread through a busy sibling core
+or shared caches, where no clock can see it) lasts long enough to slow both samples of a pair alike.
+A sample is clean unless its clock says otherwise (`sample_clock`):
+- one thread on this machine: the calling thread's CPU time (TVM runs a one-thread kernel on the
+  caller), so time spent preempted is not counted at all: the same kernel's wall time swung
+  1.4-8 ms where its CPU time stayed within ±6%; such samples are never marked contended.
+- several threads on this machine: wall time, marked contended when our threads waited in the
+  run queue (`/proc/self/task/*/schedstat`, nanoseconds) for more than `CONTENDED_WAIT` of the
+  sample's wall time, or the hypervisor stole CPU time meanwhile (`/proc/stat`).
+- a remote device: its own timer, no contention information.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
-import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pruneaug.cost_model.cache import DENSE_BLOCK
+from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError, OptionError
 
 _RPC_RE = re.compile(r"^rpc://(?P<host>[^:/]+):(?P<port>\d+)/(?P<key>[^/]+)$")
-_BATCH_S = 4e-3  # each timed repeat lasts about this long
-_REPEAT = 9
-_MAX_ROUNDS = 3
-_UNCONTENDED = 0.9  # share of wall time our threads must have been on a core for a clean timing
-_CONTENDED_TRIES = 4
+SAMPLE_S = 2e-3  # one sample (a batch of back-to-back calls) lasts at least this long
+ROUND = 8  # samples taken between checks of whether the clean ones agree
+MAX_ROUNDS = 5
+MIN_CLEAN = 5  # clean samples needed for a median
+STABLE_SPREAD = 0.05  # interquartile range / median of the clean samples that ends the sampling
+CONTENDED_WAIT = 0.05  # run-queue wait per thread, as a share of a sample's wall time, that marks it contended
+PAUSE_S = 0.01  # pause after an unsettled round, times the round's number: spreads the samples over time
 _ARM64_CC = "aarch64-linux-gnu-gcc"
-_STABLE_SPREAD = 0.05
+HOST = "x86"  # the target that is this machine
+REFERENCE = (512, 512, 64, (8, 8), 0.5)  # (out, in, m, block, density) of the kernel each local sample is paired with
 
 
 class DeviceLost(RuntimeError):
@@ -70,16 +88,122 @@ def measure_peaks(seconds: float = 1.0) -> tuple[float, float]:
     return 2 * 1024**3 / best_matmul / 1e9, 2 * src.nbytes / best_copy / 1e9
 
 
-def stable_median(time_batch, first_call_s: float) -> float:
-    """Median seconds per call from `time_batch(number, repeat) -> list[float]`, repeated until stable."""
-    number = max(1, int(np.ceil(_BATCH_S / max(first_call_s, 1e-7))))
-    samples: list[float] = []
-    for _ in range(_MAX_ROUNDS):
-        samples.extend(time_batch(number, _REPEAT))
-        q1, median, q3 = np.percentile(samples, [25, 50, 75])
-        if (q3 - q1) / median < _STABLE_SPREAD:
+@dataclass(frozen=True)
+class Sample:
+    """Seconds per call over one batch of calls, and whether other processes slowed it (see the module docstring)."""
+
+    seconds: float
+    contended: bool = False
+
+
+def settled(samples: list[Sample]) -> bool:
+    """At least MIN_CLEAN clean samples, and they agree (relative interquartile range under STABLE_SPREAD)."""
+    clean = [s.seconds for s in samples if not s.contended]
+    if len(clean) < MIN_CLEAN:
+        return False
+    q1, median, q3 = np.percentile(clean, [25, 50, 75])
+    return (q3 - q1) / median < STABLE_SPREAD
+
+
+def summarise(samples: list[Sample], fallback: Callable[[list[float]], float] = min) -> tuple[float, bool]:
+    """(figure, settled): the median of the clean samples where they agree, else `fallback` of all of them."""
+    if settled(samples):
+        return float(np.median([s.seconds for s in samples if not s.contended])), True
+    return float(fallback([s.seconds for s in samples])), False
+
+
+def collect(take_sample: Callable[[], Sample], pause: Callable[[float], None] = time.sleep,
+            fallback: Callable[[list[float]], float] = min) -> tuple[float, bool]:
+    """(figure, settled) from `take_sample()`: rounds of ROUND samples until `settled`, at most
+    MAX_ROUNDS, with a growing pause after each unsettled round (see `summarise`)."""
+    samples: list[Sample] = []
+    for round_ in range(1, MAX_ROUNDS + 1):
+        samples.extend(take_sample() for _ in range(ROUND))
+        if settled(samples):
             break
-    return float(np.median(samples))
+        if round_ < MAX_ROUNDS:
+            pause(PAUSE_S * round_)
+    return summarise(samples, fallback)
+
+
+def batch_calls(first_call_s: float) -> int:
+    """Calls per sample: enough back-to-back calls to last SAMPLE_S."""
+    return max(1, int(np.ceil(SAMPLE_S / max(first_call_s, 1e-7))))
+
+
+def paired(kernel: Callable[[], Sample], reference: Callable[[], Sample]) -> Sample:
+    """A reference sample, then a kernel sample: their ratio, contended if either was."""
+    ref, own = reference(), kernel()
+    return Sample(own.seconds / ref.seconds, own.contended or ref.contended)
+
+
+def host_threads() -> int:
+    """The threads TVM runs a kernel with here: TVM_NUM_THREADS, else every core this process may use."""
+    return int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
+def running_profile(target: TargetProfile) -> TargetProfile:
+    """`target` as kernels run on it: the host's `cores` are the threads TVM uses (`host_threads`),
+    so that a one-thread figure is neither cached under nor predicted for two threads."""
+    if target.name != HOST or target.cores == host_threads():
+        return target
+    return replace(target, cores=host_threads())
+
+
+def run_queue_wait_s() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a core (Linux schedstat; 0 elsewhere)."""
+    waited = 0
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path, encoding="ascii") as stat:
+                waited += int(stat.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile, or no schedstat
+    return waited * 1e-9
+
+
+def steal_s() -> float:
+    """Seconds of CPU time the hypervisor has taken from this machine's CPUs (0 where not reported)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def cpu_clock(run: Callable[[], float], calls: int) -> Sample:
+    """One-thread kernels: this thread's CPU time per call (preemption is not counted, so never contended)."""
+    start = time.thread_time()
+    run()
+    return Sample((time.thread_time() - start) / calls)
+
+
+def wall_clock(threads: int, wait_probe: Callable[[], float] = run_queue_wait_s,
+               steal_probe: Callable[[], float] = steal_s) -> Callable[[Callable[[], float], int], Sample]:
+    """Multi-thread kernels: `run()`'s own wall time per call, contended when our threads waited for a
+    core longer than CONTENDED_WAIT of the sample (per thread) or CPU time was stolen meanwhile."""
+
+    def clock(run: Callable[[], float], calls: int) -> Sample:
+        waited, stolen, start = wait_probe(), steal_probe(), time.perf_counter()
+        seconds = run()
+        wall = time.perf_counter() - start
+        waited, stolen = wait_probe() - waited, steal_probe() - stolen
+        return Sample(seconds, waited > CONTENDED_WAIT * wall * threads or stolen > 0)
+
+    return clock
+
+
+def device_clock(run: Callable[[], float], calls: int) -> Sample:
+    """A remote device: its own timer's figure, with nothing known about contention there."""
+    return Sample(run())
+
+
+def sample_clock(target: TargetProfile, threads: int) -> Callable[[Callable[[], float], int], Sample]:
+    """The clock for local kernels of `target` run with `threads` threads (see the module docstring)."""
+    if target.kind == "cuda":
+        return device_clock  # CUDA events: the host's load does not enter
+    return cpu_clock if threads == 1 else wall_clock(threads)
 
 
 def build_kernel(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], density: float):
@@ -95,33 +219,58 @@ def build_kernel(target: TargetProfile, out: int, in_: int, m: int, block: tuple
 
 @dataclass
 class LocalRunner:
-    """Compiles and times kernels on this machine.
+    """Compiles and times kernels on this machine, each sample paired with one of the REFERENCE kernel.
 
-    On a CPU, each timing checks that its threads had the cores to themselves (`uncontended`):
-    on a shared machine another process's burst can double a kernel's time. `contended` counts
-    the times that stayed contended after a few tries (they are upper bounds). After such a time
-    the next kernel is tried once only, so lasting contention does not multiply the filling time.
+    A figure is the median ratio of kernel to reference samples times the reference's quiet time,
+    calibrated once per cache (`LatencyCache.get_reference`) or per runner without one. Load that
+    lasts longer than a pair (other processes' tests, a busy sibling core) slows both alike and
+    cancels out: timing 6 kernels three times on this machine at load 4, the spread of a kernel's
+    figures was 9-63% for the fastest sample and 6-15% for the ratio. A reference calibrated under
+    load scales every figure of that cache alike, which the search's comparisons do not see.
+    `contended` counts the kernels whose ratios never settled. CUDA kernels are timed alone (the
+    host's load does not reach a GPU's events).
     """
 
     target: TargetProfile
     device: str = "local"
     contended: int = 0
-    _last_clean: bool = True
+    cache: LatencyCache | None = None
 
-    def time_layer(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> float:
+    def __post_init__(self) -> None:
+        self._reference: tuple[Bench, float] | None = None
+
+    def _bench(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> Bench:
         import tvm
 
         from pruneaug.codegen import bsr
 
         kernel = build_kernel(self.target, out, in_, m, block, density)
         module = bsr.compile_kernel(kernel, self.target)
+        dev = tvm.cuda(0) if self.target.kind == "cuda" else tvm.cpu(0)
+        return Bench(module, kernel, m, in_, dev, sample_clock(self.target, host_threads()))
+
+    def reference(self) -> tuple[Bench, float]:
+        """The REFERENCE kernel and its quiet seconds per call (cached, else calibrated now: the
+        median of agreeing samples, or the fastest of MAX_ROUNDS rounds)."""
+        if self._reference is None:
+            bench = self._bench(*REFERENCE)
+            seconds = self.cache.get_reference(self.target.cache_key) if self.cache is not None else None
+            if seconds is None:
+                seconds, _ = collect(bench.sample)
+                if self.cache is not None:
+                    self.cache.put_reference(self.target.cache_key, seconds)
+            self._reference = (bench, seconds)
+        return self._reference
+
+    def time_layer(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> float:
+        bench = self._bench(out, in_, m, block, density)
         if self.target.kind == "cuda":
-            return _time(module, kernel, m, in_, tvm.cuda(0))
-        threads = int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
-        tries = _CONTENDED_TRIES if self._last_clean else 1
-        seconds, clean = uncontended(lambda: _time(module, kernel, m, in_, tvm.cpu(0)), threads, tries)
+            seconds, clean = collect(bench.sample)
+        else:
+            reference, reference_s = self.reference()
+            ratio, clean = collect(lambda: paired(bench.sample, reference.sample), fallback=np.median)
+            seconds = ratio * reference_s
         self.contended += not clean
-        self._last_clean = clean
         return seconds
 
 
@@ -187,49 +336,38 @@ class RpcRunner:
                 remote.upload(path)
                 remote_module = remote.load_module(name)
                 dev = remote.cuda(0) if self.target.kind == "cuda" else remote.cpu(0)
-                return _time(remote_module, kernel, m, in_, dev)
+                return collect(Bench(remote_module, kernel, m, in_, dev, device_clock).sample)[0]
             except Exception as err:  # noqa: BLE001 - a broken session surfaces as assorted TVM errors
                 self._session = None
                 raise DeviceLost(self.device, err) from err
 
 
-def _time(module, kernel, m: int, in_: int, dev) -> float:
-    """Warm up, then the stable median of batched calls."""
-    from pruneaug.codegen import bsr
+class Bench:
+    """One compiled kernel, its arguments made once, sampled with `clock` in batches of `number` calls.
 
-    x = np.random.default_rng(1).standard_normal((m, in_), dtype=np.float32)
-    warm = bsr.time_kernel(module, kernel, x, dev, number=1, repeat=3)
-    return stable_median(lambda number, repeat: bsr.time_kernel(module, kernel, x, dev, number, repeat), min(warm))
-
-
-def occupancy(run, threads: int):
-    """(run()'s result, the share of its wall time that this process's `threads` spent on a core).
-
-    TVM's pool threads stay busy between back-to-back calls, so an uncontended timing is near 1;
-    about 0.5 on two cores means another process held one of them and the time is inflated.
+    One evaluator is reused, so a sample times the kernel alone (TVM's evaluator makes one untimed
+    call before its batch, hence `number + 1` calls for the clock).
     """
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    result = run()
-    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result, cpu / max(wall * threads, 1e-9)
+
+    def __init__(self, module, kernel, m: int, in_: int, dev, clock):
+        import tvm
+
+        x = np.random.default_rng(1).standard_normal((m, in_), dtype=np.float32)
+        out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
+        self._args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
+        self._args.append(tvm.runtime.empty(out_shape, "float32", dev))
+        warm = module.time_evaluator(kernel.name, dev, number=1, repeat=3)(*self._args).results
+        self.number = batch_calls(min(warm))
+        self._timer = module.time_evaluator(kernel.name, dev, number=self.number, repeat=1)
+        self._clock = clock
+
+    def sample(self) -> Sample:
+        return self._clock(lambda: float(self._timer(*self._args).mean), self.number + 1)
 
 
-def uncontended(run, threads: int, tries: int = _CONTENDED_TRIES) -> tuple[float, bool]:
-    """Time with `run()` until no other process shared the cores (a few tries with short pauses);
-    returns the time and whether it was clean, else the fastest of the contended tries."""
-    fastest = float("inf")
-    for attempt in range(tries):
-        seconds, share = occupancy(run, threads)
-        if share >= _UNCONTENDED:
-            return seconds, True
-        fastest = min(fastest, seconds)
-        time.sleep(0.1 * (attempt + 1))
-    return fastest, False
-
-
-def make_runner(target: TargetProfile, measure: str) -> LocalRunner | RpcRunner | None:
-    """The runner `--measure` names, or None for `none`; a malformed value is an OptionError."""
+def make_runner(target: TargetProfile, measure: str, cache: LatencyCache | None = None) -> LocalRunner | RpcRunner | None:
+    """The runner `--measure` names, or None for `none`; a malformed value is an OptionError.
+    `cache` keeps the local runner's reference time."""
     if measure == "none":
         return None
     if measure == "local":
@@ -242,7 +380,7 @@ def make_runner(target: TargetProfile, measure: str) -> LocalRunner | RpcRunner 
             if not tvm.cuda(0).exist:
                 raise OptionError(f"--measure local: target {target.name} needs a CUDA GPU and this machine has "
                                   "none; use --measure rpc://HOST:PORT/KEY or --measure none")
-        return LocalRunner(target)
+        return LocalRunner(target, cache=cache)
     match = _RPC_RE.match(measure)
     if not match:
         raise OptionError(f"--measure {measure!r}: expected local, none or rpc://HOST:PORT/KEY")

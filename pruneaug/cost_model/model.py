@@ -11,7 +11,9 @@ Sparsity 0 means the layer stays dense, so its figure is the dense kernel's, wha
 Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
 (the analytical model with parameters fitted to this target's and block shape's measurements) or
 `analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
-prediction is a dictionary lookup or a few numpy operations.
+prediction is a dictionary lookup or a few numpy operations. On the host, figures are for the
+threads TVM runs with (TVM_NUM_THREADS, else every core): the profile's `cores` say so, and they
+are part of the cache key (`measured.running_profile`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from pruneaug.cost_model import analytical
 from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement, density_key, open_cache
-from pruneaug.cost_model.measured import DeviceLost, make_runner
+from pruneaug.cost_model.measured import DeviceLost, make_runner, running_profile
 from pruneaug.cost_model.targets import TargetProfile, resolve_target
 from pruneaug.errors import OptionError
 
@@ -67,9 +69,9 @@ class CostModel:
     """Latency predictions for one target, backed by the latency cache and (optionally) a runner."""
 
     def __init__(self, target: TargetProfile | str, measure: str = "none", cache: LatencyCache | None = None):
-        self.target = resolve_target(target) if isinstance(target, str) else target
+        self.target = running_profile(resolve_target(target) if isinstance(target, str) else target)
         self.cache = cache or open_cache()
-        self.runner = make_runner(self.target, measure)
+        self.runner = make_runner(self.target, measure, self.cache)
         self._measured: dict[tuple, float] = {}
         self._by_block: dict[tuple[int, int], dict[tuple, Measurement]] = {}
         self._fitted: dict[tuple[int, int], analytical.Params | None] = {}
@@ -206,8 +208,9 @@ class CostModel:
             self._time_points(self._suspects(todo), "re-measuring outliers", progress, keep_faster=True)
         contended = getattr(self.runner, "contended", 0) - contended_before
         if contended > 0:
-            warnings.warn(f"{contended} kernel times were taken while other processes held the cores: they are "
-                          f"upper bounds (cache {self.cache.path})", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{contended} kernels' samples never agreed (other processes held the cores): their "
+                          f"figures are fallbacks, less repeatable than the rest (cache {self.cache.path})",
+                          RuntimeWarning, stacklevel=2)
         return done
 
     def _time_points(self, points: list, what: str, progress: bool, keep_faster: bool = False) -> int:
@@ -246,7 +249,7 @@ _MODELS: dict[tuple, CostModel] = {}
 
 def cost_model(target: TargetProfile | str, measure: str = "none") -> CostModel:
     """One shared `CostModel` per (target, measure, cache file) in this process."""
-    profile = resolve_target(target) if isinstance(target, str) else target
+    profile = running_profile(resolve_target(target) if isinstance(target, str) else target)
     cache = open_cache()
     key = (profile.cache_key, measure, str(cache.path))
     if key not in _MODELS:
