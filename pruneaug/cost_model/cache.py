@@ -10,6 +10,8 @@ source), layer shape, m, block and density, so a new TVM or a changed kernel inv
 without deleting them. Block (0, 0) stands for the dense kernel. The file is in WAL mode with a
 busy timeout, so several compiles can write at once; a corrupted or unreadable file is renamed
 aside with a warning and a fresh one is built (or, where nothing can be written, an in-memory one).
+The same file keeps `records`: other measured figures a later compile may reuse (the layer
+sensitivities of `passes/sensitivity_store.py`), each under a key that says what it depends on.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ CREATE TABLE IF NOT EXISTS latency (
     PRIMARY KEY (target, tvm_version, kernel_version, out, in_, m, block_r, block_c, density)
 );
 CREATE TABLE IF NOT EXISTS peaks (target TEXT PRIMARY KEY, gflops REAL NOT NULL, gbps REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                    PRIMARY KEY (kind, key));
 """
 
 
@@ -223,6 +227,17 @@ class LatencyCache:
 
     def put_peaks(self, target: str, gflops: float, gbps: float) -> None:
         self._execute("INSERT OR REPLACE INTO peaks (target, gflops, gbps) VALUES (?,?,?)", (target, gflops, gbps))
+
+
+    # --- other figures a compile measures and a later one may reuse -------------------------
+
+    def get_record(self, kind: str, key: str) -> str | None:
+        """A stored text (e.g. a model's layer sensitivities, keyed by a digest of what they depend on), or None."""
+        rows = self._execute("SELECT value FROM records WHERE kind=? AND key=?", (kind, key))
+        return rows[0][0] if rows else None
+
+    def put_record(self, kind: str, key: str, value: str) -> None:
+        self._execute("INSERT OR REPLACE INTO records (kind, key, value) VALUES (?,?,?)", (kind, key, value))
 
 
 _OPEN: dict[Path, LatencyCache] = {}
