@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
@@ -145,7 +146,7 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
 
     dense = run({})
     result = ir.copy()
-    for node in ir.prunable_nodes():
+    for node in tqdm(ir.prunable_nodes(), desc="probing layer sensitivities", unit="layer", disable=None):
         importance = ir.graph.nodes[node]["importance"]
         curve = _removal_curve(importance, probe_block, pool)
         shares, errors = [], []

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
@@ -336,11 +337,17 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     """
     pool = options.get("pool", "l2")
     space = search_space(ir, latency, blocks, sparsities, supported, pool)
-    pruned, searched = search_in(space, ir, validate, budget, blocks, finish, **options)
-    start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
-    results = baselines_in(space, ir, validate, budget, blocks, finish, start,
-                           **{**options, "max_validations": min(BASELINE_VALIDATIONS,
-                                                                options.get("max_validations", BASELINE_VALIDATIONS))})
+    baseline_validations = min(BASELINE_VALIDATIONS, options.get("max_validations", BASELINE_VALIDATIONS))
+    most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) + baseline_validations * len(blocks)
+    with tqdm(total=most, desc="validating plans (at most)", unit="run", disable=None) as bar:
+        def validate_counted(candidate: IRModel) -> float:
+            bar.update()
+            return validate(candidate)
+
+        pruned, searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
+        start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
+        results = baselines_in(space, ir, validate_counted, budget, blocks, finish, start,
+                               **{**options, "max_validations": baseline_validations})
     results["searched"] = searched
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
