@@ -29,7 +29,7 @@ def eval_accuracy(model_path: Path, eval_path: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "encoder"])
 def test_search_meets_the_budget_on_the_examples(tmp_path, name):
     model, calib, eval_ = example(name)
     result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.01, measure="none", artifact=False,
