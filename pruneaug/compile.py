@@ -33,7 +33,7 @@ from pruneaug.errors import CodegenError, OptionError, PruneaugError
 from pruneaug.ir.graph import IRModel, lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.ir.onnx_io import check_model, external_data_files, load_model, save_model
-from pruneaug.passes import blockmask, importance, latency, proxy, search
+from pruneaug.passes import blockmask, importance, latency, search, sensitivity_store
 from pruneaug.passes.reconstruct import reconstructor
 from pruneaug.passes.validate import make_validator
 from pruneaug.plan import build_plan, search_record
@@ -106,6 +106,7 @@ def compile_model(
     """
     request = check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric,
                             measure, batch, artifact, reconstruct)
+    phases = PhaseClock()
     source, protected = _read_model(model)
     folder = OutputFolder(out, protected)
     folder.check(OUTPUT_FILES + tuple(f"model.{kind}.{suffix}" for kind in ("x86", "arm64", "cuda") for suffix in ("so", "tar")))
@@ -127,6 +128,7 @@ def compile_model(
 
     shapes = deploy_shapes(source, calib_data or eval_data, request.batch)
     ir = lift(source, shapes)
+    phases.lap("load")
     if not ir.prunable_nodes():
         notes.append("the model has no prunable MatMul/Gemm/Conv node: nothing was pruned")
     costs = cost_model(profile, measure_mode)
@@ -135,11 +137,13 @@ def compile_model(
         "reconstruct": request.reconstruct,
         "model_name": "model" if isinstance(model, onnx.ModelProto) else Path(model).name,
         "input_shapes": shapes,
+        "phase_seconds": phases.seconds,
     }
     if request.keep_sparsity:
         pruned = blockmask.apply_masks(blockmask.detect_blocks(importance.from_zeros(ir), request.blocks))
     else:
         scored = _score(ir, request.pruner, calib_data)
+        phases.lap("importance")
         finish = reconstructor(scored, calib_data.inputs) if request.reconstruct else None
         if request.searching and scored.prunable_nodes():
             pruned, extra["search"] = _search(scored, profile, costs, request, calib_data, eval_data, finish, notes)
@@ -148,6 +152,7 @@ def compile_model(
             pruned = blockmask.apply_masks(blockmask.assign_blocks(scored, {n: spec for n in ir.prunable_nodes()}))
             pruned = finish(pruned) if finish else pruned
     pruned = latency.annotate(pruned, costs)
+    phases.lap("plan")
 
     with folder as staging:
         pruned_model = lower(pruned)
@@ -157,7 +162,7 @@ def compile_model(
         artifact_name = None
         if request.artifact:
             artifact_name = _build_artifact(pruned, pruned_model, source, profile, shapes, calib_data, staging, extra,
-                                            notes)
+                                            notes, phases)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -226,6 +231,19 @@ def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int) -> d
     return shapes
 
 
+class PhaseClock:
+    """Wall-clock seconds per compile phase, for plan.json: where a slow compile spends its time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def _read_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, list[Path]]:
     """The checked model, and the files an output must never overwrite (the model and its external data)."""
     if isinstance(model, onnx.ModelProto):
@@ -256,7 +274,8 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
         kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)])
     layer_latency = latency.layer_latency(costs)
     validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
-    ir = proxy.measure_sensitivities(scored, calib_data.inputs)  # per-block probes: no consistent gain, 2.7x the runs
+    # per-block probes: no consistent gain, 2.7x the runs
+    ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache)
     chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,
                                                    request.sparsities, supported, finish)
     report = results.pop("chosen")
@@ -265,13 +284,14 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     if record["chosen_from"] == "dense":
         record["message"] = results["searched"].message or "no pruned plan met the budget: the dense plan is returned"
         notes.append(record["message"])
-    record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured)
+    record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured,
+                  sensitivities="recalled from the cache" if recalled else "measured")
     return chosen, record
 
 
 def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx.ModelProto, profile,
                     shapes: dict[str, list[int]], calib_data: Dataset | None, staging: Path,
-                    extra: dict[str, Any], notes: list[str]) -> str | None:
+                    extra: dict[str, Any], notes: list[str], phases: "PhaseClock") -> str | None:
     """Compile, check and export the artifact; a model TVM cannot compile leaves the other outputs whole."""
     from pruneaug import deploy
 
@@ -286,8 +306,11 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
             return None
+        finally:
+            phases.lap("artifact")
         if deploy.runs_here(profile):
             extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
+            phases.lap("whole-model timing")
     return artifact.name
 
 

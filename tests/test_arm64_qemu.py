@@ -1,4 +1,5 @@
-"""The arm64 block-sparse matmul kernels, cross-compiled and run under qemu-aarch64, against numpy.
+"""The arm64 block-sparse matmul kernels and whole compiled models, cross-compiled and run under qemu-aarch64,
+against numpy and onnxruntime.
 
 Needs qemu-aarch64, the aarch64 cross compilers (Debian: qemu-user, gcc- and g++-aarch64-linux-gnu)
 and the aarch64 TVM runtime with its harness, prepared once by `python tools/arm64_runtime.py`
@@ -8,16 +9,21 @@ which is missing; they never download anything.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+
+import pruneaug
 
 from pruneaug.codegen.bsr import bsr_matmul_kernel, compile_kernel, random_bsr_weight
 from pruneaug.codegen.export import CROSS_COMPILER
 from pruneaug.codegen.schedule import kernel_schedule
 from pruneaug.cost_model.targets import resolve_target
+from pruneaug.passes import ort_run
 
 tvm = pytest.importorskip("tvm")
 
@@ -85,3 +91,23 @@ def test_arm64_bsr_matmul_matches_numpy_under_qemu(tmp_path, m, out, in_, block,
 def test_cases_cover_both_cpu_layouts():
     layouts = {kernel_schedule(ARM64, m, out, in_, block, 1).layout for m, out, in_, block, *_ in CASES}
     assert layouts == {"mvec", "rowvec"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+@pytest.mark.parametrize("example, block", [("cnn", "4x4"), ("mlp", "8x8")])
+def test_arm64_whole_model_matches_onnxruntime_under_qemu(tmp_path, example, block):
+    """The compiled arm64 artifact (.so, Relax VM) as a deployment runs it, against pruned.onnx in onnxruntime."""
+    folder = Path(__file__).resolve().parent.parent / "examples" / example
+    result = pruneaug.compile(folder / "model.onnx", target="arm64", block=block, sparsity=0.6, measure="none",
+                              calib=folder / "calib.npz", batch=4, out=tmp_path / "out")
+    assert result.artifact is not None and result.artifact.suffix == ".so", result.warnings
+    signature = json.loads(result.artifact.with_name(result.artifact.name + ".json").read_text())
+    with np.load(folder / "calib.npz") as calib:
+        inputs = {spec["name"]: calib[spec["name"]][:4] for spec in signature["inputs"]}
+    want = ort_run.run(onnx.load(result.pruned_model), inputs)
+    got = arm64_runtime.run_model_under_qemu(arm64_runtime.runtime_dir(), result.artifact,
+                                             [inputs[spec["name"]] for spec in signature["inputs"]],
+                                             [(w.shape, w.dtype.name) for w in want])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))

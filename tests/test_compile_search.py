@@ -29,7 +29,7 @@ def eval_accuracy(model_path: Path, eval_path: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "encoder"])
 def test_search_meets_the_budget_on_the_examples(tmp_path, name):
     model, calib, eval_ = example(name)
     result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.01, measure="none", artifact=False,
@@ -58,12 +58,15 @@ def test_search_meets_the_budget_on_the_examples(tmp_path, name):
 @pytest.mark.slow
 def test_targets_with_other_costs_get_other_plans(tmp_path):
     model, calib, eval_ = example("mlp")
-    plans = {}
+    plans, sensitivities = {}, []
     for target in ("x86", "arm64:cortex-a55", "cuda:sm_90"):
         result = pruneaug.compile(model, target=target, calib=calib, eval=eval_, budget=0.02, measure="none",
                                   artifact=False, out=tmp_path / target.replace(":", "_"))
         plans[target] = [(e["block"], e["sparsity"]) for e in result.plan["layers"]]
+        sensitivities.append(result.plan["search"]["sensitivities"])
     assert len({json.dumps(p) for p in plans.values()}) > 1, plans
+    # the probes do not depend on the target: the second and third compiles read the first one's
+    assert sensitivities == ["measured", "recalled from the cache", "recalled from the cache"]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -1,6 +1,8 @@
 """Block masks: exact counts of zero blocks, zeros only in whole blocks, ragged edges, original layouts."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,8 @@ import zoo
 from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance
-from pruneaug.passes.blockmask import block_areas, block_grid, block_keep, block_scores, detect_block, layer_mask, pruned_block_count
+from pruneaug.passes.blockmask import (block_areas, block_grid, block_keep, block_scores, detect_block, layer_mask,
+                                      pruned_block_count, removal_order)
 
 
 def blocks_of(mask: np.ndarray, block: tuple[int, int]):
@@ -118,3 +121,27 @@ def test_block_keep_equals_a_stable_sort_with_ties(values, sparsity):
     want = np.ones(scores.size, bool)
     want[order[: pruned_block_count(scores.size, sparsity)]] = False
     assert np.array_equal(block_keep(scores, sparsity).ravel(), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), ties=st.booleans(), sparsity=st.floats(0, 1),
+       block=st.sampled_from([(1, 1), (2, 3), (4, 4)]))
+def test_memoised_masks_equal_masks_from_fresh_scores(seed, ties, sparsity, block):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 3, (9, 10)).astype(np.float64) if ties else rng.random((9, 10))
+    scores = block_scores(values, block)
+    keep = np.ones(scores.size, bool)
+    keep[np.argsort(scores, axis=None, kind="stable")[: pruned_block_count(scores.size, sparsity)]] = False
+    want = np.repeat(np.repeat(keep.reshape(scores.shape), block[0], 0), block[1], 1)[: values.shape[0], : values.shape[1]]
+    assert np.array_equal(layer_mask(values, BlockSpec(*block, sparsity)), want)
+    assert np.array_equal(layer_mask(values, BlockSpec(*block, sparsity)), want)  # second call: from the memo
+
+
+def test_removal_orders_are_forgotten_with_their_importance_array():
+    values = np.random.default_rng(0).random((6, 6))
+    first = removal_order(values, (2, 2))
+    assert removal_order(values, (2, 2)) is first
+    key = id(values)
+    del values
+    gc.collect()
+    assert key not in blockmask._MEMO

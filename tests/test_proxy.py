@@ -16,8 +16,11 @@ SPARSITIES = [0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 0.95]
 
 @pytest.mark.parametrize("block", [(1, 1), (4, 4), (3, 5), (16, 2)])
 @pytest.mark.parametrize("pool", ["l2", "max"])
-def test_energy_share_is_that_of_the_mask_apply_masks_builds(block, pool):
-    importance_ = np.abs(np.random.default_rng(1).standard_normal((10, 13)))  # ragged for every block but 1x1
+@pytest.mark.parametrize("shape, ties", [((10, 13), False), ((48, 60), False), ((48, 60), True)])
+def test_energy_share_is_that_of_the_mask_apply_masks_builds(block, pool, shape, ties):
+    # 10x13: ragged for every block but 1x1; 48x60: whole blocks; ties: many equal scores
+    rng = np.random.default_rng(1)
+    importance_ = rng.integers(0, 3, shape).astype(np.float64) if ties else np.abs(rng.standard_normal(shape))
     shares = pruned_energy_shares(importance_, block, SPARSITIES, pool)
     for sparsity, share in zip(SPARSITIES, shares):
         kept = blockmask.layer_mask(importance_, BlockSpec(*block, sparsity), pool)

@@ -14,7 +14,8 @@ from pruneaug.ir.graph import lift
 from pruneaug.options import parse_sparsities
 from pruneaug.passes import importance
 from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
-from pruneaug.passes.search import (Option, baselines, knapsack, layer_options, loss_bins, pareto_front, search,
+from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, baselines, knapsack, layer_options, loss_bins,
+                                    pareto_front, search, search_in, search_space,
                                     search_with_baselines)
 from pruneaug.passes.validate import make_validator
 
@@ -185,3 +186,26 @@ def test_search_with_baselines_answers_with_the_fastest_validated_plan(mlp):
     for node, option in results["chosen"].plan.items():
         assert pruned.graph.nodes[node]["block"].shape == option.block
         assert pruned.graph.nodes[node]["predicted_latency_s"] == option.latency_s
+
+
+def test_baselines_start_at_the_searched_proxy_budget_with_fewer_validations(mlp):
+    ir, validate = mlp
+    pruned, results = search_with_baselines(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES)
+    searched = results["searched"]
+    assert searched.met
+    for name in ("unstructured", "single 4x4", "single 8x8"):
+        report = results[name]
+        assert 1 <= report.validations <= BASELINE_VALIDATIONS
+        assert report.history[0].proxy_budget == pytest.approx(searched.proxy_budget)
+    assert results["single 1x1"] is results["unstructured"]  # one search, not two
+
+
+def test_a_warm_start_away_from_the_answer_still_brackets_it(mlp):
+    ir, validate = mlp
+    space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES)
+    _, cold = search_in(space, ir, validate, 0.01, BLOCKS)
+    for factor in (1 / 8, 8):
+        _, warm = search_in(space, ir, validate, 0.01, BLOCKS, start=cold.proxy_budget * factor)
+        assert warm.met and warm.metric_loss <= 0.01
+        assert warm.history[0].proxy_budget <= cold.proxy_budget * factor * (1 + 1e-9)  # capped at the fastest plan
+        assert warm.predicted_latency_s <= 1.5 * cold.predicted_latency_s

@@ -9,9 +9,10 @@ calls into TVM's runtime, so checking it on an x86 machine needs that runtime bu
 apache-tvm-ffi's (the versions pinned below, the ones installed for x86). This script downloads the two
 wheels from PyPI with pip, extracts the libraries and the tvm-ffi C++ headers into the folder, and builds
 `tools/arm64_harness.cc` with `aarch64-linux-gnu-g++` against them. It is idempotent: a second run with
-the same versions and harness source does nothing. `run_under_qemu` then runs one kernel function
-through the harness with `qemu-aarch64 -L /usr/aarch64-linux-gnu` (tests/test_arm64_qemu.py uses it;
-nothing there downloads anything). Needs (Debian): g++-aarch64-linux-gnu, qemu-user.
+the same versions and harness source does nothing. `run_under_qemu` then runs one kernel function,
+and `run_model_under_qemu` a whole compiled model, through the harness with
+`qemu-aarch64 -L /usr/aarch64-linux-gnu` (tests/test_arm64_qemu.py uses them; nothing there
+downloads anything). Needs (Debian): g++-aarch64-linux-gnu, qemu-user.
 """
 from __future__ import annotations
 
@@ -147,9 +148,9 @@ def _spec(path: Path, array: np.ndarray) -> str:
     return f"{path}:{array.dtype.name}:{'x'.join(str(d) for d in array.shape)}"
 
 
-def run_under_qemu(folder: Path, library: Path, func: str, inputs: Sequence[np.ndarray],
-                   out_shape: Sequence[int], out_dtype: str = "float32", timeout_s: float = 300) -> np.ndarray:
-    """Call `func(*inputs, out)` of the aarch64 `library` under qemu and return `out`."""
+def _run_harness(folder: Path, leading: Sequence[str], inputs: Sequence[np.ndarray],
+                 outputs: Sequence[tuple[Sequence[int], str]], timeout_s: float) -> list[np.ndarray]:
+    """Run the harness under qemu with `leading` arguments, the inputs' specs and the outputs' specs."""
     with tempfile.TemporaryDirectory() as scratch:
         specs = []
         for i, array in enumerate(inputs):
@@ -157,14 +158,26 @@ def run_under_qemu(folder: Path, library: Path, func: str, inputs: Sequence[np.n
             path = Path(scratch) / f"in{i}.bin"
             array.tofile(path)
             specs.append(_spec(path, array))
-        out = np.zeros(out_shape, out_dtype)
-        out_path = Path(scratch) / "out.bin"
-        command = [QEMU, "-L", str(SYSROOT), str(harness_path(folder)), str(library), func, *specs,
-                   _spec(out_path, out)]
+        results = [np.zeros(shape, dtype) for shape, dtype in outputs]
+        out_paths = [Path(scratch) / f"out{i}.bin" for i in range(len(results))]
+        command = [QEMU, "-L", str(SYSROOT), str(harness_path(folder)), *leading, *specs,
+                   *(_spec(path, out) for path, out in zip(out_paths, results))]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
-        return np.fromfile(out_path, out_dtype).reshape(out_shape)
+        return [np.fromfile(path, out.dtype).reshape(out.shape) for path, out in zip(out_paths, results)]
+
+
+def run_under_qemu(folder: Path, library: Path, func: str, inputs: Sequence[np.ndarray],
+                   out_shape: Sequence[int], out_dtype: str = "float32", timeout_s: float = 300) -> np.ndarray:
+    """Call `func(*inputs, out)` of the aarch64 `library` under qemu and return `out`."""
+    return _run_harness(folder, [str(library), func], inputs, [(out_shape, out_dtype)], timeout_s)[0]
+
+
+def run_model_under_qemu(folder: Path, artifact: Path, inputs: Sequence[np.ndarray],
+                         outputs: Sequence[tuple[Sequence[int], str]], timeout_s: float = 600) -> list[np.ndarray]:
+    """Run a whole aarch64 artifact (a Relax VM executable) under qemu: `main(*inputs)`, outputs of the given shapes."""
+    return _run_harness(folder, ["--vm", str(artifact), str(len(inputs))], inputs, outputs, timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python tools/bench_search.py [--budget 0.01] [--metric top1] [--latency x86|arm64|cuda|synthetic] [--baselines]
 
-For each example (examples/mlp, examples/cnn) and each pruner (magnitude, activation), with and
+For each example (examples/mlp, examples/cnn, examples/encoder) and each pruner (magnitude, activation), with and
 without reconstruction, it runs the search twice: with every block shape of --blocks, and with 1x1
 alone (the unstructured baseline). Columns: the validated metric loss on eval.npz (never above the
 budget), the number of validations (onnxruntime runs of the eval set), the share of prunable
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--blocks", default=DEFAULT_BLOCKS)
     parser.add_argument("--sparsities", default=DEFAULT_SPARSITIES)
     parser.add_argument("--latency", default="x86")
-    parser.add_argument("--examples", default="mlp,cnn")
+    parser.add_argument("--examples", default="mlp,cnn,encoder")
     parser.add_argument("--baselines", action="store_true", help="also print dense / 1x1 / best single block")
     parser.add_argument("--block-scales", action="store_true", help="probe each block shape's sensitivity scale")
     args = parser.parse_args()

@@ -1,6 +1,7 @@
-"""Trains and exports the two bundled example models on scikit-learn's digits (8x8 images, 10 classes).
+"""Trains and exports the bundled example models: two on scikit-learn's digits, a transformer encoder on a synthetic task.
 
-    python tools/make_examples.py            # writes examples/{mlp,cnn}/{model.onnx,calib.npz,eval.npz}
+    python tools/make_examples.py                   # writes examples/{mlp,cnn,encoder}/{model.onnx,calib.npz,eval.npz}
+    python tools/make_examples.py --only encoder    # one of them
 
 Needs torch (the ``train`` extra); nothing else in pruneaug does. Training is seeded and runs on one
 thread with deterministic algorithms, the ONNX graphs are written with onnx.helper from the trained
@@ -12,6 +13,12 @@ same bytes. The script checks onnxruntime against torch and prints each model's 
   Gemm(transB=0) 10 -> ``logits``.
 - ``cnn``: input ``input`` float32 [batch, 1, 8, 8] -> Conv 1x1 32, Relu, Conv 3x3 64, Relu,
   depthwise Conv 3x3 64, Relu, Conv 3x3 stride 2 64, Relu, Flatten, Gemm 128, Relu, Gemm 10 -> ``logits``.
+
+- ``encoder``: input ``input`` float32 [batch, 16, 8] -> MatMul+Add 128 plus a position table, two
+  post-norm BERT layers (hidden 128, 4 heads, FFN 512, Erf GELU; the graph of tools/encoder_graph.py),
+  mean over the sequence, Gemm 8 -> ``logits``. The task (`synthetic_task`): 16 noisy one-hot symbols
+  of 8; the label is the symbol that occurs most often in the first half, while the second half
+  repeats another symbol more often still, so the model must tell the halves apart.
 
 Pixels are scaled to [0, 1] (digits' 0..16 divided by 16).
 """
@@ -29,6 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from encoder_graph import encoder as encoder_graph
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -59,6 +67,79 @@ def cnn() -> nn.Sequential:
         fc1=nn.Linear(64 * 4 * 4, 128), relu5=nn.ReLU(),
         fc2=nn.Linear(128, 10),
     ))
+
+
+class Encoder(nn.Module):
+    """The torch twin of tools/encoder_graph.py's graph (same ops, same order), trained here, exported there."""
+
+    def __init__(self, in_features: int = 8, seq: int = 16, hidden: int = 128, heads: int = 4, ffn: int = 512,
+                 layers: int = 2, classes: int = 8):
+        super().__init__()
+        self.shape = dict(hidden=hidden, ffn=ffn, layers=layers, seq=seq, heads=heads, in_features=in_features,
+                          classes=classes)
+        self.embed = nn.Linear(in_features, hidden)
+        self.position = nn.Parameter(0.02 * torch.randn(seq, hidden))
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            q=nn.Linear(hidden, hidden), k=nn.Linear(hidden, hidden), v=nn.Linear(hidden, hidden),
+            o=nn.Linear(hidden, hidden), ln1=nn.LayerNorm(hidden), ffn1=nn.Linear(hidden, ffn),
+            ffn2=nn.Linear(ffn, hidden), ln2=nn.LayerNorm(hidden))) for _ in range(layers))
+        self.classifier = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        heads, head_dim = self.shape["heads"], self.shape["hidden"] // self.shape["heads"]
+        x = self.embed(x) + self.position
+        for layer in self.layers:
+            q, k, v = (layer[n](x).reshape(batch, seq, heads, head_dim).transpose(1, 2) for n in "qkv")
+            probs = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)
+            context = (probs @ v).transpose(1, 2).reshape(batch, seq, -1)
+            x = layer["ln1"](x + layer["o"](context))
+            x = layer["ln2"](x + layer["ffn2"](nn.functional.gelu(layer["ffn1"](x))))
+        return self.classifier(x.mean(dim=1))
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The trained value of an encoder_graph weight name (MatMul weights are nn.Linear's transposed)."""
+        if name == "position":
+            return self.position.detach().numpy().astype(np.float32)
+        *path, kind = name.split(".")
+        layer = path[0].removeprefix("layer")
+        module = self.layers[int(layer)][path[1]] if layer.isdigit() else getattr(self, path[0])
+        value = getattr(module, {"gamma": "weight", "beta": "bias"}.get(kind, kind))
+        if kind == "weight" and path[0] != "classifier":
+            value = value.T
+        return value.detach().numpy().astype(np.float32)
+
+
+def synthetic_task(samples: int, rng: np.random.Generator, seq: int = 16, symbols: int = 8,
+                   noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(features [samples, seq, symbols], labels): the majority symbol of the first half, against a
+    more frequent distractor in the second half; one-hot symbols with Gaussian noise."""
+    half = seq // 2
+    tokens = np.empty((samples, seq), np.int64)
+    labels = rng.integers(0, symbols, samples)
+    for row, label in enumerate(labels):
+        while True:  # the label 4 times in the first half, no other symbol as often
+            others = rng.choice(np.delete(np.arange(symbols), label), half - 4)
+            if np.bincount(others, minlength=symbols).max() < 4:
+                break
+        first = rng.permutation(np.concatenate([[label] * 4, others]))
+        distractor = rng.choice(np.delete(np.arange(symbols), label))
+        second = rng.permutation(np.concatenate([[distractor] * 5, rng.integers(0, symbols, seq - half - 5)]))
+        tokens[row] = np.concatenate([first, second])
+    features = np.eye(symbols, dtype=np.float32)[tokens] + noise * rng.standard_normal((samples, seq, symbols))
+    return features.astype(np.float32), labels
+
+
+def make_encoder(out: Path, train_samples: int = 8000, eval_samples: int = 1000, epochs: int = 15) -> float:
+    """Trains the encoder example on the synthetic task and writes it; returns its eval accuracy in onnxruntime."""
+    rng = np.random.default_rng(SEED)
+    x_train, y_train = synthetic_task(train_samples, rng)
+    x_test, y_test = synthetic_task(eval_samples, rng)
+    torch.manual_seed(SEED)
+    model = train(Encoder(), x_train, y_train, epochs)
+    onnx_model = encoder_graph(**model.shape, weights=model.weight, batch=BATCH, input_name=INPUT, output_name=OUTPUT)
+    onnx_model.producer_name = "pruneaug tools/make_examples.py"
+    return _write_and_check("encoder", onnx_model, model, x_train, x_test, y_test, out)
 
 
 class Example(NamedTuple):
@@ -161,15 +242,19 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def make(name: str, out: Path) -> float:
-    """Trains, exports and checks one example; returns its test accuracy in onnxruntime."""
+    """Trains, exports and checks one digits example; returns its test accuracy in onnxruntime."""
     x_train, x_test, y_train, y_test = load_data()
     spec = EXAMPLES_SPEC[name]
     shape = [-1 if d == BATCH else d for d in spec.input_shape]
     x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
     torch.manual_seed(SEED)  # the initial weights
     model = train(spec.build(), x_train, y_train, spec.epochs)
-    onnx_model = to_onnx(name, model)
+    return _write_and_check(name, to_onnx(name, model), model, x_train, x_test, y_test, out)
 
+
+def _write_and_check(name: str, onnx_model: onnx.ModelProto, model: nn.Module, x_train: np.ndarray,
+                     x_test: np.ndarray, y_test: np.ndarray, out: Path) -> float:
+    """Writes model.onnx, calib.npz (CALIB_SAMPLES training rows) and eval.npz; checks onnxruntime against torch."""
     calib_rows = np.random.default_rng(SEED).permutation(len(x_train))[:CALIB_SAMPLES]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,13 +272,16 @@ def make(name: str, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=EXAMPLES, help="folder to write mlp/ and cnn/ into")
+    parser.add_argument("--out", type=Path, default=EXAMPLES, help="folder to write the examples' folders into")
+    parser.add_argument("--only", choices=[*EXAMPLES_SPEC, "encoder"], help="write this example alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    for name in EXAMPLES_SPEC:
-        accuracy = make(name, args.out)
-        print(f"{name}: test accuracy in onnxruntime {accuracy:.4f} on {args.out / name / 'eval.npz'}")
+    makers = {**{name: lambda out, name=name: make(name, out) for name in EXAMPLES_SPEC}, "encoder": make_encoder}
+    for name, maker in makers.items():
+        if args.only in (None, name):
+            accuracy = maker(args.out)
+            print(f"{name}: test accuracy in onnxruntime {accuracy:.4f} on {args.out / name / 'eval.npz'}")
 
 
 if __name__ == "__main__":

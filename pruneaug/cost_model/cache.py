@@ -11,6 +11,8 @@ density, so a new TVM, a changed kernel or a figure that now means something els
 rows without deleting them. Block (0, 0) stands for the dense kernel. The file is in WAL mode with a
 busy timeout, so several compiles can write at once; a corrupted or unreadable file is renamed
 aside with a warning and a fresh one is built (or, where nothing can be written, an in-memory one).
+The same file keeps `records`: other measured figures a later compile may reuse (the layer
+sensitivities of `passes/sensitivity_store.py`), each under a key that says what it depends on.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ CREATE TABLE IF NOT EXISTS reference (
     target TEXT NOT NULL, tvm_version TEXT NOT NULL, kernel_version TEXT NOT NULL, seconds REAL NOT NULL,
     PRIMARY KEY (target, tvm_version, kernel_version)
 );
+CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                    PRIMARY KEY (kind, key));
 """
 
 
@@ -245,6 +249,17 @@ class LatencyCache:
 
     def put_peaks(self, target: str, gflops: float, gbps: float) -> None:
         self._execute("INSERT OR REPLACE INTO peaks (target, gflops, gbps) VALUES (?,?,?)", (target, gflops, gbps))
+
+
+    # --- other figures a compile measures and a later one may reuse -------------------------
+
+    def get_record(self, kind: str, key: str) -> str | None:
+        """A stored text (e.g. a model's layer sensitivities, keyed by a digest of what they depend on), or None."""
+        rows = self._execute("SELECT value FROM records WHERE kind=? AND key=?", (kind, key))
+        return rows[0][0] if rows else None
+
+    def put_record(self, kind: str, key: str, value: str) -> None:
+        self._execute("INSERT OR REPLACE INTO records (kind, key, value) VALUES (?,?,?)", (kind, key, value))
 
 
 _OPEN: dict[Path, LatencyCache] = {}

@@ -15,6 +15,7 @@ dropped. Scores are pooled per weight so that a small edge block competes fairly
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -38,19 +39,28 @@ def fits(shape: tuple[int, int], block: tuple[int, int]) -> bool:
 def _blocked(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """[block_rows, r, block_cols, c] view of `matrix` zero-padded to whole blocks."""
     rows, cols = block_grid(matrix.shape, block)
+    if (rows * block[0], cols * block[1]) == matrix.shape:  # whole blocks: a view, no copy
+        return matrix.reshape(rows, block[0], cols, block[1])
     padded = np.zeros((rows * block[0], cols * block[1]), matrix.dtype)
     padded[: matrix.shape[0], : matrix.shape[1]] = matrix
     return padded.reshape(rows, block[0], cols, block[1])
 
 
+def _extents(size: int, step: int) -> np.ndarray:
+    """The length of each block along one axis: `step`, the last one shorter where `step` does not divide `size`."""
+    return np.minimum(step, size - np.arange(0, size, step))
+
+
 def block_areas(shape: tuple[int, int], block: tuple[int, int]) -> np.ndarray:
     """The number of real (unpadded) weights in each block."""
-    return _blocked(np.ones(shape, np.int64), block).sum(axis=(1, 3))
+    return np.outer(_extents(shape[0], block[0]), _extents(shape[1], block[1]))
 
 
 def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = "l2") -> np.ndarray:
     """One score per block, [block_rows, block_cols]."""
     assert pool in POOLS, pool
+    if block == (1, 1):  # every pool of one weight is the weight's own score (l2: its magnitude)
+        return np.abs(importance, dtype=np.float64) if pool == "l2" else importance.astype(np.float64)
     blocked = _blocked(importance.astype(np.float64, copy=False), block)
     areas = block_areas(importance.shape, block)
     if pool == "max":
@@ -66,32 +76,87 @@ def pruned_block_count(n_blocks: int, sparsity: float) -> int:
 
 
 def block_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """True for the blocks kept: all but the `pruned_block_count` lowest scores (ties: the earlier block goes first).
-
-    A partition, not a sort: unstructured layers of large models have millions of blocks, and the
-    search masks every layer once per validated plan.
-    """
+    """True for the blocks kept: all but the `pruned_block_count` lowest scores (ties: the earlier block goes first)."""
     flat = scores.ravel()
-    pruned = pruned_block_count(flat.size, sparsity)
-    keep = np.ones(flat.size, bool)
-    if pruned >= flat.size:
-        keep[:] = False
-    elif pruned > 0:
-        threshold = np.partition(flat, pruned - 1)[pruned - 1]
-        below = flat < threshold
-        keep[below] = False
-        keep[np.flatnonzero(flat == threshold)[: pruned - int(below.sum())]] = False
-    return keep.reshape(scores.shape)
+    return keep_above_cut(flat, cut(flat, pruned_block_count(flat.size, sparsity))).reshape(scores.shape)
+
+
+def cut(flat: np.ndarray, pruned: int) -> tuple[float, int]:
+    """Where pruning the `pruned` lowest scores cuts: the highest pruned score, and how many of the scores
+    equal to it are pruned (the earliest ones). A partition, not a sort: unstructured layers of large
+    models have millions of blocks."""
+    if pruned <= 0:
+        return -np.inf, 0
+    threshold = np.partition(flat, pruned - 1)[pruned - 1]
+    return float(threshold), pruned - int(np.count_nonzero(flat < threshold))
+
+
+def keep_above_cut(flat: np.ndarray, where: tuple[float, int]) -> np.ndarray:
+    threshold, tied_pruned = where
+    keep = flat > threshold
+    if tied_pruned:
+        tied = np.flatnonzero(flat == threshold)
+        keep[tied[tied_pruned:]] = True
+    return keep
+
+
+def removal_order_of(scores: np.ndarray) -> np.ndarray:
+    """Flat block indices in the order pruning removes them: by score, ties by position (a stable sort)."""
+    flat = scores.ravel()
+    order = np.argsort(flat)  # quicksort: twice as fast as a stable sort, and the same order where no scores tie
+    ordered = flat[order]
+    if (ordered[1:] == ordered[:-1]).any():
+        order = np.argsort(flat, kind="stable")
+    return order.astype(np.int32 if flat.size < 2**31 else np.int64)
+
+
+def keep_from_order(order: np.ndarray, grid: tuple[int, int], sparsity: float) -> np.ndarray:
+    keep = np.ones(order.size, bool)
+    keep[order[: pruned_block_count(order.size, sparsity)]] = False
+    return keep.reshape(grid)
+
+
+# id(importance) -> {key: value}: what masking a layer again would recompute (removal orders, cuts).
+# Entries live as long as their importance array: the search masks every layer once per validated
+# plan, mostly with the options of the plan before, and the proxy reads the same orders. Importance
+# arrays are never changed in place (a pass that rescores a layer sets a new array), so the array's
+# identity is its key.
+_MEMO: dict[int, dict[tuple, object]] = {}
+
+
+def _memoised(importance: np.ndarray, key: tuple, compute):
+    entries = _MEMO.get(id(importance))
+    if entries is None:
+        entries = _MEMO[id(importance)] = {}
+        weakref.finalize(importance, _MEMO.pop, id(importance), None)
+    if key not in entries:
+        entries[key] = compute()
+    return entries[key]
+
+
+def removal_order(importance: np.ndarray, block: tuple[int, int], pool: str = "l2") -> np.ndarray:
+    """`removal_order_of` the layer's block scores, memoised for the lifetime of `importance`."""
+    return _memoised(importance, ("order", tuple(block), pool),
+                     lambda: removal_order_of(block_scores(importance, block, pool)))
 
 
 def expand_blocks(keep: np.ndarray, block: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
     """Per-weight mask from a per-block one, cut to `shape`."""
-    full = np.repeat(np.repeat(keep, block[0], axis=0), block[1], axis=1)
+    rows, cols = keep.shape
+    full = np.broadcast_to(keep[:, None, :, None], (rows, block[0], cols, block[1])).reshape(rows * block[0], -1)
     return full[: shape[0], : shape[1]]
 
 
 def layer_mask(importance: np.ndarray, spec: BlockSpec, pool: str = "l2") -> np.ndarray:
-    keep = block_keep(block_scores(importance, spec.shape, pool), spec.sparsity)
+    """The layer's per-weight mask. 1x1 from a memoised cut (sorting millions of weights costs more
+    than the few masks a search asks of them); larger blocks from their memoised removal order."""
+    if spec.shape == (1, 1):
+        flat = block_scores(importance, (1, 1), pool).ravel()
+        pruned = pruned_block_count(flat.size, spec.sparsity)
+        where = _memoised(importance, ("cut", pool, pruned), lambda: cut(flat, pruned))
+        return keep_above_cut(flat, where).reshape(importance.shape)
+    keep = keep_from_order(removal_order(importance, spec.shape, pool), block_grid(importance.shape, spec.shape),
+                           spec.sparsity)
     return expand_blocks(keep, spec.shape, importance.shape)
 
 

@@ -30,7 +30,7 @@ set of a few hundred rows moves in steps and is mostly 0 at a mild probe), and i
 of scale that cosine ignores.
 
 The search evaluates the proxy for every (block, sparsity) of every layer, so `proxy_losses`
-sorts the block scores once per (node, block) and reads every sparsity off one cumulative sum.
+reads every sparsity off one cumulative sum of the block energies in removal order.
 """
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import ort_run
-from pruneaug.passes.blockmask import block_areas, block_scores, layer_mask, pruned_block_count
+from pruneaug.passes.blockmask import block_areas, block_scores, layer_mask, pruned_block_count, removal_order
 
 PROBE_SHARES = (0.05, 0.2, 0.5)  # 0.05: about what 50% unstructured sparsity removes from Gaussian weights
 PROBE_BLOCK = (1, 1)
@@ -58,13 +59,19 @@ def relative_sq_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndar
 def _removal_curve(importance: np.ndarray, block: tuple[int, int], pool: str) -> np.ndarray:
     """Share of the squared importance removed after pruning 0, 1, ..., n blocks (n + 1 values, 0 to 1).
 
-    Blocks go in the order `blockmask.block_keep` removes them (stable sort of the pooled scores),
-    so the shares match the masks `apply_masks` builds.
+    Blocks go in the order `blockmask.layer_mask` removes them, so the shares match the masks
+    `apply_masks` builds. Where a block's energy is its score squared (1x1 blocks; the l2 pool when
+    every block is whole) sorting the scores gives the curve, five times faster than ordering the
+    blocks (what ties reorder then has equal energy); otherwise by the memoised removal order.
     """
-    scores = block_scores(importance, block, pool).ravel()
-    order = np.argsort(scores, kind="stable")
-    area = block[0] * block[1]  # an l2 score is the block's sum of squares scaled to a full block's area
-    energies = (block_scores(importance, block, "l2") ** 2 * block_areas(importance.shape, block) / area).ravel()[order]
+    scores = block_scores(importance, block, pool)
+    areas = block_areas(importance.shape, block)
+    if block == (1, 1) or (pool == "l2" and (areas == block[0] * block[1]).all()):
+        energies = np.sort(scores, axis=None) ** 2
+    else:
+        # an l2 score is the block's sum of squares scaled to a full block's area
+        l2 = scores if pool == "l2" else block_scores(importance, block, "l2")
+        energies = (l2**2 * areas / (block[0] * block[1])).ravel()[removal_order(importance, block, pool)]
     cumulative = np.concatenate([[0.0], np.cumsum(energies)])
     return cumulative / cumulative[-1] if cumulative[-1] > 0 else np.zeros_like(cumulative)
 
@@ -139,7 +146,7 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
 
     dense = run({})
     result = ir.copy()
-    for node in ir.prunable_nodes():
+    for node in tqdm(ir.prunable_nodes(), desc="probing layer sensitivities", unit="layer", disable=None):
         importance = ir.graph.nodes[node]["importance"]
         curve = _removal_curve(importance, probe_block, pool)
         shares, errors = [], []

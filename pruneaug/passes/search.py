@@ -27,6 +27,12 @@ Three steps:
 `baselines` reruns the same search with fewer choices: unstructured only (1x1), one block shape
 for every layer (each shape of `blocks` tried; per-layer sparsities still by the DP), and dense.
 `search_with_baselines` runs both and answers with the fastest validated plan of them all.
+
+Cost on large models (BERT-base: 72 layers, 85M weights): every layer's options are computed once
+(`search_space`) and shared by the search and its baselines; masks come from removal orders
+memoised per (layer, block) (`blockmask.removal_order`); the baselines start their bisection at
+the proxy budget the search validated and get `BASELINE_VALIDATIONS` each, since the proxy is
+calibrated in the same units for every block shape and the answer lies near it.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
@@ -50,6 +57,9 @@ FinishFn = Callable[[IRModel], IRModel]
 DENSE_BLOCK = (1, 1)
 DEFAULT_BINS = 1000
 DEFAULT_MAX_VALIDATIONS = 8
+BASELINE_VALIDATIONS = 4
+# A warm-started bisection searches proxy budgets within this factor of its start, either way.
+WARM_START_SPAN = 16.0
 # The bisection's lower end, relative to the fastest plan's proxy loss: losses of near-zero weights
 # reach 1e-70 and would spend validations on plans indistinguishable from dense.
 LOWEST_PROXY_BUDGET = 1e-6
@@ -99,12 +109,6 @@ class SearchReport:
         return self.dense_latency_s / self.predicted_latency_s if self.predicted_latency_s > 0 else 1.0
 
 
-def usable_blocks(ir: IRModel, node: str, blocks: Sequence[tuple[int, int]],
-                  supported: SupportedFn | None = None) -> list[tuple[int, int]]:
-    layer = ir.layer(node)
-    return [b for b in blocks if fits(layer.shape, b) and (supported is None or supported(layer, b))]
-
-
 def pareto_front(options: Sequence[Option]) -> list[Option]:
     """The options no other beats on both loss and latency, by increasing loss (and so decreasing latency)."""
     front: list[Option] = []
@@ -118,16 +122,49 @@ def dense_option(ir: IRModel, node: str, latency: LatencyFn) -> Option:
     return Option(DENSE_BLOCK, 0.0, float(latency(ir.layer(node), DENSE_BLOCK, 0.0)), 0.0)
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """Every layer's options, computed once; the search and each baseline take their blocks' share of it."""
+
+    nodes: tuple[str, ...]
+    dense: Mapping[str, Option]
+    options: Mapping[str, Mapping[tuple[int, int], tuple[Option, ...]]]  # node -> usable block -> one per sparsity
+
+    def usable(self, blocks: Sequence[tuple[int, int]]) -> bool:
+        """Some layer can use one of `blocks`."""
+        return any(block in self.options[node] for node in self.nodes for block in blocks)
+
+    def fronts(self, blocks: Sequence[tuple[int, int]]) -> list[list[Option]]:
+        """Per layer, the Pareto front of dense and its options with `blocks` (dense may be dominated by a zero-loss option)."""
+        return [pareto_front([self.dense[node], *(o for b in blocks for o in self.options[node].get(b, ()))])
+                for node in self.nodes]
+
+
+def search_space(ir: IRModel, latency: LatencyFn, blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
+                 supported: SupportedFn | None = None, pool: str = "l2",
+                 nodes: Sequence[str] | None = None) -> SearchSpace:
+    """Options of `nodes` (all prunable ones by default) for every usable block and sparsity > 0 of the grid.
+
+    A block is usable where it fits in the layer (a larger one cannot tile it) and `supported` accepts it.
+    """
+    nodes = tuple(ir.prunable_nodes() if nodes is None else nodes)
+    grid = [s for s in sparsities if s > 0]
+    options: dict[str, dict[tuple[int, int], tuple[Option, ...]]] = {}
+    for node in nodes:
+        layer = ir.layer(node)
+        usable = [b for b in blocks if grid and fits(layer.shape, b) and (supported is None or supported(layer, b))]
+        options[node] = {
+            block: tuple(Option(block, s, float(latency(layer, block, s)), float(loss))
+                         for s, loss in zip(grid, proxy_losses(ir, node, block, grid, pool)))
+            for block in usable
+        }
+    return SearchSpace(nodes, {n: dense_option(ir, n, latency) for n in nodes}, options)
+
+
 def layer_options(ir: IRModel, node: str, latency: LatencyFn, blocks: Sequence[tuple[int, int]],
                   sparsities: Sequence[float], supported: SupportedFn | None = None, pool: str = "l2") -> list[Option]:
-    """The Pareto front of `node`'s options, dense included (it may be dominated by a zero-loss sparse option)."""
-    layer = ir.layer(node)
-    options = [dense_option(ir, node, latency)]
-    grid = [s for s in sparsities if s > 0]
-    for block in usable_blocks(ir, node, blocks, supported) if grid else []:
-        losses = proxy_losses(ir, node, block, grid, pool)
-        options += [Option(block, s, float(latency(layer, block, s)), float(loss)) for s, loss in zip(grid, losses)]
-    return pareto_front(options)
+    """The Pareto front of `node`'s options, dense included."""
+    return search_space(ir, latency, blocks, sparsities, supported, pool, [node]).fronts(blocks)[0]
 
 
 def loss_bins(losses: np.ndarray, budget: float, bins: int) -> np.ndarray:
@@ -183,12 +220,20 @@ def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
            bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
            pool: str = "l2") -> tuple[IRModel, SearchReport]:
     """The fastest plan whose validated metric loss is within `budget` (see the module docstring)."""
-    nodes = ir.prunable_nodes()
-    fronts = [layer_options(ir, n, latency, blocks, sparsities, supported, pool) for n in nodes]
-    dense = {n: dense_option(ir, n, latency) for n in nodes}
+    space = search_space(ir, latency, blocks, sparsities, supported, pool)
+    return search_in(space, ir, validate, budget, blocks, finish, bins, max_validations, pool)
+
+
+def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
+              finish: FinishFn | None = None, bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
+              pool: str = "l2", start: float | None = None) -> tuple[IRModel, SearchReport]:
+    """`search` over `blocks`' share of a computed space; `start`: a proxy budget to bisect around first."""
+    nodes = space.nodes
+    fronts = space.fronts(blocks)
+    dense = dict(space.dense)
     dense_latency_s = _totals(dense)[0]
     report = SearchReport(budget, False, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dense, list(blocks))
-    if nodes and not any(usable_blocks(ir, n, blocks, supported) for n in nodes):
+    if nodes and not space.usable(blocks):
         labels = ",".join(f"{r}x{c}" for r, c in blocks)
         raise OptionError(f"--blocks {labels}: no prunable layer can use any of these block shapes")
     losses = [o.proxy_loss for front in fronts for o in front if o.proxy_loss > 0]
@@ -205,10 +250,14 @@ def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
 
     best: tuple[dict[str, Option], IRModel | None, Trial] = (dense, None, Trial(0.0, dense_latency_s, 0.0, 0.0, True))
     # The bracket: `low` gives a plan known to meet the budget (dense at first), `high` one known to miss it.
-    high = sum(front[-1].proxy_loss for front in fronts) * (1 + 1e-6)
-    low = max(min(losses) / 2, high * LOWEST_PROXY_BUDGET)
-    low_key, high_key = key(dense), None
-    proxy_budget = high  # first the fastest plan: if it meets the budget, nothing is faster
+    fastest = sum(front[-1].proxy_loss for front in fronts) * (1 + 1e-6)
+    lowest = max(min(losses) / 2, fastest * LOWEST_PROXY_BUDGET)
+    low, high, low_key, high_key = lowest, fastest, key(dense), None
+    proxy_budget = fastest  # first the fastest plan: if it meets the budget, nothing is faster
+    if start is not None:  # a guess at the answer: bisect within WARM_START_SPAN of it, trusting neither end
+        low, high = max(lowest, start / WARM_START_SPAN), min(fastest, start * WARM_START_SPAN)
+        low_key = low_key if low == lowest else None
+        proxy_budget = min(max(start, low), high)
     while report.validations < max_validations and high / low > 1 + 1e-3:
         plan = plan_at(proxy_budget)
         plan_key = key(plan)
@@ -224,7 +273,7 @@ def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
             met = trial.met
             if met and latency_s < best[2].predicted_latency_s:
                 best = (plan, candidate, trial)
-            if met and high_key is None:
+            if met and proxy_budget >= fastest:
                 break
         if met:
             low, low_key = proxy_budget, plan_key
@@ -249,19 +298,25 @@ def baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: flo
 
     `best single` is the fastest single-shape plan that met the budget (the fastest of all if none did).
     """
-    nodes = ir.prunable_nodes()
-    results: dict[str, SearchReport] = {}
-    dense_plan = {n: dense_option(ir, n, latency) for n in nodes}
-    dense_latency_s = _totals(dense_plan)[0]
-    results["dense"] = SearchReport(budget, True, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dense_plan, [])
-    if any(usable_blocks(ir, n, [DENSE_BLOCK], supported) for n in nodes):
-        results["unstructured"] = search(ir, latency, validate, budget, [DENSE_BLOCK], sparsities, supported, finish,
-                                         **options)[1]
-    singles = {}
-    for block in blocks:
-        if any(usable_blocks(ir, n, [block], supported) for n in nodes):
-            singles[f"single {block[0]}x{block[1]}"] = search(ir, latency, validate, budget, [block], sparsities,
-                                                              supported, finish, **options)[1]
+    space = search_space(ir, latency, blocks, sparsities, supported, options.get("pool", "l2"))
+    return baselines_in(space, ir, validate, budget, blocks, finish, **options)
+
+
+def baselines_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float,
+                 blocks: Sequence[tuple[int, int]], finish: FinishFn | None = None, start: float | None = None,
+                 max_validations: int = DEFAULT_MAX_VALIDATIONS, **options) -> dict[str, SearchReport]:
+    """`baselines` over a computed space; `start` (a proxy budget) warm-starts each of their bisections."""
+    dense_latency_s = _totals(space.dense)[0]
+    results = {"dense": SearchReport(budget, True, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dict(space.dense), [])}
+
+    def restricted(shape: tuple[int, int]) -> SearchReport:
+        return search_in(space, ir, validate, budget, [shape], finish, max_validations=max_validations, start=start,
+                         **options)[1]
+
+    if space.usable([DENSE_BLOCK]):
+        results["unstructured"] = restricted(DENSE_BLOCK)
+    singles = {f"single {b[0]}x{b[1]}": results["unstructured"] if b == DENSE_BLOCK else restricted(b)
+               for b in blocks if space.usable([b])}
     results.update(singles)
     if singles:
         results["best single"] = min(singles.values(), key=lambda r: (not r.met, r.predicted_latency_s))
@@ -277,15 +332,26 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     `chosen` is the fastest plan that met the budget among the searched one and every baseline:
     each of them was validated end to end, so picking among them costs nothing, and the answer is
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
-    rows) and the proxy's ranking of near-equal plans is noise.
+    rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
+    budget the search validated, with `BASELINE_VALIDATIONS` each.
     """
-    pruned, searched = search(ir, latency, validate, budget, blocks, sparsities, supported, finish, **options)
-    results = baselines(ir, latency, validate, budget, blocks, sparsities, supported, finish, **options)
+    pool = options.get("pool", "l2")
+    space = search_space(ir, latency, blocks, sparsities, supported, pool)
+    baseline_validations = min(BASELINE_VALIDATIONS, options.get("max_validations", BASELINE_VALIDATIONS))
+    most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) + baseline_validations * len(blocks)
+    with tqdm(total=most, desc="validating plans (at most)", unit="run", disable=None) as bar:
+        def validate_counted(candidate: IRModel) -> float:
+            bar.update()
+            return validate(candidate)
+
+        pruned, searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
+        start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
+        results = baselines_in(space, ir, validate_counted, budget, blocks, finish, start,
+                               **{**options, "max_validations": baseline_validations})
     results["searched"] = searched
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
     if chosen is not searched:
-        pruned = apply_plan(ir, chosen.plan, finish if chosen.plan != results["dense"].plan else None,
-                            options.get("pool", "l2"))
+        pruned = apply_plan(ir, chosen.plan, finish if chosen.plan != results["dense"].plan else None, pool)
     results["chosen"] = chosen
     return pruned, results

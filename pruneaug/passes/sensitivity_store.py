@@ -1,0 +1,95 @@
+"""Layer sensitivities kept across compiles: the same model and calibration data are probed once.
+
+Sensitivities do not depend on the target, the budget or the metric, yet measuring them is most of
+a large model's search (BERT-base: 72 layers x 3 probes, each a whole-model onnxruntime run). A
+deployment engineer compiles one model for several targets and budgets, so `sensitivities` keeps
+them in the latency cache's file (`cost_model.cache`, table `records`) under a digest of everything
+they depend on: the graph, every weight, each layer's importance (so the pruner), the calibration
+inputs, the probe settings, the proxy's source and the onnxruntime version. Anything else changes
+the digest, and the probes run again.
+
+    >>> ir = sensitivities(scored_ir, calib.inputs, open_cache())     # probes, then stores
+    >>> ir = sensitivities(scored_ir, calib.inputs, open_cache())     # reads them back: no onnxruntime run
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from pruneaug.ir.graph import IRModel
+from pruneaug.passes import proxy
+
+RECORD_KIND = "sensitivity"
+
+
+def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mapping) -> str:
+    """A hash of everything the probes' results depend on."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def add(*parts: bytes | str) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            h.update(len(data).to_bytes(8, "little") + data)
+
+    add(Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True))
+    for node in ir.source.graph.node:
+        add(node.SerializeToString(deterministic=True))
+    for name in sorted(ir.weights):
+        array = np.ascontiguousarray(ir.weights[name])
+        add(name, str(array.dtype), str(array.shape), array.data)
+    for node in ir.prunable_nodes():
+        importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
+        add(node, str(importance.dtype), importance.data)
+    for name in sorted(calib_inputs):
+        array = np.ascontiguousarray(calib_inputs[name])
+        add(name, str(array.dtype), str(array.shape), array.data)
+    return h.hexdigest()
+
+
+def _encode(ir: IRModel) -> str:
+    return json.dumps({
+        node: {"shares": list(s.shares), "errors": list(s.errors),
+               "block_scales": [[list(block), scale] for block, scale in s.block_scales.items()]}
+        for node in ir.prunable_nodes() for s in [ir.graph.nodes[node]["sensitivity"]]
+    })
+
+
+def _decode(text: str, ir: IRModel) -> IRModel | None:
+    """The IR with the stored sensitivities, or None where they do not name exactly its prunable nodes."""
+    stored = json.loads(text)
+    if set(stored) != set(ir.prunable_nodes()):
+        return None
+    result = ir.copy()
+    for node, entry in stored.items():
+        scales = {tuple(block): float(scale) for block, scale in entry["block_scales"]}
+        result.graph.nodes[node]["sensitivity"] = proxy.Sensitivity(tuple(entry["shares"]), tuple(entry["errors"]),
+                                                                    scales)
+    return result
+
+
+def sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], cache,
+                  probe_shares: Sequence[float] = proxy.PROBE_SHARES,
+                  probe_block: tuple[int, int] = proxy.PROBE_BLOCK, blocks: Sequence[tuple[int, int]] = (),
+                  pool: str = "l2") -> tuple[IRModel, bool]:
+    """`proxy.measure_sensitivities`, read from `cache` where this model and data were probed before.
+
+    Returns the annotated IR and whether the figures came from the cache.
+    """
+    settings = {"probe_shares": list(probe_shares), "probe_block": list(probe_block),
+                "blocks": [list(b) for b in blocks], "pool": pool}
+    key = digest(ir, calib_inputs, settings)
+    stored = cache.get_record(RECORD_KIND, key)
+    try:
+        recalled = _decode(stored, ir) if stored is not None else None
+    except (ValueError, KeyError, TypeError):  # a damaged record: measure again and replace it
+        recalled = None
+    if recalled is not None:
+        return recalled, True
+    measured = proxy.measure_sensitivities(ir, calib_inputs, probe_shares, probe_block, blocks, pool)
+    cache.put_record(RECORD_KIND, key, _encode(measured))
+    return measured, False

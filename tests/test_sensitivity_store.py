@@ -1,0 +1,83 @@
+"""Sensitivities kept across compiles: recalled only for the same model, data and settings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import zoo
+from pruneaug.cost_model.cache import LatencyCache
+from pruneaug.ir.graph import lift
+from pruneaug.passes import importance, proxy, sensitivity_store
+from pruneaug.passes.sensitivity_store import RECORD_KIND, digest, sensitivities
+
+
+@pytest.fixture()
+def setting(tmp_path):
+    model = zoo.mlp()
+    calib = zoo.random_inputs(model, batch=32, seed=3)
+    cache = LatencyCache(tmp_path / "cache.sqlite", tvm_version="test", kernel_version="test")
+    return importance.magnitude(lift(model)), calib, cache
+
+
+def probes_forbidden(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the probes ran again")
+    monkeypatch.setattr(proxy, "measure_sensitivities", fail)
+
+
+def test_a_second_compile_recalls_the_same_sensitivities_without_probing(setting, monkeypatch):
+    ir, calib, cache = setting
+    measured, recalled = sensitivities(ir, calib, cache)
+    assert not recalled
+    probes_forbidden(monkeypatch)
+    again, recalled = sensitivities(ir, calib, cache)
+    assert recalled
+    for node in ir.prunable_nodes():
+        assert again.graph.nodes[node]["sensitivity"] == measured.graph.nodes[node]["sensitivity"]
+        assert "sensitivity" not in ir.graph.nodes[node]  # the input IR is left alone
+
+
+def test_block_scales_survive_the_round_trip(setting):
+    ir, calib, cache = setting
+    measured, _ = sensitivities(ir, calib, cache, blocks=[(4, 4)])
+    again, recalled = sensitivities(ir, calib, cache, blocks=[(4, 4)])
+    node = ir.prunable_nodes()[0]
+    assert recalled and (4, 4) in again.graph.nodes[node]["sensitivity"].block_scales
+    assert again.graph.nodes[node]["sensitivity"] == measured.graph.nodes[node]["sensitivity"]
+
+
+def test_other_data_weights_importance_or_settings_change_the_digest(setting):
+    ir, calib, _ = setting
+    base = digest(ir, calib, {"pool": "l2"})
+    other_calib = {name: array + 1 for name, array in calib.items()}
+    changed_weight = ir.copy()
+    node = ir.prunable_nodes()[0]
+    changed_weight.set_canonical_weight(node, ir.canonical_weight(node) * 2)
+    rescored = ir.copy()
+    rescored.graph.nodes[node]["importance"] = ir.graph.nodes[node]["importance"] + 1
+    digests = {base, digest(ir, other_calib, {"pool": "l2"}), digest(changed_weight, calib, {"pool": "l2"}),
+               digest(rescored, calib, {"pool": "l2"}), digest(ir, calib, {"pool": "max"})}
+    assert len(digests) == 5
+    assert digest(ir, calib, {"pool": "l2"}) == base
+
+
+def test_other_calibration_data_is_probed_again(setting):
+    ir, calib, cache = setting
+    sensitivities(ir, calib, cache)
+    _, recalled = sensitivities(ir, {name: array[:16] for name, array in calib.items()}, cache)
+    assert not recalled
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"some/node": {}}', '{"x": 1}'])
+def test_a_damaged_record_is_measured_again_and_replaced(setting, damage):
+    ir, calib, cache = setting
+    measured, _ = sensitivities(ir, calib, cache)
+    key = digest(ir, calib, {"probe_shares": list(proxy.PROBE_SHARES), "probe_block": list(proxy.PROBE_BLOCK),
+                             "blocks": [], "pool": "l2"})
+    assert cache.get_record(RECORD_KIND, key) is not None
+    cache.put_record(RECORD_KIND, key, damage)
+    again, recalled = sensitivities(ir, calib, cache)
+    assert not recalled
+    assert sensitivity_store.sensitivities(ir, calib, cache)[1]
+    node = ir.prunable_nodes()[0]
+    assert np.allclose(again.graph.nodes[node]["sensitivity"].errors, measured.graph.nodes[node]["sensitivity"].errors)
