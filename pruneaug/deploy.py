@@ -3,7 +3,8 @@
 The correctness gate runs before the artifact is written: the compiled model (on the host) must
 match pruned.onnx in onnxruntime on the calibration inputs, else a CodegenError names the first
 layer that differs. Latencies are measured here only when the artifact runs on this machine
-(the x86 target); for other targets the report gives the cost model's predictions.
+(the x86 target), each runtime in its own process (`pruneaug.timing` says why); for other targets
+the report gives the cost model's predictions.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,10 +20,12 @@ import onnx
 
 from pruneaug.calib import graph_inputs
 from pruneaug.errors import CodegenError
-from pruneaug.passes import ort_run
+from pruneaug.ir.onnx_io import save_model
+from pruneaug.timing import Competitor, time_interleaved
 
 GATE_RTOL = 1e-4
-BENCH_REPEAT = 50
+BENCH_REPEAT = 50  # timed runs per competitor
+RUNS_PER_ROUND = 5
 
 
 @contextlib.contextmanager
@@ -62,6 +64,12 @@ def sample_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     return inputs
 
 
+def sparse_weights(ir) -> dict[str, tuple[int, int]]:
+    """Weight name -> block shape of every layer the plan prunes: what `build_artifact` rewrites to BSR kernels."""
+    return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape
+            for n in ir.prunable_nodes() if ir.graph.nodes[n]["block"].sparsity > 0}
+
+
 def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]], profile,
                    shapes: Mapping[str, Sequence[int]], stem: Path, inputs: Mapping[str, np.ndarray]) -> Path:
     """Compile for `profile`, gate against onnxruntime where the code runs here, export; returns the artifact's path."""
@@ -82,30 +90,38 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
                            f"{text[-1] if text else ''}") from err
 
 
-def _median_seconds(run, repeat: int) -> float:
-    run()  # warm-up: first-run allocations and lazy initialisation
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+LATENCY_KEYS = {"onnxruntime_dense_s": "onnxruntime", "onnxruntime_pruned_s": "onnxruntime", "tvm_pruned_s": "artifact"}
 
 
 def measure_model_latency(dense_model: onnx.ModelProto, pruned_model: onnx.ModelProto, artifact: Path,
-                          inputs: Mapping[str, np.ndarray], repeat: int = BENCH_REPEAT) -> dict:
-    """Median whole-model latency of onnxruntime (dense and pruned models) and of the artifact, in one run."""
-    from pruneaug.runtime import load
+                          inputs: Mapping[str, np.ndarray], repeat: int = BENCH_REPEAT,
+                          runs_per_round: int = RUNS_PER_ROUND) -> dict:
+    """Whole-model latency of onnxruntime (dense and pruned models) and of the artifact, for plan.json.
 
+    Each runs in its own process, interleaved (`pruneaug.timing`), with the host's thread count.
+    A competitor that could not be timed has null figures and its reason under `errors`: a failed
+    measurement never fails the compile.
+    """
     threads = len(os.sched_getaffinity(0))
-    dense = ort_run.make_session(dense_model, threads)
-    pruned = ort_run.make_session(pruned_model, threads)
-    compiled = load(artifact)
-    return {
-        "onnxruntime_dense_s": _median_seconds(lambda: dense.run(None, dict(inputs)), repeat),
-        "onnxruntime_pruned_s": _median_seconds(lambda: pruned.run(None, dict(inputs)), repeat),
-        "tvm_pruned_s": compiled.benchmark(dict(inputs), repeat)["median"],
-        "repeat": repeat,
-        "threads": threads,
-        "note": f"input shapes {', '.join(f'{k}{list(v.shape)}' for k, v in inputs.items())}; measured on this host",
-    }
+    rounds = max(1, -(-repeat // runs_per_round))
+    with tempfile.TemporaryDirectory(prefix="pruneaug-models-") as folder:
+        paths = {"onnxruntime_dense_s": Path(folder) / "dense.onnx",
+                 "onnxruntime_pruned_s": Path(folder) / "pruned.onnx", "tvm_pruned_s": Path(artifact)}
+        save_model(dense_model, paths["onnxruntime_dense_s"])
+        save_model(pruned_model, paths["onnxruntime_pruned_s"])
+        run = time_interleaved([Competitor(key, kind, paths[key]) for key, kind in LATENCY_KEYS.items()], inputs,
+                               threads, rounds=rounds, runs=runs_per_round)
+    timings = run.results
+    latency: dict = {key: timings[key].median_s for key in LATENCY_KEYS}
+    latency.update(
+        p10_s={key: timings[key].p10_s for key in LATENCY_KEYS},
+        p90_s={key: timings[key].p90_s for key in LATENCY_KEYS},
+        repeat=run.repeat, rounds=run.rounds, runs_per_round=run.runs, threads=threads,
+        load_average=list(run.load_average),
+        note=f"input shapes {', '.join(f'{k}{list(v.shape)}' for k, v in inputs.items())}; measured on this host, "
+             f"{run.method()}",
+    )
+    errors = {key: timings[key].error.removeprefix(f"{key}: ") for key in LATENCY_KEYS if timings[key].error}
+    if errors:
+        latency["errors"] = errors
+    return latency

@@ -3,19 +3,26 @@
     {"schema": 1, "target": "x86", "versions": {...}, "layers": [{"node": ..., "weight": ..., "shape": [out, in],
      "block": [r, c], "sparsity": 0.8, "nnz_blocks": 12, ...}], "totals": {...}, "budget": null, "metric": null}
 
+Each plan under `search` (the chosen one and every baseline) also lists its per-layer plan,
+`layers: {node: "RxC@sparsity" | "dense"}`, so that tools can rebuild (`rebuild`) and compile any of them.
+
 Figures a step did not produce are null, never made up: a fixed plan has no proxy loss, a compile
 with no cost model has no latency.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
 import numpy as np
+import onnx
 
-from pruneaug.ir.graph import IRModel
-from pruneaug.passes.blockmask import block_grid, block_scores
+from pruneaug.errors import OptionError
+from pruneaug.ir.graph import IRModel, lift
+from pruneaug.ir.layer import BlockSpec
+from pruneaug.passes.blockmask import apply_masks, assign_blocks, block_grid, block_scores
 
 SCHEMA_VERSION = 1
 
@@ -79,13 +86,60 @@ def build_plan(ir: IRModel, target: str, extra: dict[str, Any] | None = None) ->
     return plan
 
 
+DENSE_LAYER = "dense"
+
+
+def layer_plan_text(block: tuple[int, int], sparsity: float) -> str:
+    """`RxC@sparsity` (the float's repr, so it reads back exactly), or `dense` for a layer left dense."""
+    return DENSE_LAYER if sparsity == 0 else f"{block[0]}x{block[1]}@{sparsity!r}"
+
+
+def parse_layer_plan(text: str) -> BlockSpec:
+    """The BlockSpec a `layers` entry of a plan.json baseline names (see `layer_plan_text`)."""
+    if text == DENSE_LAYER:
+        return BlockSpec(1, 1, 0.0)
+    block, at, sparsity = text.partition("@")
+    try:
+        value = float(sparsity)
+    except ValueError:
+        value = None
+    if not at or value is None:
+        raise OptionError(f"layer plan {text!r}: expected RxC@SPARSITY or {DENSE_LAYER}")
+    return BlockSpec.parse(block, value)
+
+
+def rebuild(source: onnx.ModelProto, plan: Mapping[str, Any], layers: Mapping[str, str],
+            calib_inputs: Mapping[str, np.ndarray] | None = None) -> IRModel:
+    """The pruned IR of a recorded per-layer plan (`layers` of the search or a baseline), made as the compile made it.
+
+    Same input shapes, pruner and reconstruction as `plan` records, so the chosen plan's `layers`
+    give back pruned.onnx and a baseline's give the model that baseline validated.
+    """
+    from pruneaug.passes import importance
+    from pruneaug.passes.reconstruct import reconstructor
+
+    ir = lift(source, plan["input_shapes"])
+    needs_calib = plan["pruner"] == "activation" or plan["reconstruct"]
+    if needs_calib and calib_inputs is None:
+        raise OptionError(f"rebuilding a plan pruned with {plan['pruner']!r} (reconstruct: {plan['reconstruct']}) "
+                          "needs its calibration inputs")
+    scored = importance.activation(ir, calib_inputs) if plan["pruner"] == "activation" else importance.magnitude(ir)
+    specs = {node: parse_layer_plan(text) for node, text in layers.items()}
+    pruned = apply_masks(assign_blocks(scored, specs))
+    if plan["reconstruct"] and any(spec.sparsity > 0 for spec in specs.values()):
+        pruned = reconstructor(scored, calib_inputs)(pruned)
+    return pruned
+
+
 def _report_figures(report) -> dict[str, Any]:
+    """One plan's figures for plan.json, with its per-layer plan (so a baseline can be rebuilt and compiled)."""
     return {
         "met": report.met,
         "metric_loss": report.metric_loss,
         "predicted_latency_s": report.predicted_latency_s,
         "validations": report.validations,
         "blocks": sorted({f"{o.block[0]}x{o.block[1]}" for o in report.plan.values() if o.sparsity > 0}),
+        "layers": {node: layer_plan_text(o.block, o.sparsity) for node, o in report.plan.items()},
     }
 
 

@@ -61,12 +61,25 @@ def _metric(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+MODEL_LATENCY_LABELS = {"onnxruntime_dense_s": "onnxruntime, dense model",
+                        "onnxruntime_pruned_s": "onnxruntime, pruned.onnx",
+                        "tvm_pruned_s": "pruneaug artifact (TVM, block-sparse)"}
+MODEL_HEADER = ["runtime", "median latency", "p10", "p90", "speed-up vs onnxruntime dense"]
+
+
 def _model_rows(plan: dict[str, Any]) -> list[list[str]]:
+    """One row per runtime timed; one whose measurement failed says so instead of giving figures."""
     latency = plan.get("model_latency") or {}
     base = latency.get("onnxruntime_dense_s")
-    names = {"onnxruntime_dense_s": "onnxruntime, dense model", "onnxruntime_pruned_s": "onnxruntime, pruned.onnx",
-             "tvm_pruned_s": "pruneaug artifact (TVM, block-sparse)"}
-    return [[label, _us(latency[key]), _ratio(base, latency[key])] for key, label in names.items() if latency.get(key)]
+    errors = latency.get("errors") or {}
+    rows = []
+    for key, label in MODEL_LATENCY_LABELS.items():
+        if key in errors:
+            rows.append([label, f"measurement failed: {errors[key]}", "–", "–", "–"])
+        elif latency.get(key):
+            rows.append([label, _us(latency[key]), _us((latency.get("p10_s") or {}).get(key)),
+                         _us((latency.get("p90_s") or {}).get(key)), _ratio(base, latency[key])])
+    return rows
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -92,9 +105,10 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     sections = [("Summary", summary, [], [])]
     if latency:
         where = latency.get("note", "")
+        failed = " Some runtimes could not be measured (below)." if latency.get("errors") else ""
         sections.append(("Whole model, measured", f"Median of {latency.get('repeat', '?')} runs, "
-                         f"{latency.get('threads', '?')} threads. {where}".strip(),
-                         ["runtime", "median latency", "speed-up vs onnxruntime dense"], _model_rows(plan)))
+                         f"{latency.get('threads', '?')} threads.{failed} {where}".strip(),
+                         MODEL_HEADER, _model_rows(plan)))
     if plan.get("artifact_error"):
         sections.append(("Artifact", f"No compiled artifact: {plan['artifact_error']}", [], []))
     if search:

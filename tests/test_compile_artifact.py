@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pruneaug
 from pruneaug.compile import main
 from pruneaug.passes import ort_run
+from pruneaug.timing import Competitor, time_interleaved
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -29,8 +30,13 @@ def test_fixed_plan_artifact_matches_pruned_onnx_and_is_measured(tmp_path):
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
     latency = result.plan["model_latency"]
     assert latency["threads"] >= 1 and latency["repeat"] >= 10
-    assert all(latency[k] > 0 for k in ("onnxruntime_dense_s", "onnxruntime_pruned_s", "tvm_pruned_s"))
+    for key in ("onnxruntime_dense_s", "onnxruntime_pruned_s", "tvm_pruned_s"):  # each in its own process
+        assert 0 < latency["p10_s"][key] <= latency[key] <= latency["p90_s"][key]
+    assert "errors" not in latency and "own process" in latency["note"]
     assert result.plan["input_shapes"] == {"input": [4, 1, 8, 8]}
+    alone = time_interleaved([Competitor("function", "artifact-vm", result.artifact)], {"input": x}, threads=1,
+                             rounds=1, runs=3).results["function"]
+    assert alone.error is None and len(alone.seconds) == 3 and min(alone.seconds) > 0
     report = result.report.read_text()
     assert "Whole model, measured" in report and "pruneaug artifact" in report
 

@@ -3,19 +3,21 @@
     python tools/bench_model.py                       # hidden 768, FFN 3072, 4 layers, seq 128, batch 1
     python tools/bench_model.py --layers 1 --rounds 5 # a quick look
 
-Competitors, all in the same process and interleaved round by round (so that load from other
-processes hits them alike): (a) onnxruntime on the dense model, (b) onnxruntime on the pruned model
-(its zeros do not make it faster, but it is the model users would otherwise run), (c) our dense build,
-(d) our build with every linear layer block-sparse. Both runtimes get the same thread count
-(TVM_NUM_THREADS, onnxruntime intra_op_num_threads); both thread pools spin-wait after a run, so each
-competitor's block of runs starts after a pause that lets the previous one's threads go idle. Weights are random: latency does not depend on
-their values, only on the pruned blocks' count. Prints a Markdown table; the ratio is speed-up over (a).
+Competitors: (a) onnxruntime on the dense model, (b) onnxruntime on the pruned model (its zeros do
+not make it faster, but it is the model users would otherwise run), (c) our dense build, (d) our build
+with every linear layer block-sparse. Our builds are exported and loaded with `pruneaug.load`; each
+competitor runs in its own process, driven interleaved round by round by `pruneaug.timing` (so that
+load from other processes hits them alike and no runtime's spinning threads take another's cores),
+all with the same thread count (TVM_NUM_THREADS; onnxruntime intra_op_num_threads, spinning off).
+Weights are random: latency does not depend on their values, only on the pruned blocks' count.
+Prints a Markdown table; the ratio is speed-up over (a).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,60 +109,47 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
 
-    import onnxruntime
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
+    from pruneaug.codegen.export import export_artifact, model_signature
     from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
     from pruneaug.cost_model.targets import resolve_target
+    from pruneaug.timing import Competitor, time_interleaved
 
     block = tuple(int(side) for side in args.block.split("x"))
     dense = encoder(args.hidden, args.ffn, args.layers, args.seq, args.heads)
     pruned, blocks = prune_linears(dense, block, args.sparsity)
-    x = np.random.default_rng(1).standard_normal((1, args.seq, args.hidden)).astype(np.float32)
+    inputs = {"input": np.random.default_rng(1).standard_normal((1, args.seq, args.hidden)).astype(np.float32)}
     target = resolve_target("x86")
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    runners, compile_s = {}, {}
-    for label, model in (("(a) onnxruntime, dense", dense), ("(b) onnxruntime, pruned model", pruned)):
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        runners[label] = lambda session=session: session.run(None, {"input": x})
-    device = tvm.cpu()
-    x_tvm = tvm.runtime.tensor(x, device)
-    ours = (("(c) ours, dense", dense, {}), (f"(d) ours, {args.block} at {args.sparsity:.0%}", pruned, blocks))
-    for label, model, sparse in ours:
-        start = time.perf_counter()
-        executable = build_model(model, sparse, target)
-        compile_s[label] = time.perf_counter() - start
-        check_against_onnxruntime(executable, model, {"input": x}, sparse_weights=sparse, target=target)
-        machine = VirtualMachine(executable, device)
-        runners[label] = lambda machine=machine: machine["main"](x_tvm).numpy()
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:
+        competitors, compile_s = [], {}
+        for label, name, model in (("(a) onnxruntime, dense", "dense", dense),
+                                   ("(b) onnxruntime, pruned model", "pruned", pruned)):
+            onnx.save(model, Path(folder) / f"{name}.onnx")
+            competitors.append(Competitor(label, "onnxruntime", Path(folder) / f"{name}.onnx"))
+        ours = (("(c) ours, dense", "ours-dense", dense, {}),
+                (f"(d) ours, {args.block} at {args.sparsity:.0%}", "ours-sparse", pruned, blocks))
+        for label, name, model, sparse in ours:
+            start = time.perf_counter()
+            executable = build_model(model, sparse, target)
+            compile_s[label] = time.perf_counter() - start
+            check_against_onnxruntime(executable, model, inputs, sparse_weights=sparse, target=target)
+            artifact = export_artifact(executable, target, Path(folder) / name, model_signature(model))
+            competitors.append(Competitor(label, "artifact", artifact))
+        run = time_interleaved(competitors, inputs, args.threads, rounds=args.rounds, runs=args.runs)
 
-    times = {label: [] for label in runners}
-    for run in runners.values():  # warm-up
-        run()
-    for _ in range(args.rounds):
-        for label, run in runners.items():
-            time.sleep(0.2)  # let the previous competitor's spinning worker threads go idle
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                run()
-                times[label].append(time.perf_counter() - start)
-
-    base = np.median(times["(a) onnxruntime, dense"])
+    base = run.results["(a) onnxruntime, dense"].median_s
     print(f"BERT-style encoder: hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, seq {args.seq}, batch 1; "
-          f"{args.threads} threads (TVM_NUM_THREADS, ort intra_op_num_threads); "
-          f"median of {args.rounds * args.runs} runs, interleaved; host {target.tvm_target.get('mcpu')}\n")
+          f"{run.method()}; host {target.tvm_target.get('mcpu')}\n")
     print("| competitor | median ms | p10 ms | p90 ms | speed-up vs (a) | compile s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, seconds in times.items():
-        seconds = np.asarray(seconds) * 1e3
+    for label, timing in run.results.items():
         compiled = f"{compile_s[label]:.1f}" if label in compile_s else ""
-        p10, median, p90 = np.percentile(seconds, [10, 50, 90])
-        print(f"| {label} | {median:.2f} | {p10:.2f} | {p90:.2f} | {base * 1e3 / median:.2f}x | {compiled} |")
-
+        if timing.error:
+            print(f"| {label} | failed: {timing.error} | | | | {compiled} |")
+            continue
+        ratio = f"{base / timing.median_s:.2f}x" if base else "–"
+        print(f"| {label} | {timing.median_s * 1e3:.2f} | {timing.p10_s * 1e3:.2f} | {timing.p90_s * 1e3:.2f} | "
+              f"{ratio} | {compiled} |")
 
 if __name__ == "__main__":
     main()

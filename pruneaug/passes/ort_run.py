@@ -26,11 +26,17 @@ def with_outputs(model: onnx.ModelProto, tensors: Sequence[str], elem_type: int 
     return result
 
 
-def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU session; `spinning=False` lets its intra-op threads sleep between runs instead of busy-waiting.
+
+    Timing next to another runtime needs spinning off: spinning threads take the cores the other one needs.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     assert model.ByteSize() < PROTOBUF_LIMIT_BYTES, "models over 2 GB need a file-backed session"
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

@@ -1,0 +1,294 @@
+"""Whole-model latency of several competitors, each in its own process, driven interleaved round by round.
+
+Why separate processes: a runtime's thread pool keeps its threads busy after a run; with onnxruntime
+and TVM in one process, one pool's threads take the cores the other needs (on the bundled CNN the
+artifact looked 1.26x onnxruntime's time in one process, 0.52-0.69x in separate ones).
+Why interleaved: a shared machine's load changes from second to second; in round r every competitor
+runs one block of `runs` timed runs, the order rotated by r, so a burst of load hits them alike.
+
+    >>> run = time_interleaved([Competitor("onnxruntime", "onnxruntime", Path("model.onnx")),
+    ...                         Competitor("ours", "artifact", Path("out/model.x86.so"))],
+    ...                        {"input": x}, threads=2, rounds=10, runs=5)
+    >>> run.results["ours"].median_s, run.results["ours"].error
+    (0.00041, None)
+
+Every competitor gets the same thread count: TVM_NUM_THREADS for an artifact (loaded with
+`pruneaug.load`), intra_op_num_threads for onnxruntime, whose spinning is switched off
+(`session.intra_op.allow_spinning=0`) so that its idle threads leave the cores to the next block.
+Each timed run is one call as a user makes it, numpy in and numpy out (`session.run`, `model.run`);
+kind `artifact-vm` times the artifact's compiled function alone (TVM's timer, inputs already TVM
+tensors, outputs left on the device), which shows how much of a small model's call is the Python
+side's conversions.
+
+A worker is `python -m pruneaug.timing KIND PATH INPUTS.npz THREADS WARMUP`. It loads its model,
+runs WARMUP untimed runs, answers one JSON line on its stdout (`{"ready": true}` or `{"error": ...}`),
+then for each line N on its stdin makes one untimed run (caches and threads went cold during the
+other competitors' blocks) and answers the N run times in seconds as a JSON list; EOF ends it.
+Anything native code prints to stdout is moved to stderr, which the parent keeps in a file and quotes
+when a worker fails. A failed or crashed worker ends that competitor only: its `Timing.error` says
+why and the others go on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+KINDS = ("onnxruntime", "artifact", "artifact-vm")
+WORKER = (sys.executable, "-m", "pruneaug.timing")  # the worker's command line, before its arguments
+REPLY_TIMEOUT_S = 600.0  # longest wait for one answer (a large model's load and warm-up included)
+SETTLE_S = 0.1  # pause before each block: the previous competitor's threads stop spinning
+STDERR_TAIL_LINES = 5
+
+
+class TimingError(RuntimeError):
+    """A competitor could not be timed: its worker failed to load, raised, crashed or hung."""
+
+
+@dataclass(frozen=True)
+class Competitor:
+    """What one worker runs: an ONNX file in onnxruntime, or a compiled artifact through `pruneaug.load`.
+
+    kind: `onnxruntime`, `artifact` (`model.run`, numpy in and out) or `artifact-vm` (the compiled function alone).
+    """
+
+    name: str
+    kind: str
+    path: Path
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"competitor {self.name!r}: kind {self.kind!r}, expected one of {', '.join(KINDS)}")
+
+
+@dataclass
+class Timing:
+    """One competitor's timed runs in seconds (all rounds pooled), or why it has none."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def _percentile(self, q: float) -> float | None:
+        if self.error is not None or not self.seconds:
+            return None
+        return float(np.percentile(self.seconds, q))
+
+    @property
+    def median_s(self) -> float | None:
+        return self._percentile(50)
+
+    @property
+    def p10_s(self) -> float | None:
+        return self._percentile(10)
+
+    @property
+    def p90_s(self) -> float | None:
+        return self._percentile(90)
+
+
+@dataclass
+class TimingRun:
+    """Every competitor's `Timing` from one interleaved run, and how it was taken."""
+
+    results: dict[str, Timing]
+    threads: int
+    rounds: int
+    runs: int
+    load_average: tuple[float, float]  # 1-minute load average before and after
+
+    @property
+    def repeat(self) -> int:
+        """Timed runs per competitor that completed every round."""
+        return self.rounds * self.runs
+
+    def method(self) -> str:
+        """One sentence on how the figures were taken, for reports and benchmark headers."""
+        return (f"each competitor in its own process, {self.threads} threads (TVM_NUM_THREADS, onnxruntime "
+                f"intra_op_num_threads with spinning off), interleaved in {self.rounds} rounds of {self.runs} runs "
+                f"(order rotated each round): median, p10, p90 of {self.repeat} runs; "
+                f"load average {self.load_average[0]:.2f} before, {self.load_average[1]:.2f} after")
+
+
+class _Worker:
+    """The parent's end of one worker process."""
+
+    def __init__(self, competitor: Competitor, inputs_file: Path, threads: int, warmup: int, log: Path):
+        self.competitor = competitor
+        self.log = log
+        env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+        with open(log, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [*WORKER, competitor.kind, str(competitor.path), str(inputs_file), str(threads), str(warmup)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+
+    def request(self, line: str | None) -> Any:
+        """Send `line` (if any) and return the worker's decoded answer; TimingError if it fails, dies or hangs."""
+        timeout_s = REPLY_TIMEOUT_S
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if line is not None:
+            try:
+                self.process.stdin.write(line + "\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                raise TimingError(self._death()) from None
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        if not readable:
+            self.process.kill()
+            raise TimingError(f"{self.competitor.name}: its timing worker gave no answer in {timeout_s:g} s")
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise TimingError(self._death())
+        try:
+            answer = json.loads(reply)
+        except ValueError:
+            raise TimingError(f"{self.competitor.name}: its timing worker answered {reply.strip()[:200]!r}") from None
+        if isinstance(answer, dict) and "error" in answer:
+            raise TimingError(f"{self.competitor.name}: {answer['error']}")
+        return answer
+
+    def _death(self) -> str:
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        tail = " | ".join(lines[-STDERR_TAIL_LINES:]) or "nothing"
+        return f"{self.competitor.name}: its timing worker died ({how}); its last stderr lines: {tail}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                pipe.close()
+            except BrokenPipeError:
+                pass
+
+
+def rotated(items: Sequence, by: int) -> list:
+    """`items` starting at index `by` (mod its length): round r's order."""
+    if not items:
+        return []
+    shift = by % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.ndarray], threads: int,
+                     rounds: int = 10, runs: int = 5, warmup: int = 2, settle_s: float = SETTLE_S) -> TimingRun:
+    """Time every competitor on `inputs` in its own worker process, `rounds` rounds of `runs` runs each."""
+    if len({c.name for c in competitors}) != len(competitors):
+        raise ValueError("competitor names must differ")
+    if threads < 1 or rounds < 1 or runs < 1 or warmup < 0:
+        raise ValueError(f"threads {threads}, rounds {rounds}, runs {runs} must be >= 1 and warmup {warmup} >= 0")
+    results = {c.name: Timing(c.name) for c in competitors}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="pruneaug-timing-") as folder:
+        inputs_file = Path(folder) / "inputs.npz"
+        np.savez(inputs_file, **{name: np.asarray(array) for name, array in inputs.items()})
+        workers = [_Worker(c, inputs_file, threads, warmup, Path(folder) / f"worker{i}.log")
+                   for i, c in enumerate(competitors)]  # all load at once: loading is not timed
+        try:
+            alive = [w for w in workers if _answered(w, None, results)]
+            for round_index in range(rounds):
+                for worker in rotated(alive, round_index):
+                    time.sleep(settle_s)
+                    if not _answered(worker, str(runs), results):
+                        alive.remove(worker)
+        finally:
+            for worker in workers:
+                worker.close()
+    return TimingRun(results, threads, rounds, runs, (load_before, os.getloadavg()[0]))
+
+
+def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> bool:
+    """Send one request; run times are added to the competitor's Timing, a failure recorded as its error."""
+    timing = results[worker.competitor.name]
+    try:
+        answer = worker.request(line)
+    except TimingError as err:
+        timing.error = str(err)
+        timing.seconds.clear()
+        return False
+    if isinstance(answer, list):
+        timing.seconds.extend(float(seconds) for seconds in answer)
+    return True
+
+
+# ---- the worker side ------------------------------------------------------------------------------------------
+
+def _wall_clock(run: Callable[[], object]) -> Callable[[], float]:
+    def timed() -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    return timed
+
+
+def _timed_run(kind: str, path: Path, threads: int, inputs: dict[str, np.ndarray]) -> Callable[[], float]:
+    """One timed run of the competitor, returning its seconds."""
+    if kind == "onnxruntime":
+        from pruneaug.ir.onnx_io import load_model
+        from pruneaug.passes.ort_run import make_session
+
+        session = make_session(load_model(path), threads, spinning=False)
+        return _wall_clock(lambda: session.run(None, inputs))
+    from pruneaug.runtime import load
+
+    model = load(path)
+    if kind == "artifact-vm":  # TVM's own timer around the compiled function; conversions stay outside
+        return lambda: model.benchmark(inputs, repeat=1)["median"]
+    return _wall_clock(lambda: model.run(inputs))
+
+
+def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
+    """Load the competitor, warm it up, then answer each request with its run times (see the module doc)."""
+    kind, path, inputs_file, threads, warmup = argv
+    os.environ["TVM_NUM_THREADS"] = threads  # before TVM's thread pool starts
+
+    def answer(value) -> None:
+        answers.write(json.dumps(value) + "\n")
+        answers.flush()
+
+    try:
+        with np.load(inputs_file) as data:
+            inputs = {name: data[name] for name in data.files}
+        run = _timed_run(kind, Path(path), int(threads), inputs)
+        for _ in range(int(warmup)):
+            run()
+    except Exception as err:  # noqa: BLE001 - the parent reports it as this competitor's failure
+        answer({"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"})
+        return 1
+    answer({"ready": True})
+    for line in commands:
+        run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
+        answer([run() for _ in range(int(line))])
+    return 0
+
+
+def _main() -> int:
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever native code prints goes to stderr, never into the answers
+    return worker_main(sys.argv[1:], sys.stdin, answers)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

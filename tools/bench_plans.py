@@ -1,0 +1,170 @@
+"""The search's plan against its baselines, measured on compiled artifacts (issue 5's goal).
+
+    flock /tmp/pruneaug-bench.lock python tools/bench_plans.py                 # examples/cnn and examples/mlp
+    flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --examples cnn --batch 32
+    flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --model m.onnx --calib c.npz --eval e.npz
+
+For each model: one `pruneaug.compile` (the search and its baselines, validated end to end) gives
+the chosen plan's artifact and, in plan.json, every baseline's per-layer plan (`layers`). Each
+baseline asked for (default: best single block shape, unstructured, dense) is rebuilt from that
+plan with the compile's pruner (and reconstruction, if it ran) and compiled the way the compile
+compiles; then all artifacts and onnxruntime on the dense model (the users' baseline) are timed in
+one run of `pruneaug.timing` (each in its own process, interleaved). The goal: the chosen plan
+>= 1.25x faster than the best single block shape and >= 2x faster than unstructured, at the same
+validated budget. Prints one Markdown table per model; ratios > 1 mean the chosen plan is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ORT_DENSE = "onnxruntime, dense"
+VM = " [compiled function]"  # the same artifact timed without the Python side's conversions
+GOALS = {"best single": 1.25, "unstructured": 2.0}
+
+
+def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path):
+    """The compile, then each asked-for baseline's artifact; returns (plan, {name: (figures, artifact, sparsity)})."""
+    import onnx
+
+    import pruneaug
+    from pruneaug import deploy
+    from pruneaug.calib import load_dataset
+    from pruneaug.cost_model.targets import resolve_target
+    from pruneaug.ir.graph import lower
+    from pruneaug.ir.onnx_io import load_model
+    from pruneaug.plan import build_plan, rebuild
+
+    result = pruneaug.compile(model, target=args.target, out=folder / "chosen", calib=calib, eval=evaluation,
+                              budget=args.budget, metric=args.metric, batch=args.batch)
+    plan, search = result.plan, result.plan["search"]
+    source = load_model(model)
+    calib_inputs = load_dataset(calib, source).inputs
+    profile = resolve_target(args.target)
+    shapes = plan["input_shapes"]
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(result.pruned_model).graph.initializer}
+    rebuilt = {t.name: onnx.numpy_helper.to_array(t) for t in lower(rebuild(source, plan, search["layers"],
+                                                                            calib_inputs)).graph.initializer}
+    differ = sorted(name for name in written if not np.array_equal(written[name], rebuilt.get(name)))
+    if differ:  # the baselines are rebuilt the same way: this one must give back pruned.onnx
+        raise SystemExit(f"rebuilding the chosen plan from plan.json gave other weights for {', '.join(differ)}")
+    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"])}
+    inputs = deploy.sample_inputs(source, shapes, calib_inputs)
+    for name in args.plans:
+        figures = search["baselines"].get(name)
+        if figures is None:
+            print(f"{model.parent.name}: no baseline {name!r} in plan.json; skipped", file=sys.stderr)
+            continue
+        pruned = rebuild(source, plan, figures["layers"], calib_inputs)
+        pruned_model = lower(pruned)
+        with deploy.quiet_native_stderr():
+            artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
+                                             folder / name.replace(" ", "_"), inputs)
+        plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"])
+    return plan, plans, inputs
+
+
+def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
+    from pruneaug.timing import Competitor, time_interleaved
+
+    with tempfile.TemporaryDirectory(prefix="bench-plans-") as folder:
+        plan, plans, inputs = compile_plans(model, calib, evaluation, args, Path(folder))
+        competitors = [Competitor(name + suffix, kind, artifact) for name, (_, artifact, _) in plans.items()
+                       for suffix, kind in (("", "artifact"), (VM, "artifact-vm"))]
+        competitors.append(Competitor(ORT_DENSE, "onnxruntime", model))
+        run = time_interleaved(competitors, inputs, args.threads, rounds=args.rounds, runs=args.runs)
+    print_table(model, plan, plans, run, args)
+
+
+def print_table(model: Path, plan: dict, plans: dict, run, args) -> None:
+    search = plan["search"]
+    median = {name: timing.median_s for name, timing in run.results.items()}
+
+    def ratio(numerator: float | None, denominator: float | None) -> str:
+        return f"{numerator / denominator:.2f}x" if numerator and denominator else "–"
+
+    def measured(name: str) -> str:
+        timing = run.results.get(name)
+        if timing is None:
+            return "–"
+        if timing.error:
+            return f"failed: {timing.error}"
+        return f"{timing.median_s * 1e6:,.1f} ({timing.p10_s * 1e6:,.1f}–{timing.p90_s * 1e6:,.1f})"
+
+    print(f"\n### {model.parent.name}/{model.name}: target {args.target}, budget {args.budget:g} on {args.metric}, "
+          f"batch {args.batch}, chosen = {search['chosen_from']}\n")
+    print(f"{run.method()}. `run` = `pruneaug.load(...).run` (numpy in, numpy out), as onnxruntime's "
+          f"`session.run`; `function` = the compiled function alone (TVM's timer, no conversions).\n")
+    print("| plan | blocks | weight sparsity | validated loss | meets budget | predicted µs (prunable layers) | "
+          "run µs, median (p10–p90) | function µs, median (p10–p90) | chosen faster by (run / function) | "
+          "vs onnxruntime dense (run) |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    rows = [(name, figures, sparsity) for name, (figures, _, sparsity) in plans.items()] + [(ORT_DENSE, None, 0.0)]
+    for name, figures, sparsity in rows:
+        described = ("–", "–", "–", "–", "–") if figures is None else (
+            ", ".join(figures["blocks"]) or "dense", f"{sparsity:.1%}", f"{figures['metric_loss']:.4f}",
+            "yes" if figures["met"] else "no", f"{figures['predicted_latency_s'] * 1e6:,.1f}")
+        faster = f"{ratio(median[name], median['chosen'])} / {ratio(median.get(name + VM), median['chosen' + VM])}"
+        print(f"| {name} | {' | '.join(described)} | {measured(name)} | {measured(name + VM)} | {faster} | "
+              f"{ratio(median[ORT_DENSE], median[name])} |")
+    for name, goal in GOALS.items():
+        if name not in plans:
+            continue
+        got = [_ratio_of(run, name + suffix, "chosen" + suffix, statistic)
+               for suffix in ("", VM) for statistic in ("median_s", "p10_s")]
+        verdict = "met" if got[0] and got[0] >= goal else "not met"
+        print(f"\nchosen vs {name}: {_fmt(got[0])} measured by run (p10: {_fmt(got[1])}), {_fmt(got[2])} by the "
+              f"compiled function (p10: {_fmt(got[3])}); predicted "
+              f"{ratio(plans[name][0]['predicted_latency_s'], search['predicted_latency_s'])}; "
+              f"goal >= {goal}x: {verdict} (by the run median)")
+
+
+def _ratio_of(run, name: str, chosen: str, statistic: str) -> float | None:
+    """How many times `chosen` is faster than `name` by a statistic of their timings (None where one failed)."""
+    slow, fast = (getattr(run.results[n], statistic) for n in (name, chosen))
+    return slow / fast if slow and fast else None
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", default="cnn,mlp", help="bundled examples to run (default cnn,mlp)")
+    parser.add_argument("--model", type=Path, help="an ONNX model instead of the examples (needs --calib, --eval)")
+    parser.add_argument("--calib", type=Path)
+    parser.add_argument("--eval", type=Path)
+    parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--metric", default="top1")
+    parser.add_argument("--target", default="x86", help="a target whose artifacts run here (x86)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--plans", default="best single,unstructured,dense",
+                        help="baselines of plan.json to compile and time beside the chosen plan")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; each runs every plan --runs times")
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    args.plans = [name.strip() for name in args.plans.split(",") if name.strip()]
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts (the kernel measurements)
+    if args.model:
+        if not (args.calib and args.eval):
+            parser.error("--model needs --calib and --eval")
+        runs = [(args.model, args.calib, args.eval)]
+    else:
+        runs = [(EXAMPLES / name / "model.onnx", EXAMPLES / name / "calib.npz", EXAMPLES / name / "eval.npz")
+                for name in args.examples.split(",")]
+    for model, calib, evaluation in runs:
+        bench(model, calib, evaluation, args)
+
+
+if __name__ == "__main__":
+    main()
