@@ -295,13 +295,11 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx
     """Compile, check and export the artifact; a model TVM cannot compile leaves the other outputs whole."""
     from pruneaug import deploy
 
-    sparse = {pruned.layer(n).weight: pruned.graph.nodes[n]["block"].shape
-              for n in pruned.prunable_nodes() if pruned.graph.nodes[n]["block"].sparsity > 0}
     inputs = deploy.sample_inputs(pruned_model, shapes, calib_data.inputs if calib_data else None)
     with deploy.quiet_native_stderr():
         try:
-            artifact = deploy.build_artifact(pruned_model, sparse, profile, shapes, staging / f"model.{profile.kind}",
-                                             inputs)
+            artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
+                                             staging / f"model.{profile.kind}", inputs)
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
@@ -311,6 +309,8 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx
         if deploy.runs_here(profile):
             extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
             phases.lap("whole-model timing")
+            for competitor, error in extra["model_latency"].get("errors", {}).items():
+                notes.append(f"whole-model timing of {competitor} failed: {error}")
     return artifact.name
 
 

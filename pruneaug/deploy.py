@@ -24,7 +24,8 @@ from pruneaug.ir.onnx_io import save_model
 from pruneaug.timing import Competitor, time_interleaved
 
 GATE_RTOL = 1e-4
-BENCH_REPEAT = 50  # timed runs per competitor
+BENCH_REPEAT = 50  # timed runs per competitor (fewer where a large model's rounds exceed BENCH_BUDGET_S)
+BENCH_BUDGET_S = 10.0
 RUNS_PER_ROUND = 5
 
 
@@ -110,7 +111,7 @@ def measure_model_latency(dense_model: onnx.ModelProto, pruned_model: onnx.Model
         save_model(dense_model, paths["onnxruntime_dense_s"])
         save_model(pruned_model, paths["onnxruntime_pruned_s"])
         run = time_interleaved([Competitor(key, kind, paths[key]) for key, kind in LATENCY_KEYS.items()], inputs,
-                               threads, rounds=rounds, runs=runs_per_round)
+                               threads, rounds=rounds, runs=runs_per_round, budget_s=BENCH_BUDGET_S)
     timings = run.results
     latency: dict = {key: timings[key].median_s for key in LATENCY_KEYS}
     latency.update(

@@ -153,6 +153,8 @@ def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, A
         "dense_latency_s": report.dense_latency_s,
         "message": report.message,
         "trials": [asdict(trial) for trial in baselines.get("searched", report).history],
-        "validations_total": sum(result.validations for result in baselines.values()) or report.validations,
+        # "best single" (and "single 1x1") are other names of searches listed already: count each search once
+        "validations_total": sum(r.validations for r in {id(r): r for r in baselines.values()}.values())
+                             or report.validations,
         "baselines": {name: _report_figures(result) for name, result in baselines.items()},
     }

@@ -49,6 +49,7 @@ KINDS = ("onnxruntime", "artifact", "artifact-vm")
 WORKER = (sys.executable, "-m", "pruneaug.timing")  # the worker's command line, before its arguments
 REPLY_TIMEOUT_S = 600.0  # longest wait for one answer (a large model's load and warm-up included)
 SETTLE_S = 0.1  # pause before each block: the previous competitor's threads stop spinning
+MIN_ROUNDS = 3  # what a time budget still leaves: enough for a median that one slow round does not move
 STDERR_TAIL_LINES = 5
 
 
@@ -193,8 +194,13 @@ def rotated(items: Sequence, by: int) -> list:
 
 
 def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.ndarray], threads: int,
-                     rounds: int = 10, runs: int = 5, warmup: int = 2, settle_s: float = SETTLE_S) -> TimingRun:
-    """Time every competitor on `inputs` in its own worker process, `rounds` rounds of `runs` runs each."""
+                     rounds: int = 10, runs: int = 5, warmup: int = 2, settle_s: float = SETTLE_S,
+                     budget_s: float | None = None) -> TimingRun:
+    """Time every competitor on `inputs` in its own worker process, `rounds` rounds of `runs` runs each.
+
+    With `budget_s`, no round starts once the timed rounds have taken that long, after at least
+    MIN_ROUNDS of them: a compile times a BERT-sized model in seconds, not minutes, with fewer runs.
+    """
     if len({c.name for c in competitors}) != len(competitors):
         raise ValueError("competitor names must differ")
     if threads < 1 or rounds < 1 or runs < 1 or warmup < 0:
@@ -208,7 +214,11 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
                    for i, c in enumerate(competitors)]  # all load at once: loading is not timed
         try:
             alive = [w for w in workers if _answered(w, None, results)]
+            started, done = time.perf_counter(), 0
             for round_index in range(rounds):
+                if budget_s is not None and done >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
+                    break
+                done += 1
                 for worker in rotated(alive, round_index):
                     time.sleep(settle_s)
                     if not _answered(worker, str(runs), results):
@@ -216,7 +226,7 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
         finally:
             for worker in workers:
                 worker.close()
-    return TimingRun(results, threads, rounds, runs, (load_before, os.getloadavg()[0]))
+    return TimingRun(results, threads, done, runs, (load_before, os.getloadavg()[0]))
 
 
 def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> bool:

@@ -40,7 +40,8 @@ def test_search_meets_the_budget_on_the_examples(tmp_path, name):
     assert dense - pruned == pytest.approx(search["metric_loss"], abs=1e-9)  # the plan's figure is the real drop
     assert result.plan["totals"]["weight_sparsity"] > 0.1
     assert len(search["trials"]) == search["baselines"]["searched"]["validations"] >= 1
-    assert search["validations_total"] == sum(b["validations"] for b in search["baselines"].values())
+    assert search["validations_total"] == sum(  # "best single" and "single 1x1" name searches listed already
+        b["validations"] for name, b in search["baselines"].items() if name not in ("best single", "single 1x1"))
     assert {"dense", "unstructured", "best single"} <= set(search["baselines"])
     assert search["predicted_latency_s"] <= search["baselines"]["dense"]["predicted_latency_s"]
     for entry in result.plan["layers"]:

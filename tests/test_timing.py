@@ -71,6 +71,14 @@ def test_every_competitor_is_timed_in_every_round(models):
     assert "own process" in run.method() and "spinning off" in run.method()
 
 
+def test_a_time_budget_ends_the_rounds_after_the_least_number(models):
+    competitors = [Competitor("a", "onnxruntime", models[0]), Competitor("b", "onnxruntime", models[1])]
+    run = time_interleaved(competitors, INPUTS, threads=1, rounds=50, runs=2, settle_s=0.05, budget_s=0.0)
+    assert run.rounds == timing.MIN_ROUNDS and run.repeat == 2 * timing.MIN_ROUNDS
+    assert all(len(t.seconds) == run.repeat for t in run.results.values())
+    assert str(timing.MIN_ROUNDS) in run.method()
+
+
 def test_a_competitor_that_fails_to_load_leaves_the_others_timed(models, tmp_path):
     run = time_interleaved([Competitor("ort", "onnxruntime", models[0]),
                             Competitor("ours", "artifact", tmp_path / "missing.so")], INPUTS, threads=1, rounds=2,

@@ -23,57 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def encoder(hidden: int, ffn: int, layers: int, seq: int, heads: int, seed: int = 0) -> onnx.ModelProto:
-    """A post-norm BERT encoder as exporters emit it: MatMul+Add linears, Erf GELU, LayerNormalization (opset 17)."""
-    rng = np.random.default_rng(seed)
-    initializers, nodes = [], []
-
-    def const(name: str, array: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def op(op_type: str, inputs: list[str], **attrs) -> str:
-        name = f"{op_type}_{len(nodes)}"
-        nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-        return name
-
-    def linear(x: str, n_in: int, n_out: int, name: str) -> str:
-        w = const(f"{name}.weight", (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
-        b = const(f"{name}.bias", (0.02 * rng.standard_normal(n_out)).astype(np.float32))
-        return op("Add", [op("MatMul", [x, w]), b])
-
-    def layer_norm(x: str, name: str) -> str:
-        gamma = const(f"{name}.gamma", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
-        beta = const(f"{name}.beta", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
-        return op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
-
-    head_dim = hidden // heads
-    split = const("split_heads", np.array([1, seq, heads, head_dim], np.int64))
-    merge = const("merge_heads", np.array([1, seq, hidden], np.int64))
-    scalar_values = {"scale": 1 / np.sqrt(head_dim), "half": 0.5, "one": 1.0, "rsqrt2": 2**-0.5}
-    scalars = {name: const(name, np.array(value, np.float32)) for name, value in scalar_values.items()}
-    x = "input"
-    for i in range(layers):
-        q, k, v = (op("Transpose", [op("Reshape", [linear(x, hidden, hidden, f"layer{i}.{n}"), split])], perm=perm)
-                   for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))
-        probs = op("Softmax", [op("Mul", [op("MatMul", [q, k]), scalars["scale"]])], axis=-1)
-        context = op("Reshape", [op("Transpose", [op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
-        x = layer_norm(op("Add", [x, linear(context, hidden, hidden, f"layer{i}.o")]), f"layer{i}.ln1")
-        h = linear(x, hidden, ffn, f"layer{i}.ffn1")
-        erf = op("Erf", [op("Mul", [h, scalars["rsqrt2"]])])
-        gelu = op("Mul", [op("Mul", [h, scalars["half"]]), op("Add", [scalars["one"], erf])])
-        x = layer_norm(op("Add", [x, linear(gelu, ffn, hidden, f"layer{i}.ffn2")]), f"layer{i}.ln2")
-    graph = helper.make_graph(
-        nodes, "encoder", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, seq, hidden])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, seq, hidden])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_graph import encoder, random_weights  # noqa: E402
 
 
 def prune_linears(model: onnx.ModelProto, block: tuple[int, int], sparsity: float) -> tuple[onnx.ModelProto, dict]:
@@ -115,7 +69,7 @@ def main() -> None:
     from pruneaug.timing import Competitor, time_interleaved
 
     block = tuple(int(side) for side in args.block.split("x"))
-    dense = encoder(args.hidden, args.ffn, args.layers, args.seq, args.heads)
+    dense = encoder(args.hidden, args.ffn, args.layers, args.seq, args.heads, random_weights(0))
     pruned, blocks = prune_linears(dense, block, args.sparsity)
     inputs = {"input": np.random.default_rng(1).standard_normal((1, args.seq, args.hidden)).astype(np.float32)}
     target = resolve_target("x86")
