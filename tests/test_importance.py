@@ -100,3 +100,9 @@ def test_magnitude_and_zeros():
     ir.set_canonical_weight(node, weight)
     zeros = importance.from_zeros(ir).graph.nodes[node]["importance"]
     assert np.array_equal(zeros == 0, weight == 0)
+
+
+def test_importance_is_stored_row_major_even_for_a_transposed_canonical_view():
+    ir = importance.magnitude(lift(zoo.mlp()))  # fc1 is MatMul: its canonical W[out, in] is the stored B[in, out].T
+    for node in ir.prunable_nodes():
+        assert ir.graph.nodes[node]["importance"].flags.c_contiguous

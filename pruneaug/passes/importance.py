@@ -28,7 +28,9 @@ def _annotate(ir: IRModel, scores: Mapping[str, np.ndarray]) -> IRModel:
     result = ir.copy()
     for node, score in scores.items():
         assert score.shape == ir.layer(node).shape, (node, score.shape)
-        result.graph.nodes[node]["importance"] = score.astype(np.float32, copy=False)
+        # C order: a MatMul's canonical view is the transpose of its stored weight, and masking reads the
+        # scores in row-major block order many times per search (4x slower through a transposed view)
+        result.graph.nodes[node]["importance"] = np.ascontiguousarray(score, dtype=np.float32)
     return result
 
 
