@@ -83,6 +83,23 @@ def test_run_and_benchmark(x86_artifact, model, inputs):
     assert 0 < figures["p10"] <= figures["median"] <= figures["p90"]
 
 
+def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifact, model, inputs):
+    """Inputs go through buffers the model reuses: a later run must not change an earlier run's outputs."""
+    loaded = load(x86_artifact)
+    others = {name: (array + 1.5).astype(array.dtype) for name, array in inputs.items()}
+    (first,) = loaded.run(inputs)
+    kept = first.copy()
+    (second,) = loaded.run(others)
+    for got, feeds in ((first, inputs), (second, others)):
+        (expected,) = reference(model, feeds)
+        assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+    assert np.array_equal(first, kept)
+    with pytest.raises(OptionError, match="compiled for"):
+        loaded.run({name: array[:, :1] for name, array in inputs.items()})
+    (third,) = loaded.run(inputs)  # a refused input left the buffers as they were filled next
+    assert np.max(np.abs(third - kept)) <= 1e-6 * np.max(np.abs(kept))
+
+
 @pytest.mark.slow
 def test_loads_in_a_fresh_process_without_the_compiler(x86_artifact, model, inputs, tmp_path):
     np.savez(tmp_path / "inputs.npz", **inputs)
