@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from devices import requires_cuda_gpu
 
-from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, random_bsr_weight
+from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, kernel_arguments, random_bsr_weight
 from pruneaug.codegen.schedule import conv_schedule
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
@@ -63,9 +63,7 @@ def _check_conv(case, layout: str | None = None, activation: str | None = None) 
     if activation == "relu":
         expected = np.maximum(expected, 0)
     assert [int(d) for d in kernel.primfunc.params[-1].shape] == list(expected.shape)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
-    args.append(tvm.runtime.empty(expected.shape, "float32", dev))
+    args = kernel_arguments(kernel, x, tvm.cpu())
     compile_kernel(kernel, X86)[kernel.name](*args)
     np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4)
 
@@ -155,8 +153,6 @@ def test_cuda_conv_matches_onnxruntime(case, activation):
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
     if activation == "relu":
         expected = np.maximum(expected, 0)
-    dev = tvm.cuda(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
-    args.append(tvm.runtime.empty(expected.shape, "float32", dev))
+    args = kernel_arguments(kernel, x, tvm.cuda(0))
     compile_kernel(kernel, cuda)[kernel.name](*args)
     np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4)

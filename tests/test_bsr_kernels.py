@@ -18,11 +18,12 @@ from pruneaug.codegen.bsr import (
     check_block_supported,
     compile_kernel,
     dense_matmul_kernel,
+    kernel_arguments,
     random_bsr_weight,
-    time_kernel,
     to_bsr,
 )
 from pruneaug.codegen.schedule import kernel_schedule
+from pruneaug.cost_model.measured import Bench, device_clock
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 
@@ -34,10 +35,7 @@ BLOCKS = [(1, 1), (1, 4), (4, 1), (2, 3), (8, 8), (16, 16), (3, 16)]
 
 def _run(kernel, x: np.ndarray) -> np.ndarray:
     module = compile_kernel(kernel, X86)
-    dev = tvm.cpu()
-    out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
-    args.append(tvm.runtime.empty(out_shape, "float32", dev))
+    args = kernel_arguments(kernel, x, tvm.cpu())
     module[kernel.name](*args)
     return args[-1].numpy()
 
@@ -159,15 +157,15 @@ def test_unknown_activation_is_a_codegen_error():
         bsr_matmul_kernel(X86, 4, random_bsr_weight(8, 8, (4, 4), 0.5), activation="tanh")
 
 
-def test_kernel_signature_and_time_kernel():
+def test_kernel_signature_and_timing():
     weight = random_bsr_weight(40, 24, (8, 8), 0.5)
     kernel = bsr_matmul_kernel(X86, 16, weight, name="my_layer")
     assert kernel.name == "my_layer" and kernel.primfunc.attrs["global_symbol"] == "my_layer"
     params = [p.name for p in kernel.primfunc.params]
     assert params[0] == "X" and params[-1] == "Y" and len(params) == 2 + len(kernel.constants)
-    times = time_kernel(compile_kernel(kernel, X86), kernel, np.ones((16, 24), np.float32), tvm.cpu(),
-                        number=2, repeat=3)
-    assert len(times) == 3 and all(t > 0 for t in times)
+    bench = Bench(compile_kernel(kernel, X86), kernel, 16, 24, tvm.cpu(), device_clock)
+    samples = [bench.sample() for _ in range(3)]
+    assert bench.number >= 1 and all(s.seconds > 0 for s in samples)
 
 
 @pytest.mark.parametrize("target", ["x86", "arm64", "cuda"])
@@ -192,8 +190,8 @@ def test_kernels_are_built_with_the_shared_schedule(target, m, block):
 
 
 @pytest.mark.slow
-def test_time_kernel_through_rpc(tmp_path):
-    """The cost model times kernels on boards through TVM RPC with the same function."""
+def test_kernel_timed_through_rpc(tmp_path):
+    """The cost model times kernels on boards through TVM RPC with the same code as locally."""
     from tvm import rpc
 
     weight = random_bsr_weight(32, 16, (4, 4), 0.5)
@@ -205,10 +203,11 @@ def test_time_kernel_through_rpc(tmp_path):
         session = rpc.connect("127.0.0.1", server.port)
         session.upload(str(lib))
         remote = session.load_module("k.so")
-        times = time_kernel(remote, kernel, np.ones((8, 16), np.float32), session.cpu(), number=2, repeat=2)
+        bench = Bench(remote, kernel, 8, 16, session.cpu(), device_clock)
+        samples = [bench.sample() for _ in range(2)]
     finally:
         server.terminate()
-    assert len(times) == 2 and all(t > 0 for t in times)
+    assert all(s.seconds > 0 for s in samples)
 
 
 @pytest.mark.parametrize("block", [(0, 4), (4, 0), (65, 1), (1, 128)])
@@ -258,9 +257,7 @@ def test_cuda_kernel_matches_numpy(block, activation):
     x = rng.standard_normal((33, 45)).astype(np.float32)
     kernel = bsr_matmul_kernel(cuda, 33, weight, bias, activation=activation)
     module = compile_kernel(kernel, cuda)
-    dev = tvm.cuda(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, *kernel.constants)]
-    args.append(tvm.runtime.empty((33, 70), "float32", dev))
+    args = kernel_arguments(kernel, x, tvm.cuda(0))
     module[kernel.name](*args)
     expected = x @ weight.to_dense().T + bias
     np.testing.assert_allclose(args[-1].numpy(), np.maximum(expected, 0) if activation else expected,

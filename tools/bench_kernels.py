@@ -81,12 +81,10 @@ def one_node_model(op: str, x_shape, weight: np.ndarray, **attrs):
 def tvm_call(kernel, target, x: np.ndarray) -> Callable[[], object]:
     import tvm
 
-    from pruneaug.codegen.bsr import compile_kernel
+    from pruneaug.codegen.bsr import compile_kernel, kernel_arguments
 
     module = compile_kernel(kernel, target)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
-    args.append(tvm.runtime.empty([int(d) for d in kernel.primfunc.params[-1].shape], "float32", dev))
+    args = kernel_arguments(kernel, x, tvm.cpu())
     func = module[kernel.name]
     return lambda: func(*args)
 

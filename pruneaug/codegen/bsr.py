@@ -27,7 +27,7 @@ from pruneaug.errors import CodegenError
 
 __all__ = [
     "ACTIVATIONS", "BSRWeight", "Kernel", "to_bsr", "random_bsr_weight", "check_block_supported", "bsr_matmul_kernel",
-    "dense_matmul_kernel", "bsr_conv2d_kernel", "compile_kernel", "time_kernel",
+    "dense_matmul_kernel", "bsr_conv2d_kernel", "compile_kernel", "kernel_arguments",
 ]
 
 MAX_BLOCK_SIDE = 64  # larger blocks would unroll into huge code and spill the accumulators
@@ -117,13 +117,12 @@ def compile_kernel(kernel: Kernel, target: TargetProfile) -> "tvm.runtime.Module
     return tvm.compile(module, target=target.tvm()).mod
 
 
-def time_kernel(module, kernel: Kernel, x: np.ndarray, dev, number: int, repeat: int) -> list[float]:
-    """Seconds per call, `repeat` figures each the mean of `number` calls; works alike for a local
-    module and device and for an RPC session's remote module and device."""
+def kernel_arguments(kernel: Kernel, x: np.ndarray, dev) -> list:
+    """The call's arguments on `dev`: X, the kernel's constants, and the output (last) to be written;
+    alike for a local device and an RPC session's remote one."""
     import tvm
 
     out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
     args.append(tvm.runtime.empty(out_shape, "float32", dev))
-    timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat)
-    return [float(t) for t in timer(*args).results]
+    return args

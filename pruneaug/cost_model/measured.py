@@ -350,12 +350,9 @@ class Bench:
     """
 
     def __init__(self, module, kernel, m: int, in_: int, dev, clock):
-        import tvm
+        from pruneaug.codegen.bsr import kernel_arguments
 
-        x = np.random.default_rng(1).standard_normal((m, in_), dtype=np.float32)
-        out_shape = [int(d) for d in kernel.primfunc.params[-1].shape]
-        self._args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *kernel.constants)]
-        self._args.append(tvm.runtime.empty(out_shape, "float32", dev))
+        self._args = kernel_arguments(kernel, np.random.default_rng(1).standard_normal((m, in_), dtype=np.float32), dev)
         warm = module.time_evaluator(kernel.name, dev, number=1, repeat=3)(*self._args).results
         self.number = batch_calls(min(warm))
         self._timer = module.time_evaluator(kernel.name, dev, number=self.number, repeat=1)
