@@ -142,7 +142,7 @@ def compile_model(
     if request.keep_sparsity:
         pruned = blockmask.apply_masks(blockmask.detect_blocks(importance.from_zeros(ir), request.blocks))
     else:
-        scored = _score(ir, request.pruner, calib_data)
+        scored = importance.by_pruner(ir, request.pruner, calib_data.inputs if calib_data else None)
         phases.lap("importance")
         finish = reconstructor(scored, calib_data.inputs) if request.reconstruct else None
         if request.searching and scored.prunable_nodes():
@@ -253,13 +253,6 @@ def _read_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     loaded = load_model(path)
     raw = onnx.load(str(path), load_external_data=False)
     return loaded, [path, *(path.parent / f for f in external_data_files(raw))]
-
-
-def _score(ir: IRModel, pruner: str, calib: Dataset | None) -> IRModel:
-    if pruner == "activation":
-        assert calib is not None
-        return importance.activation(ir, calib.inputs)
-    return importance.magnitude(ir)
 
 
 def _search(scored: IRModel, profile, costs, request: Request, calib_data: Dataset, eval_data: Dataset,

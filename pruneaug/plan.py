@@ -123,7 +123,7 @@ def rebuild(source: onnx.ModelProto, plan: Mapping[str, Any], layers: Mapping[st
     if needs_calib and calib_inputs is None:
         raise OptionError(f"rebuilding a plan pruned with {plan['pruner']!r} (reconstruct: {plan['reconstruct']}) "
                           "needs its calibration inputs")
-    scored = importance.activation(ir, calib_inputs) if plan["pruner"] == "activation" else importance.magnitude(ir)
+    scored = importance.by_pruner(ir, plan["pruner"], calib_inputs)
     specs = {node: parse_layer_plan(text) for node, text in layers.items()}
     pruned = apply_masks(assign_blocks(scored, specs))
     if plan["reconstruct"] and any(spec.sparsity > 0 for spec in specs.values()):

@@ -106,3 +106,13 @@ def test_importance_is_stored_row_major_even_for_a_transposed_canonical_view():
     ir = importance.magnitude(lift(zoo.mlp()))  # fc1 is MatMul: its canonical W[out, in] is the stored B[in, out].T
     for node in ir.prunable_nodes():
         assert ir.graph.nodes[node]["importance"].flags.c_contiguous
+
+
+def test_by_pruner_is_the_named_importance():
+    model = zoo.mlp()
+    calib = zoo.random_inputs(model, batch=8)
+    ir = lift(model)
+    for name, expected in (("magnitude", importance.magnitude(ir)), ("activation", importance.activation(ir, calib))):
+        scored = importance.by_pruner(ir, name, calib)
+        for node in ir.prunable_nodes():
+            np.testing.assert_array_equal(scored.graph.nodes[node]["importance"], expected.graph.nodes[node]["importance"])

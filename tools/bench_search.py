@@ -88,7 +88,7 @@ def main() -> None:
         dense = lift(model)
         validate = make_validator(dense, evaluation, labels, args.metric)
         for pruner in ("magnitude", "activation"):
-            scored = importance.magnitude(dense) if pruner == "magnitude" else importance.activation(dense, calib)
+            scored = importance.by_pruner(dense, pruner, calib)
             ir = measure_sensitivities(scored, calib, blocks=blocks if args.block_scales else ())
             for rebuild in (False, True):
                 finish = reconstructor(ir, calib) if rebuild else None

@@ -34,6 +34,15 @@ def _annotate(ir: IRModel, scores: Mapping[str, np.ndarray]) -> IRModel:
     return result
 
 
+def by_pruner(ir: IRModel, pruner: str, calib_inputs: Mapping[str, np.ndarray] | None = None) -> IRModel:
+    """The importance `--pruner` names (options.PRUNERS): `activation` needs the calibration inputs."""
+    if pruner == "activation":
+        assert calib_inputs is not None, "activation importance needs calibration inputs"
+        return activation(ir, calib_inputs)
+    assert pruner == "magnitude", pruner
+    return magnitude(ir)
+
+
 def magnitude(ir: IRModel) -> IRModel:
     return _annotate(ir, {n: np.abs(ir.canonical_weight(n)) for n in ir.prunable_nodes()})
 
