@@ -31,10 +31,11 @@ def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mappin
     """A hash of everything the probes' results depend on."""
     h = hashlib.blake2b(digest_size=20)
 
-    def add(*parts: bytes | str) -> None:
+    def add(*parts: bytes | str | memoryview) -> None:
         for part in parts:
-            data = part.encode() if isinstance(part, str) else part
-            h.update(len(data).to_bytes(8, "little") + data)
+            data = memoryview(part.encode() if isinstance(part, str) else part)
+            h.update(data.nbytes.to_bytes(8, "little"))  # nbytes: len() of an array's buffer counts its rows
+            h.update(data)  # a weight's buffer as it is: concatenating would copy hundreds of MB
 
     add(Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True))
     for node in ir.source.graph.node:
