@@ -161,8 +161,8 @@ def compile_model(
         write_masks(staging / "masks.npz", _stored_masks(pruned))
         artifact_name = None
         if request.artifact:
-            artifact_name = _build_artifact(pruned, pruned_model, source, profile, shapes, calib_data, staging, extra,
-                                            notes, phases)
+            artifact_name = _build_artifact(pruned, pruned_model, protected[0] if protected else source, profile,
+                                            shapes, calib_data, staging, extra, notes, phases)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -282,7 +282,7 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     return chosen, record
 
 
-def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx.ModelProto, profile,
+def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model: onnx.ModelProto | Path, profile,
                     shapes: dict[str, list[int]], calib_data: Dataset | None, staging: Path,
                     extra: dict[str, Any], notes: list[str], phases: "PhaseClock") -> str | None:
     """Compile, check and export the artifact; a model TVM cannot compile leaves the other outputs whole."""
@@ -300,7 +300,9 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, source: onnx
         finally:
             phases.lap("artifact")
         if deploy.runs_here(profile):
-            extra["model_latency"] = deploy.measure_model_latency(source, pruned_model, artifact, inputs)
+            # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
+            extra["model_latency"] = deploy.measure_model_latency(dense_model, staging / "pruned.onnx", artifact,
+                                                                  inputs)
             phases.lap("whole-model timing")
             for competitor, error in extra["model_latency"].get("errors", {}).items():
                 notes.append(f"whole-model timing of {competitor} failed: {error}")

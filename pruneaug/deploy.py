@@ -91,25 +91,33 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
                            f"{text[-1] if text else ''}") from err
 
 
+def _on_disk(model: onnx.ModelProto | Path, where: Path) -> Path:
+    """`model`'s file: its own path, or `where` once it is saved there."""
+    if isinstance(model, onnx.ModelProto):
+        save_model(model, where)
+        return where
+    return Path(model)
+
+
 LATENCY_KEYS = {"onnxruntime_dense_s": "onnxruntime", "onnxruntime_pruned_s": "onnxruntime", "tvm_pruned_s": "artifact"}
 
 
-def measure_model_latency(dense_model: onnx.ModelProto, pruned_model: onnx.ModelProto, artifact: Path,
+def measure_model_latency(dense_model: onnx.ModelProto | Path, pruned_model: onnx.ModelProto | Path, artifact: Path,
                           inputs: Mapping[str, np.ndarray], repeat: int = BENCH_REPEAT,
                           runs_per_round: int = RUNS_PER_ROUND) -> dict:
     """Whole-model latency of onnxruntime (dense and pruned models) and of the artifact, for plan.json.
 
-    Each runs in its own process, interleaved (`pruneaug.timing`), with the host's thread count.
-    A competitor that could not be timed has null figures and its reason under `errors`: a failed
-    measurement never fails the compile.
+    Each runs in its own process, interleaved (`pruneaug.timing`), with the host's thread count; a
+    model given as a file is read from there (a compile has both on disk already), one given in
+    memory is saved for its worker. A competitor that could not be timed has null figures and its
+    reason under `errors`: a failed measurement never fails the compile.
     """
     threads = len(os.sched_getaffinity(0))
     rounds = max(1, -(-repeat // runs_per_round))
     with tempfile.TemporaryDirectory(prefix="pruneaug-models-") as folder:
-        paths = {"onnxruntime_dense_s": Path(folder) / "dense.onnx",
-                 "onnxruntime_pruned_s": Path(folder) / "pruned.onnx", "tvm_pruned_s": Path(artifact)}
-        save_model(dense_model, paths["onnxruntime_dense_s"])
-        save_model(pruned_model, paths["onnxruntime_pruned_s"])
+        paths = {"onnxruntime_dense_s": _on_disk(dense_model, Path(folder) / "dense.onnx"),
+                 "onnxruntime_pruned_s": _on_disk(pruned_model, Path(folder) / "pruned.onnx"),
+                 "tvm_pruned_s": Path(artifact)}
         run = time_interleaved([Competitor(key, kind, paths[key]) for key, kind in LATENCY_KEYS.items()], inputs,
                                threads, rounds=rounds, runs=runs_per_round, budget_s=BENCH_BUDGET_S)
     timings = run.results

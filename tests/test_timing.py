@@ -138,3 +138,12 @@ def test_a_failed_artifact_measurement_is_recorded_and_reported(tmp_path):
     report = render_markdown(plan, pareto=False)
     assert "| onnxruntime, dense model |" in report
     assert "| pruneaug artifact (TVM, block-sparse) | measurement failed: ModelError:" in report
+
+
+def test_models_on_disk_are_timed_from_their_own_files(models, tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(deploy, "save_model", lambda model, path: saved.append(path))
+    latency = deploy.measure_model_latency(models[0], models[1], tmp_path / "model.x86.so", INPUTS,
+                                           repeat=2, runs_per_round=2)
+    assert saved == []  # nothing written again: the workers read the given files
+    assert latency["onnxruntime_dense_s"] > 0 and latency["onnxruntime_pruned_s"] > 0
