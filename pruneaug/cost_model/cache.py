@@ -23,10 +23,13 @@ import re
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
+_T = TypeVar("_T")
 CACHE_ENV = "PRUNEAUG_CACHE"
 DEFAULT_PATH = Path("~/.cache/pruneaug/latency.sqlite")
 DENSE_BLOCK = (0, 0)
@@ -168,16 +171,20 @@ class LatencyCache:
                       RuntimeWarning, stacklevel=3)
         return self._connect(":memory:")
 
-    def _execute(self, sql: str, params=()) -> list[tuple]:
-        """Run one statement; a file found corrupt mid-run is set aside and the statement retried once."""
+    def _recovering(self, action: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`action(connection)`; a file found corrupt mid-run is set aside and the action retried once on a fresh one."""
         try:
-            return self._conn.execute(sql, params).fetchall()
+            return action(self._conn)
         except sqlite3.DatabaseError as err:
             if getattr(err, "sqlite_errorcode", None) not in _CORRUPT_CODES:
                 raise
             self._conn.close()
             self._conn = self._set_aside(err)
-            return self._conn.execute(sql, params).fetchall()
+            return action(self._conn)
+
+    def _execute(self, sql: str, params=()) -> list[tuple]:
+        """Run one statement (see `_recovering`)."""
+        return self._recovering(lambda conn: conn.execute(sql, params).fetchall())
 
     def close(self) -> None:
         self._conn.close()
@@ -208,17 +215,13 @@ class LatencyCache:
                    float(r.seconds), device, now) for r in rows]
         sql = ("INSERT OR REPLACE INTO latency (target, tvm_version, kernel_version, out, in_, m, block_r, block_c,"
                " density, seconds, device, measured_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
-        try:
-            with self._conn:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany(sql, values)
-        except sqlite3.DatabaseError as err:
-            if getattr(err, "sqlite_errorcode", None) not in _CORRUPT_CODES:
-                raise
-            self._conn.close()
-            self._conn = self._set_aside(err)
-            with self._conn:
-                self._conn.executemany(sql, values)
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(sql, values)
+
+        self._recovering(write)
 
     def all(self, target: str) -> list[Measurement]:
         """Every kernel time cached for this target under the current TVM and kernel versions."""
