@@ -14,9 +14,8 @@ from pruneaug.ir.graph import lift
 from pruneaug.options import parse_sparsities
 from pruneaug.passes import importance
 from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
-from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, baselines, knapsack, layer_options, loss_bins,
-                                    pareto_front, search, search_in, search_space,
-                                    search_with_baselines)
+from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, baselines, knapsack, loss_bins, pareto_front,
+                                    search, search_in, search_space, search_with_baselines)
 from pruneaug.passes.validate import make_validator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -92,11 +91,12 @@ def mlp():
     return ir, make_validator(ir, {"input": evaluation["input"]}, evaluation["labels"], "top1")
 
 
-def test_layer_options_skip_blocks_that_do_not_fit_or_are_unsupported(mlp):
+def test_search_space_skips_blocks_that_do_not_fit_or_are_unsupported(mlp):
     ir, _ = mlp
     node = ir.prunable_nodes()[-1]  # fc3: (10, 256)
-    options = layer_options(ir, node, synthetic_latency, [(1, 1), (16, 16), (4, 4)], SPARSITIES,
-                            supported=lambda layer, block: block != (1, 1))
+    blocks = [(1, 1), (16, 16), (4, 4)]
+    options = search_space(ir, synthetic_latency, blocks, SPARSITIES, supported=lambda layer, block: block != (1, 1),
+                           nodes=[node]).fronts(blocks)[0]
     assert {o.block for o in options if o.sparsity > 0} == {(4, 4)}
     assert options[0] == Option((1, 1), 0.0, synthetic_latency(ir.layer(node), (1, 1), 0.0), 0.0)
     for option in options[1:]:
@@ -152,7 +152,7 @@ def test_finish_runs_on_every_candidate(mlp):
 
 def test_baselines_use_fewer_choices(mlp):
     ir, validate = mlp
-    results = baselines(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES)
+    results = baselines(search_space(ir, synthetic_latency, BLOCKS, SPARSITIES), ir, validate, 0.01, BLOCKS)
     assert set(results) == {"dense", "unstructured", "single 1x1", "single 4x4", "single 8x8", "best single"}
     assert results["dense"].predicted_latency_s == results["dense"].dense_latency_s
     assert {o.block for o in results["unstructured"].plan.values()} == {(1, 1)}
@@ -166,7 +166,7 @@ def test_baselines_use_fewer_choices(mlp):
 def test_more_choices_never_give_a_slower_plan_at_the_same_proxy_budget(mlp, proxy_budget):
     ir, _ = mlp
     def best(blocks):
-        fronts = [layer_options(ir, n, synthetic_latency, blocks, SPARSITIES) for n in ir.prunable_nodes()]
+        fronts = search_space(ir, synthetic_latency, blocks, SPARSITIES).fronts(blocks)
         return sum(f[i].latency_s for f, i in zip(fronts, knapsack(fronts, proxy_budget)))
     assert best(BLOCKS) <= min(best([block]) for block in BLOCKS) + 1e-15
 

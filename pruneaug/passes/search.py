@@ -161,12 +161,6 @@ def search_space(ir: IRModel, latency: LatencyFn, blocks: Sequence[tuple[int, in
     return SearchSpace(nodes, {n: dense_option(ir, n, latency) for n in nodes}, options)
 
 
-def layer_options(ir: IRModel, node: str, latency: LatencyFn, blocks: Sequence[tuple[int, int]],
-                  sparsities: Sequence[float], supported: SupportedFn | None = None, pool: str = "l2") -> list[Option]:
-    """The Pareto front of `node`'s options, dense included."""
-    return search_space(ir, latency, blocks, sparsities, supported, pool, [node]).fronts(blocks)[0]
-
-
 def loss_bins(losses: np.ndarray, budget: float, bins: int) -> np.ndarray:
     """Losses in whole bins of budget/bins, rounded up (so fitting in `bins` bins means fitting in the budget)."""
     if budget <= 0:
@@ -291,21 +285,14 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
     return candidate, report
 
 
-def baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
-              sparsities: Sequence[float], supported: SupportedFn | None = None, finish: FinishFn | None = None,
-              **options) -> dict[str, SearchReport]:
+def baselines(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float,
+              blocks: Sequence[tuple[int, int]], finish: FinishFn | None = None, start: float | None = None,
+              max_validations: int = DEFAULT_MAX_VALIDATIONS, **options) -> dict[str, SearchReport]:
     """The comparison plans: `dense`, `unstructured` (1x1 only), `single RxC` per usable shape, and `best single`.
 
-    `best single` is the fastest single-shape plan that met the budget (the fastest of all if none did).
+    `best single` is the fastest single-shape plan that met the budget (the fastest of all if none did);
+    `single 1x1` is the unstructured search itself. `start` (a proxy budget) warm-starts each bisection.
     """
-    space = search_space(ir, latency, blocks, sparsities, supported, options.get("pool", "l2"))
-    return baselines_in(space, ir, validate, budget, blocks, finish, **options)
-
-
-def baselines_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float,
-                 blocks: Sequence[tuple[int, int]], finish: FinishFn | None = None, start: float | None = None,
-                 max_validations: int = DEFAULT_MAX_VALIDATIONS, **options) -> dict[str, SearchReport]:
-    """`baselines` over a computed space; `start` (a proxy budget) warm-starts each of their bisections."""
     dense_latency_s = _totals(space.dense)[0]
     results = {"dense": SearchReport(budget, True, 0.0, 0.0, dense_latency_s, dense_latency_s, 0, dict(space.dense), [])}
 
@@ -346,8 +333,8 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
 
         pruned, searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
         start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
-        results = baselines_in(space, ir, validate_counted, budget, blocks, finish, start,
-                               **{**options, "max_validations": baseline_validations})
+        results = baselines(space, ir, validate_counted, budget, blocks, finish, start,
+                            **{**options, "max_validations": baseline_validations})
     results["searched"] = searched
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
