@@ -14,6 +14,7 @@ from pruneaug.cost_model.targets import hardware_peaks, load_profiles, resolve_t
 from pruneaug.errors import OptionError, TargetError
 
 A76 = resolve_target("arm64")
+A76_32K = dataclasses.replace(A76, l1_bytes=32 << 10)  # 8 ways of 4 KiB: an m tile of 8 rows can fill a set
 FLOPS, ROW_TILES, OUTS, LAUNCHES = (analytical.FEATURE_NAMES.index(n) for n in ("flops", "row_tiles", "outs", "launches"))
 BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 8), (16, 16), (32, 32)]
 
@@ -162,30 +163,34 @@ def test_vectorised_features_match_one_layer_at_a_time():
 
 
 TRUTH = analytical.Params(t_call=3e-6, t_launch=4e-6, t_flop=2e-11, t_block=8e-9, t_row=2e-7, t_out=4e-10,
-                          t_in=2e-10, t_l2=3e-11, t_l3=2e-10, t_byte=1.2e-10)
+                          t_in=2e-10, t_l2=3e-11, t_l3=2e-10, t_conflict=2e-9, t_byte=1.2e-10)
 
 
-@pytest.mark.parametrize("block, unseen", [
-    ((1, 4), {"t_call", "t_launch", "t_byte"}),  # m-vectorised: two parallel regions always; never memory-bound
+@pytest.mark.parametrize("target, block, unseen", [
+    # m-vectorised: two parallel regions always; never memory-bound; X is read transposed (no set conflicts)
+    (A76, (1, 4), {"t_call", "t_launch", "t_byte", "t_conflict"}),
     # row-vectorised: X read in place (no packing); a block's flops, its X and W reads and its outputs per
-    # m tile are in fixed proportion, so only their sum is seen; passes and column chunks vary the regions
-    ((8, 8), {"t_in", "t_flop", "t_block", "t_out"}),
+    # m tile are in fixed proportion, so only their sum is seen; passes and column chunks vary the regions;
+    # an m tile of 4 rows never fills half of the A76's 16 ways
+    (A76, (8, 8), {"t_in", "t_flop", "t_block", "t_out", "t_conflict"}),
+    # 4x4 blocks on a 32 KiB L1: m tiles of 8 rows, which share one set where X's rows are 12 KiB apart
+    (A76_32K, (4, 4), {"t_in", "t_flop", "t_block", "t_out"}),
 ])
-def test_fit_recovers_known_parameters(block, unseen):
+def test_fit_recovers_known_parameters(target, block, unseen):
     """Synthetic times from known parameters over shapes whose working sets span L1, L2 and beyond."""
     rng = np.random.default_rng(0)
     shapes = [(out, in_, m, d) for out in (256, 768, 3072) for in_ in (384, 768, 3072) for m in (2, 16, 128, 1024)
               for d in (0.05, 0.2, 0.5, 1.0)]  # m=2: a smaller m tile, else flops, visits and outs move together
     out, in_, m, density = (np.array(v, dtype=float) for v in zip(*shapes))
-    feats = analytical.features(A76, out, in_, m, block, density)
+    feats = analytical.features(target, out, in_, m, block, density)
     for term in ("l2_bytes", "l3_bytes"):  # the cache terms are exercised, not zero everywhere
         column = feats[:, analytical.FEATURE_NAMES.index(term)]
         assert np.count_nonzero(column) > len(shapes) // 4, term
     seconds = analytical.latency_from_features(TRUTH, feats) * rng.normal(1.0, 0.002, len(shapes))
-    fitted = analytical.fit(feats, seconds, analytical.default_params(A76))
+    fitted = analytical.fit(feats, seconds, analytical.default_params(target))
     relative = {name: abs(f / t - 1) for name, f, t in zip(analytical.PARAM_NAMES, fitted.array(), TRUTH.array())}
     assert all(relative[name] < 0.1 for name in relative if name not in unseen), relative
-    held_out = analytical.features(A76, np.array([512, 1536, 640]), np.array([1024, 512, 2048]), np.array([64, 48, 512]),
+    held_out = analytical.features(target, np.array([512, 1536, 640]), np.array([1024, 512, 2048]), np.array([64, 48, 512]),
                                    block, np.array([0.1, 0.35, 0.8]))
     predicted, truth = (analytical.latency_from_features(p, held_out) for p in (fitted, TRUTH))
     np.testing.assert_allclose(predicted, truth, rtol=0.02)
@@ -197,15 +202,60 @@ def test_working_sets_follow_the_kernels_loops():
     l3 = analytical.FEATURE_NAMES.index("l3_bytes")
     assert analytical.features(A76, 768, 384, 64, (1, 1), 0.5)[l3] == 0  # XT 96 KiB < L2 512 KiB
     assert analytical.features(A76, 768, 3072, 256, (1, 1), 0.5)[l3] > 0  # XT 3 MiB
-    small, large = (analytical.features(A76, out, 768, 128, (8, 8), 0.5)[l3] for out in (64, 4096))
-    assert small == 0 and large > 0  # 48 KiB of weights stay in L2; 3 MiB do not
+    small, large = (analytical.features(A76, out, 768, 64, (8, 8), 0.5)[l3] for out in (64, 4096))
+    assert small == 0 and large > 0  # 96 KiB of weights stay in L2 beside X's 192 KiB; 6 MiB do not
     assert analytical.miss_share(100, 1000) == 0 and analytical.miss_share(4000, 1000) == pytest.approx(0.8125)
+
+
+def test_rowvec_follows_the_kernels_own_column_chunks_and_passes():
+    """At low density the kernel takes fewer column chunks (too few blocks per row to pay for one),
+    so its X slices are wider and m takes more passes, each a parallel region streaming the weights."""
+    launches = []
+    for density in (0.05, 0.1, 0.3):
+        nnzb = int(analytical.kept_blocks(768, 3072, (8, 8), density))
+        tiles = schedule.kernel_schedule(A76, 128, 768, 3072, (8, 8), nnzb).tiles
+        launches.append((tiles["k_chunks"], analytical.features(A76, 768, 3072, 128, (8, 8), density)[LAUNCHES]))
+    # 32 m tiles of 4 rows: 5 per pass of a 3072-wide slice (7 passes), 8 of a 1536-wide one (4 passes)
+    assert launches == [(1, 1 * 7), (2, 2 * 4), (6, 6 * 1)]
+
+
+def test_gathered_x_reads_shrink_as_kept_columns_run_together():
+    """X's L1 misses per block visit fall with density (a kept neighbour's lines stream in) and vanish
+    where every block is kept."""
+    l2, visits = (analytical.FEATURE_NAMES.index(n) for n in ("l2_bytes", "visits"))
+    feats = [analytical.features(A76, 768, 768, 128, (8, 8), d) for d in (0.1, 0.5, 0.9)]
+    per_visit = [f[l2] / f[visits] for f in feats]
+    assert per_visit[0] > per_visit[1] > per_visit[2] > 0
+    assert analytical.features(A76, 768, 768, 128, (8, 8), 1.0)[l2] == 0
+
+
+def test_outputs_and_inputs_beyond_l2_cost_once_per_call():
+    """A call whose X, weights and Y overflow L2 reads X and writes Y beyond it even when the weights
+    fit and one pass covers m (4096x256 at m=256: Y is 4 MiB); a small layer stays in L2."""
+    l3 = analytical.FEATURE_NAMES.index("l3_bytes")
+    assert analytical.features(A76, 4096, 256, 256, (8, 8), 0.05)[l3] > 0
+    assert analytical.features(A76, 256, 256, 64, (8, 8), 0.05)[l3] == 0
+
+
+def test_x_rows_4k_apart_conflict_in_one_l1_set():
+    """An m tile's rows of X a multiple of 4 KiB apart share one L1 set (32 KiB, 8 ways of 4 KiB):
+    8 rows fill it, 4 keep their lines; rows 3 KiB apart spread over 4 sets."""
+    assert analytical.set_conflict_share(A76_32K, 8, 4096) == 1.0
+    assert analytical.set_conflict_share(A76_32K, 8, 3 * 4096) == 1.0
+    assert analytical.set_conflict_share(A76_32K, 6, 4096) == 0.5
+    assert analytical.set_conflict_share(A76_32K, 4, 4096) == 0.0
+    assert analytical.set_conflict_share(A76_32K, 8, 3072) == 0.0
+    assert analytical.set_conflict_share(A76, 8, 4096) == 0.0  # 64 KiB: 16 ways
+    conflicts = analytical.FEATURE_NAMES.index("conflict_lines")
+    wide, narrow = (analytical.features(A76_32K, 768, in_, 128, (4, 4), 0.5)[conflicts] for in_ in (1024, 768))
+    assert wide > 0 and narrow == 0  # 4x4 on 4-lane NEON: m tiles of 8 rows
+    assert analytical.features(A76_32K, 768, 1024, 128, (1, 4), 0.5)[conflicts] == 0  # mvec reads X transposed
 
 
 # --- the combined model ----------------------------------------------------------------------
 
 
-SMALL_TRUTH = analytical.Params(2e-6, 1e-6, 3e-11, 5e-9, 2e-8, 3e-10, 1e-10, 2e-11, 1e-10, 1e-10)
+SMALL_TRUTH = analytical.Params(2e-6, 1e-6, 3e-11, 5e-9, 2e-8, 3e-10, 1e-10, 2e-11, 1e-10, 2e-9, 1e-10)
 
 
 def _synthetic_cache(path, target, truth: analytical.Params, blocks) -> LatencyCache:

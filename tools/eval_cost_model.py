@@ -11,6 +11,9 @@ disjoint set of TEST shapes, fits the model on TRAIN alone, and prints for TEST:
 - the ranking check: for each test layer and density, is the block shape the model ranks fastest
   the measured fastest, or within 5% of it;
 - how long a warm cache takes to answer a BERT-base-sized model's whole prediction grid.
+
+Once a cache file holds every kernel, `--measure none --repeat 0` re-evaluates a changed model on
+the same measurements without timing anything (no lock needed): how a model change is compared.
 """
 from __future__ import annotations
 

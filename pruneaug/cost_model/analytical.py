@@ -16,6 +16,7 @@ outputs. So, per core:
              + t_in * m_pad*in / cores        # per input element: packing (transposing) X once, where done
              + t_l2 * l2_bytes                # operand bytes whose reuse distance outgrows L1 (read from L2)
              + t_l3 * l3_bytes                # operand bytes whose reuse distance outgrows L2 (read from L3/DRAM)
+             + t_conflict * conflict_lines    # X lines re-read because an m tile's rows share one L1 set
     memory   = t_byte * bytes                 # weights of kept blocks + indices + indptr + X + Y
     latency  = overhead + max(compute, memory)   # roofline
 
@@ -23,12 +24,22 @@ where the work is the busiest core's share (block rows are dealt out whole, so `
 cores)` of them, or whole tasks of several block rows where the kernel groups them: the parallel
 efficiency). Ragged edges are padded to full blocks, as the kernels do; the layout and tiles are the
 kernels' own (codegen's `schedule.kernel_schedule`), and so is the loop order that the cache terms
-follow (`_working_sets`):
-- rowvec (`cpu_kernels.rowvec_matmul`): for each column chunk and pass over m, every block row
-  walks its m tiles. An X element is reused by the next block row (distance: the pass's slice of
-  X); a core's weights come from beyond L2 once per pass unless they stay in L2 beside that slice.
-  A block row's weights are contiguous and read in order (prefetched), so their re-reads per m tile
-  are not counted as misses (counting them, the 1-thread held-out share within ±10% did not move).
+follow:
+- rowvec (`cpu_kernels.rowvec_matmul`): for each column chunk and pass over m (the kernel's own
+  chunks and passes: fewer chunks at low density mean more passes, so just below a switch to more
+  chunks a layer predicts slower than a denser one, as it runs: 768x3072, m=128, 16x16 at 1 thread
+  took 2.55-2.61 ms at density 0.16 and 2.12-2.20 ms at 0.17), every block row walks its m
+  tiles. An X element is reused by the next block row (distance: the pass's slice of X); a core's
+  weights come from beyond L2 once per pass unless they stay in L2 beside that slice. A block row's
+  weights are contiguous and read in order (prefetched), so their re-reads per m tile are not
+  counted as misses (counting them, the 1-thread held-out share within ±10% did not move).
+  Three more effects, each seen in the 1-thread residuals of `tools/eval_cost_model.py` (leaving
+  any one out lowers its held-out share within ±10% from 85% to 82-84%; `_rowvec_terms`): X's L1
+  misses are paid only where the neighbouring block column was not kept (kept neighbours are read
+  as one stream, which the prefetchers cover); a call whose X, weights and Y overflow L2 reads X
+  and writes Y (once per column chunk) beyond it; and X rows a multiple of 4 KiB apart put an m
+  tile's lines in one L1 set (`set_conflict_share`: 8x8 blocks on layers 1024 or 3072 wide ran
+  10-16% slower per flop than on other widths).
 - mvec (`cpu_kernels.mvec_matmul`): X is transposed once into XT, and every block row reads its
   kept columns of the whole XT (distance: XT).
 A working set `ws` reused through a cache of `size` misses it for a share `clip(1 - USABLE*size/ws, 0, 1)`
@@ -36,13 +47,14 @@ of the reads (a smooth capacity miss; USABLE leaves room for what else lives the
 The dense kernel is codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so
 `dense_latency` is that with its own fitted parameters.
 
-The ten parameters (`Params`) come from the target's hardware figures by default and are fitted by
+The eleven parameters (`Params`) come from the target's hardware figures by default and are fitted by
 least squares (`fit`) to measured kernel times per (target, block shape) wherever measurements
 exist. Features are computed once per distinct layer and broadcast like numpy arrays, so that a
 model's whole option grid costs one call.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass, fields
 
 import numpy as np
@@ -54,8 +66,9 @@ from pruneaug.cost_model.targets import TargetProfile, hardware_peaks
 _F32 = 4
 _INDEX_BYTES = 4
 USABLE = 0.75  # share of a cache that one working set gets (the rest: other operands, conflicts)
+L1_SET_SPAN = 4096  # bytes after which L1 set indices repeat (the page size a VIPT L1 indexes within)
 _OVERHEAD = slice(0, 2)  # feature columns: [1, launches | compute terms ... | bytes]
-_COMPUTE = slice(2, 9)
+_COMPUTE = slice(2, 10)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class Params:
     t_in: float
     t_l2: float
     t_l3: float
+    t_conflict: float
     t_byte: float
 
     def array(self) -> np.ndarray:
@@ -82,7 +96,8 @@ class Params:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(Params))
-FEATURE_NAMES = ("call", "launches", "flops", "visits", "row_tiles", "outs", "ins", "l2_bytes", "l3_bytes", "bytes")
+FEATURE_NAMES = ("call", "launches", "flops", "visits", "row_tiles", "outs", "ins", "l2_bytes", "l3_bytes",
+                 "conflict_lines", "bytes")
 
 
 def default_params(target: TargetProfile, dense: bool = False) -> Params:
@@ -90,7 +105,8 @@ def default_params(target: TargetProfile, dense: bool = False) -> Params:
 
     Sparse kernels are assumed to reach half of the per-core fp32 peak (index indirection, short
     inner loops), dense ones 70%; a block visit costs about 12 cycles of bookkeeping, a row tile 40,
-    a parallel region 2000; L2 delivers about 32 bytes a cycle, beyond it a quarter of that.
+    a parallel region 2000; L2 delivers about 32 bytes a cycle, beyond it a quarter of that; a line
+    lost to an L1 set conflict costs about 4 cycles (an L2 hit, mostly overlapped).
     """
     gflops, gbps = hardware_peaks(target)
     per_core_flops = gflops * 1e9 / target.cores
@@ -106,6 +122,7 @@ def default_params(target: TargetProfile, dense: bool = False) -> Params:
         t_in=0.5 / freq_hz,
         t_l2=1.0 / (32.0 * freq_hz),
         t_l3=1.0 / (8.0 * freq_hz),
+        t_conflict=4.0 / freq_hz,
         t_byte=1.0 / (gbps * 1e9),
     )
 
@@ -124,6 +141,21 @@ def miss_share(working_set: float, cache_bytes: float) -> float:
     return min(1.0, max(0.0, 1.0 - USABLE * cache_bytes / working_set))
 
 
+def set_conflict_share(target: TargetProfile, rows: int, stride_bytes: int) -> float:
+    """Share of the line reads of `rows` rows, `stride_bytes` apart, that their L1 set cannot hold.
+
+    A rowvec block visit reads the same columns of the `m_tile` rows of X. L1 data caches are
+    indexed within a 4 KiB page (`L1_SET_SPAN`; virtually indexed, physically tagged), so rows a
+    multiple of 4 KiB apart land in one set of `l1_bytes / 4 KiB` ways, which also holds the weights
+    and the next block's lines passing through: up to half the ways the rows keep their lines; a set
+    filled by them loses every line before its reuse (linear in between).
+    """
+    ways = max(1, (target.l1_bytes or 32 << 10) // L1_SET_SPAN)
+    sets_used = L1_SET_SPAN // math.gcd(stride_bytes % L1_SET_SPAN or L1_SET_SPAN, L1_SET_SPAN)
+    per_set = -(-rows // min(rows, sets_used))
+    return min(1.0, max(0.0, 2.0 * per_set / ways - 1.0))
+
+
 def _caches(target: TargetProfile) -> tuple[int, int]:
     """(L1, L2) bytes per core; a core without an L2 (some little cores) reads past L1 from beyond it."""
     l1 = target.l1_bytes or 32 << 10
@@ -138,11 +170,7 @@ def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tupl
     r_pad = -(-r // lanes) * lanes
     m_tile, k_chunks = tiles["m_tile"], tiles["k_chunks"]
     m_tiles = -(-m // m_tile)
-    # The cache terms and parallel regions follow the column chunks that X's size asks for: the kernel
-    # takes fewer where a block row keeps too few blocks to pay for a chunk, and following that switch
-    # would make a sparser layer predict slower (more passes over m) than a denser one.
-    x_chunks = max(1, -(-min(m, 128) * in_ * _F32 // tiles["x_bytes_per_pass"]))
-    in_chunk = -(-in_ // x_chunks)
+    in_chunk = -(-in_ // k_chunks)
     # the kernel's own pass split of m: passes of about x_bytes_per_pass of X, evened out
     per_pass = max(1, min(m_tiles, tiles["x_bytes_per_pass"] // (m_tile * in_chunk * _F32)))
     passes = -(-m_tiles // per_pass)
@@ -154,13 +182,21 @@ def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tupl
     blocks = nnzb * rows / block_rows
     l1, l2 = _caches(target)
     x_slice = _F32 * per_pass * m_tile * in_chunk
-    row_weights = _F32 * r * c * nnzb / block_rows / x_chunks
+    row_weights = _F32 * r * c * nnzb / block_rows / k_chunks
     x_reads = _F32 * c * m_pad * blocks
     w_share = _F32 * r * c * blocks
-    l2_bytes = x_reads * miss_share(x_slice, l1)
+    # X's L1 misses: only where the block column before a kept one was dropped (a random pattern keeps
+    # it with the layer's density); runs of kept columns stream through the prefetchers
+    gathered = 1.0 - nnzb / (block_rows * -(-in_ // c))
+    l2_bytes = x_reads * miss_share(x_slice, l1) * gathered
     l3_bytes = x_reads * miss_share(x_slice + row_weights, l2) + w_share * passes * miss_share(w_share + x_slice, l2)
-    return [x_chunks * passes, 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
-            r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes]
+    # once per call: X read and Y written (and re-read by every further column chunk) beyond L2 where
+    # the call's X, weights and Y do not fit there together
+    x_bytes, y_share = _F32 * m * in_, _F32 * r * m_pad * rows
+    l3_bytes += (x_bytes + y_share * (2 * k_chunks - 1)) * miss_share(x_bytes + w_share + y_share, l2)
+    conflict_lines = blocks * tiles_run * m_tile * set_conflict_share(target, m_tile, _F32 * in_)
+    return [k_chunks * passes, 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
+            r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes, conflict_lines]
 
 
 def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
@@ -181,7 +217,7 @@ def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
     x_reads = _F32 * c * m_pad * blocks * groups
     return [2.0, 2.0 * r * c * m_pad * blocks, blocks * (m_pad // m_tile) * groups,
             rows * (m_pad // m_tile) * groups, r * m_pad * rows, m_pad * in_pad / target.cores,
-            x_reads * miss_share(xt_bytes, l1), x_reads * miss_share(xt_bytes, l2)]
+            x_reads * miss_share(xt_bytes, l1), x_reads * miss_share(xt_bytes, l2), 0.0]
 
 
 def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
@@ -195,7 +231,7 @@ def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
     rows = min(-(-block_rows // target.cores), block_rows)
     blocks = nnzb * rows / block_rows
     m_pad = m_tiles * m_tile
-    return [1.0, 2.0 * r * c * m_pad * blocks, blocks * m_tiles, rows * m_tiles, r * m_pad * rows, 0.0, 0.0, 0.0]
+    return [1.0, 2.0 * r * c * m_pad * blocks, blocks * m_tiles, rows * m_tiles, r * m_pad * rows, 0.0, 0.0, 0.0, 0.0]
 
 
 _TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms}
@@ -226,7 +262,7 @@ def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tup
 
 
 def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density) -> np.ndarray:
-    """The work terms (FEATURE_NAMES) of the busiest core, shape (..., 10).
+    """The work terms (FEATURE_NAMES) of the busiest core, shape (..., 11).
 
     `block` (0, 0) means the dense kernel. Arguments broadcast like numpy arrays; each distinct
     layer is worked out once per process.
