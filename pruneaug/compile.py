@@ -156,8 +156,8 @@ def compile_model(
 
     with folder as staging:
         pruned_model = lower(pruned)
-        check_model(pruned_model, "pruned.onnx")
         save_model(pruned_model, staging / "pruned.onnx")
+        check_model(staging / "pruned.onnx", "pruned.onnx")  # the file: onnx checks it without a copy in Python
         write_masks(staging / "masks.npz", _stored_masks(pruned))
         artifact_name = None
         if request.artifact:
@@ -391,4 +391,7 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
+    from pruneaug.runtime import skip_unused_torch
+
+    skip_unused_torch()
     sys.exit(main())
