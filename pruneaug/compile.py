@@ -292,7 +292,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model:
     with deploy.quiet_native_stderr():
         try:
             artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
-                                             staging / f"model.{profile.kind}", inputs)
+                                             staging / f"model.{profile.kind}", inputs, staging / "pruned.onnx")
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
