@@ -23,7 +23,8 @@ side's conversions.
 A worker is `python -m pruneaug.timing KIND PATH INPUTS.npz THREADS WARMUP`. It loads its model,
 runs WARMUP untimed runs, answers one JSON line on its stdout (`{"ready": true, "run_s": its median warm-up run}` or `{"error": ...}`),
 then for each line N on its stdin makes one untimed run (caches and threads went cold during the
-other competitors' blocks) and answers the N run times in seconds as a JSON list; EOF ends it.
+other competitors' blocks; not where a run takes LONG_RUN_S or more) and answers the N run times in
+seconds as a JSON list; EOF ends it.
 Anything native code prints to stdout is moved to stderr, which the parent keeps in a file and quotes
 when a worker fails. A failed or crashed worker ends that competitor only: its `Timing.error` says
 why and the others go on.
@@ -53,6 +54,7 @@ REPLY_TIMEOUT_S = 600.0  # longest wait for one answer (a large model's load and
 SETTLE_S = 0.1  # pause before each block: the previous competitor's threads stop spinning
 MIN_ROUNDS = 3  # what a time budget still leaves: enough for a median that one slow round does not move
 ROUNDS_PER_BUDGET = 6  # rounds a time budget should hold: a large model gets fewer runs per round, not fewer rounds
+LONG_RUN_S = 0.1  # a run at least this long gets no untimed run before its block: warm caches would not show in it
 STDERR_TAIL_LINES = 5
 
 
@@ -239,12 +241,12 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
 
 def runs_per_round(budget_s: float, warmup_s: Sequence[float | None], runs: int) -> int:
     """At most `runs`, and at least 1: as many as let ROUNDS_PER_BUDGET rounds of every competitor's
-    block (its timed runs and the untimed one before them) fit in `budget_s`."""
+    block (its timed runs, and the untimed one before them where a run is short) fit in `budget_s`."""
     known = [seconds for seconds in warmup_s if seconds is not None]
     if not known:
         return runs
-    fitting = int(budget_s / (ROUNDS_PER_BUDGET * sum(known))) - 1
-    return max(1, min(runs, fitting))
+    timed_share = budget_s / ROUNDS_PER_BUDGET - sum(seconds for seconds in known if seconds < LONG_RUN_S)
+    return max(1, min(runs, int(timed_share / sum(known))))
 
 
 def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> bool:
@@ -308,8 +310,10 @@ def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
         answer({"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"})
         return 1
     answer({"ready": True, "run_s": float(np.median(warm)) if warm else None})
+    long_runs = bool(warm) and float(np.median(warm)) >= LONG_RUN_S
     for line in commands:
-        run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
+        if not long_runs:
+            run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
         answer([run() for _ in range(int(line))])
     return 0
 

@@ -61,13 +61,25 @@ def test_worker_reads_an_onnx_file_itself_and_names_a_missing_one(tmp_path):
     assert json.loads(answers.getvalue()) == {"error": f"ModelError: {tmp_path / 'gone.onnx'}: no such model"}
 
 
+@pytest.mark.parametrize("run_s,calls", [(0.001, 2 + 1 + 3), (timing.LONG_RUN_S, 2 + 3)])
+def test_worker_skips_the_untimed_run_before_a_block_of_long_runs(monkeypatch, tmp_path, run_s, calls):
+    made = []
+    monkeypatch.setattr(timing, "_timed_run", lambda *args: lambda: made.append(run_s) or run_s)
+    np.savez(tmp_path / "inputs.npz", **INPUTS)
+    answers = io.StringIO()
+    worker_main(["onnxruntime", "model.onnx", str(tmp_path / "inputs.npz"), "1", "2"], io.StringIO("3\n"), answers)
+    assert json.loads(answers.getvalue().splitlines()[0]) == {"ready": True, "run_s": run_s}
+    assert len(made) == calls  # 2 warm-up runs, the untimed one where runs are short, 3 timed
+
+
 def test_runs_per_round_shrink_so_that_a_budget_holds_its_rounds():
     assert timing.runs_per_round(10.0, [1e-4, 2e-4], 5) == 5  # small models: the runs asked for
     assert timing.runs_per_round(10.0, [None, None], 5) == 5  # no warm-up figures: unchanged
-    # BERT-sized: 0.3 s a run for each of three competitors, 6 rounds of (1 timed + 1 untimed) fit in 10 s
+    # BERT-sized: 0.3 s a run for each of three competitors (no untimed runs): 6 rounds of one run fit in 10 s
     assert timing.runs_per_round(10.0, [0.3, 0.3, 0.3], 5) == 1
-    assert timing.runs_per_round(10.0, [0.25, 0.25], 5) == 2  # 10 s / (6 rounds * 0.5 s) = 3 blocks, one untimed
-    assert timing.runs_per_round(12.0, [0.5, 0.5], 5) == 1  # never fewer than one
+    assert timing.runs_per_round(10.0, [0.25, 0.25], 5) == 3  # 10 s / 6 rounds / 0.5 s a run of each
+    assert timing.runs_per_round(10.0, [0.05, 0.05], 5) == 5  # 1.67 s a round, less two untimed runs: 15 fit
+    assert timing.runs_per_round(6.0, [0.05, 1.0], 5) == 1  # never fewer than one
 
 
 def test_worker_reports_a_load_failure_as_one_answer(tmp_path):
