@@ -156,7 +156,10 @@ def expand_blocks(keep: np.ndarray, block: tuple[int, int], shape: tuple[int, in
 
 def layer_mask(importance: np.ndarray, spec: BlockSpec, pool: str = "l2") -> np.ndarray:
     """The layer's per-weight mask. 1x1 from a memoised cut (sorting millions of weights costs more
-    than the few masks a search asks of them); larger blocks from their memoised removal order."""
+    than the few masks a search asks of them); larger blocks from their memoised removal order.
+    Sparsity 0 keeps everything without a look at the scores (most layers of most validated plans)."""
+    if spec.sparsity == 0:
+        return np.ones(importance.shape, bool)
     if spec.shape == (1, 1):
         flat = unit_scores(importance, pool).ravel()
         pruned = pruned_block_count(flat.size, spec.sparsity)
