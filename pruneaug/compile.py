@@ -156,8 +156,8 @@ def compile_model(
 
     with folder as staging:
         pruned_model = lower(pruned)
-        check_model(pruned_model, "pruned.onnx")
         save_model(pruned_model, staging / "pruned.onnx")
+        check_model(staging / "pruned.onnx", "pruned.onnx")  # the file: onnx checks it without a copy in Python
         write_masks(staging / "masks.npz", _stored_masks(pruned))
         artifact_name = None
         if request.artifact:
@@ -292,7 +292,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model:
     with deploy.quiet_native_stderr():
         try:
             artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
-                                             staging / f"model.{profile.kind}", inputs)
+                                             staging / f"model.{profile.kind}", inputs, staging / "pruned.onnx")
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
@@ -391,4 +391,7 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
+    from pruneaug.runtime import skip_unused_torch
+
+    skip_unused_torch()
     sys.exit(main())

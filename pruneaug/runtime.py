@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,15 @@ import numpy as np
 from pruneaug.errors import ModelError, OptionError
 
 _DEVICES = ("cpu", "cuda")
+
+
+def skip_unused_torch() -> None:
+    """Make `import torch` fail in this process: for pruneaug's own command-line processes only.
+
+    tvm_ffi imports torch whenever it is installed (for DLPack interop; 1.7-2.5 s per process here,
+    a compile starts four), and nothing the CLI or a timing worker runs uses it. Never called by the
+    library API: a user's own process may well need torch. A torch already imported stays."""
+    sys.modules.setdefault("torch", None)
 
 
 class LoadedModel:

@@ -21,9 +21,10 @@ tensors, outputs left on the device), which shows how much of a small model's ca
 side's conversions.
 
 A worker is `python -m pruneaug.timing KIND PATH INPUTS.npz THREADS WARMUP`. It loads its model,
-runs WARMUP untimed runs, answers one JSON line on its stdout (`{"ready": true}` or `{"error": ...}`),
+runs WARMUP untimed runs, answers one JSON line on its stdout (`{"ready": true, "run_s": its median warm-up run}` or `{"error": ...}`),
 then for each line N on its stdin makes one untimed run (caches and threads went cold during the
-other competitors' blocks) and answers the N run times in seconds as a JSON list; EOF ends it.
+other competitors' blocks; not where a run takes LONG_RUN_S or more) and answers the N run times in
+seconds as a JSON list; EOF ends it.
 Anything native code prints to stdout is moved to stderr, which the parent keeps in a file and quotes
 when a worker fails. A failed or crashed worker ends that competitor only: its `Timing.error` says
 why and the others go on.
@@ -45,11 +46,15 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from pruneaug.errors import ModelError
+
 KINDS = ("onnxruntime", "artifact", "artifact-vm")
 WORKER = (sys.executable, "-m", "pruneaug.timing")  # the worker's command line, before its arguments
 REPLY_TIMEOUT_S = 600.0  # longest wait for one answer (a large model's load and warm-up included)
 SETTLE_S = 0.1  # pause before each block: the previous competitor's threads stop spinning
 MIN_ROUNDS = 3  # what a time budget still leaves: enough for a median that one slow round does not move
+ROUNDS_PER_BUDGET = 6  # rounds a time budget should hold: a large model gets fewer runs per round, not fewer rounds
+LONG_RUN_S = 0.1  # a run at least this long gets no untimed run before its block: warm caches would not show in it
 STDERR_TAIL_LINES = 5
 
 
@@ -80,6 +85,7 @@ class Timing:
     name: str
     seconds: list[float] = field(default_factory=list)
     error: str | None = None
+    warmup_s: float | None = None  # median of the worker's untimed warm-up runs
 
     def _percentile(self, q: float) -> float | None:
         if self.error is not None or not self.seconds:
@@ -199,7 +205,9 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
     """Time every competitor on `inputs` in its own worker process, `rounds` rounds of `runs` runs each.
 
     With `budget_s`, no round starts once the timed rounds have taken that long, after at least
-    MIN_ROUNDS of them: a compile times a BERT-sized model in seconds, not minutes, with fewer runs.
+    MIN_ROUNDS of them, and a round holds fewer than `runs` runs where the warm-up runs say that
+    the budget would otherwise hold fewer than ROUNDS_PER_BUDGET rounds: a compile times a BERT-sized
+    model (0.2-0.4 s a run) in seconds, not half a minute, and still over rounds that share the load.
     """
     if len({c.name for c in competitors}) != len(competitors):
         raise ValueError("competitor names must differ")
@@ -214,6 +222,8 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
                    for i, c in enumerate(competitors)]  # all load at once: loading is not timed
         try:
             alive = [w for w in workers if _answered(w, None, results)]
+            if budget_s is not None:
+                runs = runs_per_round(budget_s, [results[w.competitor.name].warmup_s for w in alive], runs)
             started, done = time.perf_counter(), 0
             for round_index in range(rounds):
                 if budget_s is not None and done >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
@@ -229,6 +239,16 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
     return TimingRun(results, threads, done, runs, (load_before, os.getloadavg()[0]))
 
 
+def runs_per_round(budget_s: float, warmup_s: Sequence[float | None], runs: int) -> int:
+    """At most `runs`, and at least 1: as many as let ROUNDS_PER_BUDGET rounds of every competitor's
+    block (its timed runs, and the untimed one before them where a run is short) fit in `budget_s`."""
+    known = [seconds for seconds in warmup_s if seconds is not None]
+    if not known:
+        return runs
+    timed_share = budget_s / ROUNDS_PER_BUDGET - sum(seconds for seconds in known if seconds < LONG_RUN_S)
+    return max(1, min(runs, int(timed_share / sum(known))))
+
+
 def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> bool:
     """Send one request; run times are added to the competitor's Timing, a failure recorded as its error."""
     timing = results[worker.competitor.name]
@@ -240,6 +260,8 @@ def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> 
         return False
     if isinstance(answer, list):
         timing.seconds.extend(float(seconds) for seconds in answer)
+    elif answer.get("run_s") is not None:
+        timing.warmup_s = float(answer["run_s"])
     return True
 
 
@@ -256,10 +278,11 @@ def _wall_clock(run: Callable[[], object]) -> Callable[[], float]:
 def _timed_run(kind: str, path: Path, threads: int, inputs: dict[str, np.ndarray]) -> Callable[[], float]:
     """One timed run of the competitor, returning its seconds."""
     if kind == "onnxruntime":
-        from pruneaug.ir.onnx_io import load_model
         from pruneaug.passes.ort_run import make_session
 
-        session = make_session(load_model(path), threads, spinning=False)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such model")
+        session = make_session(path, threads, spinning=False)  # read by onnxruntime itself: a compile checked it
         return _wall_clock(lambda: session.run(None, inputs))
     from pruneaug.runtime import load
 
@@ -282,14 +305,15 @@ def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
         with np.load(inputs_file) as data:
             inputs = {name: data[name] for name in data.files}
         run = _timed_run(kind, Path(path), int(threads), inputs)
-        for _ in range(int(warmup)):
-            run()
+        warm = [run() for _ in range(int(warmup))]
     except Exception as err:  # noqa: BLE001 - the parent reports it as this competitor's failure
         answer({"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"})
         return 1
-    answer({"ready": True})
+    answer({"ready": True, "run_s": float(np.median(warm)) if warm else None})
+    long_runs = bool(warm) and float(np.median(warm)) >= LONG_RUN_S
     for line in commands:
-        run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
+        if not long_runs:
+            run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
         answer([run() for _ in range(int(line))])
     return 0
 
@@ -301,4 +325,7 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
+    from pruneaug.runtime import skip_unused_torch
+
+    skip_unused_torch()
     sys.exit(_main())

@@ -151,6 +151,23 @@ def test_weight_chunks_with_relu_match_numpy():
     _check_matmul(19, 70, 1000, (32, 32), 30 / (3 * 32), True, activation="relu", profile=AVX2)
 
 
+@pytest.mark.parametrize("block", [(8, 8), (1, 1)])  # rowvec and mvec layouts
+def test_sparsities_of_one_shape_share_one_function_and_one_compiled_module(block):
+    """The kept-block count is a symbolic size: two densities give structurally equal PrimFuncs, the
+    second compile reuses the first's module, and it computes both layers right."""
+    import tvm_ffi
+
+    rng = np.random.default_rng(3)
+    weights = [random_bsr_weight(64, 48, block, density, seed=seed) for seed, density in ((0, 0.3), (1, 0.7))]
+    kernels = [bsr_matmul_kernel(X86, 16, w) for w in weights]
+    assert kernels[0].constants[0].shape[0] != kernels[1].constants[0].shape[0]
+    assert tvm_ffi.structural_equal(kernels[0].primfunc, kernels[1].primfunc)
+    assert compile_kernel(kernels[0], X86) is compile_kernel(kernels[1], X86)
+    x = rng.standard_normal((16, 48)).astype(np.float32)
+    for kernel, weight in zip(kernels, weights):
+        np.testing.assert_allclose(_run(kernel, x), x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_activation_is_a_codegen_error():
     with pytest.raises(CodegenError, match=r"activation 'tanh' is not supported by the block-sparse kernels "
                                            r"\(known: None, 'relu'\)"):

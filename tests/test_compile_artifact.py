@@ -61,6 +61,29 @@ def model_with_an_op_tvm_lacks() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
 
 
+def test_an_artifact_that_fails_the_gate_is_not_written(tmp_path, capsys, monkeypatch):
+    """The gate runs the exported file itself; a mismatch deletes it (and its sidecar), names the layer,
+    and leaves pruned.onnx, masks.npz and plan.json."""
+    from pruneaug.runtime import LoadedModel
+
+    honest_run = LoadedModel.run
+    monkeypatch.setattr(LoadedModel, "run", lambda self, inputs: [y + 1 for y in honest_run(self, inputs)])
+    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "no compiled artifact" in err and "differs from onnxruntime at layer 'fc'" in err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"pruned.onnx", "masks.npz", "plan.json", "report.md"} <= files
+    assert not any(name.startswith(("model.", ".model.")) for name in files)
+
+
 def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
     onnx.save(model_with_an_op_tvm_lacks(), tmp_path / "model.onnx")
     code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",

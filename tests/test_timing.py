@@ -48,8 +48,38 @@ def test_worker_answers_ready_then_run_times(models):
     np.savez(inputs_file, **INPUTS)
     code = worker_main(["onnxruntime", str(models[0]), str(inputs_file), "1", "1"], io.StringIO("3\n2\n"), answers)
     replies = [json.loads(line) for line in answers.getvalue().splitlines()]
-    assert code == 0 and replies[0] == {"ready": True}
+    assert code == 0 and replies[0]["ready"] is True and replies[0]["run_s"] > 0
     assert [len(r) for r in replies[1:]] == [3, 2] and all(s > 0 for r in replies[1:] for s in r)
+
+
+def test_worker_reads_an_onnx_file_itself_and_names_a_missing_one(tmp_path):
+    answers = io.StringIO()
+    np.savez(tmp_path / "inputs.npz", **INPUTS)
+    code = worker_main(["onnxruntime", str(tmp_path / "gone.onnx"), str(tmp_path / "inputs.npz"), "1", "0"],
+                       io.StringIO(""), answers)
+    assert code == 1
+    assert json.loads(answers.getvalue()) == {"error": f"ModelError: {tmp_path / 'gone.onnx'}: no such model"}
+
+
+@pytest.mark.parametrize("run_s,calls", [(0.001, 2 + 1 + 3), (timing.LONG_RUN_S, 2 + 3)])
+def test_worker_skips_the_untimed_run_before_a_block_of_long_runs(monkeypatch, tmp_path, run_s, calls):
+    made = []
+    monkeypatch.setattr(timing, "_timed_run", lambda *args: lambda: made.append(run_s) or run_s)
+    np.savez(tmp_path / "inputs.npz", **INPUTS)
+    answers = io.StringIO()
+    worker_main(["onnxruntime", "model.onnx", str(tmp_path / "inputs.npz"), "1", "2"], io.StringIO("3\n"), answers)
+    assert json.loads(answers.getvalue().splitlines()[0]) == {"ready": True, "run_s": run_s}
+    assert len(made) == calls  # 2 warm-up runs, the untimed one where runs are short, 3 timed
+
+
+def test_runs_per_round_shrink_so_that_a_budget_holds_its_rounds():
+    assert timing.runs_per_round(10.0, [1e-4, 2e-4], 5) == 5  # small models: the runs asked for
+    assert timing.runs_per_round(10.0, [None, None], 5) == 5  # no warm-up figures: unchanged
+    # BERT-sized: 0.3 s a run for each of three competitors (no untimed runs): 6 rounds of one run fit in 10 s
+    assert timing.runs_per_round(10.0, [0.3, 0.3, 0.3], 5) == 1
+    assert timing.runs_per_round(10.0, [0.25, 0.25], 5) == 3  # 10 s / 6 rounds / 0.5 s a run of each
+    assert timing.runs_per_round(10.0, [0.05, 0.05], 5) == 5  # 1.67 s a round, less two untimed runs: 15 fit
+    assert timing.runs_per_round(6.0, [0.05, 1.0], 5) == 1  # never fewer than one
 
 
 def test_worker_reports_a_load_failure_as_one_answer(tmp_path):
@@ -74,7 +104,8 @@ def test_every_competitor_is_timed_in_every_round(models):
 def test_a_time_budget_ends_the_rounds_after_the_least_number(models):
     competitors = [Competitor("a", "onnxruntime", models[0]), Competitor("b", "onnxruntime", models[1])]
     run = time_interleaved(competitors, INPUTS, threads=1, rounds=50, runs=2, settle_s=0.05, budget_s=0.0)
-    assert run.rounds == timing.MIN_ROUNDS and run.repeat == 2 * timing.MIN_ROUNDS
+    assert run.rounds == timing.MIN_ROUNDS and run.runs == 1  # a zero budget holds one run per round
+    assert run.repeat == timing.MIN_ROUNDS
     assert all(len(t.seconds) == run.repeat for t in run.results.values())
     assert str(timing.MIN_ROUNDS) in run.method()
 

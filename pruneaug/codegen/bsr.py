@@ -14,6 +14,7 @@ so that `relu(layer(x) + bias)` is one call.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 MAX_BLOCK_SIDE = 64  # larger blocks would unroll into huge code and spill the accumulators
+COMPILED_KERNELS_KEPT = 16  # recently compiled kernel modules kept for reuse (least recently used dropped)
+_COMPILED: OrderedDict = OrderedDict()  # (structural key of the PrimFunc, target) -> runtime module
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,18 @@ def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np
     data, indices = nonempty_blocks(weight)
     schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
     if target.kind == "cuda":
-        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, activation=activation,
                                        **schedule.tiles)
         consts = [data, indices, weight.indptr, padded_bias(bias, out, weight.block_rows * weight.block[0])]
         return Kernel(func.with_attr("global_symbol", name), name, consts)
     pointers = weight.indptr.astype(np.int32)
     if schedule.layout == "rowvec":
-        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+        func = cpu_kernels.rowvec_matmul(m, out, in_, weight.block, activation=activation,
                                          **schedule.tiles)
         data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows are contiguous
         pointers = cpu_kernels.chunk_pointers(pointers, indices, weight.block_cols, schedule.tiles["k_chunks"])
     else:
-        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, len(indices), activation=activation,
+        func = cpu_kernels.mvec_matmul(m, out, in_, weight.block, activation=activation,
                                        **schedule.tiles)
     bias_len = int(func.params[4].shape[0])
     consts = [np.ascontiguousarray(data, np.float32), indices.astype(np.int32), pointers,
@@ -110,11 +113,22 @@ def bsr_conv2d_kernel(target: TargetProfile, x_shape: tuple[int, int, int, int],
 
 
 def compile_kernel(kernel: Kernel, target: TargetProfile) -> "tvm.runtime.Module":  # noqa: F821
-    """Build the kernel alone (`tvm.compile` of its PrimFunc) and return the runtime module."""
-    import tvm
+    """Build the kernel alone (`tvm.compile` of its PrimFunc) and return the runtime module.
 
-    module = tvm.IRModule({kernel.name: kernel.primfunc})
-    return tvm.compile(module, target=target.tvm()).mod
+    A kernel structurally equal to one of the last COMPILED_KERNELS_KEPT built here reuses its module:
+    the kept-block count is a symbolic size, so the cost model's grid of densities for one layer shape
+    and block is mostly one function (same tiles), compiled once instead of once per density."""
+    import tvm
+    import tvm_ffi
+
+    key = (tvm_ffi.StructuralKey(kernel.primfunc), target.cache_key)
+    module = _COMPILED.pop(key, None)
+    if module is None:
+        module = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=target.tvm()).mod
+    _COMPILED[key] = module
+    while len(_COMPILED) > COMPILED_KERNELS_KEPT:
+        _COMPILED.popitem(last=False)
+    return module
 
 
 def kernel_arguments(kernel: Kernel, x: np.ndarray, dev) -> list:

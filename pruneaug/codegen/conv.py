@@ -20,13 +20,14 @@ Parameters: `X[N, C, H, W], data, indices, indptr, col_offsets, bias, Y[N, Cout,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from tvm.script import tirx as T
 
 from pruneaug.codegen import cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias
-from pruneaug.codegen.cpu_kernels import activation_epilogue
+from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, activation_epilogue, kept_block_count
 from pruneaug.codegen.schedule import Schedule, conv_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
@@ -76,7 +77,8 @@ def column_offsets(geo: ConvGeometry, kernel_hw, dilations, columns: int) -> np.
     return offsets
 
 
-def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int], nnzb: int, columns: int,
+@lru_cache(maxsize=KERNEL_CACHE_SIZE)
+def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int], columns: int,
                   schedule: Schedule, activation: str | None = None):
     """The CPU PrimFunc: a padded copy of X unless it can be read in place, then the register tiles over
     the kept blocks of the schedule's layout (see the module docstring), the bias and `activation` applied
@@ -84,6 +86,7 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
     n, c, h, w = x_shape
     r, cb = block
     block_rows = -(-out_c // r)
+    nnzb = kept_block_count()
     ragged_out = out_c % r != 0
     chanvec = schedule.layout == "chanvec"
     assert schedule.layout in ("chanvec", "pixvec"), schedule
@@ -227,14 +230,14 @@ def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, str
     bias_padded = padded_bias(bias, out_c, weight.block_rows * weight.block[0])
     schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block)
     if target.kind == "cuda":
-        func = cuda_kernels.bsr_conv2d(tuple(x_shape), out_c, geo.y_hw, weight.block, len(indices),
+        func = cuda_kernels.bsr_conv2d(tuple(x_shape), out_c, geo.y_hw, weight.block,
                                        kernel_hw, strides, pads, dilations, activation=activation, **schedule.tiles)
         return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),
                       weight.indptr.astype(np.int32), bias_padded]
     if layout is not None:
         schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, layout=layout)
     columns = weight.block_cols * weight.block[1]
-    func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, len(indices), columns, schedule, activation)
+    func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, columns, schedule, activation)
     if schedule.layout == "chanvec":
         data = data.transpose(0, 2, 1)  # [nnzb, c, r]: a block's rows (output channels) are contiguous
     return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),

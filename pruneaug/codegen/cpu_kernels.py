@@ -12,6 +12,10 @@ Two layouts, chosen per block shape by `bsr.py` (see `tools/bench_kernels.py` fo
 Every function is built by TVMScript with the shapes and tile sizes baked in as constants, and
 the pattern (`indices`, block pointers) read at run time: with the pattern baked in, a 90%-sparse
 1536x384 layer ran 2-3.5x slower and compiled for 10-80 s (`tools/bench_kernels.py --baked`).
+The kept-block count is the one symbolic size (`kept_block_count`): it only sizes `data` and
+`indices`, so one compiled function serves a layer shape at every sparsity with the same tiles
+(BERT-base, 72 pruned layers: 72 kernels to compile became a handful). The builders are memoised
+(`KERNEL_CACHE_SIZE`): layers of one shape, block and schedule parse their TVMScript once.
 Parameters are `X, data, indices, <block pointers>, bias, Y`: `chunk_ptr[block_rows, k_chunks + 1]`
 for rowvec, `indptr[block_rows + 1]` for mvec.
 Accumulators are `global`-scope allocations under 1 KiB: TVM 0.27 turns those into stack
@@ -22,11 +26,25 @@ following ReLU costs no pass of its own over Y.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
+from tvm import tirx
 from tvm.script import tirx as T
 
 ACTIVATIONS = (None, "relu")  # what the kernels can apply to their result as they store it
+
+
+KERNEL_CACHE_SIZE = 256  # parsed kernels kept per builder: parsing TVMScript (~0.1 s) was most of a model's rewrite
+
+
+def kept_block_count() -> tirx.Var:
+    """The symbolic length of `data` and `indices`, bound from the arrays at each call.
+
+    Read by no loop bound (the block pointers are), so the code is the one a constant would give,
+    and layers that differ only in sparsity share one function (the Relax BlockBuilder keeps one
+    copy of structurally equal functions)."""
+    return tirx.Var("nnzb", "int32")
 
 
 def activation_epilogue(activation: str | None) -> Callable:
@@ -39,7 +57,8 @@ def activation_epilogue(activation: str | None) -> Callable:
     return lambda value: value
 
 
-def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, m_tile: int,
+@lru_cache(maxsize=KERNEL_CACHE_SIZE)
+def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: int,
                   k_chunks: int, x_bytes_per_pass: int, activation: str | None = None):
     """BSR matmul vectorised over block rows: `acc[m_tile, r] += X[., col] * data[b, k, :]`.
 
@@ -58,6 +77,7 @@ def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int,
         return T.if_then_else(kc == k_chunks - 1, act(value), value)
 
     block_rows = -(-out // r)
+    nnzb = kept_block_count()
     m_tiles = -(-m // m_tile)
     chunk_bytes = m_tile * -(-in_ // k_chunks) * 4
     tiles_per_pass = max(1, min(m_tiles, x_bytes_per_pass // chunk_bytes))
@@ -116,7 +136,8 @@ def chunk_pointers(indptr: np.ndarray, indices: np.ndarray, block_cols: int, k_c
     return chunk_ptr
 
 
-def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, row_group: int,
+@lru_cache(maxsize=KERNEL_CACHE_SIZE)
+def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: int,
                 m_tile: int, out_tile: int = 8, in_tile: int = 16, activation: str | None = None):
     """BSR matmul vectorised over m: `acc[row_group, m_tile] += data[b, row, k] * XT[col + k, .]`.
 
@@ -137,6 +158,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, r
     padded_x = in_pad != in_ or m_pad != m
     ragged_out = out % out_tile != 0
     groups = r // row_group
+    nnzb = kept_block_count()
 
     @T.prim_func
     def kernel(X: T.Buffer((m, in_), "float32"), data: T.Buffer((nnzb, r, c), "float32"),

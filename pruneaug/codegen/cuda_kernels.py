@@ -7,17 +7,21 @@ Parameters: `X[m, in], data[nnzb, r, c], indices, indptr, bias[block_rows * r], 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from tvm.script import tirx as T
 
-from pruneaug.codegen.cpu_kernels import activation_epilogue
+from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, activation_epilogue, kept_block_count
 
 
-def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, m_tile: int,
+@lru_cache(maxsize=KERNEL_CACHE_SIZE)
+def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: int,
                activation: str | None = None):
     """`Y[m, out] = act(X[m, in] @ W.T + bias)` for a BSR `W`, for CUDA."""
     r, c = block
     act = activation_epilogue(activation)
     block_rows = -(-out // r)
+    nnzb = kept_block_count()
     m_tiles = -(-m // m_tile)
 
     @T.prim_func
@@ -41,7 +45,8 @@ def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], nnzb: int, m_
     return kernel
 
 
-def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, int], nnzb: int,
+@lru_cache(maxsize=KERNEL_CACHE_SIZE)
+def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, int],
                kernel_hw, strides, pads, dilations, px_tile: int, activation: str | None = None):
     """Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with a BSR `W[Cout, C*kh*kw]`: one thread per
     (output channel, pixel), the im2col column decoded and bounds-checked in place (no padded copy)."""
@@ -52,6 +57,7 @@ def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, i
     (sh, sw), (dh, dw), (top, left) = strides, dilations, pads[:2]
     oh, ow = out_hw
     block_rows = -(-out_c // r)
+    nnzb = kept_block_count()
     columns = c * kh * kw
     pixels = n * oh * ow
     px_tile = min(pixels, px_tile)

@@ -76,6 +76,12 @@ def export_artifact(executable, target: TargetProfile, path_without_suffix, sign
     return path
 
 
+def remove_artifact(path: Path) -> None:
+    """Delete an artifact written by `export_artifact` and its sidecar (one that failed its gate)."""
+    for file in (Path(path), Path(path).with_name(Path(path).name + ".json")):
+        file.unlink(missing_ok=True)
+
+
 def _cuda_sources(module) -> list[str]:
     """The CUDA source of every CUDA module imported (at any depth) by `module`."""
     sources = [module.inspect_source("cuda")] if module.kind == "cuda" else []

@@ -79,6 +79,7 @@ def check_against_onnxruntime(
     *,
     sparse_weights: Mapping[str, tuple[int, int]] | None = None,
     target: TargetProfile | None = None,
+    model_file: Path | None = None,
 ) -> None:
     """Raise CodegenError unless the compiled model's outputs match onnxruntime's on `inputs`.
 
@@ -87,10 +88,11 @@ def check_against_onnxruntime(
     An output matches when `max|ours - ort| <= rtol * max|ort|` (float32 sums in another order differ
     by far less). On a mismatch, given the `sparse_weights` and `target` it was built with, the model is
     rebuilt with every MatMul/Gemm/Conv output exposed, and the error names the first such node that differs.
+    `model_file`, where `model` is saved already, is what onnxruntime reads (no copy serialised in Python).
     """
     names = [value.name for value in model.graph.output]
     ours = _run_compiled(compiled, model, inputs)
-    theirs = _run_onnxruntime(model, inputs)
+    theirs = _run_onnxruntime(model_file or model, inputs)
     bad = next((name for name, a, b in zip(names, ours, theirs) if not _close(a, b, rtol)), None)
     if bad is None:
         return
@@ -131,11 +133,10 @@ def _run_compiled(compiled, model: onnx.ModelProto, inputs: Mapping[str, np.ndar
         return load(path).run(inputs)
 
 
-def _run_onnxruntime(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime
+def _run_onnxruntime(model: onnx.ModelProto | Path, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    from pruneaug.passes.ort_run import make_session
 
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(inputs))
+    return make_session(model).run(None, dict(inputs))
 
 
 def _first_differing_layer(model, inputs, rtol, sparse_weights, target) -> str | None:

@@ -39,6 +39,9 @@ class Schedule:
     layout: str
     tiles: dict[str, int]
 
+    def __hash__(self) -> int:  # by value, so that a schedule can key the memoised kernel builders
+        return hash((self.layout, tuple(sorted(self.tiles.items()))))
+
 
 def _tile(extent: int, cap: int) -> int:
     """A tile of at most `cap` along `extent`: the largest divisor of `extent` if it is at least half the cap

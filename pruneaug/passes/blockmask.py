@@ -56,11 +56,18 @@ def block_areas(shape: tuple[int, int], block: tuple[int, int]) -> np.ndarray:
     return np.outer(_extents(shape[0], block[0]), _extents(shape[1], block[1]))
 
 
+def unit_scores(importance: np.ndarray, pool: str = "l2") -> np.ndarray:
+    """The scores of 1x1 blocks in the importance's own precision: every pool of one weight is the
+    weight's own score (l2: its magnitude). Masks compare them only, so float32 orders them as float64
+    would; converting BERT-base's 85M scores to float64 for every validated plan took seconds."""
+    return np.abs(importance) if pool == "l2" else importance
+
+
 def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = "l2") -> np.ndarray:
-    """One score per block, [block_rows, block_cols]."""
+    """One score per block, [block_rows, block_cols], in float64 (the proxy sums their squares)."""
     assert pool in POOLS, pool
-    if block == (1, 1):  # every pool of one weight is the weight's own score (l2: its magnitude)
-        return np.abs(importance, dtype=np.float64) if pool == "l2" else importance.astype(np.float64)
+    if block == (1, 1):
+        return unit_scores(importance, pool).astype(np.float64)
     blocked = _blocked(importance.astype(np.float64, copy=False), block)
     areas = block_areas(importance.shape, block)
     if pool == "max":
@@ -149,9 +156,12 @@ def expand_blocks(keep: np.ndarray, block: tuple[int, int], shape: tuple[int, in
 
 def layer_mask(importance: np.ndarray, spec: BlockSpec, pool: str = "l2") -> np.ndarray:
     """The layer's per-weight mask. 1x1 from a memoised cut (sorting millions of weights costs more
-    than the few masks a search asks of them); larger blocks from their memoised removal order."""
+    than the few masks a search asks of them); larger blocks from their memoised removal order.
+    Sparsity 0 keeps everything without a look at the scores (most layers of most validated plans)."""
+    if spec.sparsity == 0:
+        return np.ones(importance.shape, bool)
     if spec.shape == (1, 1):
-        flat = block_scores(importance, (1, 1), pool).ravel()
+        flat = unit_scores(importance, pool).ravel()
         pruned = pruned_block_count(flat.size, spec.sparsity)
         where = _memoised(importance, ("cut", pool, pruned), lambda: cut(flat, pruned))
         return keep_above_cut(flat, where).reshape(importance.shape)

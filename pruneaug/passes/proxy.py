@@ -43,7 +43,9 @@ from tqdm import tqdm
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import ort_run
-from pruneaug.passes.blockmask import block_areas, block_scores, layer_mask, pruned_block_count, removal_order
+from pruneaug.passes.blockmask import (
+    block_areas, block_scores, layer_mask, pruned_block_count, removal_order, unit_scores,
+)
 
 PROBE_SHARES = (0.05, 0.2, 0.5)  # 0.05: about what 50% unstructured sparsity removes from Gaussian weights
 PROBE_BLOCK = (1, 1)
@@ -63,15 +65,19 @@ def _removal_curve(importance: np.ndarray, block: tuple[int, int], pool: str) ->
     `apply_masks` builds. Where a block's energy is its score squared (1x1 blocks; the l2 pool when
     every block is whole) sorting the scores gives the curve, five times faster than ordering the
     blocks (what ties reorder then has equal energy); otherwise by the memoised removal order.
+    1x1 scores are sorted in their own precision (float32 sorts twice as fast) and summed in float64.
     """
-    scores = block_scores(importance, block, pool)
-    areas = block_areas(importance.shape, block)
-    if block == (1, 1) or (pool == "l2" and (areas == block[0] * block[1]).all()):
-        energies = np.sort(scores, axis=None) ** 2
+    if block == (1, 1):
+        energies = np.sort(unit_scores(importance, pool), axis=None).astype(np.float64) ** 2
     else:
-        # an l2 score is the block's sum of squares scaled to a full block's area
-        l2 = scores if pool == "l2" else block_scores(importance, block, "l2")
-        energies = (l2**2 * areas / (block[0] * block[1])).ravel()[removal_order(importance, block, pool)]
+        scores = block_scores(importance, block, pool)
+        areas = block_areas(importance.shape, block)
+        if pool == "l2" and (areas == block[0] * block[1]).all():
+            energies = np.sort(scores, axis=None) ** 2
+        else:
+            # an l2 score is the block's sum of squares scaled to a full block's area
+            l2 = scores if pool == "l2" else block_scores(importance, block, "l2")
+            energies = (l2**2 * areas / (block[0] * block[1])).ravel()[removal_order(importance, block, pool)]
     cumulative = np.concatenate([[0.0], np.cumsum(energies)])
     return cumulative / cumulative[-1] if cumulative[-1] > 0 else np.zeros_like(cumulative)
 
