@@ -187,7 +187,7 @@ def apply_masks(ir: IRModel, pool: str = "l2") -> IRModel:
         mask = layer_mask(data["importance"], data["block"], pool)
         data["mask"] = mask
         if not mask.all():
-            result.set_canonical_weight(node, np.where(mask, ir.canonical_weight(node), 0))
+            result.weights[ir.layer(node).weight] = ir.masked_weight(node, mask)
     return result
 
 
