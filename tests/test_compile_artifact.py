@@ -51,49 +51,46 @@ def test_arm64_artifact_is_cross_compiled_or_an_object_tar(tmp_path):
     assert "model_latency" not in result.plan  # nothing measured that did not run here
 
 
-def model_with_an_op_tvm_lacks() -> onnx.ModelProto:
+def matmul_model(then_an_op_tvm_lacks: bool = False) -> onnx.ModelProto:
+    """x[2, 16] -> MatMul "fc" -> y[2, 8], optionally through a com.example FancyOp after it."""
     weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
-             helper.make_node("FancyOp", ["h"], ["y"], name="fancy", domain="com.example")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if then_an_op_tvm_lacks else "y"], name="fc")]
+    opsets = [helper.make_opsetid("", 17)]
+    if then_an_op_tvm_lacks:
+        nodes.append(helper.make_node("FancyOp", ["h"], ["y"], name="fancy", domain="com.example"))
+        opsets.append(helper.make_opsetid("com.example", 1))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
                               [numpy_helper.from_array(weight, "w")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def compile_without_artifact(model: onnx.ModelProto, tmp_path: Path, capsys) -> str:
+    """Compile a fixed plan that gets no artifact; check that the rest is written whole. Returns stderr."""
+    onnx.save(model, tmp_path / "model.onnx")
+    code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and "no compiled artifact" in err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"pruned.onnx", "masks.npz", "plan.json", "report.md"} <= files
+    assert not any(name.startswith(("model.", ".model.")) for name in files)  # nor a half-written one
+    return err
 
 
 def test_an_artifact_that_fails_the_gate_is_not_written(tmp_path, capsys, monkeypatch):
-    """The gate runs the exported file itself; a mismatch deletes it (and its sidecar), names the layer,
-    and leaves pruned.onnx, masks.npz and plan.json."""
+    """The gate runs the exported file itself; a mismatch deletes it (and its sidecar) and names the layer."""
     from pruneaug.runtime import LoadedModel
 
     honest_run = LoadedModel.run
     monkeypatch.setattr(LoadedModel, "run", lambda self, inputs: [y + 1 for y in honest_run(self, inputs)])
-    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
-                              [numpy_helper.from_array(weight, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
-    code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
-                 "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0
-    assert "no compiled artifact" in err and "differs from onnxruntime at layer 'fc'" in err
-    files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"pruned.onnx", "masks.npz", "plan.json", "report.md"} <= files
-    assert not any(name.startswith(("model.", ".model.")) for name in files)
+    err = compile_without_artifact(matmul_model(), tmp_path, capsys)
+    assert "differs from onnxruntime at layer 'fc'" in err
 
 
 def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
-    onnx.save(model_with_an_op_tvm_lacks(), tmp_path / "model.onnx")
-    code = main([str(tmp_path / "model.onnx"), "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
-                 "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0
-    assert "no compiled artifact" in err and "FancyOp" in err
-    files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"pruned.onnx", "masks.npz", "plan.json", "report.md"} <= files
-    assert not any(name.startswith("model.") for name in files)
+    err = compile_without_artifact(matmul_model(then_an_op_tvm_lacks=True), tmp_path, capsys)
+    assert "FancyOp" in err
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert "FancyOp" in plan["artifact_error"]
     assert "FancyOp" in (tmp_path / "out" / "report.md").read_text()

@@ -52,15 +52,6 @@ def test_worker_answers_ready_then_run_times(models):
     assert [len(r) for r in replies[1:]] == [3, 2] and all(s > 0 for r in replies[1:] for s in r)
 
 
-def test_worker_reads_an_onnx_file_itself_and_names_a_missing_one(tmp_path):
-    answers = io.StringIO()
-    np.savez(tmp_path / "inputs.npz", **INPUTS)
-    code = worker_main(["onnxruntime", str(tmp_path / "gone.onnx"), str(tmp_path / "inputs.npz"), "1", "0"],
-                       io.StringIO(""), answers)
-    assert code == 1
-    assert json.loads(answers.getvalue()) == {"error": f"ModelError: {tmp_path / 'gone.onnx'}: no such model"}
-
-
 @pytest.mark.parametrize("run_s,calls", [(0.001, 2 + 1 + 3), (timing.LONG_RUN_S, 2 + 3)])
 def test_worker_skips_the_untimed_run_before_a_block_of_long_runs(monkeypatch, tmp_path, run_s, calls):
     made = []
@@ -82,13 +73,14 @@ def test_runs_per_round_shrink_so_that_a_budget_holds_its_rounds():
     assert timing.runs_per_round(6.0, [0.05, 1.0], 5) == 1  # never fewer than one
 
 
-def test_worker_reports_a_load_failure_as_one_answer(tmp_path):
+@pytest.mark.parametrize("kind,name,reason", [("artifact", "missing.so", "no such artifact"),
+                                               ("onnxruntime", "gone.onnx", "no such model")])
+def test_worker_reports_a_load_failure_as_one_answer(tmp_path, kind, name, reason):
     answers = io.StringIO()
     np.savez(tmp_path / "inputs.npz", **INPUTS)
-    code = worker_main(["artifact", str(tmp_path / "missing.so"), str(tmp_path / "inputs.npz"), "1", "0"],
-                       io.StringIO(""), answers)
+    code = worker_main([kind, str(tmp_path / name), str(tmp_path / "inputs.npz"), "1", "0"], io.StringIO(""), answers)
     assert code == 1
-    assert json.loads(answers.getvalue()) == {"error": f"ModelError: {tmp_path / 'missing.so'}: no such artifact"}
+    assert json.loads(answers.getvalue()) == {"error": f"ModelError: {tmp_path / name}: {reason}"}
 
 
 def test_every_competitor_is_timed_in_every_round(models):
