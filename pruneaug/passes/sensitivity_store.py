@@ -28,8 +28,9 @@ RECORD_KIND = "sensitivity"
 
 
 def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mapping) -> str:
-    """A hash of everything the probes' results depend on."""
-    h = hashlib.blake2b(digest_size=20)
+    """A hash of everything the probes' results depend on (SHA-256: it reads every weight and importance,
+    680 MB for BERT-base, and runs at twice blake2b's speed on CPUs with SHA instructions)."""
+    h = hashlib.sha256()
 
     def add(*parts: bytes | str | memoryview) -> None:
         for part in parts:
