@@ -286,6 +286,17 @@ def test_predictions_say_where_they_come_from(tmp_path):
     assert isinstance(measured, Prediction) and float(measured) == measured.seconds
 
 
+def test_fitted_parameters_are_kept_in_the_cache_and_refitted_when_measurements_change(tmp_path, monkeypatch):
+    cache = _synthetic_cache(tmp_path / "c.sqlite", A76, SMALL_TRUTH, [(8, 8)])
+    fitted, source = CostModel(A76, cache=cache).params((8, 8))
+    assert source == "fitted"
+    monkeypatch.setattr(analytical, "fit", lambda *args: pytest.fail("fitted again"))
+    assert CostModel(A76, cache=cache).params((8, 8)) == (fitted, "fitted")  # recalled, the very same figures
+    cache.put_many(A76.cache_key, [Measurement(512, 512, 64, (8, 8), 0.3, 1e-4)])
+    with pytest.raises(pytest.fail.Exception, match="fitted again"):  # new measurements: a new fit
+        CostModel(A76, cache=cache).params((8, 8))
+
+
 def test_grid_matches_single_predictions(tmp_path):
     cache = _synthetic_cache(tmp_path / "c.sqlite", A76, SMALL_TRUTH, BLOCKS + [DENSE_BLOCK])
     model = CostModel(A76, cache=cache)
