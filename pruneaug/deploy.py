@@ -25,7 +25,7 @@ from pruneaug.timing import Competitor, time_interleaved
 
 GATE_RTOL = 1e-4
 BENCH_REPEAT = 50  # timed runs per competitor (fewer where a large model's rounds exceed BENCH_BUDGET_S)
-BENCH_BUDGET_S = 6.0  # seconds of timed rounds; a BERT-base compile then times about 5 rounds of one run each
+BENCH_BUDGET_S = 4.0  # seconds of timed rounds: BERT-base gets 4-5 rounds of one run each, small models all 10 x 5
 RUNS_PER_ROUND = 5
 
 
