@@ -12,7 +12,7 @@ import zoo
 from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance
-from pruneaug.passes.blockmask import (block_areas, block_grid, block_keep, block_scores, detect_block, layer_mask,
+from pruneaug.passes.blockmask import (block_areas, block_grid, block_scores, detect_block, layer_mask,
                                       pruned_block_count, removal_order)
 
 
@@ -42,7 +42,7 @@ def test_mask_removes_exactly_the_asked_blocks(out, in_, rows, cols, sparsity, s
 
 def test_lowest_scoring_blocks_go_first():
     scores = np.array([[5.0, 1.0, 3.0], [0.5, 4.0, 2.0]])
-    keep = block_keep(scores, 0.5)
+    keep = layer_mask(scores, BlockSpec(1, 1, 0.5))  # 1x1 blocks: each weight's score is its magnitude
     assert keep.tolist() == [[True, False, True], [False, True, False]]
 
 
@@ -115,12 +115,12 @@ def test_detect_block_skips_blocks_larger_than_the_weight():
 
 @settings(max_examples=80, deadline=None)
 @given(values=st.lists(st.integers(0, 4), min_size=1, max_size=40), sparsity=st.floats(0, 1))
-def test_block_keep_equals_a_stable_sort_with_ties(values, sparsity):
+def test_unstructured_mask_equals_a_stable_sort_with_ties(values, sparsity):
     scores = np.asarray(values, dtype=np.float64).reshape(1, -1)
     order = np.argsort(scores, axis=None, kind="stable")
     want = np.ones(scores.size, bool)
     want[order[: pruned_block_count(scores.size, sparsity)]] = False
-    assert np.array_equal(block_keep(scores, sparsity).ravel(), want)
+    assert np.array_equal(layer_mask(scores, BlockSpec(1, 1, sparsity)).ravel(), want)
 
 
 @settings(max_examples=60, deadline=None)

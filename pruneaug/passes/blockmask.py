@@ -3,8 +3,7 @@
 Needs: prunable nodes with `block` (BlockSpec) and `importance`. Leaves: `mask` (bool, canonical
 shape, True = kept) on each prunable node, and the weights zeroed outside it in their ONNX layout.
 
-    >>> keep = block_keep(np.array([[3., 1.], [2., 4.]]), sparsity=0.5)
-    >>> keep
+    >>> layer_mask(np.array([[3., 1.], [2., 4.]]), BlockSpec(1, 1, 0.5))
     array([[ True, False],
            [False,  True]])
 
@@ -80,12 +79,6 @@ def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = "l2
 def pruned_block_count(n_blocks: int, sparsity: float) -> int:
     """How many blocks a sparsity removes: the nearest whole number, halves rounded up."""
     return int(np.floor(sparsity * n_blocks + 0.5))
-
-
-def block_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """True for the blocks kept: all but the `pruned_block_count` lowest scores (ties: the earlier block goes first)."""
-    flat = scores.ravel()
-    return keep_above_cut(flat, cut(flat, pruned_block_count(flat.size, sparsity))).reshape(scores.shape)
 
 
 def cut(flat: np.ndarray, pruned: int) -> tuple[float, int]:
