@@ -245,8 +245,14 @@ def runs_per_round(budget_s: float, warmup_s: Sequence[float | None], runs: int)
     known = [seconds for seconds in warmup_s if seconds is not None]
     if not known:
         return runs
-    timed_share = budget_s / ROUNDS_PER_BUDGET - sum(seconds for seconds in known if seconds < LONG_RUN_S)
+    timed_share = budget_s / ROUNDS_PER_BUDGET - sum(seconds for seconds in known if untimed_run_first(seconds))
     return max(1, min(runs, int(timed_share / sum(known))))
+
+
+def untimed_run_first(run_s: float | None) -> bool:
+    """Whether a worker's blocks start with an untimed run: unless its runs take LONG_RUN_S or more
+    (`run_s`, its median warm-up run; None where it made none)."""
+    return run_s is None or run_s < LONG_RUN_S
 
 
 def _answered(worker: _Worker, line: str | None, results: dict[str, Timing]) -> bool:
@@ -309,10 +315,10 @@ def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
     except Exception as err:  # noqa: BLE001 - the parent reports it as this competitor's failure
         answer({"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"})
         return 1
-    answer({"ready": True, "run_s": float(np.median(warm)) if warm else None})
-    long_runs = bool(warm) and float(np.median(warm)) >= LONG_RUN_S
+    warm_s = float(np.median(warm)) if warm else None
+    answer({"ready": True, "run_s": warm_s})
     for line in commands:
-        if not long_runs:
+        if untimed_run_first(warm_s):
             run()  # untimed: the block's first run pays for caches and threads gone cold during the others' blocks
         answer([run() for _ in range(int(line))])
     return 0
