@@ -9,6 +9,7 @@ import pytest
 
 from pruneaug.codegen import schedule
 from pruneaug.cost_model import CostModel, Prediction, analytical
+from pruneaug.cost_model import model as model_module
 from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement
 from pruneaug.cost_model.targets import hardware_peaks, load_profiles, resolve_target
 from pruneaug.errors import OptionError, TargetError
@@ -286,12 +287,16 @@ def test_predictions_say_where_they_come_from(tmp_path):
     assert isinstance(measured, Prediction) and float(measured) == measured.seconds
 
 
-def test_fitted_parameters_are_kept_in_the_cache_and_refitted_when_measurements_change(tmp_path, monkeypatch):
+def test_fitted_parameters_are_kept_in_the_cache_and_refitted_when_damaged_or_measurements_change(tmp_path, monkeypatch):
     cache = _synthetic_cache(tmp_path / "c.sqlite", A76, SMALL_TRUTH, [(8, 8)])
     fitted, source = CostModel(A76, cache=cache).params((8, 8))
     assert source == "fitted"
     monkeypatch.setattr(analytical, "fit", lambda *args: pytest.fail("fitted again"))
     assert CostModel(A76, cache=cache).params((8, 8)) == (fitted, "fitted")  # recalled, the very same figures
+    for key, in cache._execute("SELECT key FROM records WHERE kind=?", (model_module.FIT_RECORD,)):
+        cache.put_record(model_module.FIT_RECORD, key, "[1.0, 2.0]")  # damaged: not the parameters
+    with pytest.raises(pytest.fail.Exception, match="fitted again"):
+        CostModel(A76, cache=cache).params((8, 8))
     cache.put_many(A76.cache_key, [Measurement(512, 512, 64, (8, 8), 0.3, 1e-4)])
     with pytest.raises(pytest.fail.Exception, match="fitted again"):  # new measurements: a new fit
         CostModel(A76, cache=cache).params((8, 8))

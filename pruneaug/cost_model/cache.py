@@ -23,7 +23,7 @@ import re
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -112,6 +112,18 @@ def current_kernel_version() -> str:
         for one, many in _CODEGEN_IMPORT.findall(source.decode("utf-8", "replace")):
             todo.extend([one] if one else [n.strip() for n in many.split(",")])
     return f"{digest.hexdigest()[:16] if seen else 'no-kernels'}.p{MEASUREMENT_PROTOCOL}"
+
+
+def record_key(parts: Iterable[bytes | str | memoryview]) -> str:
+    """The key of a record (`LatencyCache.put_record`) derived from exactly `parts`: their SHA-256, each
+    part prefixed with its byte count (so that no two sequences collide by where they split). Buffers are
+    read in place: a model's weights are hundreds of MB, not to be copied into one string."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = memoryview(part.encode() if isinstance(part, str) else part)
+        digest.update(data.nbytes.to_bytes(8, "little"))  # nbytes: len() of an array's buffer counts its rows
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def density_key(density: float) -> float:

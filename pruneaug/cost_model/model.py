@@ -17,7 +17,6 @@ are part of the cache key (`measured.running_profile`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pruneaug.cost_model import analytical
-from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement, density_key, open_cache
+from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement, density_key, open_cache, record_key
 from pruneaug.cost_model.measured import DeviceLost, make_runner, running_profile
 from pruneaug.cost_model.targets import TargetProfile, resolve_target
 from pruneaug.errors import OptionError
@@ -115,16 +114,17 @@ class CostModel:
         return (fitted, "fitted") if fitted is not None else (self._default(block), "analytical")
 
     def _fit(self, feats: np.ndarray, seconds: np.ndarray, start: analytical.Params) -> analytical.Params:
-        """`analytical.fit`, kept in the cache file (table `records`) under a digest of its inputs and of
-        the model's source: a warm compile of BERT-base spent 1.6 s re-fitting the same measurements."""
-        digest = hashlib.sha256(Path(analytical.__file__).read_bytes())
-        for part in (np.ascontiguousarray(feats, np.float64), np.ascontiguousarray(seconds, np.float64), start.array()):
-            digest.update(str(part.shape).encode())
-            digest.update(part.data)
-        key = digest.hexdigest()
+        """`analytical.fit`, kept in the cache file (table `records`) under a key of its inputs and of
+        the model's source: a warm compile of BERT-base spent 1.6 s re-fitting the same measurements.
+        A damaged record is fitted again and replaced."""
+        key = record_key([Path(analytical.__file__).read_bytes(), np.ascontiguousarray(feats, np.float64).data,
+                          np.ascontiguousarray(seconds, np.float64).data, start.array().data])
         stored = self.cache.get_record(FIT_RECORD, key)
         if stored is not None:
-            return analytical.Params.from_array(np.array(json.loads(stored), dtype=np.float64))
+            try:
+                return analytical.Params.from_array(np.array(json.loads(stored), dtype=np.float64))
+            except (TypeError, ValueError):  # not a list of the parameters: fit again and replace it
+                pass
         fitted = analytical.fit(feats, seconds, start)
         self.cache.put_record(FIT_RECORD, key, json.dumps(fitted.array().tolist()))
         return fitted

@@ -13,7 +13,6 @@ the digest, and the probes run again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
+from pruneaug.cost_model.cache import record_key
 from pruneaug.ir.graph import IRModel
 from pruneaug.passes import proxy
 
@@ -28,29 +28,24 @@ RECORD_KIND = "sensitivity"
 
 
 def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mapping) -> str:
-    """A hash of everything the probes' results depend on (SHA-256: it reads every weight and importance,
-    680 MB for BERT-base, and runs at twice blake2b's speed on CPUs with SHA instructions)."""
-    h = hashlib.sha256()
+    """A hash of everything the probes' results depend on (`record_key`: every weight and importance,
+    680 MB for BERT-base, read in place)."""
 
-    def add(*parts: bytes | str | memoryview) -> None:
-        for part in parts:
-            data = memoryview(part.encode() if isinstance(part, str) else part)
-            h.update(data.nbytes.to_bytes(8, "little"))  # nbytes: len() of an array's buffer counts its rows
-            h.update(data)  # a weight's buffer as it is: concatenating would copy hundreds of MB
+    def parts():
+        yield from (Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True))
+        for node in ir.source.graph.node:
+            yield node.SerializeToString(deterministic=True)
+        for name in sorted(ir.weights):
+            array = np.ascontiguousarray(ir.weights[name])
+            yield from (name, str(array.dtype), str(array.shape), array.data)
+        for node in ir.prunable_nodes():
+            importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
+            yield from (node, str(importance.dtype), importance.data)
+        for name in sorted(calib_inputs):
+            array = np.ascontiguousarray(calib_inputs[name])
+            yield from (name, str(array.dtype), str(array.shape), array.data)
 
-    add(Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True))
-    for node in ir.source.graph.node:
-        add(node.SerializeToString(deterministic=True))
-    for name in sorted(ir.weights):
-        array = np.ascontiguousarray(ir.weights[name])
-        add(name, str(array.dtype), str(array.shape), array.data)
-    for node in ir.prunable_nodes():
-        importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
-        add(node, str(importance.dtype), importance.data)
-    for name in sorted(calib_inputs):
-        array = np.ascontiguousarray(calib_inputs[name])
-        add(name, str(array.dtype), str(array.shape), array.data)
-    return h.hexdigest()
+    return record_key(parts())
 
 
 def _encode(ir: IRModel) -> str:
