@@ -195,10 +195,11 @@ def test_kernels_are_built_with_the_shared_schedule(target, m, block):
     kernel = bsr_matmul_kernel(profile, m, weight)
     script = kernel.primfunc.script()
     tiles = schedule.tiles
+    acc = tuple(int(d) for d in re.search(r"acc = T.alloc_(?:buffer|local)\(\((\d+), (\d+)\)", script).groups())
     if schedule.layout == "cuda":
-        assert re.findall(r'thread_binding\((\d+), thread="threadIdx.y"\)', script) == [str(tiles["m_tile"])]
+        assert re.findall(r'thread_binding\((\d+), thread="threadIdx.x"\)', script) == [str(tiles["m_threads"])]
+        assert acc == (block[0], tiles["m_per_thread"])
         return
-    acc = tuple(int(d) for d in re.search(r"acc = T.alloc_buffer\(\((\d+), (\d+)\)", script).groups())
     if schedule.layout == "rowvec":
         assert acc == (tiles["m_tile"], block[0])
         assert kernel.constants[2].shape == (weight.block_rows, tiles["k_chunks"] + 1)

@@ -25,7 +25,10 @@ MIN_BLOCKS_PER_CHUNK = 16  # kept blocks per block row and column chunk that pay
 X_BYTES_IN_L2 = 256 * 1024  # the part of X a rowvec kernel keeps hot while all block rows go over it
 W_L1_SHARE = 8  # a block row's weights in one column chunk: at most this fraction of L1 (where m tiles are thin)
 MAX_L1_CHUNKS = 4  # ... in at most this many chunks (each a pass over Y; 4 is the most measured)
-CUDA_THREADS_PER_BLOCK = 256
+CUDA_THREADS_PER_BLOCK = 256  # conv: threads of a block, (block row, pixel) each
+CUDA_WARP = 32
+CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs in (64: 16x16 ran 1.2-1.3x slower)
+CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
 PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x tile vectors)
@@ -77,8 +80,8 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8).
     """
     r, _ = block
-    if target.kind == "cuda":  # one thread per (row of a block, m) in a thread block
-        return Schedule("cuda", {"m_tile": max(1, min(m, CUDA_THREADS_PER_BLOCK // r))})
+    if target.kind == "cuda":
+        return _cuda_matmul_schedule(target, m, out, r)
     lanes = target.simd_lanes
     if r >= lanes or m < lanes:
         m_tile = _tile(m, ACCUMULATOR_VECTORS // -(-r // lanes))
@@ -96,6 +99,19 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     # at least 8 (the kernel stages X in 8-row strips: 4-lane NEON with m = 4..7 would otherwise get 4)
     m_tile = max(8, min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length()))
     return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes})
+
+
+def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Schedule:
+    """`cuda_kernels.bsr_matmul`'s tiles: a warp of threads along m per thread block, each thread with
+    as many rows of X (1, 2 or 4) as keeps `CUDA_WARPS_PER_SM` warps per SM busy and its `r` outputs
+    per row within `CUDA_ACCUMULATORS` registers: more rows per thread reuse each weight load more,
+    fewer give more warps to hide the loads' latency."""
+    m_threads = max(1, min(m, CUDA_WARP))
+    block_rows = -(-out // r)
+    fitting = [rows for rows in (4, 2, 1) if rows == 1 or r * rows <= CUDA_ACCUMULATORS]
+    busy = [rows for rows in fitting
+            if block_rows * -(-m // (m_threads * rows)) >= CUDA_WARPS_PER_SM * target.cores]
+    return Schedule("cuda", {"m_threads": m_threads, "m_per_thread": busy[0] if busy else 1})
 
 
 def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int],

@@ -222,10 +222,10 @@ def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
 
 def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
                 tiles: dict[str, int]) -> list[float]:
-    """A thread per (row of a block, m) in thread blocks of one block row and `m_tile` values of m,
-    spread over the SMs; no cache terms (the fit has had no GPU to see them on)."""
+    """Thread blocks of one block row and `m_tile` rows of m (`cuda_kernels.bsr_matmul`), spread over
+    the SMs; no cache terms (the fit has had no GPU to see them on)."""
     r, c = block
-    m_tile = tiles["m_tile"]
+    m_tile = tiles["m_threads"] * tiles["m_per_thread"]
     m_tiles = -(-m // m_tile)
     block_rows = -(-out // r)
     rows = min(-(-block_rows // target.cores), block_rows)
