@@ -32,7 +32,7 @@ from pruneaug.calib import Dataset, graph_inputs, load_dataset
 from pruneaug.errors import CodegenError, OptionError, PruneaugError
 from pruneaug.ir.graph import IRModel, lift, lower
 from pruneaug.ir.layer import BlockSpec
-from pruneaug.ir.onnx_io import check_model, external_data_files, load_model, save_model
+from pruneaug.ir.onnx_io import check_model, read_model, save_model
 from pruneaug.passes import blockmask, importance, latency, search, sensitivity_store
 from pruneaug.passes.reconstruct import reconstructor
 from pruneaug.passes.validate import make_validator
@@ -69,7 +69,7 @@ class Request:
     budget: float
     metric: str
     reconstruct: bool
-    measure: str | None  # None: time kernels locally where the target runs here, else predict
+    measure: str | None  # None: time kernels locally where the target runs here (x86; cuda with a GPU), else predict
     batch: int
     artifact: bool
 
@@ -112,11 +112,12 @@ def compile_model(
     folder.check(OUTPUT_FILES + tuple(f"model.{kind}.{suffix}" for kind in ("x86", "arm64", "cuda") for suffix in ("so", "tar")))
     calib_data = load_dataset(calib, source, "--calib") if calib is not None else None
     eval_data = load_dataset(eval, source, "--eval") if eval is not None else None
+    from pruneaug import deploy
     from pruneaug.cost_model import cost_model  # TVM loads here: only once every input has been checked
     from pruneaug.cost_model.targets import resolve_target
 
     profile = resolve_target(request.target)
-    measure_mode = request.measure or ("local" if profile.kind == "x86" else "none")
+    measure_mode = request.measure or ("local" if deploy.runs_here(profile) else "none")
     notes: list[str] = []
     if request.pruner == "activation" and calib_data is None:
         raise OptionError("--pruner activation needs --calib FILE.npz (the inputs to measure activations on)")
@@ -250,9 +251,8 @@ def _read_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         check_model(model, "the model given")
         return model, []
     path = Path(model)
-    loaded = load_model(path)
-    raw = onnx.load(str(path), load_external_data=False)
-    return loaded, [path, *(path.parent / f for f in external_data_files(raw))]
+    loaded, data_files = read_model(path)
+    return loaded, [path, *(path.parent / f for f in sorted(data_files))]
 
 
 def _search(scored: IRModel, profile, costs, request: Request, calib_data: Dataset, eval_data: Dataset,
@@ -299,7 +299,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model:
             return None
         finally:
             phases.lap("artifact")
-        if deploy.runs_here(profile):
+        if deploy.times_here(profile):
             # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
             extra["model_latency"] = deploy.measure_model_latency(dense_model, staging / "pruned.onnx", artifact,
                                                                   inputs)
@@ -336,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruner", default="magnitude", help="importance: magnitude or activation (needs --calib)")
     parser.add_argument("--reconstruct", action="store_true",
                         help="re-fit the kept weights by least squares on the calibration activations")
-    parser.add_argument("--measure", help="kernel latencies: local (default for x86), none (predict only; default "
-                                          "for arm64 and cuda), rpc://HOST:PORT/KEY (a device behind a TVM RPC tracker)")
+    parser.add_argument("--measure", help="kernel latencies: local (default for x86, and for cuda on a machine with a "
+                                          "GPU), none (predict only; default for arm64, and for cuda without a GPU), "
+                                          "rpc://HOST:PORT/KEY (a device behind a TVM RPC tracker)")
     parser.add_argument("--batch", type=int, default=1, help="batch size the artifact is compiled for (default 1)")
     parser.add_argument("--block", help="fixed plan: this block shape ROWSxCOLS for every prunable layer")
     parser.add_argument("--sparsity", help="fixed plan: this share of blocks removed in every layer, in [0, 1)")

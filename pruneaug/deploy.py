@@ -1,10 +1,10 @@
 """From pruned.onnx to a checked artifact, and the whole-model latency the report quotes.
 
-The correctness gate runs before the artifact is written: the compiled model (on the host) must
-match pruned.onnx in onnxruntime on the calibration inputs, else a CodegenError names the first
-layer that differs. Latencies are measured here only when the artifact runs on this machine
-(the x86 target), each runtime in its own process (`pruneaug.timing` says why); for other targets
-the report gives the cost model's predictions.
+The correctness gate runs the exported artifact wherever its code runs here (the host; CUDA on a
+machine with a GPU): it must match pruned.onnx in onnxruntime on the calibration inputs, else a
+CodegenError names the first layer that differs. Whole-model latencies against onnxruntime are
+measured for the host target only, each runtime in its own process (`pruneaug.timing` says why);
+for other targets the report gives the cost model's predictions.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import onnx
 
 from pruneaug.calib import graph_inputs
 from pruneaug.errors import CodegenError
+from pruneaug.gate import GATE_RTOL
 from pruneaug.ir.onnx_io import save_model
 from pruneaug.timing import Competitor, time_interleaved
 
-GATE_RTOL = 1e-4
 BENCH_REPEAT = 50  # timed runs per competitor (fewer where a large model's rounds exceed BENCH_BUDGET_S)
 BENCH_BUDGET_S = 4.0  # seconds of timed rounds: BERT-base gets 4-5 rounds of one run each, small models all 10 x 5
 RUNS_PER_ROUND = 5
@@ -47,6 +47,17 @@ def quiet_native_stderr():
 
 
 def runs_here(profile) -> bool:
+    """Whether `profile`'s code runs on this machine, so that the gate can run the artifact: the host
+    target always, CUDA where a GPU is present (arm64 is only ever emulated, in the tests)."""
+    from pruneaug.runtime import has_cuda_gpu
+
+    return profile.kind == "x86" or (profile.kind == "cuda" and has_cuda_gpu())
+
+
+def times_here(profile) -> bool:
+    """Whether whole-model timing against onnxruntime means something here: on the host CPU, where
+    onnxruntime's CPU session is what users would run instead. (A GPU artifact against onnxruntime
+    on the CPU would not be a fair comparison.)"""
     return profile.kind == "x86"
 
 
@@ -82,14 +93,14 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
     BERT-base takes seconds), which also proves that it loads."""
     from pruneaug.codegen.export import export_artifact, model_signature, remove_artifact
     from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
-    from pruneaug.runtime import load
+    from pruneaug.runtime import device_for, load
 
     try:
         executable = build_model(pruned_model, sparse_weights, profile, shapes)
         path = export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
         if runs_here(profile):
             try:
-                check_against_onnxruntime(load(path), pruned_model, inputs, GATE_RTOL,
+                check_against_onnxruntime(load(path, device_for(profile.kind)), pruned_model, inputs, GATE_RTOL,
                                           sparse_weights=sparse_weights, target=profile, model_file=pruned_file)
             except BaseException:
                 remove_artifact(path)

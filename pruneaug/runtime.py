@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.abc
 import json
 import sys
 from collections.abc import Mapping
@@ -27,13 +28,61 @@ from pruneaug.errors import ModelError, OptionError
 _DEVICES = ("cpu", "cuda")
 
 
+def device_for(kind: str) -> str:
+    """The `load` device of an artifact built for a target of `kind` (x86, arm64 or cuda)."""
+    return "cuda" if kind == "cuda" else "cpu"
+
+
+def has_cuda_gpu() -> bool:
+    """Whether this machine can run CUDA artifacts: a GPU, and TVM's CUDA runtime loaded."""
+    import tvm
+
+    if not _load_cuda_runtime():
+        return False
+    try:
+        return bool(tvm.runtime.device("cuda", 0).exist)
+    except Exception:  # noqa: BLE001 - a TVM built without the CUDA runtime raises instead of answering False
+        return False
+
+
+def _load_cuda_runtime() -> bool:
+    """Load TVM's CUDA runtime library (`lib/libtvm_runtime_cuda.so`) unless it is loaded already.
+
+    TVM's own CUDA backend hook loads it, but only when the compiler library is present: with the
+    runtime alone (DESIGN §4) nothing does, and CUDA artifacts would not load. False where it cannot
+    load (no such library, or no CUDA driver and runtime on this machine)."""
+    import tvm.base
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" not in tvm.base._LOADED_LIBS:
+        runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        try:
+            tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+        except (OSError, RuntimeError):
+            return False
+    return True
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """An import hook under which `import torch` raises ImportError, as if torch were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (pruneaug.runtime.skip_unused_torch)", name=name)
+        return None
+
+
 def skip_unused_torch() -> None:
     """Make `import torch` fail in this process: for pruneaug's own command-line processes only.
 
     tvm_ffi imports torch whenever it is installed (for DLPack interop; 1.7-2.5 s per process here,
     a compile starts four), and nothing the CLI or a timing worker runs uses it. Never called by the
-    library API: a user's own process may well need torch. A torch already imported stays."""
-    sys.modules.setdefault("torch", None)
+    library API: a user's own process may well need torch. A torch already imported stays.
+    An import hook rather than `sys.modules["torch"] = None`: scipy's array-API helpers look torch
+    up in `sys.modules` and fail on a None entry there."""
+    if "torch" not in sys.modules and not any(isinstance(finder, _NoTorch) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoTorch())
 
 
 class LoadedModel:
@@ -111,9 +160,12 @@ def load(path, device: str = "cpu") -> LoadedModel:
         signature = json.loads(sidecar.read_text())
     except (OSError, ValueError) as err:
         raise ModelError(f"{sidecar}: missing or unreadable ({err}); it is written beside the artifact") from err
-    built_for = "cuda" if signature.get("kind") == "cuda" else "cpu"
+    built_for = device_for(signature.get("kind", ""))
     if device != built_for:
         raise OptionError(f"{path} was compiled for {signature.get('target')}: load it with device={built_for!r}")
+    if built_for == "cuda" and not has_cuda_gpu():
+        raise OptionError(f"{path} was compiled for {signature.get('target')} and this machine has no CUDA GPU "
+                          "(or its TVM runtime was built without CUDA)")
     if signature.get("cuda_binaries"):
         _serve_cuda_binaries({key: base64.b64decode(blob) for key, blob in signature["cuda_binaries"].items()})
     return LoadedModel(path, device, signature)
@@ -130,6 +182,7 @@ def _serve_cuda_binaries(binaries: dict[str, bytes]) -> None:
     TVM's CUDA runtime calls the global `tvm_callback_cuda_compile(source)` when it loads a module that
     carries source; sources we have a binary for get it, others go to the callback registered before.
     """
+    import tvm  # noqa: F401 - TVM registers its own callback on import (without override): it must come first
     import tvm_ffi
 
     previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)

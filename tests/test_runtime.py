@@ -20,6 +20,7 @@ from pruneaug.codegen.export import export_artifact, model_signature
 from pruneaug.codegen.relax_build import build_model
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import ModelError, OptionError
+from pruneaug import runtime
 from pruneaug.runtime import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,23 +101,31 @@ def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifac
     assert np.max(np.abs(third - kept)) <= 1e-6 * np.max(np.abs(kept))
 
 
-@pytest.mark.slow
-def test_loads_in_a_fresh_process_without_the_compiler(x86_artifact, model, inputs, tmp_path):
+def run_in_fresh_process(artifact: Path, device: str, inputs: dict, tmp_path: Path) -> np.ndarray:
+    """The artifact's first output, from `pruneaug.load` in a new Python whose `tvm` has no compiler library."""
     np.savez(tmp_path / "inputs.npz", **inputs)
     script = (
         "import sys, numpy as np, tvm, tvm.base\n"
         "assert tvm.base._RUNTIME_ONLY and 'tvm_compiler' not in tvm.base._LOADED_LIBS\n"
         "import pruneaug\n"
-        f"model = pruneaug.load({str(x86_artifact)!r})\n"
+        f"model = pruneaug.load({str(artifact)!r}, device={device!r})\n"
         f"inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))\n"
         f"np.save({str(tmp_path / 'y.npy')!r}, model.run(inputs)[0])\n"
         "assert 'tvm.relax' not in sys.modules and 'onnx' not in sys.modules\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{runtime_only_tvm(tmp_path / 'site')}{os.pathsep}{REPO}"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    path = os.pathsep.join(filter(None, [str(runtime_only_tvm(tmp_path / "site")), str(REPO),
+                                         os.environ.get("PYTHONPATH")]))  # tvm_ffi may live on the old path
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    return np.load(tmp_path / "y.npy")
+
+
+@pytest.mark.slow
+def test_loads_in_a_fresh_process_without_the_compiler(x86_artifact, model, inputs, tmp_path):
+    y = run_in_fresh_process(x86_artifact, "cpu", inputs, tmp_path)
     (expected,) = reference(model, inputs)
-    assert np.max(np.abs(np.load(tmp_path / "y.npy") - expected)) <= 1e-4 * np.max(np.abs(expected))
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
 
 
 def test_load_errors(x86_artifact, inputs, tmp_path):
@@ -178,6 +187,22 @@ def test_cuda_export_ships_compiled_kernels(cuda_artifact):
     meta = json.loads(cuda_artifact.with_name(cuda_artifact.name + ".json").read_text())
     binaries = [base64.b64decode(blob) for blob in meta["cuda_binaries"].values()]
     assert binaries and all(blob[:4] == b"\x50\xed\x55\xba" for blob in binaries)  # fatbin magic
+    for blob in binaries:  # the default cuda profile is sm_80: SASS for it and for sm_90, PTX for sm_80
+        assert sorted(fatbin_entries(blob)) == [("elf", 80), ("elf", 90), ("ptx", 80)]
+
+
+def fatbin_entries(blob: bytes) -> list[tuple[str, int]]:
+    """(kind, SM version) of each entry of a CUDA fatbin: its header (magic, version, header size, body
+    size), then per entry a header of kind (1 PTX, 2 ELF), header size, body size, ..., SM at byte 28."""
+    import struct
+
+    _, _, header, body = struct.unpack_from("<IHHQ", blob, 0)
+    entries, offset = [], header
+    while offset < header + body:
+        kind, _, entry_header, size = struct.unpack_from("<HHIQ", blob, offset)
+        entries.append(({1: "ptx", 2: "elf"}[kind], struct.unpack_from("<I", blob, offset + 28)[0]))
+        offset += entry_header + size
+    return entries
 
 
 @pytest.mark.slow
@@ -186,3 +211,48 @@ def test_cuda_artifact_runs(cuda_artifact, model, inputs):
     (y,) = load(cuda_artifact, device="cuda").run(inputs)
     (expected,) = reference(model, inputs)
     assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+@pytest.mark.slow
+@requires_cuda_gpu
+def test_cuda_artifact_loads_in_a_fresh_process_without_the_compiler(cuda_artifact, model, inputs, tmp_path):
+    # A fresh process imports tvm inside `load`, after which the compiled kernels must still be served.
+    y = run_in_fresh_process(cuda_artifact, "cuda", inputs, tmp_path)
+    (expected,) = reference(model, inputs)
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+@pytest.mark.slow
+def test_cuda_artifact_without_a_gpu_is_refused(cuda_artifact, monkeypatch):
+    monkeypatch.setattr(runtime, "has_cuda_gpu", lambda: False)
+    with pytest.raises(OptionError, match="this machine has no CUDA GPU"):
+        load(cuda_artifact, device="cuda")
+
+
+def test_skip_unused_torch_refuses_the_import_and_leaves_sys_modules_clean():
+    # scipy's array-API helpers look torch up in sys.modules: an entry of None there made them fail.
+    script = ("import sys\n"
+              "from pruneaug.runtime import skip_unused_torch\n"
+              "skip_unused_torch(); skip_unused_torch()\n"
+              "try:\n    import torch\nexcept ImportError as err:\n    assert 'skip_unused_torch' in str(err)\n"
+              "else:\n    raise SystemExit('torch imported')\n"
+              "assert 'torch' not in sys.modules\n"
+              "assert sum(type(finder).__name__ == '_NoTorch' for finder in sys.meta_path) == 1\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_cuda_build_embeds_binaries_for_newer_gpus_too():
+    # On a GPU machine TVM compiles CUDA modules while building, through this global: for the target's
+    # arch alone, an sm_80 artifact did not run on an H100. During our builds it yields the fatbin.
+    import tvm_ffi
+
+    from pruneaug.codegen.export import cuda_binaries_at_build
+
+    before = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    with cuda_binaries_at_build(resolve_target("cuda")):
+        binary = tvm_ffi.get_global_func("tvm_callback_cuda_compile")('extern "C" __global__ void k(float* x) { *x = 1; }')
+    assert sorted(fatbin_entries(bytes(binary))) == [("elf", 80), ("elf", 90), ("ptx", 80)]
+    after = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    assert (before is None and after is None) or before.same_as(after)

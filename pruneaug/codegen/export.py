@@ -5,8 +5,9 @@
 
 Beside the library sits `<artifact>.json`: the ONNX input names, shapes and dtypes and the output
 names (so that `run()` takes a dict by name), and for CUDA the kernels compiled ahead of time by nvcc
-(TVM embeds CUDA *source* in the library and compiles it when loading, which needs NVRTC on the
-deploying machine; `pruneaug.load` hands TVM these binaries instead).
+(built on a machine without a GPU, TVM embeds CUDA *source* in the library and compiles it when
+loading, which needs NVRTC on the deploying machine; `pruneaug.load` hands TVM these binaries
+instead; built where a GPU is, the library holds them itself, see `cuda_binaries_at_build`).
 
 Per target: x86 -> `.so`; arm64 -> `.so` cross-compiled with `aarch64-linux-gnu-gcc`, or, where that
 is not installed, an object `.tar` (with a warning) to link on the device; cuda -> `.so` plus the
@@ -15,12 +16,13 @@ binaries. Files are written to a temporary name and renamed, so a reader never s
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -82,32 +84,74 @@ def remove_artifact(path: Path) -> None:
         file.unlink(missing_ok=True)
 
 
-def _cuda_sources(module) -> list[str]:
+def cuda_sources(module) -> list[str]:
     """The CUDA source of every CUDA module imported (at any depth) by `module`."""
     sources = [module.inspect_source("cuda")] if module.kind == "cuda" else []
     for imported in module.imports:
-        sources += _cuda_sources(imported)
+        sources += cuda_sources(imported)
     return sources
 
 
 def _compile_cuda_binaries(executable, target: TargetProfile) -> dict[str, str]:
-    """nvcc-compile each CUDA module to a fatbin (SASS for the target's arch plus PTX for newer GPUs), base64."""
+    """nvcc-compile each CUDA module that still carries its source to a fatbin (`cuda_fatbin`), base64,
+    keyed by the source's digest: what `pruneaug.runtime` serves when TVM's CUDA runtime asks to compile it."""
+    binaries = {}
+    for source in cuda_sources(executable.mod):
+        binaries[cuda_source_key(source)] = base64.b64encode(cuda_fatbin(source, target)).decode()
+    return binaries
+
+
+def cuda_fatbin(source: str, target: TargetProfile) -> bytes:
+    """A fatbin of CUDA `source`: SASS for the target's arch and for every newer arch of the CUDA profiles,
+    plus the target's PTX for GPUs newer still. (PTX alone is not enough on a newer GPU: the driver's
+    JIT library is missing from some containers, which then fail with CUDA_ERROR_NO_BINARY_FOR_GPU.)"""
     from tvm.support import nvcc
 
-    arch = str(target.tvm_target.get("arch", "sm_80")).removeprefix("sm_")
-    gencode = [
-        *("-gencode", f"arch=compute_{arch},code=sm_{arch}"),
-        *("-gencode", f"arch=compute_{arch},code=compute_{arch}"),
-    ]
-    binaries = {}
+    arch = _sm_number(target)
+    gencode = [item for sm in cuda_archs_from(arch) for item in ("-gencode", f"arch=compute_{sm},code=sm_{sm}")]
+    gencode += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
     with target.tvm():
-        for source in _cuda_sources(executable.mod):
-            try:
-                binary = nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc")
-            except RuntimeError as err:
-                raise CodegenError(f"nvcc could not compile the CUDA kernels for {target.name}: {err}") from err
-            binaries[cuda_source_key(source)] = base64.b64encode(bytes(binary)).decode()
-    return binaries
+        try:
+            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+        except (RuntimeError, OSError) as err:
+            raise CodegenError(f"nvcc could not compile the CUDA kernels for {target.name}: {err}") from err
+
+
+@contextlib.contextmanager
+def cuda_binaries_at_build(target: TargetProfile) -> Iterator[None]:
+    """While TVM builds for a CUDA `target`, have it embed `cuda_fatbin`'s binaries.
+
+    On a machine with a GPU, TVM compiles CUDA modules as it builds them (NVRTC, through the global
+    `tvm_callback_cuda_compile`) for exactly the target's arch: an sm_80 artifact built on an H100
+    machine then failed there with CUDA_ERROR_NO_BINARY_FOR_GPU. Without a GPU TVM keeps the source,
+    and the sidecar's binaries serve it at load time. Without nvcc, TVM's own callback stays."""
+    import tvm_ffi
+
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    if target.kind != "cuda" or shutil.which("nvcc") is None:
+        yield
+        return
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", lambda source, *_: cuda_fatbin(str(source), target),
+                                 override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+        else:
+            tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
+
+
+def _sm_number(target: TargetProfile) -> int:
+    return int(str(target.tvm_target.get("arch", "sm_80")).removeprefix("sm_").rstrip("a"))
+
+
+def cuda_archs_from(arch: int) -> list[int]:
+    """`arch` and the newer SM versions among the built-in CUDA profiles, ascending."""
+    from pruneaug.cost_model.targets import builtin_profiles
+
+    known = {_sm_number(profile) for profile in builtin_profiles().values() if profile.kind == "cuda"}
+    return sorted({arch} | {sm for sm in known if sm > arch})
 
 
 def _write_atomic(path: Path, write) -> None:

@@ -35,6 +35,7 @@ from onnx import numpy_helper
 from pruneaug.codegen import bsr
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
+from pruneaug.gate import GATE_RTOL, close, first_mismatch, onnxruntime_outputs, relative_error
 from pruneaug.ir.prunable import find_weight_use
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is
@@ -63,7 +64,9 @@ def build_model(
         warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
     import tvm
 
-    with target.tvm():
+    from pruneaug.codegen.export import cuda_binaries_at_build
+
+    with target.tvm(), cuda_binaries_at_build(target):
         return tvm.compile(mod, target.tvm(), relax_pipeline=_pipeline(target))
 
 
@@ -75,7 +78,7 @@ def check_against_onnxruntime(
     compiled,
     model: onnx.ModelProto,
     inputs: Mapping[str, np.ndarray],
-    rtol: float = 1e-4,
+    rtol: float = GATE_RTOL,
     *,
     sparse_weights: Mapping[str, tuple[int, int]] | None = None,
     target: TargetProfile | None = None,
@@ -83,17 +86,17 @@ def check_against_onnxruntime(
 ) -> None:
     """Raise CodegenError unless the compiled model's outputs match onnxruntime's on `inputs`.
 
-    `compiled` is a host (x86) Executable from `build_model`, run as its exported artifact would run, or a
-    `pruneaug.runtime.LoadedModel`.
+    `compiled` is an Executable from `build_model` for `target` (x86 when not given), run as its exported
+    artifact would run, or a `pruneaug.runtime.LoadedModel`.
     An output matches when `max|ours - ort| <= rtol * max|ort|` (float32 sums in another order differ
     by far less). On a mismatch, given the `sparse_weights` and `target` it was built with, the model is
     rebuilt with every MatMul/Gemm/Conv output exposed, and the error names the first such node that differs.
     `model_file`, where `model` is saved already, is what onnxruntime reads (no copy serialised in Python).
     """
     names = [value.name for value in model.graph.output]
-    ours = _run_compiled(compiled, model, inputs)
-    theirs = _run_onnxruntime(model_file or model, inputs)
-    bad = next((name for name, a, b in zip(names, ours, theirs) if not _close(a, b, rtol)), None)
+    ours = _run_compiled(compiled, model, inputs, target)
+    theirs = onnxruntime_outputs(model_file or model, inputs)
+    bad = first_mismatch(names, ours, theirs, rtol)
     if bad is None:
         return
     where = f"output {bad!r}"
@@ -101,23 +104,14 @@ def check_against_onnxruntime(
         layer = _first_differing_layer(model, inputs, rtol, sparse_weights or {}, target)
         if layer is not None:
             where = f"layer {layer!r} (first differing node; model output {bad!r})"
-    error = _relative_error(ours[names.index(bad)], theirs[names.index(bad)])
+    error = relative_error(ours[names.index(bad)], theirs[names.index(bad)])
     raise CodegenError(f"compiled model differs from onnxruntime at {where}: relative error {error:.2e} > {rtol:g}")
 
 
-def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    if ours.shape != theirs.shape:
-        return float("inf")
-    scale = max(float(np.max(np.abs(theirs), initial=0.0)), np.finfo(np.float32).tiny)
-    return float(np.max(np.abs(ours.astype(np.float64) - theirs), initial=0.0)) / scale
-
-
-def _close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
-    return _relative_error(ours, theirs) <= rtol
-
-
-def _run_compiled(compiled, model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of a LoadedModel, or of an Executable exported and loaded as a deployment would load it.
+def _run_compiled(compiled, model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+                  target: TargetProfile | None = None) -> list[np.ndarray]:
+    """Outputs of a LoadedModel, or of an Executable built for `target` (default x86) exported and loaded
+    as a deployment would load it.
 
     (Running a VM on the Executable itself would also mark its constants with memory scopes that a
     later export saves, and every load of that artifact then logs TVM warnings.)"""
@@ -125,18 +119,13 @@ def _run_compiled(compiled, model: onnx.ModelProto, inputs: Mapping[str, np.ndar
         return compiled.run(inputs)
     from pruneaug.codegen.export import export_artifact, model_signature
     from pruneaug.cost_model.targets import resolve_target
-    from pruneaug.runtime import load
+    from pruneaug.runtime import device_for, load
 
+    target = target or resolve_target("x86")
     shapes = {name: list(array.shape) for name, array in inputs.items()}
     with tempfile.TemporaryDirectory(prefix="pruneaug-gate-") as folder:
-        path = export_artifact(compiled, resolve_target("x86"), Path(folder) / "gate", model_signature(model, shapes))
-        return load(path).run(inputs)
-
-
-def _run_onnxruntime(model: onnx.ModelProto | Path, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    from pruneaug.passes.ort_run import make_session
-
-    return make_session(model).run(None, dict(inputs))
+        path = export_artifact(compiled, target, Path(folder) / "gate", model_signature(model, shapes))
+        return load(path, device_for(target.kind)).run(inputs)
 
 
 def _first_differing_layer(model, inputs, rtol, sparse_weights, target) -> str | None:
@@ -154,12 +143,12 @@ def _first_differing_layer(model, inputs, rtol, sparse_weights, target) -> str |
             )
     names = [value.name for value in exposed.graph.output]
     shapes = {name: array.shape for name, array in inputs.items()}
-    ours = _run_compiled(build_model(exposed, sparse_weights, target, shapes), exposed, inputs)
-    theirs = dict(zip(names, _run_onnxruntime(exposed, inputs)))
+    ours = _run_compiled(build_model(exposed, sparse_weights, target, shapes), exposed, inputs, target)
+    theirs = dict(zip(names, onnxruntime_outputs(exposed, inputs)))
     ours_by_name = dict(zip(names, ours))
     for node in layers:
         name = node.output[0]
-        if not _close(ours_by_name[name], theirs[name], rtol):
+        if not close(ours_by_name[name], theirs[name], rtol):
             return node.name or name
     return None
 
@@ -363,7 +352,7 @@ class _LinearRewriter:
         pads, dilations = tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation)
         out_shape = [int(d) for d in call.ty.shape]
         name = "bsr_conv2d" if entry is not None else "dense_conv2d"
-        if strides == (1, 1):
+        if strides == (1, 1) or self.target.kind == "cuda":  # the CUDA kernel reads strided inputs directly
             kernel = bsr.bsr_conv2d_kernel(self.target, tuple(x_shape), bsr.to_bsr(w, block), kernel_hw, strides,
                                            pads, dilations, bias=bias, name=name, activation=found.activation)
             return self._call(kernel, found.x, out_shape)

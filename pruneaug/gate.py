@@ -1,0 +1,39 @@
+"""The correctness gate's comparison: a compiled model's outputs against onnxruntime's on the same inputs.
+
+Kept free of TVM's compiler, so that `tools/check_artifact.py` can run the gate on a deployment
+machine that has TVM's runtime alone (a GPU box for a CUDA artifact compiled elsewhere).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+GATE_RTOL = 1e-4  # float32 sums taken in another order differ by far less
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """`max|ours - theirs| / max|theirs|`; infinite when the shapes differ."""
+    if ours.shape != theirs.shape:
+        return float("inf")
+    scale = max(float(np.max(np.abs(theirs), initial=0.0)), np.finfo(np.float32).tiny)
+    return float(np.max(np.abs(ours.astype(np.float64) - theirs), initial=0.0)) / scale
+
+
+def close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
+    return relative_error(ours, theirs) <= rtol
+
+
+def first_mismatch(names: Sequence[str], ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray],
+                   rtol: float) -> str | None:
+    """The first output name whose arrays differ by more than `rtol`, or None when all match."""
+    return next((name for name, a, b in zip(names, ours, theirs) if not close(a, b, rtol)), None)
+
+
+def onnxruntime_outputs(model: onnx.ModelProto | Path, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The reference: the model (in memory or its file) run by onnxruntime on the CPU."""
+    from pruneaug.passes.ort_run import make_session
+
+    return make_session(model).run(None, dict(inputs))

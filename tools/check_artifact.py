@@ -1,0 +1,81 @@
+"""Run a compile's artifact on the machine it was built for: the correctness gate, then its latency.
+
+    python tools/check_artifact.py out/ [--calib calib.npz] [--repeat 200]
+
+For a target the compiling machine cannot run (cuda without a GPU there, arm64), the compile writes the
+artifact ungated. Copy the output folder to the device and run this: it loads `model.<target>.so`
+with TVM's runtime alone (`pruneaug.load`; no compiler needed), runs it on the calibration inputs
+(seeded random inputs without `--calib`) and compares with `pruned.onnx` in onnxruntime, with the
+compile's own gate tolerance; then prints the artifact's median latency and onnxruntime's on this
+machine's CPU for reference. Exits non-zero on a mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a compile's output folder (pruned.onnx and model.<target>.so)")
+    parser.add_argument("--calib", type=Path, help=".npz of inputs (the compile's --calib)")
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+
+    import onnx
+
+    from pruneaug.deploy import sample_inputs
+    from pruneaug.errors import PruneaugError
+    from pruneaug.gate import GATE_RTOL, first_mismatch, onnxruntime_outputs, relative_error
+    from pruneaug.passes.ort_run import make_session
+    from pruneaug.runtime import device_for, load
+
+    artifacts = sorted(args.folder.glob("model.*.so"))
+    if not artifacts:
+        sys.exit(f"check_artifact: {args.folder}: no model.<target>.so in it")
+    pruned_file = args.folder / "pruned.onnx"
+    pruned = onnx.load(pruned_file)
+    calib = dict(np.load(args.calib)) if args.calib else None
+    for artifact in artifacts:
+        signature = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+        shapes = {value["name"]: value["shape"] for value in signature["inputs"]}
+        inputs = sample_inputs(pruned, shapes, calib)
+        try:
+            model = load(artifact, device_for(signature["kind"]))
+        except PruneaugError as err:
+            sys.exit(f"check_artifact: {err}")
+        names = [value.name for value in pruned.graph.output]
+        ours, theirs = model.run(inputs), onnxruntime_outputs(pruned_file, inputs)
+        bad = first_mismatch(names, ours, theirs, GATE_RTOL)
+        if bad is not None:
+            error = relative_error(ours[names.index(bad)], theirs[names.index(bad)])
+            sys.exit(f"check_artifact: {artifact}: output {bad!r} differs from onnxruntime's: relative error "
+                     f"{error:.2e} > {GATE_RTOL:g}")
+        session = make_session(pruned_file)
+        ours = model.benchmark(inputs, repeat=args.repeat)
+        ort = _ort_benchmark(session, inputs, args.repeat)
+        print(f"{artifact}: matches onnxruntime (rtol {GATE_RTOL:g}); median {ours['median'] * 1e6:.1f} µs "
+              f"(p10 {ours['p10'] * 1e6:.1f}, p90 {ours['p90'] * 1e6:.1f}) on {signature['kind']}; "
+              f"onnxruntime CPU on this machine {ort * 1e6:.1f} µs ({ort / ours['median']:.2f}x)")
+
+
+def _ort_benchmark(session, inputs, repeat: int) -> float:
+    import time
+
+    session.run(None, inputs)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, inputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+if __name__ == "__main__":
+    main()
