@@ -300,6 +300,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model:
         finally:
             phases.lap("artifact")
         if deploy.times_here(profile):
+            deploy.release_freed_memory()  # before the workers load their models
             # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
             extra["model_latency"] = deploy.measure_model_latency(dense_model, staging / "pruned.onnx", artifact,
                                                                   inputs)

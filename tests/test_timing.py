@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,3 +171,22 @@ def test_models_on_disk_are_timed_from_their_own_files(models, tmp_path, monkeyp
                                            repeat=2, runs_per_round=2)
     assert saved == []  # nothing written again: the workers read the given files
     assert latency["onnxruntime_dense_s"] > 0 and latency["onnxruntime_pruned_s"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_freed_heap_goes_back_to_the_os():
+    # 1000 blocks of 100 KB (below malloc's mmap threshold: on the heap), all freed but the last, which
+    # pins the heap's top: the freed pages stay resident until release_freed_memory trims them.
+    script = ("import os\n"
+              "from pruneaug.deploy import release_freed_memory\n"
+              "page = os.sysconf('SC_PAGE_SIZE')\n"
+              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page\n"
+              "blocks = [bytearray(100_000) for _ in range(1000)]\n"
+              "last = blocks[-1]\n"
+              "del blocks\n"
+              "before = rss()\n"
+              "release_freed_memory()\n"
+              "print(before - rss())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 50_000_000
