@@ -5,8 +5,6 @@ import base64
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import onnxruntime
 import pytest
 
 from devices import requires_cuda_gpu
+from fresh_python import run_python
 
 import zoo
 from pruneaug.codegen.export import export_artifact, model_signature
@@ -115,9 +114,7 @@ def run_in_fresh_process(artifact: Path, device: str, inputs: dict, tmp_path: Pa
     )
     path = os.pathsep.join(filter(None, [str(runtime_only_tvm(tmp_path / "site")), str(REPO),
                                          os.environ.get("PYTHONPATH")]))  # tvm_ffi may live on the old path
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": path},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    run_python(script, env={**os.environ, "PYTHONPATH": path})
     return np.load(tmp_path / "y.npy")
 
 
@@ -238,8 +235,7 @@ def test_skip_unused_torch_refuses_the_import_and_leaves_sys_modules_clean():
               "else:\n    raise SystemExit('torch imported')\n"
               "assert 'torch' not in sys.modules\n"
               "assert sum(type(finder).__name__ == '_NoTorch' for finder in sys.meta_path) == 1\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    run_python(script)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")

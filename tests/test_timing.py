@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fresh_python import run_python
 from pruneaug import deploy, timing
 from pruneaug.passes import ort_run
 from pruneaug.report import render_markdown
@@ -187,6 +187,4 @@ def test_freed_heap_goes_back_to_the_os():
               "before = rss()\n"
               "release_freed_memory()\n"
               "print(before - rss())\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout) > 50_000_000
+    assert int(run_python(script)) > 50_000_000

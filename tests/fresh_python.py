@@ -1,0 +1,13 @@
+"""Run a script in a fresh Python, for behaviour that depends on what a process has imported or allocated."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+
+
+def run_python(script: str, env: Mapping[str, str] | None = None, timeout_s: float = 120) -> str:
+    """The script's stdout; the test fails with its stderr when it exits non-zero."""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
