@@ -26,10 +26,16 @@ def close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
     return relative_error(ours, theirs) <= rtol
 
 
-def first_mismatch(names: Sequence[str], ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray],
-                   rtol: float) -> str | None:
-    """The first output name whose arrays differ by more than `rtol`, or None when all match."""
-    return next((name for name, a, b in zip(names, ours, theirs) if not close(a, b, rtol)), None)
+def output_mismatch(model: onnx.ModelProto, ours: Sequence[np.ndarray], inputs: Mapping[str, np.ndarray],
+                    rtol: float = GATE_RTOL, model_file: Path | None = None) -> tuple[str, float] | None:
+    """The first of `model`'s outputs where `ours` (the compiled model's outputs on `inputs`, in the
+    graph's output order) differ from onnxruntime's by more than `rtol`, with that relative error; None
+    when all match. `model_file`, where `model` is saved already, is what onnxruntime reads."""
+    theirs = onnxruntime_outputs(model_file or model, inputs)
+    for value, a, b in zip(model.graph.output, ours, theirs):
+        if not close(a, b, rtol):  # (a NaN error is a mismatch)
+            return value.name, relative_error(a, b)
+    return None
 
 
 def onnxruntime_outputs(model: onnx.ModelProto | Path, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

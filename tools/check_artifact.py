@@ -32,7 +32,7 @@ def main() -> None:
 
     from pruneaug.deploy import sample_inputs
     from pruneaug.errors import PruneaugError
-    from pruneaug.gate import GATE_RTOL, first_mismatch, onnxruntime_outputs, relative_error
+    from pruneaug.gate import GATE_RTOL, output_mismatch
     from pruneaug.passes.ort_run import make_session
     from pruneaug.runtime import device_for, load
 
@@ -50,13 +50,10 @@ def main() -> None:
             model = load(artifact, device_for(signature["kind"]))
         except PruneaugError as err:
             sys.exit(f"check_artifact: {err}")
-        names = [value.name for value in pruned.graph.output]
-        ours, theirs = model.run(inputs), onnxruntime_outputs(pruned_file, inputs)
-        bad = first_mismatch(names, ours, theirs, GATE_RTOL)
-        if bad is not None:
-            error = relative_error(ours[names.index(bad)], theirs[names.index(bad)])
-            sys.exit(f"check_artifact: {artifact}: output {bad!r} differs from onnxruntime's: relative error "
-                     f"{error:.2e} > {GATE_RTOL:g}")
+        mismatch = output_mismatch(pruned, model.run(inputs), inputs, GATE_RTOL, pruned_file)
+        if mismatch is not None:
+            sys.exit(f"check_artifact: {artifact}: output {mismatch[0]!r} differs from onnxruntime's: relative "
+                     f"error {mismatch[1]:.2e} > {GATE_RTOL:g}")
         session = make_session(pruned_file)
         ours = model.benchmark(inputs, repeat=args.repeat)
         ort = _ort_benchmark(session, inputs, args.repeat)

@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from pruneaug.codegen import bsr
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
-from pruneaug.gate import GATE_RTOL, close, first_mismatch, onnxruntime_outputs, relative_error
+from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
 from pruneaug.ir.prunable import find_weight_use
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is
@@ -94,18 +94,15 @@ def check_against_onnxruntime(
     rebuilt with every MatMul/Gemm/Conv output exposed, and the error names the first such node that differs.
     `model_file`, where `model` is saved already, is what onnxruntime reads (no copy serialised in Python).
     """
-    names = [value.name for value in model.graph.output]
-    ours = _run_compiled(compiled, model, inputs, target)
-    theirs = onnxruntime_outputs(model_file or model, inputs)
-    bad = first_mismatch(names, ours, theirs, rtol)
-    if bad is None:
+    mismatch = output_mismatch(model, _run_compiled(compiled, model, inputs, target), inputs, rtol, model_file)
+    if mismatch is None:
         return
+    bad, error = mismatch
     where = f"output {bad!r}"
     if target is not None:
         layer = _first_differing_layer(model, inputs, rtol, sparse_weights or {}, target)
         if layer is not None:
             where = f"layer {layer!r} (first differing node; model output {bad!r})"
-    error = relative_error(ours[names.index(bad)], theirs[names.index(bad)])
     raise CodegenError(f"compiled model differs from onnxruntime at {where}: relative error {error:.2e} > {rtol:g}")
 
 
