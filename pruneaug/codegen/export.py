@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import onnx
@@ -32,6 +33,7 @@ from pruneaug.errors import CodegenError
 from pruneaug.runtime import cuda_source_key
 
 SIGNATURE_SCHEMA = 1
+CUDA_FATBINS_KEPT = 16  # compiled CUDA modules remembered by source (a model's build has one or a few)
 CROSS_COMPILER = "aarch64-linux-gnu-gcc"
 
 
@@ -105,16 +107,23 @@ def cuda_fatbin(source: str, target: TargetProfile) -> bytes:
     """A fatbin of CUDA `source`: SASS for the target's arch and for every newer arch of the CUDA profiles,
     plus the target's PTX for GPUs newer still. (PTX alone is not enough on a newer GPU: the driver's
     JIT library is missing from some containers, which then fail with CUDA_ERROR_NO_BINARY_FOR_GPU.)"""
+    try:
+        return _fatbin(source, _sm_number(target))
+    except (RuntimeError, OSError) as err:
+        raise CodegenError(f"nvcc could not compile the CUDA kernels for {target.name}: {err}") from err
+
+
+@lru_cache(maxsize=CUDA_FATBINS_KEPT)
+def _fatbin(source: str, arch: int) -> bytes:
+    """nvcc's fatbin of `source` for `arch` and newer (`cuda_fatbin`), memoised: on a machine with a GPU
+    the build compiles each module (`cuda_binaries_at_build`) and the export asks for the same sources."""
+    import tvm
     from tvm.support import nvcc
 
-    arch = _sm_number(target)
     gencode = [item for sm in cuda_archs_from(arch) for item in ("-gencode", f"arch=compute_{sm},code=sm_{sm}")]
     gencode += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
-    with target.tvm():
-        try:
-            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
-        except (RuntimeError, OSError) as err:
-            raise CodegenError(f"nvcc could not compile the CUDA kernels for {target.name}: {err}") from err
+    with tvm.target.Target({"kind": "cuda", "arch": f"sm_{arch}"}):  # nvcc's options read the arch off it
+        return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
 
 
 @contextlib.contextmanager
