@@ -243,3 +243,26 @@ def test_the_frontend_does_not_check_the_model_again(monkeypatch):
     assert calls == []
     onnx.checker.check_model(zoo.mlp())  # and the checker is back afterwards
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("rule, shapes", [
+    ("_InjectiveRule", {"small": [16, 128], "large": [128, 256]}),
+    ("_LoopNestRule", {"small": [4, 16, 8], "large": [4, 64, 64]}),
+])
+def test_only_blocks_worth_a_fork_run_in_parallel(x86, rule, shapes):
+    from tvm import te
+
+    def prim_func(shape):
+        if rule == "_InjectiveRule":
+            a = te.placeholder(shape, name="a")
+            return te.create_prim_func([a, te.compute(shape, lambda i, j: a[i, j] * 2.0 + 1.0, name="y")])
+        heads, rows, depth = shape
+        a, b = te.placeholder(shape, name="a"), te.placeholder(shape, name="b")
+        k = te.reduce_axis((0, depth), name="k")
+        y = te.compute((heads, rows, rows), lambda h, i, j: te.sum(a[h, i, k] * b[h, j, k], axis=k), name="y")
+        return te.create_prim_func([a, b, y])
+
+    scheduled = {size: getattr(relax_build, rule)(x86).apply(prim_func(shape), None, False).mod.script()
+                 for size, shape in shapes.items()}
+    assert "T.parallel" not in scheduled["small"]
+    assert "T.parallel" in scheduled["large"]
