@@ -21,6 +21,7 @@ import numpy as np
 
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec
+from pruneaug.passes.parallel import map_threads
 
 POOLS = ("l2", "mean", "max")
 
@@ -175,12 +176,17 @@ def assign_blocks(ir: IRModel, blocks: Mapping[str, BlockSpec]) -> IRModel:
 def apply_masks(ir: IRModel, pool: str = "l2") -> IRModel:
     """Mask every prunable node by its block spec and importance; weights outside the mask become 0."""
     result = ir.copy()
-    for node in ir.prunable_nodes():
-        data = result.graph.nodes[node]
+    nodes = ir.prunable_nodes()
+
+    def masked(node: str) -> tuple[np.ndarray, np.ndarray | None]:
+        data = ir.graph.nodes[node]
         mask = layer_mask(data["importance"], data["block"], pool)
-        data["mask"] = mask
-        if not mask.all():
-            result.weights[ir.layer(node).weight] = ir.masked_weight(node, mask)
+        return mask, None if mask.all() else ir.masked_weight(node, mask)
+
+    for node, (mask, weight) in zip(nodes, map_threads(masked, nodes)):  # every core: BERT-base masks 85M weights
+        result.graph.nodes[node]["mask"] = mask
+        if weight is not None:
+            result.weights[ir.layer(node).weight] = weight
     return result
 
 

@@ -47,6 +47,7 @@ from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec, PrunableLayer
 from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits
+from pruneaug.passes.parallel import map_threads
 from pruneaug.passes.proxy import proxy_losses
 
 LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
@@ -149,15 +150,17 @@ def search_space(ir: IRModel, latency: LatencyFn, blocks: Sequence[tuple[int, in
     """
     nodes = tuple(ir.prunable_nodes() if nodes is None else nodes)
     grid = [s for s in sparsities if s > 0]
-    options: dict[str, dict[tuple[int, int], tuple[Option, ...]]] = {}
-    for node in nodes:
-        layer = ir.layer(node)
-        usable = [b for b in blocks if grid and fits(layer.shape, b) and (supported is None or supported(layer, b))]
-        options[node] = {
-            block: tuple(Option(block, s, float(latency(layer, block, s)), float(loss))
-                         for s, loss in zip(grid, proxy_losses(ir, node, block, grid, pool)))
-            for block in usable
-        }
+    usable = {node: [b for b in blocks if grid and fits(ir.layer(node).shape, b)
+                     and (supported is None or supported(ir.layer(node), b))] for node in nodes}
+    # the proxy losses (numpy) on every core; the latencies (the cost model's cache) on this thread
+    losses = dict(zip(nodes, map_threads(lambda node: [proxy_losses(ir, node, b, grid, pool) for b in usable[node]],
+                                         nodes)))
+    options = {
+        node: {block: tuple(Option(block, s, float(latency(ir.layer(node), block, s)), float(loss))
+                            for s, loss in zip(grid, block_losses))
+               for block, block_losses in zip(usable[node], losses[node])}
+        for node in nodes
+    }
     return SearchSpace(nodes, {n: dense_option(ir, n, latency) for n in nodes}, options)
 
 
