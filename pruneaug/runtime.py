@@ -176,21 +176,31 @@ def cuda_source_key(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+# Digest of a CUDA source -> its binary, from every artifact loaded in this process (one callback serves them).
+_CUDA_BINARIES: dict[str, bytes] = {}
+
+
 def _serve_cuda_binaries(binaries: dict[str, bytes]) -> None:
     """Answer TVM's request to compile CUDA source with the binary compiled ahead of time for that source.
 
     TVM's CUDA runtime calls the global `tvm_callback_cuda_compile(source)` when it loads a module that
     carries source; sources we have a binary for get it, others go to the callback registered before.
+    One callback, registered at the first load, serves every artifact loaded since: a new one per load
+    wrapped the one before, a chain one call longer with every load of a long-lived process.
     """
     import tvm  # noqa: F401 - TVM registers its own callback on import (without override): it must come first
     import tvm_ffi
 
+    first = not _CUDA_BINARIES
+    _CUDA_BINARIES.update(binaries)
+    if not first:
+        return
     previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
 
     def compile_cuda(source, *rest):
-        key = cuda_source_key(str(source))
-        if key in binaries:
-            return binaries[key]
+        binary = _CUDA_BINARIES.get(cuda_source_key(str(source)))
+        if binary is not None:
+            return binary
         if previous is None:
             raise RuntimeError("no compiled binary for this CUDA module and no CUDA compiler registered")
         return previous(source, *rest)

@@ -252,3 +252,37 @@ def test_cuda_build_embeds_binaries_for_newer_gpus_too():
     assert sorted(fatbin_entries(bytes(binary))) == [("elf", 80), ("elf", 90), ("ptx", 80)]
     after = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
     assert (before is None and after is None) or before.same_as(after)
+
+
+@pytest.fixture
+def cuda_compile_callback(monkeypatch):
+    """TVM's `tvm_callback_cuda_compile` replaced by a recorder for the test, and put back after it."""
+    import tvm_ffi
+
+    saved = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    asked = []
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", lambda source, *_: asked.append(str(source)) or b"nvrtc",
+                                 override=True)
+    monkeypatch.setattr(runtime, "_CUDA_BINARIES", {})
+    yield asked
+    if saved is not None:
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", saved, override=True)
+    else:
+        tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
+
+
+def test_one_callback_serves_the_cuda_binaries_of_every_loaded_artifact(cuda_compile_callback, monkeypatch):
+    import tvm_ffi
+
+    registered = []
+    real_register = tvm_ffi.register_global_func
+    monkeypatch.setattr(tvm_ffi, "register_global_func", lambda *a, **k: registered.append(a[0]) or real_register(*a, **k))
+    sources = ["extern \"C\" __global__ void a() {}", "extern \"C\" __global__ void b() {}", "// not shipped"]
+    for index, source in enumerate(sources[:2]):  # two artifacts loaded one after the other
+        runtime._serve_cuda_binaries({runtime.cuda_source_key(source): f"binary {index}".encode()})
+    callback = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(callback(sources[0], "fatbin")) == b"binary 0"
+    assert bytes(callback(sources[1], "fatbin")) == b"binary 1"
+    assert bytes(callback(sources[2], "fatbin")) == b"nvrtc"  # what no artifact ships goes to the callback before
+    assert cuda_compile_callback == [sources[2]]
+    assert registered == ["tvm_callback_cuda_compile"]  # once: the second load did not wrap the first's callback
