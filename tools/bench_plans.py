@@ -133,11 +133,12 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, args) -> None:
             continue
         got = [_ratio_of(runs, name + suffix, "chosen" + suffix, statistic)
                for suffix in ("", VM) for statistic in ("median_s", "p10_s")]
-        verdict = "met" if got[0] and got[0] >= goal else "not met"
+        # both medians must agree: on a shared machine one of them alone has read 1.26x where the other read 0.71x
+        verdict = "met" if all(g and g >= goal for g in (got[0], got[2])) else "not met"
         print(f"\nchosen vs {name}: {_fmt(got[0])} measured by run (p10: {_fmt(got[1])}), {_fmt(got[2])} by the "
               f"compiled function (p10: {_fmt(got[3])}); predicted "
               f"{ratio(plans[name][0]['predicted_latency_s'], search['predicted_latency_s'])}; "
-              f"goal >= {goal}x: {verdict} (by the run median)")
+              f"goal >= {goal}x: {verdict} (by both medians)")
 
 
 def _ratio_of(runs: dict, name: str, chosen: str, statistic: str) -> float | None:

@@ -42,7 +42,7 @@ from pruneaug.ir.prunable import find_weight_use
 
 # A block runs in parallel from this many iterations up (elements of an elementwise op, multiply-adds
 # of a matmul): below it a fork and join of the thread pool cost more than they save. The bundled
-# encoder at batch 1 (add, reshape and attention-matmul blocks of 2k-33k iterations): 8-15% faster at 2
+# encoder at batch 1 (add, reshape and attention-matmul blocks of 2k-33k iterations): 6-11% faster at 2
 # threads; models whose blocks are all larger (the CNN at batch 32, the encoder at batch 32) unchanged.
 PARALLEL_MIN_WORK = 1 << 14
 
