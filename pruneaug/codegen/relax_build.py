@@ -543,9 +543,11 @@ def _largest_divisor(extent: int, candidates: Sequence[int]) -> int:
     return next((c for c in candidates if extent % c == 0), 1)
 
 
-def _parallel_outer(sch, loops, cores: int, work: int):
-    """Fuse leading loops until there is enough parallel work for the cores; parallelise the fused loop
-    where `work` (the block's iterations) is worth a fork and join of the thread pool (PARALLEL_MIN_WORK)."""
+def _parallel_outer(sch, block, loops, cores: int):
+    """Fuse leading loops of `block` until there is enough parallel work for the cores; parallelise the
+    fused loop where the block's iterations (the product of its loops' extents) are worth a fork and
+    join of the thread pool (PARALLEL_MIN_WORK)."""
+    work = math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(block))
     fused_extent, count = 1, 0
     for loop in loops:
         count += 1
@@ -556,11 +558,6 @@ def _parallel_outer(sch, loops, cores: int, work: int):
     if cores > 1 and work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
     return outer
-
-
-def _iterations(sch, block) -> int:
-    """How many times `block`'s body runs: the product of its loops' extents."""
-    return math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(block))
 
 
 class _CPURule:
@@ -641,7 +638,7 @@ class _LoopNestRule(_CPURule):
         sch.vectorize(sch.get_loops(accumulator)[-1])
         sch.unroll(row_in)
         sch.vectorize(col_in)
-        outer = _parallel_outer(sch, [*spatial[:-2], row_out], self.cores, _iterations(sch, main.block_rv))
+        outer = _parallel_outer(sch, main.block_rv, [*spatial[:-2], row_out], self.cores)
         for producer in infos[: reductions[0]]:
             sch.compute_at(producer.block_rv, outer, preserve_unit_loops=True)
             _vectorize_innermost(sch, sch.get_loops(producer.block_rv)[-1], self.lanes)
@@ -694,7 +691,7 @@ class _ParallelFallback(_CPURule):
             n_spatial = len(kinds) - len(kinds.lstrip("S"))
             loops = sch.get_loops(info.block_rv)
             if n_spatial and len(loops) == len(kinds):
-                _parallel_outer(sch, loops[:n_spatial], self.cores, _iterations(sch, info.block_rv))
+                _parallel_outer(sch, info.block_rv, loops[:n_spatial], self.cores)
         return True
 
 
@@ -707,7 +704,7 @@ def _schedule_injective(sch, block, lanes: int, cores: int) -> None:
     outer = sch.get_loops(block)
     outer = outer[:-1] if vector is not None else outer
     if outer:
-        _parallel_outer(sch, outer, cores, _iterations(sch, block))
+        _parallel_outer(sch, block, outer, cores)
 
 
 def _has_if_then_else(block) -> bool:
