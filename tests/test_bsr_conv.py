@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from devices import requires_cuda_gpu
 
 from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, kernel_arguments, random_bsr_weight
-from pruneaug.codegen.schedule import conv_schedule
+from pruneaug.codegen.schedule import conv_schedule, kernel_schedule
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 
@@ -92,7 +92,7 @@ def test_relu_epilogue_matches_onnxruntime(case):
 def test_short_rows_are_vectorised_over_channels(out_hw, block, layout):
     """On AVX2 (8 lanes); the kernel is built with the schedule's tiles (the cost model reads the same)."""
     avx2 = dataclasses.replace(resolve_target("x86"), simd_bytes=32)
-    schedule = conv_schedule(avx2, out_hw, block)
+    schedule = conv_schedule(avx2, out_hw, block, pixels=1 << 20, nnz_blocks=1 << 10)
     assert schedule.layout == layout
     if layout == "chanvec":
         assert schedule.tiles["tile_h"] * schedule.tiles["tile_w"] * -(-block[0] // 8) <= 8
@@ -101,6 +101,26 @@ def test_short_rows_are_vectorised_over_channels(out_hw, block, layout):
                                    (0, 0, 0, 0), (1, 1))
         acc = re.search(r"acc = T.alloc_buffer\(\((\d+), (\d+), (\d+)\)", kernel.primfunc.script()).groups()
         assert tuple(int(d) for d in acc) == (schedule.tiles["tile_h"], schedule.tiles["tile_w"], block[0])
+
+
+@pytest.mark.parametrize("x_shape,out_c,parallel", [
+    ((1, 8, 8, 8), 16, 0),      # 8x8 map, 16 -> 16 channels at batch 1: 37k multiply-adds, serial
+    ((1, 64, 14, 14), 64, 1),   # 14x14, 64 -> 64: 3.6M, on the thread pool
+])
+def test_small_convs_run_on_the_calling_thread(x_shape, out_c, parallel):
+    """The conv decides as the matmul kernel the cost model times for it does (m = pixels), padding
+    copy included."""
+    two_cores = dataclasses.replace(resolve_target("x86"), cores=2, simd_bytes=32)
+    weight = random_bsr_weight(out_c, x_shape[1] * 9, (8, 8), 0.5)
+    kernel = bsr_conv2d_kernel(two_cores, x_shape, weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    pixels = x_shape[2] * x_shape[3]
+    assert kernel_schedule(two_cores, pixels, out_c, x_shape[1] * 9, (8, 8), weight.nnz_blocks).tiles["parallel"] == parallel
+    assert kernel.primfunc.script().count("T.parallel") == 2 * parallel  # the padded copy and the product
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    args = kernel_arguments(kernel, x, tvm.cpu())
+    compile_kernel(kernel, two_cores)[kernel.name](*args)
+    w4 = weight.to_dense().reshape(out_c, x_shape[1], 3, 3)
+    np.testing.assert_allclose(args[-1].numpy(), _ort_conv(x, w4, None, (1, 1), (1, 1, 1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
 
 
 def test_conv_weight_shape_mismatch_is_a_codegen_error():

@@ -207,6 +207,37 @@ def test_kernels_are_built_with_the_shared_schedule(target, m, block):
         assert schedule.layout == "mvec" and acc == (tiles["row_group"], tiles["m_tile"])
 
 
+@pytest.mark.parametrize("m,out,in_,block,density,parallel", [
+    (1, 128, 128, (8, 8), 0.3, 0),        # batch 1, 4.9k kept weights: under a fork and join's worth
+    (1, 768, 3072, (1, 1), 0.3, 1),       # batch 1, 700k kept weights
+    (4, 512, 512, (16, 16), 0.3, 1),      # 315k multiply-adds
+    (16, 256, 256, (4, 1), 0.1, 0),       # m vectorised: 16 rows of X are two vectors of lanes
+])
+def test_small_kernels_run_on_the_calling_thread(m, out, in_, block, density, parallel):
+    """`runs_parallel` decides from the work; the kernel has a parallel loop exactly where it says so,
+    and one core never forks."""
+    two_cores = dataclasses.replace(X86, cores=2, simd_bytes=32)
+    weight = random_bsr_weight(out, in_, block, density, seed=1)
+    kernel = bsr_matmul_kernel(two_cores, m, weight)
+    assert kernel_schedule(two_cores, m, out, in_, block, weight.nnz_blocks).tiles["parallel"] == parallel
+    assert ("T.parallel" in kernel.primfunc.script()) == bool(parallel)
+    one_core = bsr_matmul_kernel(dataclasses.replace(two_cores, cores=1), m, weight)
+    assert "T.parallel" not in one_core.primfunc.script()
+
+
+@pytest.mark.parametrize("block", [(1, 1), (8, 8)])
+@pytest.mark.parametrize("parallel", [0, 1])
+def test_serial_and_parallel_kernels_match_numpy(block, parallel):
+    """Both ways of running a kernel (forced, as `tools/bench_kernels.py --part parallel` compares them)."""
+    rng = np.random.default_rng(3)
+    weight = random_bsr_weight(72, 48, block, 0.4, seed=3)
+    bias = rng.standard_normal(72).astype(np.float32)
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    kernel = bsr_matmul_kernel(X86, 5, weight, bias, activation="relu", parallel=parallel)
+    assert ("T.parallel" in kernel.primfunc.script()) == bool(parallel)
+    np.testing.assert_allclose(_run(kernel, x), np.maximum(x @ weight.to_dense().T + bias, 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_kernel_timed_through_rpc(tmp_path):
     """The cost model times kernels on boards through TVM RPC with the same code as locally."""

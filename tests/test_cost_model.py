@@ -142,6 +142,18 @@ def test_parallel_efficiency_counts_whole_block_rows():
     np.testing.assert_allclose(two_rows[FLOPS:OUTS + 1], four_rows[FLOPS:OUTS + 1])
 
 
+def test_a_kernel_off_the_thread_pool_does_all_its_work_on_one_core(monkeypatch):
+    """A layer too small to fork for (`schedule.runs_parallel`) has no parallel region, and its busiest
+    core walks every block row; forced onto the pool, the A76's four cores share them."""
+    serial = analytical.features(A76, 64, 256, 1, (8, 8), 0.5)
+    monkeypatch.setattr(schedule, "PARALLEL_MIN_LANE_MACS", 0)
+    monkeypatch.setattr(analytical, "_MEMO", {})
+    parallel = analytical.features(A76, 64, 256, 1, (8, 8), 0.5)
+    assert serial[LAUNCHES] == 0 and parallel[LAUNCHES] == 1
+    assert serial[ROW_TILES] == 8 and parallel[ROW_TILES] == 2  # 8 block rows
+    assert serial[FLOPS] == 4 * parallel[FLOPS]
+
+
 def test_features_count_the_kernels_own_tiles():
     """The tiles are codegen's `kernel_schedule`: dense 768x3072 at m=128 on the A76 cuts X into six
     column chunks (each a pass over Y) and takes m in tiles of 2 rows."""

@@ -81,6 +81,8 @@ def test_run_and_benchmark(x86_artifact, model, inputs):
     figures = loaded.benchmark(inputs, repeat=5)
     assert set(figures) == {"median", "p10", "p90"}
     assert 0 < figures["p10"] <= figures["median"] <= figures["p90"]
+    seconds = loaded.time_runs(inputs, repeat=7)
+    assert seconds.shape == (7,) and np.all(seconds > 0)
 
 
 def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifact, model, inputs):

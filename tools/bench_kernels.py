@@ -1,10 +1,12 @@
 """Block-sparse kernels against onnxruntime's dense MatMul/Conv, TVM dense and scipy's BSR product.
 
-    TVM_NUM_THREADS is set from --threads before TVM loads; onnxruntime gets the same intra-op count.
+    TVM_NUM_THREADS is set from --threads before TVM loads; onnxruntime gets the same intra-op count,
+    spinning off (`ort_session`).
     python tools/bench_kernels.py [--threads 2] [--rounds 40] [--number 5] [--quick]
     python tools/bench_kernels.py --threads 1 --clock thread   # CPU time: robust to a loaded machine
     python tools/bench_kernels.py --threads 1 --clock thread --baked   # pattern baked in vs read at run time
     python tools/bench_kernels.py --threads 1 --clock thread --part conv   # only the conv table
+    python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -12,6 +14,8 @@ mean call time. Ratios are onnxruntime dense / ours (higher is better). Also pri
 the best rounds (min), which is what the kernel does on a quiet machine. `--clock thread` times
 the calling thread's CPU time instead of the wall clock (with one thread every competitor runs in
 the calling thread): on a machine shared with other jobs it is the figure that does not move.
+The parallel table times every kernel both ways, on the thread pool and on the calling thread, and
+scores `schedule.runs_parallel`'s choice against the faster of the two (PARALLEL_MIN_LANE_MACS).
 The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" along output rows,
 "chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
 schedule picks.
@@ -60,12 +64,11 @@ def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, number
 
 
 def ort_session(model, threads: int):
-    import onnxruntime as ort
+    """onnxruntime with its intra-op threads sleeping between runs: spinning, they took the cores that TVM's
+    thread pool needed next (parallel kernels of a few µs ran 1 ms, a scheduler time slice, beside them)."""
+    from pruneaug.passes.ort_run import make_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return make_session(model, threads, spinning=False)
 
 
 def one_node_model(op: str, x_shape, weight: np.ndarray, **attrs):
@@ -126,6 +129,46 @@ def bench_matmul(target, m: int, rounds: int, number: int, threads: int, blocks,
                       f"| {t['ort'][0] / t['tvm_dense'][0]:.2f}x |", flush=True)
 
 
+PARALLEL_MS = (1, 4, 16)  # rows of X: batch 1 to a few tokens, where a layer's work is small
+PARALLEL_SHAPES = [(128, 128), (256, 256), (512, 512), (768, 768), (768, 3072)]
+PARALLEL_BLOCKS = [(1, 1), (4, 1), (8, 8), (16, 16)]
+
+
+def bench_parallel(target, rounds: int, number: int, threads: int) -> None:
+    from pruneaug.codegen.bsr import bsr_matmul_kernel, random_bsr_weight
+    from pruneaug.codegen.schedule import PARALLEL_MIN_LANE_MACS, runs_parallel
+
+    print(f"\n## Thread pool or calling thread, x86 host, {threads} threads; picked = `runs_parallel` "
+          f"(from {PARALLEL_MIN_LANE_MACS} SIMD-lane multiply-adds)")
+    print("| m | W (out x in) | density | block | serial µs | parallel µs | ort dense µs | parallel/serial "
+          "| picked | picked/best |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    scores: dict[str, list[float]] = {"picked": [], "always parallel": [], "always serial": []}
+    for m in PARALLEL_MS:
+        for out, in_ in PARALLEL_SHAPES:
+            x = rng.standard_normal((m, in_)).astype(np.float32)
+            for density in (0.1, 0.3):
+                for block in PARALLEL_BLOCKS:
+                    weight = random_bsr_weight(out, in_, block, density, seed=1)
+                    session = ort_session(one_node_model("MatMul", x.shape, np.ascontiguousarray(weight.to_dense().T)),
+                                          threads)
+                    calls = {way: tvm_call(bsr_matmul_kernel(target, m, weight, parallel=flag), target, x)
+                             for way, flag in (("serial", 0), ("parallel", 1))}
+                    calls["ort"] = lambda s=session: s.run(None, {"x": x})
+                    t = {name: v[0] for name, v in summarise(time_interleaved(calls, rounds, number)).items()}
+                    picked = "parallel" if runs_parallel(target, m, block, weight.nnz_blocks) else "serial"
+                    best = min(t["serial"], t["parallel"])
+                    for name, way in (("picked", picked), ("always parallel", "parallel"), ("always serial", "serial")):
+                        scores[name].append(t[way] / best)
+                    print(f"| {m} | {out}x{in_} | {density} | {block[0]}x{block[1]} | {t['serial'] * 1e6:.2f} "
+                          f"| {t['parallel'] * 1e6:.2f} | {t['ort'] * 1e6:.2f} | {t['parallel'] / t['serial']:.2f} "
+                          f"| {picked} | {t[picked] / best:.2f} |", flush=True)
+    for name, ratios in scores.items():
+        print(f"{name}: time over the faster way, geometric mean {np.exp(np.mean(np.log(ratios))):.3f}, "
+              f"worst {max(ratios):.2f} ({len(ratios)} kernels)")
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -141,7 +184,7 @@ def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
         x = rng.standard_normal(x_shape).astype(np.float32)
         geo = conv_geometry(x_shape, khw, (1, 1), pads, (1, 1))
         for block in blocks:
-            picked = conv_schedule(target, (geo.out_h, geo.out_w), block).layout
+            picked = conv_schedule(target, (geo.out_h, geo.out_w), block, geo.out_h * geo.out_w, 1).layout
             weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, 0.1, seed=1)
             w4 = weight.to_dense().reshape(out_c, x_shape[1], *khw)
             session = ort_session(one_node_model("Conv", x_shape, w4, pads=list(pads)), threads)
@@ -219,7 +262,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv"], default="all", help="which tables to run")
+    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel"], default="all", help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -246,6 +289,8 @@ def main() -> None:
         bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
+    if args.part in ("all", "parallel"):
+        bench_parallel(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from pruneaug.codegen import conv, cpu_kernels, cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias, random_bsr_weight, to_bsr
 from pruneaug.codegen.cpu_kernels import ACTIVATIONS
-from pruneaug.codegen.schedule import DENSE_BLOCK, kernel_schedule
+from pruneaug.codegen.schedule import DENSE_BLOCK, Schedule, kernel_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 
@@ -64,13 +64,16 @@ def check_activation(activation: str | None) -> None:
 
 
 def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np.ndarray | None = None,
-                      name: str = "bsr_matmul", activation: str | None = None) -> Kernel:
-    """`Y[m, out] = act(X[m, in] @ W.T (+ bias))` with W block-sparse, scheduled for `target`."""
+                      name: str = "bsr_matmul", activation: str | None = None, parallel: int | None = None) -> Kernel:
+    """`Y[m, out] = act(X[m, in] @ W.T (+ bias))` with W block-sparse, scheduled for `target`. `parallel`
+    (0 or 1) overrides the CPU schedule's choice of running on the thread pool (benchmarks compare them)."""
     check_block_supported(target, weight.block)
     check_activation(activation)
     out, in_ = weight.shape
     data, indices = nonempty_blocks(weight)
     schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
+    if parallel is not None and target.kind != "cuda":
+        schedule = Schedule(schedule.layout, {**schedule.tiles, "parallel": parallel})
     if target.kind == "cuda":
         func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, activation=activation,
                                        **schedule.tiles)

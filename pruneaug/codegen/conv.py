@@ -6,8 +6,11 @@ padded input `Xp`: one flat offset per column (`col_offsets`, a kernel constant)
 base. So nothing but the padded input is materialised (and not even that for an unpadded conv whose
 rows the tiles divide). Two layouts, chosen by `schedule.conv_schedule`:
 
-* "pixvec": vectorised over a tile of `wo` within an output row, `acc[row_group, tile] += data[b, row,
-  k] * Xp[off[col] + base : ... : sw]`, data `[nnzb, r, c]`; NCHW output rows stored as they are.
+* "pixvec": vectorised over a tile of `wo` within an output row, `acc[row_group, tile_h, tile] +=
+  data[b, row, k] * Xp[off[col] + base(row y) : ... : sw]` for `tile_h` output rows at once (they
+  share each weight load and are independent FMA chains: a short map's row is one vector, and with
+  1x1 blocks one row per task waited on one accumulator), data `[nnzb, r, c]`; NCHW output rows
+  stored as they are.
 * "chanvec": vectorised over the `r` output channels of a block, `acc[tile_h, tile_w, r] +=
   Xp[off[col] + base(pixel)] * data[b, k, :]`, data prepacked `[nnzb, c, r]`: on short output rows
   (8x8, 14x14 maps) a row is one or two vectors, so "pixvec" has few pixels per kept weight to reuse
@@ -27,7 +30,7 @@ from tvm.script import tirx as T
 
 from pruneaug.codegen import cuda_kernels
 from pruneaug.codegen.bsr_format import BSRWeight, nonempty_blocks, padded_bias
-from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, activation_epilogue, kept_block_count
+from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, activation_epilogue, kept_block_count, outer_loop
 from pruneaug.codegen.schedule import Schedule, conv_schedule
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
@@ -91,6 +94,7 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
     chanvec = schedule.layout == "chanvec"
     assert schedule.layout in ("chanvec", "pixvec"), schedule
     act = activation_epilogue(activation)
+    outer = outer_loop(schedule.tiles["parallel"])
     oh, ow, sh, sw = geo.out_h, geo.out_w, geo.stride_h, geo.stride_w
     hp, wp, top, left = geo.padded_h, geo.padded_w, geo.pad_top, geo.pad_left
     image = c * hp * wp
@@ -102,16 +106,16 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
         image_pad = image
         data_shape = (nnzb, cb, r)
     else:
-        row_group, tile = schedule.tiles["row_group"], schedule.tiles["tile"]
+        row_group, tile, tile_h = schedule.tiles["row_group"], schedule.tiles["tile"], schedule.tiles["tile_h"]
         groups = r // row_group
-        w_tiles = -(-ow // tile)
-        ragged_w = w_tiles * tile != ow
+        h_tiles, w_tiles = -(-oh // tile_h), -(-ow // tile)
+        ragged_h, ragged_w = h_tiles * tile_h != oh, w_tiles * tile != ow
         direct = geo.direct and not ragged_w
         image_pad = image if direct else image + (w_tiles * tile - ow) * sw + 1  # a tail tile reads past its row's end
         data_shape = (nnzb, r, cb)
-        ragged_h = False
 
-    # index arithmetic of the chanvec tasks, named (TVMScript evaluates these Python calls while parsing)
+    # index arithmetic of the tasks (block row, image, row of tile_h output rows), named (TVMScript
+    # evaluates these Python calls while parsing)
     def block_row(task):
         return task // (n * h_tiles)
 
@@ -120,6 +124,12 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
 
     def out_y(task, ty):
         return task % h_tiles * tile_h + ty
+
+    def out_channel(task, g, rr):  # pixvec: row rr of group g of the task's block row
+        return block_row(task) * r + g * row_group + rr
+
+    def out_row(task, g, rr, ty):  # pixvec: where that channel's output row ty starts in Y
+        return ((image_of(task) * out_c + out_channel(task, g, rr)) * oh + out_y(task, ty)) * ow
 
     clamp_h = (lambda y: T.min(y, oh - 1)) if ragged_h else (lambda y: y)
     clamp_w = (lambda x: T.min(x, ow - 1)) if ragged_w else (lambda x: x)
@@ -138,7 +148,7 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
             Xp = T.decl_buffer((n * image,), "float32", data=X.data)
         else:
             Xp = T.alloc_buffer((n * image_pad,), "float32", scope="global")
-            for nc in T.parallel(n * c):
+            for nc in outer(n * c):
                 for y in range(hp):
                     for x in range(wp):
                         if flattened:
@@ -155,7 +165,7 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
         if chanvec:
             # task = (block row, image, row of patches); a tile_h x tile_w patch of pixels times the block's r
             # channels. A thread's tasks are a contiguous range: mostly one block row, its weights kept in L1.
-            for task in T.parallel(block_rows * n * h_tiles):
+            for task in outer(block_rows * n * h_tiles):
                 for wt in range(w_tiles):
                     acc = T.alloc_buffer((tile_h, tile_w, r), "float32", scope="global")
                     for ty in T.unroll(tile_h):
@@ -184,34 +194,38 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
                                     Yf[((image_of(task) * out_c + block_row(task) * r + rr) * oh + out_y(task, ty)) * ow
                                        + wt * tile_w + tx] = acc[ty, tx, rr]
         else:
-            # task = (image, block row, output row); row_group x tile accumulators along the row
-            for task in T.parallel(n * block_rows * oh):
+            # task = (block row, image, row of tile_h output rows), as chanvec's; the tile_h rows share each
+            # weight load and are independent chains of FMAs (one row of a short map is one vector)
+            for task in outer(block_rows * n * h_tiles):
                 for g in range(groups):
                     for wt in range(w_tiles):
-                        acc = T.alloc_buffer((row_group, tile), "float32", scope="global")
+                        acc = T.alloc_buffer((row_group, tile_h, tile), "float32", scope="global")
                         for rr in T.unroll(row_group):
-                            for px in T.vectorized(tile):
-                                acc[rr, px] = T.float32(0)
-                        for b in range(indptr[task // oh % block_rows], indptr[task // oh % block_rows + 1]):
+                            for ty in T.unroll(tile_h):
+                                for px in T.vectorized(tile):
+                                    acc[rr, ty, px] = T.float32(0)
+                        for b in range(indptr[block_row(task)], indptr[block_row(task) + 1]):
                             for k in T.unroll(cb):
                                 for rr in T.unroll(row_group):
-                                    for px in T.vectorized(tile):
-                                        acc[rr, px] = acc[rr, px] + data[b, g * row_group + rr, k] * Xp[
-                                            task // (oh * block_rows) * image_pad
-                                            + col_offsets[indices[b] * cb + k]
-                                            + task % oh * sh * wp + (wt * tile + px) * sw]
+                                    for ty in T.unroll(tile_h):
+                                        for px in T.vectorized(tile):
+                                            acc[rr, ty, px] = acc[rr, ty, px] + data[b, g * row_group + rr, k] * Xp[
+                                                image_of(task) * image_pad + col_offsets[indices[b] * cb + k]
+                                                + clamp_h(out_y(task, ty)) * sh * wp + (wt * tile + px) * sw]
                         for rr in T.unroll(row_group):
-                            if not ragged_out or (task // oh % block_rows) * r + g * row_group + rr < out_c:
-                                if not ragged_w or wt < w_tiles - 1:
-                                    for px in T.vectorized(tile):
-                                        Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = act(
-                                            acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr])
-                                else:
-                                    stage = T.alloc_buffer((tile,), "float32", scope="global")
-                                    for px in T.vectorized(tile):
-                                        stage[px] = act(acc[rr, px] + bias[(task // oh % block_rows) * r + g * row_group + rr])
-                                    for px in range(ow - wt * tile):
-                                        Yf[((task // (oh * block_rows) * out_c + (task // oh % block_rows) * r + g * row_group + rr) * oh + task % oh) * ow + wt * tile + px] = stage[px]
+                            for ty in T.unroll(tile_h):
+                                if ((not ragged_out or out_channel(task, g, rr) < out_c)
+                                        and (not ragged_h or out_y(task, ty) < oh)):
+                                    if not ragged_w or wt < w_tiles - 1:
+                                        for px in T.vectorized(tile):
+                                            Yf[out_row(task, g, rr, ty) + wt * tile + px] = act(
+                                                acc[rr, ty, px] + bias[out_channel(task, g, rr)])
+                                    else:
+                                        stage = T.alloc_buffer((tile,), "float32", scope="global")
+                                        for px in T.vectorized(tile):
+                                            stage[px] = act(acc[rr, ty, px] + bias[out_channel(task, g, rr)])
+                                        for px in range(ow - wt * tile):
+                                            Yf[out_row(task, g, rr, ty) + wt * tile + px] = stage[px]
 
     return kernel
 
@@ -228,14 +242,16 @@ def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, str
     geo = conv_geometry(x_shape, kernel_hw, strides, pads, dilations)
     data, indices = nonempty_blocks(weight)
     bias_padded = padded_bias(bias, out_c, weight.block_rows * weight.block[0])
-    schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block)
+    pixels = n * geo.out_h * geo.out_w  # the rows of the im2col product, as the cost model counts them
+    schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks)
     if target.kind == "cuda":
         func = cuda_kernels.bsr_conv2d(tuple(x_shape), out_c, geo.y_hw, weight.block,
                                        kernel_hw, strides, pads, dilations, activation=activation, **schedule.tiles)
         return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),
                       weight.indptr.astype(np.int32), bias_padded]
     if layout is not None:
-        schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, layout=layout)
+        schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks,
+                                 layout=layout)
     columns = weight.block_cols * weight.block[1]
     func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, columns, schedule, activation)
     if schedule.layout == "chanvec":

@@ -57,9 +57,15 @@ def activation_epilogue(activation: str | None) -> Callable:
     return lambda value: value
 
 
+def outer_loop(parallel: int) -> Callable:
+    """The kernels' outer loop: `T.parallel`, or `T.serial` for work too small to pay for waking the
+    thread pool (`schedule.runs_parallel` decides)."""
+    return T.parallel if parallel else T.serial
+
+
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
 def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: int,
-                  k_chunks: int, x_bytes_per_pass: int, activation: str | None = None):
+                  k_chunks: int, x_bytes_per_pass: int, parallel: int = 1, activation: str | None = None):
     """BSR matmul vectorised over block rows: `acc[m_tile, r] += X[., col] * data[b, k, :]`.
 
     Cache blocking for X: the columns are cut into `k_chunks` chunks (block row `i`'s blocks in
@@ -70,6 +76,7 @@ def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: in
     """
     r, c = block
     act = activation_epilogue(activation)
+    outer = outer_loop(parallel)
 
     def finish(value, kc):  # the activation, once the last column chunk is summed in
         if k_chunks == 1 or activation is None:
@@ -93,7 +100,7 @@ def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: in
                bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((m, out), "float32")):
         T.func_attr({"tir.noalias": True})
         for kc, p in T.grid(k_chunks, passes):
-            for i in T.parallel(block_rows):
+            for i in outer(block_rows):
                 for mp in range(tiles_per_pass):
                     acc = T.alloc_buffer((m_tile, r), "float32", scope="global")
                     for mi in T.unroll(m_tile):
@@ -138,7 +145,7 @@ def chunk_pointers(indptr: np.ndarray, indices: np.ndarray, block_cols: int, k_c
 
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
 def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: int,
-                m_tile: int, out_tile: int = 8, in_tile: int = 16, activation: str | None = None):
+                m_tile: int, out_tile: int = 8, in_tile: int = 16, parallel: int = 1, activation: str | None = None):
     """BSR matmul vectorised over m: `acc[row_group, m_tile] += data[b, row, k] * XT[col + k, .]`.
 
     X is transposed in `in_tile`-column strips and the result is staged per `out_tile` output rows
@@ -147,6 +154,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: i
     """
     r, c = block
     act = activation_epilogue(activation)
+    outer = outer_loop(parallel)
     assert r % row_group == 0 and m_tile % 8 == 0, (r, row_group, m_tile)
     block_rows = -(-out // r)
     rows_per_tile = max(1, out_tile // r)  # block rows staged together
@@ -166,7 +174,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: i
                bias: T.Buffer((out_pad,), "float32"), Y: T.Buffer((m, out), "float32")):
         T.func_attr({"tir.noalias": True})
         XT = T.alloc_buffer((in_pad, m_pad), "float32", scope="global")
-        for jo in T.parallel(in_pad // in_tile):
+        for jo in outer(in_pad // in_tile):
             for mm in range(m_pad):
                 for jc in T.unroll(in_tile):
                     if padded_x:
@@ -175,7 +183,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: i
                             X[T.min(mm, m - 1), T.min(jo * in_tile + jc, in_ - 1)], T.float32(0))
                     else:
                         XT[jo * in_tile + jc, mm] = X[mm, jo * in_tile + jc]
-        for t in T.parallel(row_tiles):
+        for t in outer(row_tiles):
             stage = T.alloc_buffer((out_tile, m_pad), "float32", scope="global")
             for ti in range(rows_per_tile):
                 for g in range(groups):

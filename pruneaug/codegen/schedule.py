@@ -31,8 +31,9 @@ CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs i
 CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
-PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x tile vectors)
+PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output rows x tile vectors)
 CHANVEC_MAX_ROW_VECTORS = 32  # a flattened 1x1 conv row of at most this many vectors: vectorised over channels
+PARALLEL_MIN_LANE_MACS = 1 << 17  # SIMD-lane multiply-adds from which a CPU kernel runs on all cores (`runs_parallel`)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,26 @@ def _pixel_patch(oh: int, ow: int, cap: int) -> tuple[int, int]:
     return min(patches, key=cost)
 
 
+def runs_parallel(target: TargetProfile, m: int, block: tuple[int, int], nnz_blocks: int) -> int:
+    """1 where a CPU kernel over `m` rows of X (or pixels) with `nnz_blocks` kept `r x c` blocks is worth a
+    fork and join of the thread pool, else 0 (it runs on the calling thread).
+
+    The work is counted in multiply-adds as the SIMD lanes do them: a block's rows padded to whole
+    vectors where the kernel vectorises over them (rowvec, chanvec), else m padded (mvec, pixvec).
+    `tools/bench_kernels.py --part parallel` times 120 kernels both ways (m 1, 4, 16; 128x128 to
+    768x3072; 1x1 to 16x16 blocks; densities 0.1, 0.3) on the 2-core host at 2 threads: kernels of a
+    few µs ran up to 6x slower on the pool, the largest 1.8-2x faster. Against the faster way of
+    each, this rule took 1.07x the time (geometric mean), always parallel 1.39x, always serial 1.21x;
+    counting block visits besides the lanes moved that by under 2%, within the run's noise."""
+    r, c = block
+    lanes = target.simd_lanes
+    if r >= lanes or m < lanes:
+        lane_macs = nnz_blocks * c * -(-r // lanes) * lanes * m
+    else:
+        lane_macs = nnz_blocks * r * c * -(-m // lanes) * lanes
+    return int(target.cores > 1 and lane_macs >= PARALLEL_MIN_LANE_MACS)
+
+
 def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tuple[int, int],
                     nnz_blocks: int) -> Schedule:
     """The schedule of `Y[m, out] = X[m, in] @ W.T` with `nnz_blocks` kept `r x c` blocks on `target`.
@@ -83,6 +104,7 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     if target.kind == "cuda":
         return _cuda_matmul_schedule(target, m, out, r)
     lanes = target.simd_lanes
+    parallel = runs_parallel(target, m, block, nnz_blocks)
     if r >= lanes or m < lanes:
         m_tile = _tile(m, ACCUMULATOR_VECTORS // -(-r // lanes))
         k_chunks = -(-min(m, 128) * in_ * 4 // X_BYTES_IN_L2)
@@ -94,11 +116,12 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
             row_bytes = blocks_per_row * block[0] * block[1] * 4
             w_budget = (target.l1_bytes or 32 << 10) // W_L1_SHARE
             k_chunks = max(1, min(-(-int(row_bytes) // w_budget), int(blocks_per_row), MAX_L1_CHUNKS))
-        return Schedule("rowvec", {"m_tile": m_tile, "k_chunks": k_chunks, "x_bytes_per_pass": X_BYTES_IN_L2})
+        return Schedule("rowvec", {"m_tile": m_tile, "k_chunks": k_chunks, "x_bytes_per_pass": X_BYTES_IN_L2,
+                                   "parallel": parallel})
     row_group = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
     # at least 8 (the kernel stages X in 8-row strips: 4-lane NEON with m = 4..7 would otherwise get 4)
     m_tile = max(8, min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length()))
-    return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes})
+    return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes, "parallel": parallel})
 
 
 def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Schedule:
@@ -114,8 +137,8 @@ def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Sc
     return Schedule("cuda", {"m_threads": m_threads, "m_per_thread": busy[0] if busy else 1})
 
 
-def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int],
-                  layout: str | None = None) -> Schedule:
+def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int], pixels: int,
+                  nnz_blocks: int, layout: str | None = None) -> Schedule:
     """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
     one row of all pixels) with `r x c` blocks.
 
@@ -123,13 +146,15 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     channels ("chanvec": a `tile_h x tile_w` patch of pixels times `r` channels, like the rowvec
     matmul), for every conv with real 2-D output rows, and for a flattened 1x1 conv of a small map
     (its one row at most `CHANVEC_MAX_ROW_VECTORS` vectors); else along an output row ("pixvec": a
-    `row_group x tile` accumulator of pixel vectors, which reads X as contiguous vectors). On AVX2
+    `row_group x tile_h x tile` accumulator of pixel vectors, which reads X as contiguous vectors; the
+    accumulators a row's vectors and the block's rows leave free go to `tile_h` output rows). On AVX2
     at 90% (`tools/bench_kernels.py --part conv`, 1 thread) chanvec ran 3x3 convs 1.25-1.6x faster
     than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
     pixvec the 1x1 conv on 56x56 1.1x faster. `layout` forces one of the two CPU layouts.
     """
     r, _ = block
     oh, ow = out_hw
+    parallel = runs_parallel(target, pixels, block, nnz_blocks)
     if target.kind == "cuda":  # one thread per (row of a block, pixel) in a thread block
         return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
     lanes = target.simd_lanes
@@ -140,8 +165,10 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     if layout == "chanvec":
         cap = max(1, ACCUMULATOR_VECTORS // -(-r // lanes))
         tile_h, tile_w = _pixel_patch(oh, ow, cap)
-        return Schedule("chanvec", {"tile_h": tile_h, "tile_w": tile_w})
+        return Schedule("chanvec", {"tile_h": tile_h, "tile_w": tile_w, "parallel": parallel})
     tiles = -(-row_vectors // PIXVEC_TILE_VECTORS)
     tile_vectors = -(-row_vectors // tiles)
     row_group = max(g for g in (4, 3, 2, 1) if r % g == 0 and g * tile_vectors <= PIXVEC_MAX_ACCUMULATORS)
-    return Schedule("pixvec", {"row_group": row_group, "tile": tile_vectors * lanes})
+    tile_h = _tile(oh, PIXVEC_MAX_ACCUMULATORS // (row_group * tile_vectors))  # output rows the rest fill
+    return Schedule("pixvec", {"row_group": row_group, "tile": tile_vectors * lanes, "tile_h": tile_h,
+                               "parallel": parallel})

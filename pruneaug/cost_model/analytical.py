@@ -3,7 +3,9 @@
     >>> latency(resolve_target("arm64"), 768, 768, 128, (8, 8), 0.9)   # seconds
     0.00026
 
-The kernel walks block rows in parallel over the cores; inside a block row it visits each kept
+The kernel walks block rows in parallel over the cores (on the calling thread alone, one core and
+no parallel region, where its schedule finds too little work for a fork and join:
+`schedule.runs_parallel`); inside a block row it visits each kept
 `r x c` block (its column index read from `indices`) once per tile of m and accumulates `r x m`
 outputs. So, per core:
 
@@ -162,6 +164,11 @@ def _caches(target: TargetProfile) -> tuple[int, int]:
     return l1, target.l2_bytes or l1
 
 
+def _cores(target: TargetProfile, tiles: dict[str, int]) -> int:
+    """The cores a CPU kernel's work is dealt out to: one where its schedule keeps it off the thread pool."""
+    return target.cores if tiles["parallel"] else 1
+
+
 def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
                   tiles: dict[str, int]) -> list[float]:
     """The busiest core's work in `cpu_kernels.rowvec_matmul` (see the module docstring)."""
@@ -178,7 +185,7 @@ def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tupl
     tiles_run = passes * per_pass
     m_pad = tiles_run * m_tile
     block_rows = -(-out // r)
-    rows = min(-(-block_rows // target.cores), block_rows)
+    rows = min(-(-block_rows // _cores(target, tiles)), block_rows)
     blocks = nnzb * rows / block_rows
     l1, l2 = _caches(target)
     x_slice = _F32 * per_pass * m_tile * in_chunk
@@ -195,7 +202,7 @@ def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tupl
     x_bytes, y_share = _F32 * m * in_, _F32 * r * m_pad * rows
     l3_bytes += (x_bytes + y_share * (2 * k_chunks - 1)) * miss_share(x_bytes + w_share + y_share, l2)
     conflict_lines = blocks * tiles_run * m_tile * set_conflict_share(target, m_tile, _F32 * in_)
-    return [k_chunks * passes, 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
+    return [k_chunks * passes * tiles["parallel"], 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
             r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes, conflict_lines]
 
 
@@ -207,7 +214,8 @@ def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
     rows_per_task = max(1, tiles["out_tile"] // r)
     block_rows = -(-out // r)
     tasks = -(-block_rows // rows_per_task)
-    rows = min(-(-tasks // target.cores) * rows_per_task, block_rows)
+    cores = _cores(target, tiles)
+    rows = min(-(-tasks // cores) * rows_per_task, block_rows)
     blocks = nnzb * rows / block_rows
     m_pad = -(-m // m_tile) * m_tile
     in_pad = -(-in_ // (16 * c)) * 16 * c  # X is transposed in strips of 16 block columns
@@ -215,8 +223,8 @@ def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
     l1, l2 = _caches(target)
     xt_bytes = _F32 * in_pad * m_pad
     x_reads = _F32 * c * m_pad * blocks * groups
-    return [2.0, 2.0 * r * c * m_pad * blocks, blocks * (m_pad // m_tile) * groups,
-            rows * (m_pad // m_tile) * groups, r * m_pad * rows, m_pad * in_pad / target.cores,
+    return [2.0 * tiles["parallel"], 2.0 * r * c * m_pad * blocks, blocks * (m_pad // m_tile) * groups,
+            rows * (m_pad // m_tile) * groups, r * m_pad * rows, m_pad * in_pad / cores,
             x_reads * miss_share(xt_bytes, l1), x_reads * miss_share(xt_bytes, l2), 0.0]
 
 
