@@ -40,6 +40,7 @@ from pruneaug.plan import build_plan, search_record
 from pruneaug.report import write_report
 
 OUTPUT_FILES = ("pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html", "pareto.png")
+PICK_FOLDER = "contenders"  # the measured pick's artifacts, inside the staging folder until the one kept moves out
 
 
 @dataclass
@@ -140,6 +141,7 @@ def compile_model(
         "input_shapes": shapes,
         "phase_seconds": phases.seconds,
     }
+    outcome: SearchOutcome | None = None
     if request.keep_sparsity:
         pruned = blockmask.apply_masks(blockmask.detect_blocks(importance.from_zeros(ir), request.blocks))
     else:
@@ -147,23 +149,31 @@ def compile_model(
         phases.lap("importance")
         finish = reconstructor(scored, calib_data.inputs) if request.reconstruct else None
         if request.searching and scored.prunable_nodes():
-            pruned, extra["search"] = _search(scored, profile, costs, request, calib_data, eval_data, finish, notes)
+            outcome = _search(scored, profile, costs, request, calib_data, eval_data, finish, notes)
+            pruned = outcome.ir
         else:
             spec = request.fixed or BlockSpec(1, 1, 0.0)
             pruned = blockmask.apply_masks(blockmask.assign_blocks(scored, {n: spec for n in ir.prunable_nodes()}))
             pruned = finish(pruned) if finish else pruned
-    pruned = latency.annotate(pruned, costs)
     phases.lap("plan")
 
     with folder as staging:
-        pruned_model = lower(pruned)
-        save_model(pruned_model, staging / "pruned.onnx")
-        check_model(staging / "pruned.onnx", "pruned.onnx")  # the file: onnx checks it without a copy in Python
-        write_masks(staging / "masks.npz", _stored_masks(pruned))
+        pruned = latency.annotate(pruned, costs)
+        pruned_model = _write_pruned(pruned, staging)
+        prebuilt = None
+        if outcome is not None and request.artifact and deploy.times_here(profile):
+            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, source, profile, shapes, calib_data,
+                                              request.metric, staging, notes)
+            if picked is not pruned:
+                pruned = latency.annotate(picked, costs)
+                pruned_model = _write_pruned(pruned, staging)
+            phases.lap("measured pick")
+        if outcome is not None:
+            extra["search"] = outcome.record
         artifact_name = None
         if request.artifact:
             artifact_name = _build_artifact(pruned, pruned_model, protected[0] if protected else source, profile,
-                                            shapes, calib_data, staging, extra, notes, phases)
+                                            shapes, calib_data, staging, extra, notes, phases, prebuilt)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -255,9 +265,19 @@ def _read_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     return loaded, [path, *(path.parent / f for f in sorted(data_files))]
 
 
+@dataclass
+class SearchOutcome:
+    """The search's chosen plan, plan.json's `search` record, and what the measured pick chooses among."""
+
+    ir: IRModel
+    record: dict[str, Any]
+    results: dict[str, Any]  # every validated plan by name (`search.search_with_baselines`, less "chosen")
+    make_ir: Any  # a plan's pruned IR from its report
+
+
 def _search(scored: IRModel, profile, costs, request: Request, calib_data: Dataset, eval_data: Dataset,
-            finish, notes: list[str]) -> tuple[IRModel, dict[str, Any]]:
-    """The per-layer search and its baselines; returns the chosen IR and plan.json's `search` record."""
+            finish, notes: list[str]) -> SearchOutcome:
+    """The per-layer search and its baselines: the chosen IR and plan.json's `search` record."""
     started = time.perf_counter()
     supported = latency.block_supported(profile)
     kernels_measured = 0
@@ -279,25 +299,82 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
         notes.append(record["message"])
     record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured,
                   sensitivities="recalled from the cache" if recalled else "measured")
-    return chosen, record
+    return SearchOutcome(chosen, record, results, lambda plan: search.plan_ir(ir, results, plan, finish))
+
+
+def _write_pruned(pruned: IRModel, staging: Path) -> onnx.ModelProto:
+    """pruned.onnx (checked as a file: onnx checks it without a copy in Python) and masks.npz; the pruned model."""
+    pruned_model = lower(pruned)
+    save_model(pruned_model, staging / "pruned.onnx")
+    check_model(staging / "pruned.onnx", "pruned.onnx")
+    write_masks(staging / "masks.npz", _stored_masks(pruned))
+    return pruned_model
+
+
+def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, source: onnx.ModelProto,
+                   profile, shapes: dict[str, list[int]], calib_data: Dataset | None, metric: str,
+                   staging: Path, notes: list[str]) -> tuple[IRModel, Path | None]:
+    """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, lowered to
+    `chosen_model` and saved in `staging` already), their artifacts built under `staging`; updates the search
+    record (to the picked plan's figures where it changed) and returns the picked IR and its artifact (None
+    where none was built)."""
+    from pruneaug import deploy, pick
+    from pruneaug.timing import time_side_by_side
+
+    record = outcome.record
+    inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None)
+
+    def build(ir: IRModel, stem: Path) -> Path:
+        if ir is chosen:  # lowered and saved already: onnxruntime reads the file for the gate (BERT-base: 4 s less)
+            return deploy.build_artifact(chosen_model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
+                                         staging / "pruned.onnx")
+        return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
+
+    (staging / PICK_FOLDER).mkdir()
+    try:
+        with deploy.quiet_native_stderr():
+            picked = pick.measured_pick(record["chosen_from"], chosen, outcome.results, outcome.make_ir, build,
+                                        lambda artifacts: time_side_by_side(artifacts, inputs, pick.PICK_ROUNDS,
+                                                                            pick.PICK_RUNS), staging / PICK_FOLDER)
+    except CodegenError as err:  # the chosen plan's own build failed: the artifact step reports it
+        record["measured_pick"] = {"skipped": f"no artifact: {err}"}
+        return chosen, None
+    if picked.name != record["chosen_from"]:
+        medians = {name: figures["median_s"] for name, figures in picked.record["contenders"].items()}
+        notes.append(f"measured pick: {picked.name} ran {medians[record['chosen_from']] / medians[picked.name]:.2f}x "
+                     f"as fast as the search's predicted choice ({record['chosen_from']}) and is kept")
+        kept = {key: record[key] for key in ("time_s", "kernels_measured", "sensitivities")}
+        record = outcome.record = search_record(outcome.results[picked.name], outcome.results, metric)
+        record.update(kept, chosen_from=picked.name)
+    record["measured_pick"] = picked.record
+    return picked.ir, picked.artifact
 
 
 def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model: onnx.ModelProto | Path, profile,
                     shapes: dict[str, list[int]], calib_data: Dataset | None, staging: Path,
-                    extra: dict[str, Any], notes: list[str], phases: "PhaseClock") -> str | None:
-    """Compile, check and export the artifact; a model TVM cannot compile leaves the other outputs whole."""
+                    extra: dict[str, Any], notes: list[str], phases: "PhaseClock",
+                    prebuilt: Path | None = None) -> str | None:
+    """Compile, check and export the artifact (or move in the one the measured pick built and checked);
+    a model TVM cannot compile leaves the other outputs whole."""
+    import shutil
+
     from pruneaug import deploy
+    from pruneaug.codegen.export import move_artifact
 
     inputs = deploy.sample_inputs(pruned_model, shapes, calib_data.inputs if calib_data else None)
     with deploy.quiet_native_stderr():
         try:
-            artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
-                                             staging / f"model.{profile.kind}", inputs, staging / "pruned.onnx")
+            if prebuilt is not None:
+                artifact = move_artifact(prebuilt, staging / f"model.{profile.kind}")
+            else:
+                artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
+                                                 staging / f"model.{profile.kind}", inputs, staging / "pruned.onnx")
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
             return None
         finally:
+            shutil.rmtree(staging / PICK_FOLDER, ignore_errors=True)  # the contenders not kept
             phases.lap("artifact")
         if deploy.times_here(profile):
             deploy.release_freed_memory()  # before the workers load their models

@@ -57,6 +57,23 @@ def _baseline_rows(plan: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+PICK_HEADER = ["plan", "predicted (prunable layers)", "measured median (whole model)", "p10", "p90", "kept"]
+
+
+def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], list[list[str]]]:
+    """The measured pick among near-equal plans (`pruneaug.pick`): each contender's artifact as timed, or why none was."""
+    title = "Measured pick among the plans predicted close"
+    if "skipped" in pick:
+        return title, f"Not run: {pick['skipped']}.", [], []
+    text = (f"Each contender's artifact built and timed here: {pick['method']}. The predicted choice "
+            f"`{pick['predicted_choice']}` is replaced only by a plan at least {pick['min_gain']:g}x faster.")
+    if pick.get("errors"):
+        text += " Not built: " + "; ".join(f"`{name}`: {error}" for name, error in pick["errors"].items()) + "."
+    rows = [[name, _us(f["predicted_latency_s"]), _us(f["median_s"]), _us(f["p10_s"]), _us(f["p90_s"]),
+             "yes" if name == pick["picked"] else ""] for name, f in pick["contenders"].items()]
+    return title, text, PICK_HEADER, rows
+
+
 def _metric(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
@@ -114,6 +131,9 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     if search:
         sections.append(("Plans compared (predicted latency of the prunable layers)", None,
                          ["plan", "latency", "speed-up vs dense", "validated loss", "meets budget"], _baseline_rows(plan)))
+    pick = (search or {}).get("measured_pick")
+    if pick:
+        sections.append(_pick_section(pick))
     sections.append(("Layers", None, LAYER_HEADER, layer_rows(plan)))
     return sections
 

@@ -239,6 +239,24 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
     return TimingRun(results, threads, done, runs, (load_before, os.getloadavg()[0]))
 
 
+def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.ndarray], rounds: int = 10,
+                      runs: int = 10) -> dict[str, Timing]:
+    """Every artifact's compiled function in this one process, interleaved `rounds` times (order rotated).
+
+    For comparing artifacts with each other, not with onnxruntime: they share this process's one TVM
+    thread pool, so no runtime's idle threads take another's cores, and each is measured beside the
+    others in the same seconds. (On the bundled CNN, two plans each timed in its own run against
+    onnxruntime read 0.73x through that double ratio where side by side they read 1.31x.)"""
+    from pruneaug.runtime import load
+
+    models = {name: load(path) for name, path in artifacts.items()}
+    timings = {name: Timing(name) for name in models}
+    for round_index in range(rounds):
+        for name in rotated(list(models), round_index):
+            timings[name].seconds.extend(models[name].time_runs(inputs, runs).tolist())
+    return timings
+
+
 def runs_per_round(budget_s: float, warmup_s: Sequence[float | None], runs: int) -> int:
     """At most `runs`, and at least 1: as many as let ROUNDS_PER_BUDGET rounds of every competitor's
     block (its timed runs, and the untimed one before them where a run is short) fit in `budget_s`."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import pruneaug
 from pruneaug.compile import main
@@ -112,3 +113,44 @@ def test_unreachable_budget_returns_the_dense_plan(tmp_path, capsys):
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())
     assert all(entry["sparsity"] == 0 for entry in plan["layers"])
     assert plan["search"]["chosen_from"] == "dense"
+
+
+def test_a_plan_measured_faster_is_kept_with_its_own_artifact(tmp_path, monkeypatch):
+    """The measured pick (pruneaug.pick) with timings that make the last contender built the fastest: pruned.onnx,
+    the masks, plan.json, the report and the artifact all become that plan's, and the artifact computes
+    what pruned.onnx does."""
+    from pruneaug import pick, timing
+    from pruneaug.runtime import load
+
+    monkeypatch.setattr(pick, "PICK_MARGIN", 1e9)  # every validated plan contends
+    timed = []
+
+    def last_fastest(artifacts, inputs, rounds, runs):
+        timed.append(list(artifacts))  # the predicted choice first, built first
+        return {name: timing.Timing(name, [1e-5 if name == timed[0][-1] else 3e-5] * runs) for name in artifacts}
+
+    monkeypatch.setattr(timing, "time_side_by_side", last_fastest)
+    model, calib, eval_ = example("mlp")
+    result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.01, measure="none", out=tmp_path / "out")
+    search = result.plan["search"]
+    predicted, kept = timed[0][0], timed[0][-1]
+    assert len(timed[0]) >= 3 and search["chosen_from"] == kept != predicted
+    assert search["measured_pick"]["picked"] == kept and search["measured_pick"]["predicted_choice"] == predicted
+    assert search["predicted_latency_s"] == search["baselines"][kept]["predicted_latency_s"]
+    assert search["metric_loss"] == search["baselines"][kept]["metric_loss"] <= 0.01
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html", "pareto.png", "model.x86.so",
+         "model.x86.so.json"])  # the other contenders' artifacts are gone
+    pruned_layers = [entry for entry in result.plan["layers"] if entry["sparsity"] > 0]
+    assert {f"{e['block'][0]}x{e['block'][1]}" for e in pruned_layers} == set(search["baselines"][kept]["blocks"])
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(result.pruned_model).graph.initializer}
+    masks = np.load(result.masks)
+    for entry in pruned_layers:  # pruned.onnx and masks.npz are the kept plan's
+        assert np.all(weights[entry["weight"]][~masks[entry["weight"]]] == 0)
+        assert np.mean(~masks[entry["weight"]]) == pytest.approx(entry["weight_sparsity"], abs=1e-6)
+    with np.load(eval_) as data:
+        inputs = {k: data[k][:1] for k in data.files if k != "labels"}
+    (ours,) = load(result.artifact).run(inputs)
+    (expected,) = ort_run.run(onnx.load(result.pruned_model), inputs)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    assert "Measured pick" in (tmp_path / "out" / "report.md").read_text()

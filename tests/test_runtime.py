@@ -85,6 +85,25 @@ def test_run_and_benchmark(x86_artifact, model, inputs):
     assert seconds.shape == (7,) and np.all(seconds > 0)
 
 
+def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path):
+    """`move_artifact` takes the sidecar along; `time_side_by_side` gives every artifact rounds x runs times."""
+    import shutil
+
+    from pruneaug.codegen.export import move_artifact
+    from pruneaug.timing import time_side_by_side
+
+    copies = {}
+    for name in ("a", "b"):
+        for file in (x86_artifact, x86_artifact.with_name(x86_artifact.name + ".json")):
+            shutil.copy(file, tmp_path / file.name.replace("model", f"copy_{name}"))
+        copies[name] = move_artifact(tmp_path / f"copy_{name}.x86.so", tmp_path / f"moved_{name}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "moved_a.so", "moved_a.so.json", "moved_b.so", "moved_b.so.json"]
+    timings = time_side_by_side(copies, inputs, rounds=3, runs=4)
+    assert set(timings) == {"a", "b"}
+    assert all(len(t.seconds) == 12 and t.median_s > 0 for t in timings.values())
+
+
 def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifact, model, inputs):
     """Inputs go through buffers the model reuses: a later run must not change an earlier run's outputs."""
     loaded = load(x86_artifact)

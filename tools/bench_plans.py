@@ -13,7 +13,7 @@ dense model (the users' baseline), the two in their own processes, interleaved. 
 run, several TVM processes slowed each other and onnxruntime: on the CNN the chosen artifact read
 161 µs beside three other TVM workers and 97 µs beside onnxruntime alone.) Plans are compared with
 each other side by side: every artifact's compiled function in this one process, sharing its one
-TVM thread pool, interleaved (`time_functions_together`). The goal: the chosen plan >= 1.25x faster
+TVM thread pool, interleaved (`pruneaug.timing.time_side_by_side`). The goal: the chosen plan >= 1.25x faster
 than the best single block shape and >= 2x faster than unstructured, at the same validated budget,
 by that median. Prints one Markdown table per model; ratios > 1 mean the chosen plan is faster.
 """
@@ -77,7 +77,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
 
 def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
-    from pruneaug.timing import Competitor, time_interleaved
+    from pruneaug.timing import Competitor, time_interleaved, time_side_by_side
 
     with tempfile.TemporaryDirectory(prefix="bench-plans-") as folder:
         plan, plans, inputs = compile_plans(model, calib, evaluation, args, Path(folder))
@@ -87,27 +87,9 @@ def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
                 runs[name + suffix] = time_interleaved(
                     [Competitor(name + suffix, kind, artifact), Competitor(ORT_DENSE, "onnxruntime", model)],
                     inputs, args.threads, rounds=args.rounds, runs=args.runs)
-        together = time_functions_together({name: artifact for name, (_, artifact, _) in plans.items()}, inputs,
-                                           args.rounds, args.runs)
+        together = time_side_by_side({name: artifact for name, (_, artifact, _) in plans.items()}, inputs,
+                                     args.rounds, args.runs)
     print_table(model, plan, plans, runs, together, args)
-
-
-def time_functions_together(artifacts: dict[str, Path], inputs: dict[str, np.ndarray], rounds: int,
-                            runs: int) -> dict[str, "Timing"]:  # noqa: F821
-    """Every plan's compiled function in this one process, interleaved (order rotated each round).
-
-    The artifacts share this process's one TVM thread pool, so no runtime's idle threads take another's
-    cores, and plans are compared directly, not each through its own run's onnxruntime figure (on the
-    CNN, that double ratio read 0.73x where the plans' functions side by side read 1.31x)."""
-    from pruneaug.runtime import load
-    from pruneaug.timing import Timing, rotated
-
-    models = {name: load(path) for name, path in artifacts.items()}
-    timings = {name: Timing(name) for name in models}
-    for round_index in range(rounds):
-        for name in rotated(list(models), round_index):
-            timings[name].seconds.extend(models[name].time_runs(inputs, runs).tolist())
-    return timings
 
 
 def relative(runs: dict, name: str, statistic: str = "median_s") -> float | None:

@@ -80,10 +80,24 @@ def export_artifact(executable, target: TargetProfile, path_without_suffix, sign
     return path
 
 
+def _artifact_files(path: Path) -> tuple[Path, Path]:
+    """An artifact's library and its `.json` sidecar."""
+    return Path(path), Path(path).with_name(Path(path).name + ".json")
+
+
 def remove_artifact(path: Path) -> None:
     """Delete an artifact written by `export_artifact` and its sidecar (one that failed its gate)."""
-    for file in (Path(path), Path(path).with_name(Path(path).name + ".json")):
+    for file in _artifact_files(path):
         file.unlink(missing_ok=True)
+
+
+def move_artifact(path: Path, path_without_suffix: Path) -> Path:
+    """Move an artifact and its sidecar to `path_without_suffix` plus the library's suffix; the new path."""
+    library, sidecar = _artifact_files(path)
+    target = Path(path_without_suffix).with_name(Path(path_without_suffix).name + library.suffix)
+    for source, destination in zip((library, sidecar), _artifact_files(target)):
+        source.replace(destination)
+    return target
 
 
 def cuda_sources(module) -> list[str]:

@@ -342,6 +342,12 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
     if chosen is not searched:
-        pruned = apply_plan(ir, chosen.plan, finish if chosen.plan != results["dense"].plan else None, pool)
+        pruned = plan_ir(ir, results, chosen, finish, pool)
     results["chosen"] = chosen
     return pruned, results
+
+
+def plan_ir(ir: IRModel, results: Mapping[str, SearchReport], report: SearchReport, finish: FinishFn | None = None,
+            pool: str = "l2") -> IRModel:
+    """The pruned IR of one of `search_with_baselines`'s plans (`finish` not run on the dense plan)."""
+    return apply_plan(ir, report.plan, finish if report.plan != results["dense"].plan else None, pool)
