@@ -340,9 +340,9 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
         record["measured_pick"] = {"skipped": f"no artifact: {err}"}
         return chosen, None
     if picked.name != record["chosen_from"]:
-        medians = {name: figures["median_s"] for name, figures in picked.record["contenders"].items()}
-        notes.append(f"measured pick: {picked.name} ran {medians[record['chosen_from']] / medians[picked.name]:.2f}x "
-                     f"as fast as the search's predicted choice ({record['chosen_from']}) and is kept")
+        p10 = {name: figures["p10_s"] for name, figures in picked.record["contenders"].items()}
+        notes.append(f"measured pick: {picked.name} ran {p10[record['chosen_from']] / p10[picked.name]:.2f}x as fast "
+                     f"(p10) as the search's predicted choice ({record['chosen_from']}) and is kept")
         kept = {key: record[key] for key in ("time_s", "kernels_measured", "sensitivities")}
         record = outcome.record = search_record(outcome.results[picked.name], outcome.results, metric)
         record.update(kept, chosen_from=picked.name)

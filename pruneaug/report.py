@@ -66,7 +66,8 @@ def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], lis
     if "skipped" in pick:
         return title, f"Not run: {pick['skipped']}.", [], []
     text = (f"Each contender's artifact built and timed here: {pick['method']}. The predicted choice "
-            f"`{pick['predicted_choice']}` is replaced only by a plan at least {pick['min_gain']:g}x faster.")
+            f"`{pick['predicted_choice']}` is replaced only by a plan at least {pick['min_gain']:g}x faster by the "
+            f"fastest tenth of its runs (p10).")
     if pick.get("errors"):
         text += " Not built: " + "; ".join(f"`{name}`: {error}" for name, error in pick["errors"].items()) + "."
     rows = [[name, _us(f["predicted_latency_s"]), _us(f["median_s"]), _us(f["p10_s"]), _us(f["p90_s"]),

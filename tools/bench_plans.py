@@ -135,10 +135,11 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
             continue
         got = {statistic: _ratio(getattr(together[name], statistic), getattr(together["chosen"], statistic))
                for statistic in ("median_s", "p10_s", "p90_s")}
-        verdict = "met" if got["median_s"] and got["median_s"] >= goal else "not met"
+        # both: two builds of one plan side by side read 0.77x by their medians and 0.98x by their p10s
+        verdict = "met" if all(got[k] and got[k] >= goal for k in ("median_s", "p10_s")) else "not met"
         print(f"\nchosen vs {name}: {_fmt(got['median_s'])} side by side (p10: {_fmt(got['p10_s'])}, p90: "
               f"{_fmt(got['p90_s'])}); predicted {ratio(plans[name][0]['predicted_latency_s'], search['predicted_latency_s'])}; "
-              f"goal >= {goal}x: {verdict}")
+              f"goal >= {goal}x: {verdict} (by the median and the p10)")
 
 
 def _ratio(slow: float | None, fast: float | None) -> float | None:
