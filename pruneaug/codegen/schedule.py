@@ -1,9 +1,9 @@
 """Which layout and tiles a block-sparse (or dense) matmul or conv kernel gets, per target: decided here alone.
 
     >>> kernel_schedule(resolve_target("x86"), 128, 768, 768, (8, 8), 864)
-    Schedule(layout='rowvec', tiles={'m_tile': 8, 'k_chunks': 1, 'x_bytes_per_pass': 262144})
-    >>> conv_schedule(resolve_target("x86"), (8, 8), (8, 8))
-    Schedule(layout='chanvec', tiles={'tile_h': 1, 'tile_w': 8})
+    Schedule(layout='rowvec', tiles={'m_tile': 8, 'k_chunks': 1, 'x_bytes_per_pass': 262144, 'parallel': 1})
+    >>> conv_schedule(resolve_target("x86"), (8, 8), (8, 8), 64, 40)   # 64 pixels, 40 kept blocks
+    Schedule(layout='chanvec', tiles={'tile_h': 1, 'tile_w': 8, 'parallel': 1})
 
 `bsr.py` builds its kernels with these tiles and `cost_model/analytical.py` counts the work of the
 same tiles, so the two cannot drift apart; hence this module imports no TVM (the cost model runs
@@ -140,7 +140,9 @@ def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Sc
 def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int], pixels: int,
                   nnz_blocks: int, layout: str | None = None) -> Schedule:
     """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
-    one row of all pixels) with `r x c` blocks.
+    one row of all pixels) with `r x c` blocks, `nnz_blocks` of them kept, over `pixels` output pixels
+    (all images): those decide, as for the im2col matmul the cost model times for the conv, whether
+    it runs on the thread pool (`runs_parallel`).
 
     On CPUs, where a block's rows fill a register, the kernel vectorises over them, i.e. over output
     channels ("chanvec": a `tile_h x tile_w` patch of pixels times `r` channels, like the rowvec

@@ -202,8 +202,8 @@ def _rowvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tupl
     x_bytes, y_share = _F32 * m * in_, _F32 * r * m_pad * rows
     l3_bytes += (x_bytes + y_share * (2 * k_chunks - 1)) * miss_share(x_bytes + w_share + y_share, l2)
     conflict_lines = blocks * tiles_run * m_tile * set_conflict_share(target, m_tile, _F32 * in_)
-    return [k_chunks * passes * tiles["parallel"], 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run, rows * tiles_run * k_chunks,
-            r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes, conflict_lines]
+    return [k_chunks * passes * tiles["parallel"], 2.0 * r_pad * c * m_pad * blocks, blocks * tiles_run,
+            rows * tiles_run * k_chunks, r * m_pad * rows * k_chunks, 0.0, l2_bytes, l3_bytes, conflict_lines]
 
 
 def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
