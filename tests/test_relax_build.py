@@ -266,3 +266,36 @@ def test_only_blocks_worth_a_fork_run_in_parallel(x86, rule, shapes):
                  for size, shape in shapes.items()}
     assert "T.parallel" not in scheduled["small"]
     assert "T.parallel" in scheduled["large"]
+
+
+def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
+    """`LayerNormalization(x * 3 + 5, scale, bias)` over the axes from `axis` (a row far from zero: the
+    two-pass variance must not cancel)."""
+    rng = np.random.default_rng(4)
+    normalized = x_shape[axis:]
+    inits = [numpy_helper.from_array(rng.standard_normal(normalized).astype(np.float32), name) for name in ("g", "b")]
+    inits += [numpy_helper.from_array(np.float32(3), "three"), numpy_helper.from_array(np.float32(5), "five")]
+    nodes = [helper.make_node("Mul", ["x", "three"], ["x3"]), helper.make_node("Add", ["x3", "five"], ["shifted"]),
+             helper.make_node("LayerNormalization", ["shifted", "g", "b"], ["y"], axis=axis, epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("x_shape,axis,ours", [
+    ([2, 5, 37], -1, True),    # the last axis, 37 = 4 vectors of 8 and 5 left over
+    ([64, 300], 1, True),      # 64 rows: on the thread pool
+    ([3, 4, 6], 1, False),     # two axes: TVM's own
+])
+def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, axis, ours):
+    from pruneaug.codegen import norm
+
+    built = []
+    real = norm.layer_norm_primfunc
+    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    model = layer_norm_model(x_shape, axis)
+    x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
+    rows = int(np.prod(x_shape[:-1]))
+    assert built == ([(rows, x_shape[-1], pytest.approx(1e-5), 8 if x86.simd_bytes >= 32 else 4, x86.cores)]
+                     if ours else [])

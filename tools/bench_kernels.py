@@ -7,6 +7,7 @@
     python tools/bench_kernels.py --threads 1 --clock thread --baked   # pattern baked in vs read at run time
     python tools/bench_kernels.py --threads 1 --clock thread --part conv   # only the conv table
     python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
+    python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -169,6 +170,60 @@ def bench_parallel(target, rounds: int, number: int, threads: int) -> None:
               f"worst {max(ratios):.2f} ({len(ratios)} kernels)")
 
 
+NORM_SHAPES = [(16, 128), (512, 128), (128, 768), (2048, 768)]  # rows x columns: the encoder, BERT-base
+
+
+def tvm_layer_norm_call(target, rows: int, cols: int, x, gamma, beta) -> Callable[[], object]:
+    """TVM's own Relax layer norm, compiled with the pipeline the artifacts use (DLight's CPU rules)."""
+    import tvm
+    from tvm import relax
+
+    from pruneaug.codegen.relax_build import _pipeline
+
+    builder = relax.BlockBuilder()
+    x_var = relax.Var("x", relax.TensorType([rows, cols], "float32"))
+    with builder.function("main", [x_var]):
+        y = builder.emit(relax.op.nn.layer_norm(x_var, relax.const(gamma), relax.const(beta), axes=[-1],
+                                                epsilon=1e-5))
+        builder.emit_func_output(y)
+    executable = tvm.compile(builder.get(), target.tvm(), relax_pipeline=_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    x_tvm = tvm.runtime.tensor(x, tvm.cpu())
+    return lambda: vm["main"](x_tvm)
+
+
+def bench_norm(target, rounds: int, number: int, threads: int) -> None:
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pruneaug.codegen.norm import layer_norm_primfunc
+
+    print(f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against TVM's own "
+          "Relax op (DLight's CPU Reduction rule) and onnxruntime")
+    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    for rows, cols in NORM_SHAPES:
+        x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
+        gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
+        func = layer_norm_primfunc(rows, cols, 1e-5, max(target.simd_bytes // 4, 4), target.cores)
+        module = tvm.compile(tvm.IRModule({"layer_norm": func.with_attr("global_symbol", "layer_norm")}),
+                             target=target.tvm()).mod
+        args = [tvm.runtime.tensor(a, dev) for a in (x, gamma, beta)] + [tvm.runtime.empty((rows, cols), "float32", dev)]
+        node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
+        graph = helper.make_graph([node], "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, cols])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(beta, "b")])
+        session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
+        calls = {"ours": lambda f=module["layer_norm"], a=args: f(*a),
+                 "tvm": tvm_layer_norm_call(target, rows, cols, x, gamma, beta),
+                 "ort": lambda s=session, v=x: s.run(None, {"x": v})}
+        t = {name: v[0] for name, v in summarise(time_interleaved(calls, rounds, number)).items()}
+        print(f"| {rows}x{cols} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+              f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -262,7 +317,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel"], default="all", help="which tables to run")
+    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm"], default="all", help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -291,6 +346,8 @@ def main() -> None:
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     if args.part in ("all", "parallel"):
         bench_parallel(target, args.rounds, args.number, args.threads)
+    if args.part in ("all", "norm"):
+        bench_norm(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":

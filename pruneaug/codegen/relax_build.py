@@ -70,6 +70,8 @@ def build_model(
     missing = sorted(set(sparse_weights) - rewriter.matched)
     if missing:
         warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
+    if target.kind != "cuda":
+        mod = _rewrite_layer_norms(mod, target)
     import tvm
 
     from pruneaug.codegen.export import cuda_binaries_at_build
@@ -465,6 +467,37 @@ class _Phases:
                             T.float32(0))
 
         return phases
+
+
+def _rewrite_layer_norms(mod, target: TargetProfile):
+    """Every float32 layer norm over the last axis of a static shape, with scale and shift, as
+    `norm.layer_norm_primfunc` (vector accumulators; TVM's own sums each row as one scalar chain)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from pruneaug.codegen import norm
+
+    builder = relax.BlockBuilder(mod)
+    x, gamma, beta = wildcard(), wildcard(), wildcard()
+    pattern = is_op("relax.nn.layer_norm")(x, gamma, beta)
+
+    def replace(orig, matched):
+        call = matched[pattern]  # `orig` may be the variable the call is bound to
+        shape, attrs = _static_shape(call), call.attrs
+        if (shape is None or len(shape) < 1 or call.ty.dtype != "float32" or not (attrs.center and attrs.scale)
+                or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]):
+            return orig
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        func = norm.layer_norm_primfunc(rows, cols, float(attrs.epsilon), _vector_lanes(target), target.cores)
+        gv = builder.add_func(func, "layer_norm")
+        rows_view = relax.op.reshape(matched[x], [rows, cols])
+        out = relax.call_tir(gv, [rows_view, matched[gamma], matched[beta]], relax.TensorType([rows, cols], "float32"))
+        return relax.op.reshape(out, shape)
+
+    func = rewrite_call(pattern, replace, mod["main"])
+    out = builder.get()
+    out["main"] = func
+    return out
 
 
 def _static_shape(expr) -> list[int] | None:
