@@ -28,6 +28,14 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, cores:
     body = cols // step * step  # columns the vector accumulators take; the rest one by one
     inv_cols = 1.0 / cols
 
+    # pass 0 sums x into the mean, pass 1 (x - mean)^2 into 1 / standard deviation (TVMScript evaluates these
+    # Python calls while parsing; the unrolled pass index folds the selects away)
+    def term(p, x, stat):
+        return T.if_then_else(p == 0, x, (x - stat[0]) * (x - stat[0]))
+
+    def finish(p, total):
+        return T.if_then_else(p == 0, total * T.float32(inv_cols), T.rsqrt(total * T.float32(inv_cols) + T.float32(epsilon)))
+
     @T.prim_func(s_tir=True)
     def layer_norm(X: T.Buffer((rows, cols), "float32"), gamma: T.Buffer((cols,), "float32"),
                    beta: T.Buffer((cols,), "float32"), Y: T.Buffer((rows, cols), "float32")):
@@ -37,35 +45,21 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, cores:
             for r in outer(rows):
                 acc = T.alloc_buffer((ACCUMULATORS, lanes), "float32", scope="global")
                 stat = T.alloc_buffer((2,), "float32", scope="global")  # mean, then 1 / standard deviation
-                for a in T.unroll(ACCUMULATORS):
-                    for v in T.vectorized(lanes):
-                        acc[a, v] = T.float32(0)
-                for j in range(body // step):
+                for p in T.unroll(2):
                     for a in T.unroll(ACCUMULATORS):
                         for v in T.vectorized(lanes):
-                            acc[a, v] = acc[a, v] + X[r, j * step + a * lanes + v]
-                stat[0] = T.float32(0)
-                for j in range(cols - body):
-                    stat[0] = stat[0] + X[r, body + j]
-                for a in range(ACCUMULATORS):
-                    for v in range(lanes):
-                        stat[0] = stat[0] + acc[a, v]
-                stat[0] = stat[0] * T.float32(inv_cols)
-                for a in T.unroll(ACCUMULATORS):
-                    for v in T.vectorized(lanes):
-                        acc[a, v] = T.float32(0)
-                for j in range(body // step):
-                    for a in T.unroll(ACCUMULATORS):
-                        for v in T.vectorized(lanes):
-                            acc[a, v] = acc[a, v] + (X[r, j * step + a * lanes + v] - stat[0]) * (
-                                X[r, j * step + a * lanes + v] - stat[0])
-                stat[1] = T.float32(0)
-                for j in range(cols - body):
-                    stat[1] = stat[1] + (X[r, body + j] - stat[0]) * (X[r, body + j] - stat[0])
-                for a in range(ACCUMULATORS):
-                    for v in range(lanes):
-                        stat[1] = stat[1] + acc[a, v]
-                stat[1] = T.rsqrt(stat[1] * T.float32(inv_cols) + T.float32(epsilon))
+                            acc[a, v] = T.float32(0)
+                    for j in range(body // step):
+                        for a in T.unroll(ACCUMULATORS):
+                            for v in T.vectorized(lanes):
+                                acc[a, v] = acc[a, v] + term(p, X[r, j * step + a * lanes + v], stat)
+                    stat[p] = T.float32(0)
+                    for j in range(cols - body):
+                        stat[p] = stat[p] + term(p, X[r, body + j], stat)
+                    for a in range(ACCUMULATORS):
+                        for v in range(lanes):
+                            stat[p] = stat[p] + acc[a, v]
+                    stat[p] = finish(p, stat[p])
                 for j in range(cols // lanes):
                     for v in T.vectorized(lanes):
                         Y[r, j * lanes + v] = (X[r, j * lanes + v] - stat[0]) * stat[1] * gamma[j * lanes + v] \
