@@ -478,6 +478,7 @@ def _rewrite_layer_norms(mod, target: TargetProfile):
     from pruneaug.codegen import norm
 
     builder = relax.BlockBuilder(mod)
+    added: dict[tuple, object] = {}
     x, gamma, beta = wildcard(), wildcard(), wildcard()
     pattern = is_op("relax.nn.layer_norm")(x, gamma, beta)
 
@@ -488,8 +489,10 @@ def _rewrite_layer_norms(mod, target: TargetProfile):
                 or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]):
             return orig
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
-        func = norm.layer_norm_primfunc(rows, cols, float(attrs.epsilon), _vector_lanes(target), target.cores)
-        gv = builder.add_func(func, "layer_norm")
+        key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), target.cores)
+        if key not in added:  # BERT-base: 25 layer norms, one function
+            added[key] = builder.add_func(norm.layer_norm_primfunc(*key), "layer_norm")
+        gv = added[key]
         rows_view = relax.op.reshape(matched[x], [rows, cols])
         out = relax.call_tir(gv, [rows_view, matched[gamma], matched[beta]], relax.TensorType([rows, cols], "float32"))
         return relax.op.reshape(out, shape)
