@@ -40,7 +40,6 @@ from pruneaug.plan import build_plan, search_record
 from pruneaug.report import write_report
 
 OUTPUT_FILES = ("pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html", "pareto.png")
-PICK_FOLDER = "contenders"  # the measured pick's artifacts, inside the staging folder until the one kept moves out
 
 
 @dataclass
@@ -160,10 +159,12 @@ def compile_model(
     with folder as staging:
         pruned = latency.annotate(pruned, costs)
         pruned_model = _write_pruned(pruned, staging)
+        inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None) \
+            if request.artifact else None  # the artifacts' gate and timing
         prebuilt = None
         if outcome is not None and request.artifact and deploy.times_here(profile):
-            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, source, profile, shapes, calib_data,
-                                              request.metric, staging, notes)
+            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, profile, shapes, inputs, request.metric,
+                                              staging, notes)
             if picked is not pruned:
                 pruned = latency.annotate(picked, costs)
                 pruned_model = _write_pruned(pruned, staging)
@@ -173,7 +174,7 @@ def compile_model(
         artifact_name = None
         if request.artifact:
             artifact_name = _build_artifact(pruned, pruned_model, protected[0] if protected else source, profile,
-                                            shapes, calib_data, staging, extra, notes, phases, prebuilt)
+                                            shapes, inputs, staging, extra, notes, phases, prebuilt)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -311,18 +312,20 @@ def _write_pruned(pruned: IRModel, staging: Path) -> onnx.ModelProto:
     return pruned_model
 
 
-def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, source: onnx.ModelProto,
-                   profile, shapes: dict[str, list[int]], calib_data: Dataset | None, metric: str,
-                   staging: Path, notes: list[str]) -> tuple[IRModel, Path | None]:
+def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, profile,
+                   shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
+                   notes: list[str]) -> tuple[IRModel, Path | None]:
     """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, lowered to
-    `chosen_model` and saved in `staging` already), their artifacts built under `staging`; updates the search
-    record (to the picked plan's figures where it changed) and returns the picked IR and its artifact (None
-    where none was built)."""
+    `chosen_model` and saved in `staging` already), their artifacts built in a folder of `staging` that is
+    gone again when this returns; updates the search record (to the picked plan's figures where it changed)
+    and returns the picked IR and its artifact, moved to its place in `staging` (None where none was built)."""
+    import shutil
+
     from pruneaug import deploy, pick
+    from pruneaug.codegen.export import move_artifact
     from pruneaug.timing import time_side_by_side
 
     record = outcome.record
-    inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None)
 
     def build(ir: IRModel, stem: Path) -> Path:
         if ir is chosen:  # lowered and saved already: onnxruntime reads the file for the gate (BERT-base: 4 s less)
@@ -330,15 +333,19 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
                                          staging / "pruned.onnx")
         return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
 
-    (staging / PICK_FOLDER).mkdir()
+    contenders = staging / "contenders"
+    contenders.mkdir()
     try:
         with deploy.quiet_native_stderr():
             picked = pick.measured_pick(record["chosen_from"], chosen, outcome.results, outcome.make_ir, build,
                                         lambda artifacts: time_side_by_side(artifacts, inputs, pick.PICK_ROUNDS,
-                                                                            pick.PICK_RUNS), staging / PICK_FOLDER)
+                                                                            pick.PICK_RUNS), contenders)
+        artifact = move_artifact(picked.artifact, staging / f"model.{profile.kind}") if picked.artifact else None
     except CodegenError as err:  # the chosen plan's own build failed: the artifact step reports it
         record["measured_pick"] = {"skipped": f"no artifact: {err}"}
         return chosen, None
+    finally:
+        shutil.rmtree(contenders, ignore_errors=True)  # the contenders not kept
     if picked.name != record["chosen_from"]:
         p10 = {name: figures["p10_s"] for name, figures in picked.record["contenders"].items()}
         notes.append(f"measured pick: {picked.name} ran {p10[record['chosen_from']] / p10[picked.name]:.2f}x as fast "
@@ -347,34 +354,27 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
         record = outcome.record = search_record(outcome.results[picked.name], outcome.results, metric)
         record.update(kept, chosen_from=picked.name)
     record["measured_pick"] = picked.record
-    return picked.ir, picked.artifact
+    return picked.ir, artifact
 
 
 def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model: onnx.ModelProto | Path, profile,
-                    shapes: dict[str, list[int]], calib_data: Dataset | None, staging: Path,
+                    shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], staging: Path,
                     extra: dict[str, Any], notes: list[str], phases: "PhaseClock",
                     prebuilt: Path | None = None) -> str | None:
-    """Compile, check and export the artifact (or move in the one the measured pick built and checked);
+    """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`);
     a model TVM cannot compile leaves the other outputs whole."""
-    import shutil
-
     from pruneaug import deploy
-    from pruneaug.codegen.export import move_artifact
 
-    inputs = deploy.sample_inputs(pruned_model, shapes, calib_data.inputs if calib_data else None)
     with deploy.quiet_native_stderr():
         try:
-            if prebuilt is not None:
-                artifact = move_artifact(prebuilt, staging / f"model.{profile.kind}")
-            else:
-                artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
-                                                 staging / f"model.{profile.kind}", inputs, staging / "pruned.onnx")
+            artifact = prebuilt or deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile,
+                                                         shapes, staging / f"model.{profile.kind}", inputs,
+                                                         staging / "pruned.onnx")
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
             return None
         finally:
-            shutil.rmtree(staging / PICK_FOLDER, ignore_errors=True)  # the contenders not kept
             phases.lap("artifact")
         if deploy.times_here(profile):
             deploy.release_freed_memory()  # before the workers load their models

@@ -43,7 +43,7 @@ class Pick:
     record: dict[str, Any]
 
 
-def contenders(results: Mapping[str, Any], chosen_name: str, margin: float = PICK_MARGIN) -> list[str]:
+def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> list[str]:
     """The chosen plan, then every other distinct plan that met the budget and is predicted within
     `margin` of it (`results` are `search.search_with_baselines`'s reports, which name some plans twice)."""
     chosen = results[chosen_name]

@@ -197,6 +197,7 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     from pruneaug.codegen.norm import layer_norm_primfunc
+    from pruneaug.codegen.relax_build import _vector_lanes, worth_parallel
 
     print(f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against TVM's own "
           "Relax op (DLight's CPU Reduction rule) and onnxruntime")
@@ -207,7 +208,8 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     for rows, cols in NORM_SHAPES:
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
         gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
-        func = layer_norm_primfunc(rows, cols, 1e-5, max(target.simd_bytes // 4, 4), target.cores)
+        func = layer_norm_primfunc(rows, cols, 1e-5, _vector_lanes(target),  # as the artifacts' rewrite builds it
+                                   worth_parallel(rows * cols, target.cores))
         module = tvm.compile(tvm.IRModule({"layer_norm": func.with_attr("global_symbol", "layer_norm")}),
                              target=target.tvm()).mod
         args = [tvm.runtime.tensor(a, dev) for a in (x, gamma, beta)] + [tvm.runtime.empty((rows, cols), "float32", dev)]

@@ -15,7 +15,8 @@ run, several TVM processes slowed each other and onnxruntime: on the CNN the cho
 each other side by side: every artifact's compiled function in this one process, sharing its one
 TVM thread pool, interleaved (`pruneaug.timing.time_side_by_side`). The goal: the chosen plan >= 1.25x faster
 than the best single block shape and >= 2x faster than unstructured, at the same validated budget,
-by that median. Prints one Markdown table per model; ratios > 1 mean the chosen plan is faster.
+by both the median and the p10 of those times. Prints one Markdown table per model; ratios > 1 mean
+the chosen plan is faster.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
     search = plan["search"]
 
     def ratio(numerator: float | None, denominator: float | None) -> str:
-        return f"{numerator / denominator:.2f}x" if numerator and denominator else "–"
+        return _fmt(_ratio(numerator, denominator))
 
     def spread(timing) -> str:
         if timing.error:

@@ -18,18 +18,18 @@ from functools import lru_cache
 from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop
 
 ACCUMULATORS = 4  # vectors of partial sums per row: independent add chains (one vector: latency-bound)
-PARALLEL_MIN_ELEMENTS = 1 << 14  # rows x cols from which the rows are shared out to the thread pool
 
 
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
-def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, cores: int):
-    """`Y = (X - mean) / sqrt(var + epsilon) * gamma + beta` along each row of `X[rows, cols]`.
+def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parallel: int):
+    """`Y = (X - mean) / sqrt(var + epsilon) * gamma + beta` along each row of `X[rows, cols]`, the rows
+    shared out to the thread pool where `parallel` (the caller's `relax_build.worth_parallel`).
 
     Memoised: parsing the TVMScript takes about 0.1 s, and BERT-base has 25 layer norms of one shape
     (the rewrite took 2.6 s unmemoised)."""
     from tvm.script import tirx as T
 
-    outer = outer_loop(int(cores > 1 and rows * cols >= PARALLEL_MIN_ELEMENTS))
+    outer = outer_loop(parallel)
     step = ACCUMULATORS * lanes
     body = cols // step * step  # columns the vector accumulators take; the rest one by one
     inv_cols = 1.0 / cols

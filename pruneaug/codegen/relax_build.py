@@ -489,7 +489,7 @@ def _rewrite_layer_norms(mod, target: TargetProfile):
                 or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]):
             return orig
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
-        key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), target.cores)
+        key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
         if key not in added:  # BERT-base: 25 layer norms, one function
             added[key] = builder.add_func(norm.layer_norm_primfunc(*key), "layer_norm")
         gv = added[key]
@@ -591,9 +591,14 @@ def _parallel_outer(sch, block, loops, cores: int):
         if fused_extent >= 4 * cores:
             break
     outer = sch.fuse(*loops[:count]) if count > 1 else loops[0]
-    if cores > 1 and work >= PARALLEL_MIN_WORK:
+    if worth_parallel(work, cores):
         sch.parallel(outer)
     return outer
+
+
+def worth_parallel(work: int, cores: int) -> int:
+    """1 where `work` iterations (elements, or multiply-adds) pay for a fork and join of the thread pool."""
+    return int(cores > 1 and work >= PARALLEL_MIN_WORK)
 
 
 class _CPURule:
