@@ -283,9 +283,10 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     supported = latency.block_supported(profile)
     kernels_measured = 0
     if costs.runner is not None:
-        shapes = {(layer.shape[0], layer.shape[1], layer.m or 1) for layer in scored.layers()}
+        shapes, convs = latency.measured_shapes(scored.layers())
         # a few densities per block shape; the fitted model answers the rest of the grid
-        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)])
+        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)],
+                                      convs=convs)
     layer_latency = latency.layer_latency(costs)
     validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
     # per-block probes: no consistent gain, 2.7x the runs

@@ -180,7 +180,7 @@ def test_kernel_signature_and_timing():
     assert kernel.name == "my_layer" and kernel.primfunc.attrs["global_symbol"] == "my_layer"
     params = [p.name for p in kernel.primfunc.params]
     assert params[0] == "X" and params[-1] == "Y" and len(params) == 2 + len(kernel.constants)
-    bench = Bench(compile_kernel(kernel, X86), kernel, 16, 24, tvm.cpu(), device_clock)
+    bench = Bench(compile_kernel(kernel, X86), kernel, (16, 24), tvm.cpu(), device_clock)
     samples = [bench.sample() for _ in range(3)]
     assert bench.number >= 1 and all(s.seconds > 0 for s in samples)
 
@@ -252,7 +252,7 @@ def test_kernel_timed_through_rpc(tmp_path):
         session = rpc.connect("127.0.0.1", server.port)
         session.upload(str(lib))
         remote = session.load_module("k.so")
-        bench = Bench(remote, kernel, 8, 16, session.cpu(), device_clock)
+        bench = Bench(remote, kernel, (8, 16), session.cpu(), device_clock)
         samples = [bench.sample() for _ in range(2)]
     finally:
         server.terminate()

@@ -154,3 +154,26 @@ def test_a_plan_measured_faster_is_kept_with_its_own_artifact(tmp_path, monkeypa
     (expected,) = ort_run.run(onnx.load(result.pruned_model), inputs)
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
     assert "Measured pick" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_convs_are_costed_by_their_own_measured_kernels(tmp_path):
+    # the search's figures for a Conv are its conv kernels' times at its own geometry, measured here
+    from pruneaug.cost_model.model import cost_model
+    from pruneaug.ir.graph import lift
+    from pruneaug.passes.latency import conv_shape
+
+    model, calib, eval_ = example("cnn")
+    result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.05, measure="local", artifact=False,
+                              blocks="8x8", sparsities="0.5,0.8", out=tmp_path / "out")
+    costs = cost_model("x86", "local")
+    layers = {layer.weight: layer for layer in lift(onnx.load(model), result.plan["input_shapes"]).layers()}
+    convs = [entry for entry in result.plan["layers"] if entry["op_type"] == "Conv"]
+    assert len(convs) == 3
+    for entry in convs:
+        conv = conv_shape(layers[entry["weight"]])
+        predicted = costs.predict_conv(conv, tuple(entry["block"]), entry["sparsity"])
+        assert entry["latency_source"] == predicted.source and predicted.source in ("measured", "fitted")
+        assert entry["predicted_latency_s"] == pytest.approx(predicted.seconds)
+        assert entry["dense_latency_s"] == pytest.approx(costs.predict_conv(conv, (8, 8), 0.0).seconds)
+    assert len(costs.cache.all_conv(costs.target.cache_key)) == 3 * (1 + 6)  # dense and the grid, per conv

@@ -10,6 +10,7 @@ import pytest
 
 from pruneaug.cost_model import CostModel, Prediction
 from pruneaug.cost_model.cache import LatencyCache
+from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.cost_model.measured import (MAX_ROUNDS, MIN_CLEAN, PAUSE_S, REFERENCE, ROUND, LocalRunner, Sample,
                                           batch_calls,
                                           collect, paired, cpu_clock, device_clock, measure_peaks, run_queue_wait_s,
@@ -85,15 +86,18 @@ class _FakeBench:
         return Sample(self.seconds * self.load)
 
 
+REFERENCE_X = (REFERENCE[2], REFERENCE[1])  # the reference kernel's X: m rows of `in`
+
+
 def test_local_figures_are_reference_ratios_and_the_reference_is_calibrated_once(tmp_path, monkeypatch):
     host = resolve_target("x86")
     cache = LatencyCache(tmp_path / "c.sqlite")
     quiet = LocalRunner(host, cache=cache)
-    monkeypatch.setattr(quiet, "_bench", lambda *layer: _FakeBench(1e-3 if layer == REFERENCE else 3e-3))
+    monkeypatch.setattr(quiet, "_bench", lambda kernel, x_shape: _FakeBench(1e-3 if x_shape == REFERENCE_X else 3e-3))
     assert quiet.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
     assert cache.get_reference(host.cache_key) == pytest.approx(1e-3)
     loaded = LocalRunner(host, cache=LatencyCache(tmp_path / "c.sqlite"))  # a later fill, on a busy machine
-    monkeypatch.setattr(loaded, "_bench", lambda *layer: _FakeBench(1e-3 if layer == REFERENCE else 3e-3, load=2.5))
+    monkeypatch.setattr(loaded, "_bench", lambda kernel, x_shape: _FakeBench(1e-3 if x_shape == REFERENCE_X else 3e-3, load=2.5))
     assert loaded.reference()[1] == pytest.approx(1e-3)  # the cache's calibration, not a new one
     assert loaded.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
     assert loaded.contended == 0
@@ -193,6 +197,10 @@ def test_rpc_measurement_is_cached_and_a_lost_device_falls_back(tmp_path, rpc_de
     assert cache.get(host.cache_key, *SHAPE, (4, 1), 0.5) == seconds
     rows = cache._execute("SELECT device FROM latency")
     assert rows == [(url,)]
+    conv = ConvShape(8, (1, 4, 9, 9), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))  # a strided conv: two kernels each
+    assert model.fill([], blocks=[(4, 1)], densities=[0.5], progress=False, convs=[conv]) == 2
+    assert model.predict_conv(conv, (4, 1), 0.5).source == "measured"
+    assert cache._execute("SELECT device FROM conv_latency") == [(url,), (url,)]
 
     server.terminate()  # the board goes away mid-way through filling the cache
     with pytest.warns(RuntimeWarning, match=f"device {url} stopped answering after 0 of"):

@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 import zoo
 from devices import requires_cuda_gpu
-from pruneaug.codegen import bsr, relax_build
+from pruneaug.codegen import bsr, relax_build, threads
 from pruneaug.codegen.export import cuda_sources
 from pruneaug.codegen.relax_build import build_model, canonical_views, check_against_onnxruntime
 from pruneaug.cost_model.targets import resolve_target
@@ -143,16 +143,18 @@ def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: b
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
-@pytest.mark.parametrize("kernel, attrs", [
-    ((3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # even padded size: phases fit exactly
-    ((3, 3), {"strides": [3, 3], "pads": [1, 0, 2, 1]}),  # asymmetric pads; the phase grid crops a row
-    ((3, 3), {"strides": [2, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),  # dilated taps in one phase
-    ((1, 1), {"strides": [2, 2]}),
+@pytest.mark.parametrize("x_shape, kernel, attrs", [
+    ([2, 5, 10, 9], (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # even padded size: phases fit exactly
+    ([2, 5, 10, 9], (3, 3), {"strides": [3, 3], "pads": [1, 0, 2, 1]}),  # asymmetric pads; the phase grid crops a row
+    ([2, 5, 10, 9], (3, 3), {"strides": [2, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),  # dilated taps, one phase
+    ([2, 5, 10, 9], (1, 1), {"strides": [2, 2]}),
+    ([1, 9, 61, 64], (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # a split big enough for the thread pool
 ])
-def test_strided_conv_runs_over_stride_phases(x86, kernel, attrs):
-    # The stride-1 rewrite over the input's stride phases (`_Phases`), sparse and with ragged 8x8 blocks.
-    model = prune_blocks(single_conv([2, 5, 10, 9], 12, kernel, **attrs), {"w": (8, 8)}, density=0.5)
-    inputs = {"x": np.random.default_rng(2).standard_normal((2, 5, 10, 9)).astype(np.float32)}
+def test_strided_conv_runs_over_stride_phases(x86, x_shape, kernel, attrs):
+    # The stride-1 rewrite over the input's stride phases (`conv_lowering.StridePhases`), sparse and with
+    # ragged 8x8 blocks.
+    model = prune_blocks(single_conv(x_shape, 12, kernel, **attrs), {"w": (8, 8)}, density=0.5)
+    inputs = {"x": np.random.default_rng(2).standard_normal(x_shape).astype(np.float32)}
     assert_matches_onnxruntime(build_model(model, {"w": (8, 8)}, x86), model, inputs)
 
 
@@ -246,7 +248,7 @@ def test_the_frontend_does_not_check_the_model_again(monkeypatch):
 
 
 @pytest.mark.parametrize("rule, shapes", [
-    ("_InjectiveRule", {"small": [16, 128], "large": [128, 256]}),
+    ("_InjectiveRule", {"small": [16, 128], "large": [256, 512]}),
     ("_LoopNestRule", {"small": [4, 16, 8], "large": [4, 64, 64]}),
 ])
 def test_only_blocks_worth_a_fork_run_in_parallel(x86, rule, shapes):
@@ -284,7 +286,7 @@ def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("x_shape,axis,ours", [
     ([2, 5, 37], -1, True),    # the last axis, 37 = 4 vectors of 8 and 5 left over
-    ([64, 300], 1, True),      # 64 rows: on the thread pool
+    ([256, 300], 1, True),     # 256 rows: on the thread pool
     ([3, 4, 6], 1, False),     # two axes: TVM's own
 ])
 def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, axis, ours):
@@ -297,6 +299,7 @@ def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, 
     x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
     rows = int(np.prod(x_shape[:-1]))
-    parallel = int(x86.cores > 1 and rows * x_shape[-1] >= 1 << 14)
+    parallel = int(x86.cores > 1 and rows * x_shape[-1] >= threads.PARALLEL_MIN_WORK)
+    assert parallel or x_shape != [256, 300]
     assert built == ([(rows, x_shape[-1], pytest.approx(1e-5), 8 if x86.simd_bytes >= 32 else 4, parallel)]
                      if ours else [])

@@ -8,6 +8,7 @@
     python tools/bench_kernels.py --threads 1 --clock thread --part conv   # only the conv table
     python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
     python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
+    python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -20,6 +21,9 @@ scores `schedule.runs_parallel`'s choice against the faster of the two (PARALLEL
 The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" along output rows,
 "chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
 schedule picks.
+The norm and softmax tables time each kernel alone, ours against the one PrimFunc that the artifacts'
+pipeline makes of TVM's Relax op (`relax_op_kernel`; the softmax's "ours" is what `rewrite_softmaxes`
+puts in its place).
 """
 from __future__ import annotations
 
@@ -72,13 +76,15 @@ def ort_session(model, threads: int):
     return make_session(model, threads, spinning=False)
 
 
-def one_node_model(op: str, x_shape, weight: np.ndarray, **attrs):
+def one_node_model(op: str, x_shape, *constants: np.ndarray, **attrs):
+    """`y = op(x, *constants)` as an ONNX model (the constants are initializers)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    names = [f"c{i}" for i in range(len(constants))]
+    node = helper.make_node(op, ["x", *names], ["y"], **attrs)
     graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(weight, "w")])
+                              [numpy_helper.from_array(c, name) for c, name in zip(constants, names)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -173,28 +179,38 @@ def bench_parallel(target, rounds: int, number: int, threads: int) -> None:
 NORM_SHAPES = [(16, 128), (512, 128), (128, 768), (2048, 768)]  # rows x columns: the encoder, BERT-base
 
 
-def tvm_layer_norm_call(target, rows: int, cols: int, x, gamma, beta) -> Callable[[], object]:
-    """TVM's own Relax layer norm, compiled with the pipeline the artifacts use (DLight's CPU rules)."""
+def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Callable | None = None
+                    ) -> Callable[[], object]:
+    """The one PrimFunc that `main(*inputs) = op(*inputs)` (`op` makes the Relax call on the inputs' variables)
+    becomes with the pipeline the artifacts use (DLight's CPU rules for TVM's own ops), after
+    `rewrite(mod, target)` where given; compiled alone and called on the inputs.
+
+    The kernel alone, as in a model: through the Relax VM each call from Python costs about 4 µs more,
+    which a model pays once, not per op."""
     import tvm
-    from tvm import relax
+    from tvm import relax, tirx
 
     from pruneaug.codegen.relax_build import _pipeline
 
     builder = relax.BlockBuilder()
-    x_var = relax.Var("x", relax.TensorType([rows, cols], "float32"))
-    with builder.function("main", [x_var]):
-        y = builder.emit(relax.op.nn.layer_norm(x_var, relax.const(gamma), relax.const(beta), axes=[-1],
-                                                epsilon=1e-5))
+    variables = [relax.Var(f"x{i}", relax.TensorType(list(a.shape), "float32")) for i, a in enumerate(inputs)]
+    with builder.function("main", variables):
+        y = builder.emit(op(*variables))
         builder.emit_func_output(y)
-    executable = tvm.compile(builder.get(), target.tvm(), relax_pipeline=_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    x_tvm = tvm.runtime.tensor(x, tvm.cpu())
-    return lambda: vm["main"](x_tvm)
+    mod = builder.get() if rewrite is None else rewrite(builder.get(), target)
+    with target.tvm():
+        lowered = _pipeline(target)(mod)
+    [(gv, func)] = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    kernel = tvm.compile(tvm.IRModule({gv.name_hint: func}), target=target.tvm()).mod[gv.name_hint]
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in inputs]
+    args.append(tvm.runtime.empty([int(d) for d in y.ty.shape], "float32", dev))
+    return lambda: kernel(*args)
 
 
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     import tvm
-    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
 
     from pruneaug.codegen.norm import layer_norm_primfunc
     from pruneaug.codegen.relax_build import _vector_lanes, worth_parallel
@@ -213,17 +229,47 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
         module = tvm.compile(tvm.IRModule({"layer_norm": func.with_attr("global_symbol", "layer_norm")}),
                              target=target.tvm()).mod
         args = [tvm.runtime.tensor(a, dev) for a in (x, gamma, beta)] + [tvm.runtime.empty((rows, cols), "float32", dev)]
-        node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
-        graph = helper.make_graph([node], "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, cols])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                                  [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(beta, "b")])
-        session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
+        session = ort_session(one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5),
+                              threads)
         calls = {"ours": lambda f=module["layer_norm"], a=args: f(*a),
-                 "tvm": tvm_layer_norm_call(target, rows, cols, x, gamma, beta),
+                 "tvm": relax_op_kernel(target, lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5),
+                                        [x, gamma, beta]),
                  "ort": lambda s=session, v=x: s.run(None, {"x": v})}
-        t = {name: v[0] for name, v in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {rows}x{cols} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
-              f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+        print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))
+
+
+def print_row(shape: str, times: dict[str, tuple[float, float]]) -> None:
+    """A row of the norm and softmax tables: medians of ours, TVM's and onnxruntime's, and the ratios."""
+    t = {name: median for name, (median, _) in times.items()}
+    print(f"| {shape} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+          f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
+# rows x columns: the bundled encoder's attention at batch 1, 8 and 32 (4 heads x 16 tokens of 16); BERT-base's
+# at 128 tokens, batch 1 and 8 (12 heads); a ragged row (37 = 4 vectors of 8 and 5 left over); ViT-B's 197 tokens
+SOFTMAX_SHAPES = [(64, 16), (512, 16), (2048, 16), (1536, 128), (12288, 128), (1000, 37), (2364, 197)]
+
+
+def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
+    from tvm import relax
+
+    from pruneaug.codegen.softmax import rewrite_softmaxes
+
+    def softmax(v):
+        return relax.op.nn.softmax(v, axis=-1)
+
+    print(f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against TVM's own "
+          "Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime")
+    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for rows, cols in SOFTMAX_SHAPES:
+        x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
+        session = ort_session(one_node_model("Softmax", (rows, cols), axis=-1), threads)
+        calls = {"ours": relax_op_kernel(target, softmax, [x], rewrite_softmaxes),
+                 "tvm": relax_op_kernel(target, softmax, [x]),
+                 "ort": lambda s=session, v=x: s.run(None, {"x": v})}
+        print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))
 
 
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
@@ -319,7 +365,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm"], default="all", help="which tables to run")
+    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax"], default="all",
+                        help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -350,6 +397,8 @@ def main() -> None:
         bench_parallel(target, args.rounds, args.number, args.threads)
     if args.part in ("all", "norm"):
         bench_norm(target, args.rounds, args.number, args.threads)
+    if args.part in ("all", "softmax"):
+        bench_softmax(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":

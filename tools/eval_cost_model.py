@@ -14,6 +14,12 @@ disjoint set of TEST shapes, fits the model on TRAIN alone, and prints for TEST:
 
 Once a cache file holds every kernel, `--measure none --repeat 0` re-evaluates a changed model on
 the same measurements without timing anything (no lock needed): how a model change is compared.
+
+`--part conv` evaluates the Conv costs instead: for CONVS (the bundled CNN's convs at batch 1 and
+32, two ResNet-50 convs) the cache's grid (the default densities, as a compile fills it) is filled,
+then each conv's kernels are timed at TEST_DENSITIES (off that grid, not cached) and predicted two
+ways: from the conv's own grid (`CostModel.predict_conv`: what the search now uses) and from its
+im2col matmul's kernels (what it used before): per-block errors and the ranking check for both.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_target import print_error_table  # noqa: E402
 
 from pruneaug.cost_model.cache import DENSE_BLOCK  # noqa: E402
-from pruneaug.cost_model.model import DEFAULT_BLOCKS, CostModel, as_block  # noqa: E402
+from pruneaug.cost_model.conv_shape import ConvShape  # noqa: E402
+from pruneaug.cost_model.model import DEFAULT_BLOCKS, DEFAULT_DENSITIES, CostModel, as_block  # noqa: E402
 from pruneaug.cost_model.targets import resolve_target  # noqa: E402
 
 # TRAIN spans the sizes of TEST (X and W from a few KiB to several MiB, so the per-core cache
@@ -43,6 +50,13 @@ TRAIN_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
 TEST_DENSITIES = (0.1, 0.3, 0.5, 0.8)
 RANK_SLACK = 0.05
 REPEAT_KERNELS = 16
+CONVS = [
+    ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # examples/cnn conv1, batch 1
+    ConvShape(64, (1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # its strided conv2
+    ConvShape(64, (32, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # conv1 at batch 32
+    ConvShape(128, (1, 128, 56, 56), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # ResNet-50 stage 2's strided 3x3
+    ConvShape(256, (1, 1024, 14, 14), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),  # a stage-4 1x1 reduction
+]
 
 
 def ranking_hits(fitted: CostModel, measured: dict, blocks, shapes, densities) -> tuple[int, int]:
@@ -54,10 +68,39 @@ def ranking_hits(fitted: CostModel, measured: dict, blocks, shapes, densities) -
             if any(t is None for t in times.values()):
                 continue
             predicted = {b: fitted.predict(out, in_, m, b, 1.0 - density).seconds for b in blocks}
-            choice = min(predicted, key=predicted.get)
-            hits += times[choice] <= (1 + RANK_SLACK) * min(times.values())
+            hits += best_hit(predicted, times)
             cases += 1
     return hits, cases
+
+
+def best_hit(predicted: dict, measured: dict) -> bool:
+    """The block predicted fastest is measured fastest, or within RANK_SLACK of it."""
+    return measured[min(predicted, key=predicted.get)] <= (1 + RANK_SLACK) * min(measured.values())
+
+
+def evaluate_convs(model: CostModel, blocks) -> None:
+    """The `--part conv` tables (see the module docstring)."""
+    start = time.perf_counter()
+    timed = model.fill([conv.matmul for conv in CONVS], blocks, DEFAULT_DENSITIES, convs=CONVS)
+    print(f"grid: {timed} new kernels in {time.perf_counter() - start:.1f} s")
+    ways = {"own kernels": lambda conv, b, s: model.predict_conv(conv, b, s).seconds,
+            "im2col matmul": lambda conv, b, s: model.predict(*conv.matmul, b, s).seconds}
+    errors = {way: {} for way in ways}
+    hits = dict.fromkeys(ways, 0)
+    cases = 0
+    for conv in CONVS:
+        for density in TEST_DENSITIES:
+            measured = {b: model.runner.time_conv(conv, b, density) for b in blocks}
+            cases += 1
+            for way, predict in ways.items():
+                predicted = {b: predict(conv, b, 1.0 - density) for b in blocks}
+                hits[way] += best_hit(predicted, measured)
+                for b in blocks:
+                    errors[way].setdefault(f"{b[0]}x{b[1]}", []).append(predicted[b] / measured[b] - 1.0)
+    for way in ways:
+        print(f"\nconvs predicted from their {way}, at densities {TEST_DENSITIES} (off the grid):")
+        print_error_table({label: np.array(e) for label, e in errors[way].items()})
+        print(f"fastest block ranked right (or within {RANK_SLACK:.0%}): {hits[way]}/{cases}")
 
 
 def repeat_agreement(model: CostModel, rows: list) -> np.ndarray:
@@ -99,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", default=",".join(f"{r}x{c}" for r, c in DEFAULT_BLOCKS))
     parser.add_argument("--repeat", type=int, default=REPEAT_KERNELS,
                         help="test kernels to time a second time for the repeat agreement (0: none)")
+    parser.add_argument("--part", choices=["matmul", "conv"], default="matmul")
     args = parser.parse_args(argv)
     target = resolve_target(args.target)
     blocks = [as_block(b) for b in args.blocks.split(",")]
@@ -106,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target {model.target.name} ({model.target.model}), {model.target.cores} threads "
           f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}), "
           f"cache {model.cache.path}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if args.part == "conv":
+        evaluate_convs(model, blocks)
+        return 0
     start = time.perf_counter()
     timed = model.fill(TRAIN, blocks, TRAIN_DENSITIES) + model.fill(TEST, blocks, TEST_DENSITIES)
     print(f"measured {timed} new kernels in {time.perf_counter() - start:.1f} s; "

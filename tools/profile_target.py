@@ -4,12 +4,12 @@
     python tools/profile_target.py --target x86 --model examples/cnn/model.onnx --batch 8
     python tools/profile_target.py --target arm64 --measure rpc://127.0.0.1:9190/rk3568
 
-Layer shapes are read off the ONNX model's MatMul/Gemm/Conv initializer weights (canonical
-`W[out, in]`; Conv `in = Cin*kh*kw`), m from the outputs' inferred shapes with --batch for the
-dynamic dims (m = batch x tokens for MatMul, batch x H_out x W_out for Conv).
+Layer shapes are read off the model's IR as a compile reads them: (out, in, m) of MatMul/Gemm
+(canonical `W[out, in]`, m = batch x tokens) and each group-1 Conv's whole geometry (its own kernels
+are timed, `codegen/conv_lowering.py`), --batch for the inputs' first dynamic axis, 1 for others.
 Host figures are for TVM_NUM_THREADS threads (else every core), cached apart per thread count; with
 one thread they are CPU times, which leave out the time other processes held the core.
-After filling, every layer shape is held out in turn: the model is fitted on the other shapes'
+After filling, every matmul layer shape is held out in turn: the model is fitted on the other shapes'
 measurements and predicts the held-out ones, and the table says how close it came.
 """
 from __future__ import annotations
@@ -32,39 +32,18 @@ from pruneaug.errors import PruneaugError  # noqa: E402
 BERT_BASE = [(768, 768, 128), (3072, 768, 128), (768, 3072, 128)]
 
 
-def _rows(value_info, out: int, batch: int) -> int | None:
-    """m of a layer from its output's shape ([..., out] or [N, out, H, W]); dynamic dims count as `batch`."""
-    dims = [d.dim_value if d.HasField("dim_value") else batch for d in value_info.type.tensor_type.shape.dim]
-    if not dims:
-        return None
-    total = int(np.prod(dims))
-    return total // out if total % out == 0 else None
-
-
-def layer_shapes(path: str, batch: int = 1) -> list[tuple[int, int, int]]:
-    """(out, in, m) of every MatMul/Gemm/Conv with an initializer weight (group-1 Conv only);
-    dynamic dims (the batch, usually) are taken as `batch`, and m is 1 where shapes are unknown."""
+def layer_shapes(path: str, batch: int = 1) -> tuple[list[tuple[int, int, int]], list]:
+    """What the search would time for the model at `batch`: (out, in, m) of its MatMul/Gemm layers and
+    the geometries of its group-1 Convs (`passes.latency.measured_shapes`), read off the IR as a compile does."""
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(path))
-    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    infos = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
-    shapes = []
-    for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMul" and len(node.input) > 1 and len(weights.get(node.input[1], ())) == 2:
-            in_, out = weights[node.input[1]]
-        elif node.op_type == "Gemm" and len(weights.get(node.input[1], ())) == 2:
-            out, in_ = weights[node.input[1]] if attrs.get("transB", 0) else weights[node.input[1]][::-1]
-        elif node.op_type == "Conv" and attrs.get("group", 1) == 1 and len(weights.get(node.input[1], ())) >= 3:
-            out, *rest = weights[node.input[1]]
-            in_ = int(np.prod(rest))
-        else:
-            continue
-        info = infos.get(node.output[0])
-        m = _rows(info, out, batch) if info is not None else None
-        shapes.append((int(out), int(in_), m or batch))
-    return list(dict.fromkeys(shapes))
+    from pruneaug.compile import deploy_shapes
+    from pruneaug.ir.graph import lift
+    from pruneaug.passes.latency import measured_shapes
+
+    model = onnx.load(path)
+    shapes, convs = measured_shapes(lift(model, deploy_shapes(model, None, batch)).layers())
+    return sorted(shapes), sorted(convs, key=lambda conv: conv.key)
 
 
 def held_out_errors(model: CostModel, shapes: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
@@ -106,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         target = resolve_target(args.target)
-        shapes = layer_shapes(args.model, args.batch) if args.model else BERT_BASE
+        shapes, convs = layer_shapes(args.model, args.batch) if args.model else (BERT_BASE, [])
         blocks = [as_block(b) for b in args.blocks.split(",")]
         densities = [float(d) for d in args.densities.split(",")]
         model = CostModel(target, measure=args.measure)
-        print(f"target {target.name} ({target.model}); {len(shapes)} layer shapes; cache {model.cache.path}")
+        print(f"target {target.name} ({target.model}); {len(shapes)} layer shapes, {len(convs)} convs; "
+              f"cache {model.cache.path}")
         start = time.perf_counter()
-        measured = model.fill(shapes, blocks, densities)
-        print(f"measured {measured} kernels in {time.perf_counter() - start:.1f} s "
-              f"({len(model.missing(shapes, blocks, densities))} still missing); "
+        measured = model.fill(shapes, blocks, densities, convs=convs)
+        missing = len(model.missing(shapes, blocks, densities)) + len(model.missing_convs(convs, blocks, densities))
+        print(f"measured {measured} kernels in {time.perf_counter() - start:.1f} s ({missing} still missing); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     except PruneaugError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,12 +7,14 @@ Steps (DESIGN §2 "Codegen"): import with TVM's ONNX frontend at static shapes; 
 every linear layer reads `matmul(x, const)` or `conv2d(x, const)`; rewrite those calls into `call_tir`
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
 in `sparse_weights`, the dense kernel otherwise, a bias add and a ReLU after it fused in (a strided conv
-runs as a stride-1 conv over its input's stride phases, see `_Phases`); then TVM's usual legalize-and-fuse
-for the rest. TVM's CPU pipeline schedules nothing (an untuned model ran ~100x slower than
-onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV and Reduction rules
-(softmax, layer norm) and two small rules below, one for a reduction with two operands (matmuls
-between activations, depthwise and grouped convs) and one for injective ops; exp/erf/tanh become
-TVM's vectorisable fast versions (libm's are scalar calls). No tuning: compile time stays seconds.
+runs as a stride-1 conv over its input's stride phases, see `conv_lowering.StridePhases`); on CPUs,
+last-axis layer norms and softmaxes become our vectorised kernels (`norm.py`, `softmax.py`); then
+TVM's usual legalize-and-fuse for the rest. TVM's CPU pipeline schedules nothing (an untuned model
+ran ~100x slower than onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV
+and Reduction rules (other reductions) and two small rules below, one for a reduction with two
+operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
+exp/erf/tanh become TVM's vectorisable fast versions (libm's are scalar calls). No tuning: compile
+time stays seconds.
 CUDA uses TVM's own pipeline, which schedules with DLight's GPU rules.
 
 Sparse layers are found by value, not by name (the frontend keeps no ONNX names on Relax calls): each
@@ -34,17 +36,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.codegen import bsr
+from pruneaug.codegen import bsr, conv_lowering, softmax
+from pruneaug.codegen.threads import PARALLEL_MIN_WORK, worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
 from pruneaug.ir.prunable import find_weight_use
-
-# A block runs in parallel from this many iterations up (elements of an elementwise op, multiply-adds
-# of a matmul): below it a fork and join of the thread pool cost more than they save. The bundled
-# encoder at batch 1 (add, reshape and attention-matmul blocks of 2k-33k iterations): 6-11% faster at 2
-# threads; models whose blocks are all larger (the CNN at batch 32, the encoder at batch 32) unchanged.
-PARALLEL_MIN_WORK = 1 << 14
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is
     import tvm
@@ -72,6 +69,7 @@ def build_model(
         warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
     if target.kind != "cuda":
         mod = _rewrite_layer_norms(mod, target)
+        mod = softmax.rewrite_softmaxes(mod, target)
     import tvm
 
     from pruneaug.codegen.export import cuda_binaries_at_build
@@ -369,104 +367,14 @@ class _LinearRewriter:
         w = np.ascontiguousarray(found.weight.reshape(c_out, -1))
         entry = self._sparse_entry(w)
         block = entry[1] if entry is not None else bsr.DENSE_BLOCK  # dense: every block kept
-        kernel_hw, strides = (kh, kw), tuple(int(s) for s in attrs.strides)
+        strides = tuple(int(s) for s in attrs.strides)
         pads, dilations = tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation)
-        out_shape = [int(d) for d in call.ty.shape]
         name = "bsr_conv2d" if entry is not None else "dense_conv2d"
-        if strides == (1, 1) or self.target.kind == "cuda":  # the CUDA kernel reads strided inputs directly
-            kernel = bsr.bsr_conv2d_kernel(self.target, tuple(x_shape), bsr.to_bsr(w, block), kernel_hw, strides,
-                                           pads, dilations, bias=bias, name=name, activation=found.activation)
-            return self._call(kernel, found.x, out_shape)
-        phases = _Phases(tuple(x_shape), kernel_hw, strides, pads, dilations, out_shape[2:])
-        wide = np.zeros((c_out, phases.columns), np.float32)
-        wide[:, : w.shape[1]] = w
-        kernel = bsr.bsr_conv2d_kernel(self.target, phases.shape, bsr.to_bsr(wide, block), phases.kernel_hw,
-                                       (1, 1), (0, 0, 0, 0), (1, 1), bias=bias, name=name,
-                                       activation=found.activation)
-        data, indices, indptr, offsets, padded_bias = kernel.constants
-        kernel = bsr.Kernel(kernel.primfunc, kernel.name,
-                            [data, indices, indptr, phases.column_offsets(len(offsets)), padded_bias])
-        split = self._call(bsr.Kernel(phases.primfunc(), "stride_phases", []), found.x, list(phases.shape))
-        return self._call(kernel, split, out_shape)
-
-
-@dataclass(frozen=True)
-class _Phases:
-    """A strided conv as a stride-1 conv over the input's stride phases (space-to-depth).
-
-    The conv kernel vectorises along an output row and reads the input at the stride: a strided
-    vector load is a gather, which made a stride-2 3x3 conv ~5x slower per kept block than a stride-1
-    one. Split the padded input into its `sh * sw` phases `P[n, (py * sw + px) * C + c, y, x] =
-    Xp[n, c, y * sh + py, x * sw + px]`; tap `(dy, dx)` of channel `c` then reads phase `(dy*dh % sh,
-    dx*dw % sw)` at `(dy*dh // sh, dx*dw // sw)`, a stride-1 read. The kernel runs as a stride-1
-    unpadded conv of `kernel_hw` taps over P with the weight's columns kept in their order (the other
-    columns zero, so no extra blocks): only its column offsets, a kernel constant, are replaced by
-    where each original column lies in P. (A 1x1 strided conv reads one of the phases; the others are
-    copied for nothing.)
-    """
-
-    x_shape: tuple[int, int, int, int]
-    original_hw: tuple[int, int]
-    strides: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    dilations: tuple[int, int]
-    out_hw: list[int]
-
-    @property
-    def kernel_hw(self) -> tuple[int, int]:
-        return tuple((k - 1) * d // s + 1 for k, d, s in zip(self.original_hw, self.dilations, self.strides))
-
-    @property
-    def phase_hw(self) -> tuple[int, int]:
-        return tuple(o + k - 1 for o, k in zip(self.out_hw, self.kernel_hw))
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        n, c, _, _ = self.x_shape
-        return (n, self.strides[0] * self.strides[1] * c, *self.phase_hw)
-
-    @property
-    def columns(self) -> int:
-        return self.shape[1] * self.kernel_hw[0] * self.kernel_hw[1]
-
-    def column_offsets(self, length: int) -> np.ndarray:
-        """Offset in one image of P of each original im2col column `(c, dy, dx)`; 0 for the padding columns."""
-        _, c, _, _ = self.x_shape
-        (kh, kw), (sh, sw), (dh, dw) = self.original_hw, self.strides, self.dilations
-        hq, wq = self.phase_hw
-        j = np.arange(c * kh * kw)
-        cin, dy, dx = j // (kh * kw), (j // kw) % kh, j % kw
-        channel = ((dy * dh % sh) * sw + dx * dw % sw) * c + cin
-        offsets = np.zeros(length, np.int32)
-        offsets[: len(j)] = channel * hq * wq + (dy * dh // sh) * wq + dx * dw // sw
-        return offsets
-
-    def primfunc(self):
-        """P from X[N, C, H, W]: one pass, zero where a phase reads the padding, parallel over images and channels.
-
-        (As Relax pad, reshape and transpose ops, TVM fuses them into one loop nest indexed by divisions.)"""
-        from tvm.script import tirx as T
-
-        n, c, h, w = self.x_shape
-        (sh, sw), (hq, wq) = self.strides, self.phase_hw
-        top, left = self.pads[0], self.pads[1]
-
-        @T.prim_func(s_tir=True)
-        def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
-            # opaque (pattern 8): FuseOps would fuse a producer in, which FuseTIR cannot (int32 shapes);
-            # TVM's analyses want a root block
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-            with T.sblock("root"):
-                for nc in T.parallel(n * c):
-                    for py, px, y, x in T.grid(sh, sw, hq, wq):
-                        P[nc // c, (py * sw + px) * c + nc % c, y, x] = T.if_then_else(
-                            top <= y * sh + py and y * sh + py < top + h and left <= x * sw + px
-                            and x * sw + px < left + w,
-                            X[nc // c, nc % c, T.min(T.max(y * sh + py - top, 0), h - 1),
-                              T.min(T.max(x * sw + px - left, 0), w - 1)],
-                            T.float32(0))
-
-        return phases
+        y = found.x
+        for step in conv_lowering.conv_calls(self.target, tuple(x_shape), w, block, (kh, kw), strides, pads,
+                                             dilations, bias=bias, activation=found.activation, name=name):
+            y = self._call(step.kernel, y, step.out_shape)
+        return y
 
 
 def _rewrite_layer_norms(mod, target: TargetProfile):
@@ -594,11 +502,6 @@ def _parallel_outer(sch, block, loops, cores: int):
     if worth_parallel(work, cores):
         sch.parallel(outer)
     return outer
-
-
-def worth_parallel(work: int, cores: int) -> int:
-    """1 where `work` iterations (elements, or multiply-adds) pay for a fork and join of the thread pool."""
-    return int(cores > 1 and work >= PARALLEL_MIN_WORK)
 
 
 class _CPURule:

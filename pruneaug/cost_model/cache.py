@@ -8,7 +8,9 @@
 Rows are keyed by target profile, TVM version, kernel version (a hash of `codegen/bsr.py`'s
 source, tagged with the timing protocol's `MEASUREMENT_PROTOCOL`), layer shape, m, block and
 density, so a new TVM, a changed kernel or a figure that now means something else invalidates old
-rows without deleting them. Block (0, 0) stands for the dense kernel. The file is in WAL mode with a
+rows without deleting them. Block (0, 0) stands for the dense kernel. Convs' own kernels are kept
+apart (table `conv_latency`, keyed by the conv's whole geometry and versioned by
+`codegen/conv_lowering.py` and what it imports). The file is in WAL mode with a
 busy timeout, so several compiles can write at once; a corrupted or unreadable file is renamed
 aside with a warning and a fresh one is built (or, where nothing can be written, an in-memory one).
 The same file keeps `records`: other measured figures a later compile may reuse (the layer
@@ -47,6 +49,12 @@ CREATE TABLE IF NOT EXISTS latency (
     seconds REAL NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at REAL NOT NULL,
     PRIMARY KEY (target, tvm_version, kernel_version, out, in_, m, block_r, block_c, density)
 );
+CREATE TABLE IF NOT EXISTS conv_latency (
+    target TEXT NOT NULL, tvm_version TEXT NOT NULL, kernel_version TEXT NOT NULL, conv TEXT NOT NULL,
+    block_r INTEGER NOT NULL, block_c INTEGER NOT NULL, density REAL NOT NULL,
+    seconds REAL NOT NULL, device TEXT NOT NULL DEFAULT '', measured_at REAL NOT NULL,
+    PRIMARY KEY (target, tvm_version, kernel_version, conv, block_r, block_c, density)
+);
 CREATE TABLE IF NOT EXISTS peaks (target TEXT PRIMARY KEY, gflops REAL NOT NULL, gbps REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS reference (
     target TEXT NOT NULL, tvm_version TEXT NOT NULL, kernel_version TEXT NOT NULL, seconds REAL NOT NULL,
@@ -64,6 +72,16 @@ class Measurement:
     out: int
     in_: int
     m: int
+    block: tuple[int, int]
+    density: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ConvMeasurement:
+    """One cached time of a Conv's kernels (`conv_shape.ConvShape.key`), summed over its calls."""
+
+    conv: str
     block: tuple[int, int]
     density: float
     seconds: float
@@ -89,10 +107,10 @@ def current_tvm_version() -> str:
 _CODEGEN_IMPORT = re.compile(r"from\s+(?:pruneaug\.codegen)?\.(\w+)\s+import|from\s+pruneaug\.codegen\s+import\s+([\w, ]+)")
 
 
-@lru_cache(maxsize=1)
-def current_kernel_version() -> str:
-    """A hash of the kernels' source (`codegen/bsr.py` and the codegen modules it imports), then
-    ".p" and the MEASUREMENT_PROTOCOL.
+@lru_cache(maxsize=2)
+def current_kernel_version(root: str = "bsr") -> str:
+    """A hash of the kernels' source (`codegen/{root}.py` and the codegen modules it imports: the
+    matmul kernels from `bsr`, a Conv's calls from `conv_lowering`), then ".p" and the MEASUREMENT_PROTOCOL.
 
     Read as text, not imported, so asking costs no TVM import; any change to the kernels or to
     what a measurement means invalidates the times measured before.
@@ -100,7 +118,7 @@ def current_kernel_version() -> str:
     spec = importlib.util.find_spec("pruneaug.codegen")
     folder = Path(next(iter(spec.submodule_search_locations)))
     digest = hashlib.sha256()
-    todo, seen = ["bsr"], set()
+    todo, seen = [root], set()
     while todo:
         name = todo.pop()
         path = folder / f"{name}.py"
@@ -133,10 +151,13 @@ def density_key(density: float) -> float:
 class LatencyCache:
     """One SQLite cache file (or memory, as a last resort) with the versions it reads and writes."""
 
-    def __init__(self, path: Path | str, tvm_version: str | None = None, kernel_version: str | None = None):
+    def __init__(self, path: Path | str, tvm_version: str | None = None, kernel_version: str | None = None,
+                 conv_kernel_version: str | None = None):
         self.path = Path(path)
         self.tvm_version = tvm_version if tvm_version is not None else current_tvm_version()
         self.kernel_version = kernel_version if kernel_version is not None else current_kernel_version()
+        self.conv_kernel_version = (conv_kernel_version if conv_kernel_version is not None
+                                    else current_kernel_version("conv_lowering"))
         self._conn = self._open()
 
     # --- opening and recovering -----------------------------------------------------------
@@ -198,6 +219,16 @@ class LatencyCache:
         """Run one statement (see `_recovering`)."""
         return self._recovering(lambda conn: conn.execute(sql, params).fetchall())
 
+    def _write_many(self, sql: str, values: list[tuple]) -> None:
+        """Run one statement for every row of `values` in one transaction (see `_recovering`)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(sql, values)
+
+        self._recovering(write)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -227,13 +258,7 @@ class LatencyCache:
                    float(r.seconds), device, now) for r in rows]
         sql = ("INSERT OR REPLACE INTO latency (target, tvm_version, kernel_version, out, in_, m, block_r, block_c,"
                " density, seconds, device, measured_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
-
-        def write(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(sql, values)
-
-        self._recovering(write)
+        self._write_many(sql, values)
 
     def all(self, target: str) -> list[Measurement]:
         """Every kernel time cached for this target under the current TVM and kernel versions."""
@@ -243,6 +268,24 @@ class LatencyCache:
             self._versions(target),
         )
         return [Measurement(o, i, m, (r, c), d, s) for o, i, m, r, c, d, s in rows]
+
+    def put_conv(self, target: str, rows: list[ConvMeasurement], device: str = "") -> None:
+        """Store Convs' kernel times in one transaction (a re-measurement replaces the old one)."""
+        now = time.time()
+        values = [(target, self.tvm_version, self.conv_kernel_version, r.conv, r.block[0], r.block[1],
+                   density_key(r.density), float(r.seconds), device, now) for r in rows]
+        sql = ("INSERT OR REPLACE INTO conv_latency (target, tvm_version, kernel_version, conv, block_r, block_c,"
+               " density, seconds, device, measured_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        self._write_many(sql, values)
+
+    def all_conv(self, target: str) -> list[ConvMeasurement]:
+        """Every Conv time cached for this target under the current TVM and conv kernel versions."""
+        rows = self._execute(
+            "SELECT conv, block_r, block_c, density, seconds FROM conv_latency"
+            " WHERE target=? AND tvm_version=? AND kernel_version=?",
+            (target, self.tvm_version, self.conv_kernel_version),
+        )
+        return [ConvMeasurement(k, (r, c), d, s) for k, r, c, d, s in rows]
 
     # --- the reference kernel's quiet time (measured.LocalRunner scales its ratios by it) ------
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache
+from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError, OptionError
 
@@ -217,8 +218,40 @@ def build_kernel(target: TargetProfile, out: int, in_: int, m: int, block: tuple
     return bsr.bsr_matmul_kernel(target, m, weight)
 
 
+def build_conv_calls(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float):
+    """The kernels the artifact calls for one Conv (`codegen.conv_lowering`), random weights kept in
+    `block`s at `density` (block (0, 0): the dense conv)."""
+    from pruneaug.codegen import bsr, conv_lowering
+
+    out, in_, _ = conv.matmul
+    if tuple(block) == DENSE_BLOCK:
+        w2d, block = np.random.default_rng(0).standard_normal((out, in_), dtype=np.float32), bsr.DENSE_BLOCK
+    else:
+        w2d = bsr.random_bsr_weight(out, in_, tuple(block), density, seed=0).to_dense()
+    return conv_lowering.conv_calls(target, conv.x_shape, w2d, block, conv.kernel, conv.strides, conv.pads,
+                                    conv.dilations)
+
+
+class KernelTimer:
+    """What a runner times: a matmul layer or a Conv's calls, each through the runner's `time_kernel`."""
+
+    target: TargetProfile
+
+    def time_kernel(self, kernel, x_shape: tuple[int, ...]) -> float:
+        raise NotImplementedError
+
+    def time_layer(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> float:
+        """Seconds of one matmul layer's kernel (block (0, 0): dense)."""
+        return self.time_kernel(build_kernel(self.target, out, in_, m, block, density), (m, in_))
+
+    def time_conv(self, conv: ConvShape, block: tuple[int, int], density: float) -> float:
+        """Seconds of a Conv's kernels (a strided conv's phase split, then the conv), summed."""
+        return sum(self.time_kernel(call.kernel, call.x_shape)
+                   for call in build_conv_calls(self.target, conv, block, density))
+
+
 @dataclass
-class LocalRunner:
+class LocalRunner(KernelTimer):
     """Compiles and times kernels on this machine, each sample paired with one of the REFERENCE kernel.
 
     A figure is the median ratio of kernel to reference samples times the reference's quiet time,
@@ -239,21 +272,21 @@ class LocalRunner:
     def __post_init__(self) -> None:
         self._reference: tuple[Bench, float] | None = None
 
-    def _bench(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> Bench:
+    def _bench(self, kernel, x_shape: tuple[int, ...]) -> Bench:
         import tvm
 
         from pruneaug.codegen import bsr
 
-        kernel = build_kernel(self.target, out, in_, m, block, density)
         module = bsr.compile_kernel(kernel, self.target)
         dev = tvm.cuda(0) if self.target.kind == "cuda" else tvm.cpu(0)
-        return Bench(module, kernel, m, in_, dev, sample_clock(self.target, host_threads()))
+        return Bench(module, kernel, x_shape, dev, sample_clock(self.target, host_threads()))
 
     def reference(self) -> tuple[Bench, float]:
         """The REFERENCE kernel and its quiet seconds per call (cached, else calibrated now: the
         median of agreeing samples, or the fastest of MAX_ROUNDS rounds)."""
         if self._reference is None:
-            bench = self._bench(*REFERENCE)
+            out, in_, m, _, _ = REFERENCE
+            bench = self._bench(build_kernel(self.target, *REFERENCE), (m, in_))
             seconds = self.cache.get_reference(self.target.cache_key) if self.cache is not None else None
             if seconds is None:
                 seconds, _ = collect(bench.sample)
@@ -262,8 +295,9 @@ class LocalRunner:
             self._reference = (bench, seconds)
         return self._reference
 
-    def time_layer(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> float:
-        bench = self._bench(out, in_, m, block, density)
+    def time_kernel(self, kernel, x_shape: tuple[int, ...]) -> float:
+        """Median seconds per call of one kernel reading an X of `x_shape` (see the class docstring)."""
+        bench = self._bench(kernel, x_shape)
         if self.target.kind == "cuda":
             seconds, clean = collect(bench.sample)
         else:
@@ -275,7 +309,7 @@ class LocalRunner:
 
 
 @dataclass
-class RpcRunner:
+class RpcRunner(KernelTimer):
     """Times kernels on a device leased from a TVM RPC tracker (`rpc://HOST:PORT/KEY`)."""
 
     target: TargetProfile
@@ -318,10 +352,10 @@ class RpcRunner:
                                f"{_ARM64_CC} (Debian package gcc-aarch64-linux-gnu), which is not on PATH")
         return cc.cross_compiler(_ARM64_CC)
 
-    def time_layer(self, out: int, in_: int, m: int, block: tuple[int, int], density: float) -> float:
+    def time_kernel(self, kernel, x_shape: tuple[int, ...]) -> float:
+        """Median seconds per call of one kernel on the device, by its own timer."""
         from pruneaug.codegen import bsr
 
-        kernel = build_kernel(self.target, out, in_, m, block, density)
         module = bsr.compile_kernel(kernel, self.target)
         remote = self._remote()
         with tempfile.TemporaryDirectory(prefix="pruneaug-rpc-") as tmp:
@@ -336,7 +370,7 @@ class RpcRunner:
                 remote.upload(path)
                 remote_module = remote.load_module(name)
                 dev = remote.cuda(0) if self.target.kind == "cuda" else remote.cpu(0)
-                return collect(Bench(remote_module, kernel, m, in_, dev, device_clock).sample)[0]
+                return collect(Bench(remote_module, kernel, x_shape, dev, device_clock).sample)[0]
             except Exception as err:  # noqa: BLE001 - a broken session surfaces as assorted TVM errors
                 self._session = None
                 raise DeviceLost(self.device, err) from err
@@ -349,10 +383,10 @@ class Bench:
     call before its batch, hence `number + 1` calls for the clock).
     """
 
-    def __init__(self, module, kernel, m: int, in_: int, dev, clock):
+    def __init__(self, module, kernel, x_shape: tuple[int, ...], dev, clock):
         from pruneaug.codegen.bsr import kernel_arguments
 
-        self._args = kernel_arguments(kernel, np.random.default_rng(1).standard_normal((m, in_), dtype=np.float32), dev)
+        self._args = kernel_arguments(kernel, np.random.default_rng(1).standard_normal(x_shape, dtype=np.float32), dev)
         warm = module.time_evaluator(kernel.name, dev, number=1, repeat=3)(*self._args).results
         self.number = batch_calls(min(warm))
         self._timer = module.time_evaluator(kernel.name, dev, number=self.number, repeat=1)

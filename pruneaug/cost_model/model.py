@@ -8,6 +8,9 @@
     (2, 3)
 
 Sparsity 0 means the layer stays dense, so its figure is the dense kernel's, whatever the block.
+A Conv is predicted by `predict_conv` from the times of its own kernels at its own geometry
+(`conv_shape.ConvShape`, filled like the matmul grid), piecewise linear between timed densities:
+its im2col matmul's kernel had ranked the bundled CNN's plans in the wrong order.
 Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
 (the analytical model with parameters fitted to this target's and block shape's measurements) or
 `analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
@@ -21,13 +24,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from pruneaug.cost_model import analytical
-from pruneaug.cost_model.cache import DENSE_BLOCK, LatencyCache, Measurement, density_key, open_cache, record_key
+from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCache, Measurement, density_key, open_cache,
+                                       record_key)
+from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.cost_model.measured import DeviceLost, make_runner, running_profile
 from pruneaug.cost_model.targets import TargetProfile, resolve_target
 from pruneaug.errors import OptionError
@@ -79,8 +84,11 @@ class CostModel:
         self._by_block: dict[tuple[int, int], dict[tuple, Measurement]] = {}
         self._fitted: dict[tuple[int, int], analytical.Params | None] = {}
         self._defaults: dict[bool, analytical.Params] = {}
+        self._conv_measured: dict[tuple[str, tuple[int, int]], dict[float, float]] = {}
         for row in self.cache.all(self.target.cache_key):
             self._remember(row)
+        for conv_row in self.cache.all_conv(self.target.cache_key):
+            self._remember_conv(conv_row)
 
     @classmethod
     def from_measurements(cls, target: TargetProfile, rows: Iterable[Measurement]) -> "CostModel":
@@ -97,6 +105,9 @@ class CostModel:
         self._measured[key] = row.seconds
         self._by_block.setdefault(block, {})[key] = row
         self._fitted.pop(block, None)
+
+    def _remember_conv(self, row: ConvMeasurement) -> None:
+        self._conv_measured.setdefault((row.conv, tuple(row.block)), {})[density_key(row.density)] = row.seconds
 
     def params(self, block: tuple[int, int]) -> tuple[analytical.Params, str]:
         """The parameters used for `block` ((0, 0): dense) and their source."""
@@ -147,6 +158,19 @@ class CostModel:
         params, source = self.params(block)
         feats = analytical.features(self.target, out, in_, m, block, density)
         return Prediction(float(analytical.latency_from_features(params, feats)), source)
+
+    def predict_conv(self, conv: ConvShape, block, sparsity: float) -> Prediction:
+        """Seconds of one Conv layer from its own kernels' times (`conv_shape`): `measured` at a timed
+        density, `fitted` between timed densities (piecewise linear in the density: a conv kernel's
+        work is its kept blocks), else its im2col matmul's prediction (nothing of this conv timed)."""
+        _check_sparsity(sparsity)
+        block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
+        timed = self._conv_measured.get((conv.key, block), {})
+        if density_key(density) in timed:
+            return Prediction(timed[density_key(density)], "measured")
+        if len(timed) >= 2:
+            return Prediction(_piecewise_linear(timed, density), "fitted")
+        return self.predict(*conv.matmul, block, sparsity)
 
     def predict_grid(self, out: int, in_: int, m: int, blocks: Iterable, sparsities: Iterable[float]) -> np.ndarray:
         """Seconds for every (block, sparsity) of one layer, shape (len(blocks), len(sparsities)).
@@ -208,9 +232,21 @@ class CostModel:
                     points.append((out, in_, m, block, density))
         return points
 
+    def missing_convs(self, convs: Iterable[ConvShape], blocks=DEFAULT_BLOCKS,
+                      densities=DEFAULT_DENSITIES) -> list[tuple[ConvShape, tuple[int, int], float]]:
+        """The (conv, block, density) points of the grid (plus each dense conv) not yet cached."""
+        points = []
+        for conv in dict.fromkeys(convs):
+            grid = [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
+            for block, density in grid:
+                if density_key(density) not in self._conv_measured.get((conv.key, block), {}):
+                    points.append((conv, block, density))
+        return points
+
     def fill(self, shapes: Iterable[tuple[int, int, int]], blocks=DEFAULT_BLOCKS, densities=DEFAULT_DENSITIES,
-             progress: bool = True, recheck: bool = True) -> int:
-        """Measure every grid point the cache lacks for these layer shapes; returns how many were timed.
+             progress: bool = True, recheck: bool = True, convs: Iterable[ConvShape] = ()) -> int:
+        """Measure every grid point the cache lacks for these layer shapes and Convs (their own kernels,
+        `predict_conv`); returns how many were timed.
 
         With `recheck`, the new times that the fitted model misses by more than RECHECK_ERROR are
         timed once more and the faster time kept: a kernel timed while another process held a core
@@ -219,12 +255,18 @@ class CostModel:
         from what was measured so far and the analytical model.
         """
         todo = self.missing(shapes, blocks, densities)
-        if not todo:
+        conv_todo = self.missing_convs(convs, blocks, densities)
+        if not todo and not conv_todo:
             return 0
         contended_before = getattr(self._require_runner(), "contended", 0)
-        done = self._time_points(todo, "measuring", progress)
+        done = self._time_points(todo, "measuring", progress, lambda point: self._time_point(self.runner, *point),
+                                 _matmul_label)
         if recheck and self.runner is not None:
-            self._time_points(self._suspects(todo), "re-measuring outliers", progress, keep_faster=True)
+            self._time_points(self._suspects(todo), "re-measuring outliers", progress,
+                              lambda point: self._time_point(self.runner, *point, keep_faster=True), _matmul_label)
+        if self.runner is not None:
+            done += self._time_points(conv_todo, "measuring conv", progress,
+                                      lambda point: self._time_conv_point(self.runner, *point), _conv_label)
         contended = getattr(self.runner, "contended", 0) - contended_before
         if contended > 0:
             warnings.warn(f"{contended} kernels' samples never agreed (other processes held the cores): their "
@@ -232,14 +274,22 @@ class CostModel:
                           RuntimeWarning, stacklevel=2)
         return done
 
-    def _time_points(self, points: list, what: str, progress: bool, keep_faster: bool = False) -> int:
-        """Time `points` with a progress bar; a lost device ends it with a warning."""
+    def _time_conv_point(self, runner, conv: ConvShape, block: tuple[int, int], density: float) -> float:
+        """Time one Conv's kernels and cache the sum."""
+        row = ConvMeasurement(conv.key, block, density, runner.time_conv(conv, block, density))
+        self.cache.put_conv(self.target.cache_key, [row], device=runner.device)
+        self._remember_conv(row)
+        return row.seconds
+
+    def _time_points(self, points: list, what: str, progress: bool, time_one: Callable[[tuple], float],
+                     label: Callable[[tuple], str]) -> int:
+        """`time_one` each of `points` with a progress bar; a lost device ends it with a warning."""
         done = 0
         bar = tqdm(points, desc=f"{what} {self.target.name} kernels", unit="kernel", disable=not progress or not points)
         try:
-            for out, in_, m, block, density in bar:
-                bar.set_postfix_str(f"{out}x{in_} m={m} {block[0]}x{block[1]} d={density:g}", refresh=False)
-                self._time_point(self.runner, out, in_, m, block, density, keep_faster)
+            for point in bar:
+                bar.set_postfix_str(label(point), refresh=False)
+                time_one(point)
                 done += 1
         except DeviceLost as err:
             warnings.warn(f"device {err.device} stopped answering after {done} of {len(points)} measurements "
@@ -261,6 +311,30 @@ class CostModel:
             if abs(seconds / float(analytical.latency_from_features(params, feats)) - 1.0) > RECHECK_ERROR:
                 suspects.append((out, in_, m, block, density))
         return suspects
+
+
+def _matmul_label(point: tuple) -> str:
+    out, in_, m, block, density = point
+    return f"{out}x{in_} m={m} {block[0]}x{block[1]} d={density:g}"
+
+
+def _conv_label(point: tuple) -> str:
+    conv, block, density = point
+    return f"conv {conv.key} {block[0]}x{block[1]} d={density:g}"
+
+
+def _piecewise_linear(timed: dict[float, float], density: float) -> float:
+    """Seconds at `density` from the times at other densities: linear between the nearest two; above
+    the densest, the line through the last two (more kept blocks, more work); below the sparsest, its
+    time (nothing says a sparser conv gets faster than that)."""
+    xs = sorted(timed)
+    ys = [timed[x] for x in xs]
+    if density <= xs[0]:
+        return ys[0]
+    if density <= xs[-1]:
+        return float(np.interp(density, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return ys[-1] + max(slope, 0.0) * (density - xs[-1])
 
 
 _MODELS: dict[tuple, CostModel] = {}

@@ -99,7 +99,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
                 graph.add_edge(producers[tensor], name, tensor=tensor)
 
     uses = _weight_uses(onnx_graph, names)
-    rows = _rows_per_inference(model, uses, input_shapes or {})
+    shapes = _inferred_shapes(model, input_shapes or {})
     weights: dict[str, np.ndarray] = {}
     by_weight: dict[str, list[WeightUse]] = {}
     for use in uses:
@@ -115,8 +115,9 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
             nodes=tuple(r.node for r in readers),
             op_type=first.op_type,
             layout=first.layout,
-            m=rows.get(first.node),
+            m=_rows_per_inference(first, shapes),
             conv=first.conv,
+            input_shape=tuple(shapes[first.activation]) if first.conv and first.activation in shapes else None,
         )
         graph.nodes[first.node]["layer"] = layer
         graph.nodes[first.node]["block"] = BlockSpec(1, 1, 0.0)
@@ -187,8 +188,9 @@ def _weight_uses(onnx_graph: onnx.GraphProto, names: Sequence[str]) -> list[Weig
     return uses
 
 
-def _rows_per_inference(model: onnx.ModelProto, uses: Sequence[WeightUse], input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """m of each prunable node from ONNX shape inference with the inputs' dynamic dims fixed."""
+def _inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Every tensor's static shape from ONNX shape inference with the inputs' dynamic dims fixed
+    (empty where inference fails: the layers' sizes are then unknown, not wrong)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.initializer[:]  # weights' shapes suffice; small tensors (Reshape shapes...) keep their data
@@ -205,15 +207,18 @@ def _rows_per_inference(model: onnx.ModelProto, uses: Sequence[WeightUse], input
     except (onnx.shape_inference.InferenceError, RuntimeError):
         return {}
     shapes = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
         if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
-    rows = {}
-    for use in uses:
-        if use.output in shapes:  # Y holds m rows of `out` values for MatMul, Gemm and Conv alike
-            rows[use.node] = int(np.prod(shapes[use.output])) // use.layout.canonical_shape[0]
-    return rows
+    return shapes
+
+
+def _rows_per_inference(use: WeightUse, shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """m of a prunable node: its Y holds m rows of `out` values, for MatMul, Gemm and Conv alike."""
+    if use.output not in shapes:
+        return None
+    return int(np.prod(shapes[use.output])) // use.layout.canonical_shape[0]
 
 
 def _fix_input_dims(graph: onnx.GraphProto, input_shapes: Mapping[str, Sequence[int]]) -> None:

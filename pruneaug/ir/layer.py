@@ -67,6 +67,8 @@ class PrunableLayer:
 
     `m` is the rows of the layer's X per inference (batch x tokens for MatMul, batch x H_out x W_out
     for Conv) at the input shapes the IR was lifted with; None where shape inference could not tell.
+    `input_shape` is a Conv's X (N, C, spatial...) at those shapes, None likewise (or for other ops):
+    the cost model times a Conv's own kernels at it.
     """
 
     weight: str
@@ -75,6 +77,7 @@ class PrunableLayer:
     layout: "WeightLayout"
     m: int | None = None
     conv: ConvGeometry | None = None
+    input_shape: tuple[int, ...] | None = None
 
     @property
     def node(self) -> str:

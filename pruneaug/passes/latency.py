@@ -9,30 +9,64 @@ analytical: where the chosen figure came from).
 """
 from __future__ import annotations
 
+from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.errors import CodegenError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import PrunableLayer
+from pruneaug.passes.activations import resolve_pads
 
 
 def _m(layer: PrunableLayer) -> int:
     return layer.m or 1  # shape inference could not tell: cost one row, as for a batch-1 vector
 
 
+def conv_shape(layer: PrunableLayer) -> ConvShape | None:
+    """A 2-D Conv layer's geometry as its kernels run it (auto_pad resolved), None for other layers and
+    for a Conv whose input shape is unknown: the cost model then predicts its im2col matmul."""
+    if layer.conv is None or layer.input_shape is None or len(layer.input_shape) != 4:
+        return None
+    pads = resolve_pads(layer.conv, tuple(layer.input_shape[2:]))
+    return ConvShape(layer.shape[0], tuple(layer.input_shape), layer.conv.kernel, layer.conv.strides, pads,
+                     layer.conv.dilations)
+
+
+def predict_layer(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float):
+    """The cost model's `Prediction` for one layer: a Conv from its own kernels' times, the rest as a matmul."""
+    conv = conv_shape(layer)
+    if conv is not None:
+        return costs.predict_conv(conv, block, sparsity)
+    return costs.predict(layer.shape[0], layer.shape[1], _m(layer), block, sparsity)
+
+
 def layer_latency(costs):
     """The search's latency function: seconds of one layer at (block, sparsity); sparsity 0 is the dense kernel.
 
-    Memoised by (out, in, m, block, sparsity): the search and its baselines ask for the same points of
-    every layer again and again, and a model repeats a few layer shapes many times (BERT: 3 shapes, 72 layers).
+    Memoised by what the prediction reads and (block, sparsity): the search and its baselines ask for
+    the same points of every layer again and again, and a model repeats a few layer shapes many times
+    (BERT: 3 shapes, 72 layers).
     """
     known: dict[tuple, float] = {}
 
     def latency(layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> float:
-        key = (layer.shape, _m(layer), tuple(block), sparsity)
+        conv = conv_shape(layer)
+        key = (conv.key if conv is not None else (layer.shape, _m(layer)), tuple(block), sparsity)
         if key not in known:
-            known[key] = float(costs.predict(layer.shape[0], layer.shape[1], _m(layer), block, sparsity).seconds)
+            known[key] = float(predict_layer(costs, layer, block, sparsity).seconds)
         return known[key]
 
     return latency
+
+
+def measured_shapes(layers) -> tuple[set[tuple[int, int, int]], set[ConvShape]]:
+    """What the cost model times for these layers: (out, in, m) of the matmul-like ones, the Convs' geometries."""
+    shapes, convs = set(), set()
+    for layer in layers:
+        conv = conv_shape(layer)
+        if conv is not None:
+            convs.add(conv)
+        else:
+            shapes.add((layer.shape[0], layer.shape[1], _m(layer)))
+    return shapes, convs
 
 
 def target_serves(profile, block: tuple[int, int]) -> bool:
@@ -61,9 +95,8 @@ def annotate(ir: IRModel, costs) -> IRModel:
         layer = ir.layer(node)
         data = result.graph.nodes[node]
         spec = data["block"]
-        out, in_ = layer.shape
-        chosen = costs.predict(out, in_, _m(layer), spec.shape, min(spec.sparsity, 0.999))
-        data["dense_latency_s"] = float(costs.predict(out, in_, _m(layer), (1, 1), 0.0).seconds)
+        chosen = predict_layer(costs, layer, spec.shape, min(spec.sparsity, 0.999))
+        data["dense_latency_s"] = float(predict_layer(costs, layer, (1, 1), 0.0).seconds)
         data["predicted_latency_s"] = float(chosen.seconds)
         data["latency_source"] = chosen.source
     return result

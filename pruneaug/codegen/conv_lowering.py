@@ -1,0 +1,142 @@
+"""How one group-1 Conv runs: the kernels, in call order, that the artifact calls for it.
+
+One function serves both the codegen (`relax_build` chains these kernels in the model) and the cost
+model (`cost_model.measured` times exactly these kernels for a Conv layer): a Conv predicted from its
+im2col matmul's kernel was predicted in the wrong order against other plans (the conv kernels' layouts
+and a strided conv's phase split are not the matmul's), so what is timed must be what is built.
+
+    >>> calls = conv_calls(resolve_target("x86"), (1, 32, 8, 8), w2d, (8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))
+    >>> [c.kernel.name for c in calls]
+    ['stride_phases', 'bsr_conv2d']
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pruneaug.codegen import bsr, conv
+from pruneaug.codegen.cpu_kernels import outer_loop
+from pruneaug.codegen.threads import worth_parallel
+from pruneaug.cost_model.targets import TargetProfile
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """One kernel of a Conv and the shape of the input it reads (the Conv's X, or the previous call's output)."""
+
+    kernel: bsr.Kernel
+    x_shape: tuple[int, ...]
+
+    @property
+    def out_shape(self) -> list[int]:
+        return [int(d) for d in self.kernel.primfunc.params[-1].shape]
+
+
+def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: np.ndarray, block: tuple[int, int],
+               kernel_hw: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
+               dilations: tuple[int, int], bias: np.ndarray | None = None, activation: str | None = None,
+               name: str = "bsr_conv2d") -> list[ConvCall]:
+    """The kernels for `Conv(X[x_shape], W)` with the canonical `w2d[Cout, C*kh*kw]` in `block`s (the
+    zero blocks dropped; `bsr.DENSE_BLOCK` for the dense conv), pads ONNX-ordered (top, left, bottom,
+    right): the conv kernel itself, or on CPUs for a strided conv the stride-phase split, then a
+    stride-1 conv over the phases (`StridePhases`)."""
+    x_shape = tuple(int(d) for d in x_shape)
+    if tuple(strides) == (1, 1) or target.kind == "cuda":  # the CUDA kernel reads strided inputs directly
+        kernel = bsr.bsr_conv2d_kernel(target, x_shape, bsr.to_bsr(w2d, block), tuple(kernel_hw), tuple(strides),
+                                       tuple(pads), tuple(dilations), bias=bias, name=name, activation=activation)
+        return [ConvCall(kernel, x_shape)]
+    y_hw = list(conv.conv_geometry(x_shape, kernel_hw, strides, pads, dilations).y_hw)
+    phases = StridePhases(x_shape, tuple(kernel_hw), tuple(strides), tuple(pads), tuple(dilations), y_hw)
+    wide = np.zeros((w2d.shape[0], phases.columns), np.float32)
+    wide[:, : w2d.shape[1]] = w2d
+    kernel = bsr.bsr_conv2d_kernel(target, phases.shape, bsr.to_bsr(wide, block), phases.kernel_hw, (1, 1),
+                                   (0, 0, 0, 0), (1, 1), bias=bias, name=name, activation=activation)
+    split = phases.primfunc(target.cores).with_attr("global_symbol", "stride_phases")
+    data, indices, indptr, offsets, padded_bias = kernel.constants
+    kernel = bsr.Kernel(kernel.primfunc, kernel.name,
+                        [data, indices, indptr, phases.column_offsets(len(offsets)), padded_bias])
+    return [ConvCall(bsr.Kernel(split, "stride_phases", []), x_shape), ConvCall(kernel, phases.shape)]
+
+
+@dataclass(frozen=True)
+class StridePhases:
+    """A strided conv as a stride-1 conv over the input's stride phases (space-to-depth).
+
+    The conv kernel vectorises along an output row and reads the input at the stride: a strided
+    vector load is a gather, which made a stride-2 3x3 conv ~5x slower per kept block than a stride-1
+    one. Split the padded input into its `sh * sw` phases `P[n, (py * sw + px) * C + c, y, x] =
+    Xp[n, c, y * sh + py, x * sw + px]`; tap `(dy, dx)` of channel `c` then reads phase `(dy*dh % sh,
+    dx*dw % sw)` at `(dy*dh // sh, dx*dw // sw)`, a stride-1 read. The kernel runs as a stride-1
+    unpadded conv of `kernel_hw` taps over P with the weight's columns kept in their order (the other
+    columns zero, so no extra blocks): only its column offsets, a kernel constant, are replaced by
+    where each original column lies in P. (A 1x1 strided conv reads one of the phases; the others are
+    copied for nothing.)
+    """
+
+    x_shape: tuple[int, int, int, int]
+    original_hw: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+    out_hw: list[int]
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]:
+        return tuple((k - 1) * d // s + 1 for k, d, s in zip(self.original_hw, self.dilations, self.strides))
+
+    @property
+    def phase_hw(self) -> tuple[int, int]:
+        return tuple(o + k - 1 for o, k in zip(self.out_hw, self.kernel_hw))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, c, _, _ = self.x_shape
+        return (n, self.strides[0] * self.strides[1] * c, *self.phase_hw)
+
+    @property
+    def columns(self) -> int:
+        return self.shape[1] * self.kernel_hw[0] * self.kernel_hw[1]
+
+    def column_offsets(self, length: int) -> np.ndarray:
+        """Offset in one image of P of each original im2col column `(c, dy, dx)`; 0 for the padding columns."""
+        _, c, _, _ = self.x_shape
+        (kh, kw), (sh, sw), (dh, dw) = self.original_hw, self.strides, self.dilations
+        hq, wq = self.phase_hw
+        j = np.arange(c * kh * kw)
+        cin, dy, dx = j // (kh * kw), (j // kw) % kh, j % kw
+        channel = ((dy * dh % sh) * sw + dx * dw % sw) * c + cin
+        offsets = np.zeros(length, np.int32)
+        offsets[: len(j)] = channel * hq * wq + (dy * dh // sh) * wq + dx * dw // sw
+        return offsets
+
+    def primfunc(self, cores: int):
+        """P from X[N, C, H, W]: one pass, zero where a phase reads the padding, over images and channels
+        in parallel where the copy is worth the thread pool (`threads.worth_parallel`: the CNN's 64x8x8
+        input split in parallel took 9.2 µs, twice its stride-1 conv at 95% sparsity).
+
+        (As Relax pad, reshape and transpose ops, TVM fuses them into one loop nest indexed by divisions.)"""
+        from tvm.script import tirx as T
+
+        n, c, h, w = self.x_shape
+        (sh, sw), (hq, wq) = self.strides, self.phase_hw
+        top, left = self.pads[0], self.pads[1]
+        outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
+
+        @T.prim_func(s_tir=True)
+        def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
+            # opaque (pattern 8): FuseOps would fuse a producer in, which FuseTIR cannot (int32 shapes);
+            # TVM's analyses want a root block
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            with T.sblock("root"):
+                for nc in outer(n * c):
+                    for py, px, y, x in T.grid(sh, sw, hq, wq):
+                        P[nc // c, (py * sw + px) * c + nc % c, y, x] = T.if_then_else(
+                            top <= y * sh + py and y * sh + py < top + h and left <= x * sw + px
+                            and x * sw + px < left + w,
+                            X[nc // c, nc % c, T.min(T.max(y * sh + py - top, 0), h - 1),
+                              T.min(T.max(x * sw + px - left, 0), w - 1)],
+                            T.float32(0))
+
+        return phases

@@ -1,0 +1,201 @@
+"""A Conv layer is costed by the kernels the artifact calls for it (`codegen.conv_lowering`), timed and
+cached under its whole geometry (`cost_model.conv_shape`), not by its im2col matmul's kernel."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+import zoo
+from pruneaug.codegen import bsr, conv_lowering
+from pruneaug.cost_model import CostModel
+from pruneaug.cost_model.cache import DENSE_BLOCK, ConvMeasurement, LatencyCache
+from pruneaug.cost_model.conv_shape import ConvShape
+from pruneaug.cost_model.measured import LocalRunner, build_conv_calls
+from pruneaug.cost_model.targets import resolve_target
+from pruneaug.ir.graph import lift
+from pruneaug.ir.layer import ConvGeometry
+from pruneaug.passes import latency
+from reference import im2col
+
+X86 = resolve_target("x86")
+STRIDED = ConvShape(24, (2, 8, 11, 10), (3, 3), (2, 2), (1, 0, 2, 1), (1, 1))
+
+
+def _run_calls(calls, x: np.ndarray) -> np.ndarray:
+    """The calls compiled one by one and chained, as the artifact chains them."""
+    y = x
+    for call in calls:
+        module = bsr.compile_kernel(call.kernel, X86)
+        args = bsr.kernel_arguments(call.kernel, y, tvm.cpu())
+        module[call.kernel.name](*args)
+        y = args[-1].numpy()
+    return y
+
+
+@pytest.mark.parametrize("conv, names", [
+    (STRIDED, ["stride_phases", "bsr_conv2d"]),
+    (dataclasses.replace(STRIDED, strides=(1, 1)), ["bsr_conv2d"]),
+])
+def test_conv_calls_compute_the_conv(conv, names):
+    rng = np.random.default_rng(0)
+    out, in_, m = conv.matmul
+    w2d = bsr.random_bsr_weight(out, in_, (8, 4), 0.4, seed=1).to_dense()
+    calls = conv_lowering.conv_calls(X86, conv.x_shape, w2d, (8, 4), conv.kernel, conv.strides, conv.pads,
+                                     conv.dilations)
+    assert [c.kernel.name for c in calls] == names
+    x = rng.standard_normal(conv.x_shape).astype(np.float32)
+    y = _run_calls(calls, x)
+    cols = im2col(x, conv.kernel, conv.strides, conv.pads, conv.dilations)  # [N*Ho*Wo, C*kh*kw]
+    expected = (cols @ w2d.T).reshape(conv.x_shape[0], *conv.out_hw, out).transpose(0, 3, 1, 2)
+    assert y.shape == expected.shape and m == conv.x_shape[0] * conv.out_hw[0] * conv.out_hw[1]
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape, cores, parallel", [
+    ((1, 64, 8, 8), 2, False),  # the bundled CNN's stride-2 input: 9.2 µs on the pool, 1.3 µs serial
+    ((1, 64, 56, 56), 2, True),
+    ((1, 64, 56, 56), 1, False),
+])
+def test_the_phase_split_uses_the_thread_pool_only_for_enough_work(x_shape, cores, parallel):
+    out_hw = [(size + 2 - 3) // 2 + 1 for size in x_shape[2:]]
+    phases = conv_lowering.StridePhases(x_shape, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), out_hw)
+    assert ("T.parallel" in phases.primfunc(cores).script()) == parallel
+
+
+def test_lift_records_each_convs_input_shape():
+    ir = lift(zoo.cnn(), {"x": [2, 3, 16, 16]})
+    shapes = {layer.weight: layer.input_shape for layer in ir.layers()}
+    assert shapes["pointwise.weight"] == (2, 3, 16, 16)
+    assert shapes["strided.weight"] == (2, 16, 16, 16)
+    assert shapes["dilated.weight"] == (2, 32, 8, 8)
+    assert shapes["fc.weight"] is None  # not a Conv
+
+
+def test_conv_shape_of_a_layer_resolves_auto_pad_and_agrees_with_its_m():
+    ir = lift(zoo.cnn(), {"x": [2, 3, 16, 16]})
+    for layer in ir.layers():
+        conv = latency.conv_shape(layer)
+        if layer.op_type != "Conv":
+            assert conv is None
+            continue
+        assert conv.matmul == (*layer.shape, layer.m)
+    strided = next(layer for layer in ir.layers() if layer.weight == "strided.weight")
+    assert latency.conv_shape(strided).key == "32x2x16x16x16_k3x3_s2x2_p1x1x1x1_d1x1"
+    same = dataclasses.replace(strided, conv=ConvGeometry((3, 3), (2, 2), (0, 0, 0, 0), (1, 1), "SAME_UPPER"))
+    assert latency.conv_shape(same).pads == (0, 0, 1, 1)  # ONNX: the odd pad at the end
+    assert latency.conv_shape(dataclasses.replace(strided, input_shape=None)) is None
+
+
+def _model_with(tmp_path, rows) -> CostModel:
+    cache = LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1")
+    cache.put_conv(X86.cache_key, rows)
+    return CostModel(X86, cache=cache)
+
+
+def test_a_conv_is_predicted_from_its_own_times(tmp_path):
+    key = STRIDED.key
+    model = _model_with(tmp_path, [ConvMeasurement(key, DENSE_BLOCK, 1.0, 9e-6),
+                                   ConvMeasurement(key, (8, 8), 0.1, 2e-6), ConvMeasurement(key, (8, 8), 0.5, 4e-6),
+                                   ConvMeasurement(key, (8, 8), 0.75, 7e-6), ConvMeasurement(key, (4, 1), 0.5, 5e-6)])
+    assert model.predict_conv(STRIDED, (8, 8), 0.5).seconds == pytest.approx(4e-6)
+    assert model.predict_conv(STRIDED, (8, 8), 0.5).source == "measured"
+    assert model.predict_conv(STRIDED, (16, 16), 0.0).seconds == pytest.approx(9e-6)  # sparsity 0: the dense conv
+    between = model.predict_conv(STRIDED, (8, 8), 0.7)  # density 0.3: halfway from 0.1 to 0.5
+    assert between.source == "fitted" and between.seconds == pytest.approx(3e-6)
+    assert model.predict_conv(STRIDED, (8, 8), 0.05).seconds == pytest.approx(7e-6 + 12e-6 * 0.2)  # the last line on
+    assert model.predict_conv(STRIDED, (8, 8), 0.95).seconds == pytest.approx(2e-6)  # below the sparsest: its time
+    # one timed point of 4x1 is no line: the im2col matmul's prediction, as with nothing timed
+    assert model.predict_conv(STRIDED, (4, 1), 0.7) == model.predict(*STRIDED.matmul, (4, 1), 0.7)
+    assert model.predict_conv(STRIDED, (4, 1), 0.5).seconds == pytest.approx(5e-6)
+
+
+def test_conv_times_are_kept_per_conv_kernel_version(tmp_path):
+    rows = [ConvMeasurement(STRIDED.key, (8, 8), 0.5, 4e-6)]
+    _model_with(tmp_path, rows)
+    same = LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1")
+    assert same.all_conv(X86.cache_key) == rows
+    assert LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c2").all_conv(
+        X86.cache_key) == []  # the conv lowering changed: its times are stale
+    assert same.all(X86.cache_key) == []  # the matmul table is another one
+
+
+class _ConvRunner:
+    """Conv times from the kept blocks; counts what it is asked to time."""
+
+    device = "fake"
+
+    def __init__(self):
+        self.convs, self.layers = [], []
+
+    def time_conv(self, conv, block, density):
+        self.convs.append((conv, block, density))
+        return 1e-6 + 1e-5 * density
+
+    def time_layer(self, out, in_, m, block, density):
+        self.layers.append((out, in_, m, block, density))
+        return 1e-6
+
+
+def test_fill_times_the_convs_grid_once(tmp_path):
+    model = _model_with(tmp_path, [])
+    model.runner = _ConvRunner()
+    timed = model.fill([], blocks=[(8, 8), (1, 4)], densities=[0.2, 0.5], progress=False, convs=[STRIDED, STRIDED])
+    assert timed == 1 + 2 * 2 and model.runner.layers == []
+    assert sorted(model.runner.convs, key=str)[0] == (STRIDED, DENSE_BLOCK, 1.0)
+    assert model.fill([], blocks=[(8, 8), (1, 4)], densities=[0.2, 0.5], progress=False, convs=[STRIDED]) == 0
+    again = CostModel(X86, cache=LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1"))
+    assert again.predict_conv(STRIDED, (1, 4), 0.8) == model.predict_conv(STRIDED, (1, 4), 0.8)
+    assert again.predict_conv(STRIDED, (1, 4), 0.8).seconds == pytest.approx(1e-6 + 2e-6)
+
+
+def test_a_convs_time_sums_its_calls(monkeypatch):
+    runner = LocalRunner(X86)
+    per_kernel = {"stride_phases": 1e-6, "bsr_conv2d": 3e-6}
+    seen = []
+    monkeypatch.setattr(runner, "time_kernel", lambda kernel, x_shape: seen.append(x_shape) or per_kernel[kernel.name])
+    assert runner.time_conv(STRIDED, (8, 8), 0.5) == pytest.approx(4e-6)
+    assert seen[0] == STRIDED.x_shape and seen[1][1] == 4 * STRIDED.x_shape[1]  # the conv reads the 4 phases
+    assert runner.time_conv(dataclasses.replace(STRIDED, strides=(1, 1)), DENSE_BLOCK, 1.0) == pytest.approx(3e-6)
+    dense = build_conv_calls(X86, STRIDED, DENSE_BLOCK, 1.0)[-1].kernel
+    assert sorted(dense.constants[0].shape[1:]) == sorted(bsr.DENSE_BLOCK)  # the dense conv: the dense kernel's blocks
+
+
+def test_the_search_costs_convs_by_their_own_kernels():
+    class Costs:
+        def predict(self, out, in_, m, block, sparsity):
+            return dataclasses.make_dataclass("P", ["seconds", "source"])(1.0, "analytical")
+
+        def predict_conv(self, conv, block, sparsity):
+            return dataclasses.make_dataclass("P", ["seconds", "source"])(conv.out * (1 - sparsity), "measured")
+
+    ir = lift(zoo.cnn(), {"x": [1, 3, 16, 16]})
+    fn = latency.layer_latency(Costs())
+    by_weight = {layer.weight: layer for layer in ir.layers()}
+    assert fn(by_weight["strided.weight"], (8, 8), 0.5) == pytest.approx(16.0)
+    assert fn(by_weight["fc.weight"], (8, 8), 0.5) == 1.0
+    shapes, convs = latency.measured_shapes(ir.layers())
+    assert shapes == {(10, 48, 1)} and len(convs) == sum(layer.op_type == "Conv" for layer in ir.layers())
+
+
+def test_the_cost_models_conv_geometry_is_what_the_artifact_builds(monkeypatch):
+    # every Conv the artifact lowers through conv_lowering is, argument for argument, the ConvShape
+    # that the cost model times for its layer
+    from pruneaug.codegen import relax_build
+
+    built = []
+    real = conv_lowering.conv_calls
+
+    def spy(target, x_shape, w2d, block, kernel_hw, strides, pads, dilations, **kwargs):
+        built.append(ConvShape(w2d.shape[0], tuple(x_shape), tuple(kernel_hw), tuple(strides), tuple(pads),
+                               tuple(dilations)))
+        return real(target, x_shape, w2d, block, kernel_hw, strides, pads, dilations, **kwargs)
+
+    monkeypatch.setattr(conv_lowering, "conv_calls", spy)
+    model = zoo.cnn()
+    relax_build.build_model(model, {}, X86, {"x": [2, 3, 16, 16]})
+    ir = lift(model, {"x": [2, 3, 16, 16]})
+    assert sorted(built, key=str) == sorted((latency.conv_shape(layer) for layer in ir.layers()
+                                             if layer.op_type == "Conv"), key=str)
