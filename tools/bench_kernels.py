@@ -315,7 +315,7 @@ def baked_rowvec_kernel(m: int, weight, m_tile: int):
         "@T.prim_func",
         f"def baked(X: T.Buffer(({m}, {in_}), 'float32'), data: T.Buffer(({weight.nnz_blocks}, {c}, {r}), "
         f"'float32'), Y: T.Buffer(({m}, {out}), 'float32')):",
-        "    T.func_attr({'tir.noalias': True})",
+        "    T.func_attr({'tirx.noalias': True})",
         f"    for i in T.parallel({weight.block_rows}):",
         f"        for mo in range({m // m_tile}):",
         f"            acc = T.alloc_buffer(({m_tile}, {r}), 'float32', scope='global')",

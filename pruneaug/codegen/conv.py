@@ -142,7 +142,7 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
                indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
                col_offsets: T.Buffer((columns,), "int32"), bias: T.Buffer((block_rows * r,), "float32"),
                Y: T.Buffer(out_shape, "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         Yf = T.decl_buffer((y_flat,), "float32", data=Y.data)
         if direct:
             Xp = T.decl_buffer((n * image,), "float32", data=X.data)

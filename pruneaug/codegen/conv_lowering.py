@@ -128,7 +128,7 @@ class StridePhases:
         def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
             # opaque (pattern 8): FuseOps would fuse a producer in, which FuseTIR cannot (int32 shapes);
             # TVM's analyses want a root block
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             with T.sblock("root"):
                 for nc in outer(n * c):
                     for py, px, y, x in T.grid(sh, sw, hq, wq):

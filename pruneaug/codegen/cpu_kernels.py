@@ -98,7 +98,7 @@ def rowvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_tile: in
     def kernel(X: T.Buffer((m, in_), "float32"), data: T.Buffer((nnzb, c, r), "float32"),
                indices: T.Buffer((nnzb,), "int32"), chunk_ptr: T.Buffer((block_rows, k_chunks + 1), "int32"),
                bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((m, out), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for kc, p in T.grid(k_chunks, passes):
             for i in outer(block_rows):
                 for mp in range(tiles_per_pass):
@@ -172,7 +172,7 @@ def mvec_matmul(m: int, out: int, in_: int, block: tuple[int, int], row_group: i
     def kernel(X: T.Buffer((m, in_), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
                indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
                bias: T.Buffer((out_pad,), "float32"), Y: T.Buffer((m, out), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         XT = T.alloc_buffer((in_pad, m_pad), "float32", scope="global")
         for jo in outer(in_pad // in_tile):
             for mm in range(m_pad):

@@ -34,7 +34,7 @@ def bsr_matmul(m: int, out: int, in_: int, block: tuple[int, int], m_threads: in
     def kernel(X: T.Buffer((m, in_), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
                indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
                bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((m, out), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for i in T.thread_binding(block_rows, thread="blockIdx.x"):
             for mo in T.thread_binding(m_tiles, thread="blockIdx.y"):
                 for t in T.thread_binding(m_threads, thread="threadIdx.x"):
@@ -81,7 +81,7 @@ def bsr_conv2d(x_shape, out_c: int, out_hw: tuple[int, int], block: tuple[int, i
     def kernel(X: T.Buffer((n, c, h, w), "float32"), data: T.Buffer((nnzb, r, cb), "float32"),
                indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((block_rows + 1,), "int32"),
                bias: T.Buffer((block_rows * r,), "float32"), Y: T.Buffer((n, out_c, oh, ow), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for i in T.thread_binding(block_rows, thread="blockIdx.x"):
             for po in T.thread_binding(px_tiles, thread="blockIdx.y"):
                 for pi in T.thread_binding(px_tile, thread="threadIdx.y"):

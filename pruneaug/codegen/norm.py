@@ -46,7 +46,7 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
     def layer_norm(X: T.Buffer((rows, cols), "float32"), gamma: T.Buffer((cols,), "float32"),
                    beta: T.Buffer((cols,), "float32"), Y: T.Buffer((rows, cols), "float32")):
         # opaque (pattern 8): nothing is fused into it; TVM's analyses want a root block
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         with T.sblock("root"):
             for r in outer(rows):
                 acc = T.alloc_buffer((ACCUMULATORS, lanes), "float32", scope="global")
