@@ -1,10 +1,11 @@
 """The measured pick: of the validated plans whose predicted latencies are close, keep the one whose
 compiled artifact runs fastest here.
 
-Why: the search ranks plans by the cost model, and near-equal predictions can be in the wrong order.
-The cost model times matmul kernels, and a Conv layer is predicted as its im2col matmul, while the
-artifact runs a conv kernel of its own layout. On the bundled CNN at batch 1, the plan predicted
-1.29x faster than unstructured ran 0.64x as fast as it. Every contender met the budget in its own
+Why: the search ranks plans by the cost model, and near-equal predictions can be in the wrong order:
+the cost model times each layer's kernels alone, not the rest of the model nor the kernels beside
+them. (When a Conv layer was still predicted as its im2col matmul, the plan predicted 1.29x faster
+than unstructured on the bundled CNN at batch 1 ran 0.64x as fast as it; Convs are now timed as the
+artifact runs them, `codegen/conv_lowering.py`.) Every contender met the budget in its own
 end-to-end validation, so choosing among them by measurement costs builds and a few hundred runs,
 not accuracy.
 

@@ -19,6 +19,7 @@ from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import ConvGeometry
 from pruneaug.passes import latency
 from reference import im2col
+from test_relax_build import single_conv
 
 X86 = resolve_target("x86")
 STRIDED = ConvShape(24, (2, 8, 11, 10), (3, 3), (2, 2), (1, 0, 2, 1), (1, 1))
@@ -35,6 +36,12 @@ def _run_calls(calls, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def _reference_conv(conv: ConvShape, x: np.ndarray, w2d: np.ndarray) -> np.ndarray:
+    """The conv in numpy: its im2col matrix [N*Ho*Wo, C*kh*kw] times the canonical weight, as NCHW."""
+    cols = im2col(x, conv.kernel, conv.strides, conv.pads, conv.dilations)
+    return (cols @ w2d.T).reshape(conv.x_shape[0], *conv.out_hw, conv.out).transpose(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("conv, names", [
     (STRIDED, ["stride_phases", "bsr_conv2d"]),
     (dataclasses.replace(STRIDED, strides=(1, 1)), ["bsr_conv2d"]),
@@ -47,9 +54,7 @@ def test_conv_calls_compute_the_conv(conv, names):
                                      conv.dilations)
     assert [c.kernel.name for c in calls] == names
     x = rng.standard_normal(conv.x_shape).astype(np.float32)
-    y = _run_calls(calls, x)
-    cols = im2col(x, conv.kernel, conv.strides, conv.pads, conv.dilations)  # [N*Ho*Wo, C*kh*kw]
-    expected = (cols @ w2d.T).reshape(conv.x_shape[0], *conv.out_hw, out).transpose(0, 3, 1, 2)
+    y, expected = _run_calls(calls, x), _reference_conv(conv, x, w2d)
     assert y.shape == expected.shape and m == conv.x_shape[0] * conv.out_hw[0] * conv.out_hw[1]
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
@@ -63,6 +68,17 @@ def test_the_phase_split_uses_the_thread_pool_only_for_enough_work(x_shape, core
     out_hw = [(size + 2 - 3) // 2 + 1 for size in x_shape[2:]]
     phases = conv_lowering.StridePhases(x_shape, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), out_hw)
     assert ("T.parallel" in phases.primfunc(cores).script()) == parallel
+
+
+def test_a_split_on_the_thread_pool_computes_the_conv():
+    conv = ConvShape(16, (1, 16, 64, 63), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))
+    out, in_, _ = conv.matmul
+    w2d = bsr.random_bsr_weight(out, in_, (4, 4), 0.3, seed=2).to_dense()
+    calls = conv_lowering.conv_calls(X86, conv.x_shape, w2d, (4, 4), conv.kernel, conv.strides, conv.pads,
+                                     conv.dilations)
+    assert X86.cores > 1 and "T.parallel" in calls[0].kernel.primfunc.script()
+    x = np.random.default_rng(3).standard_normal(conv.x_shape).astype(np.float32)
+    np.testing.assert_allclose(_run_calls(calls, x), _reference_conv(conv, x, w2d), rtol=1e-4, atol=1e-4)
 
 
 def test_lift_records_each_convs_input_shape():
@@ -85,7 +101,8 @@ def test_conv_shape_of_a_layer_resolves_auto_pad_and_agrees_with_its_m():
     strided = next(layer for layer in ir.layers() if layer.weight == "strided.weight")
     assert latency.conv_shape(strided).key == "32x2x16x16x16_k3x3_s2x2_p1x1x1x1_d1x1"
     same = dataclasses.replace(strided, conv=ConvGeometry((3, 3), (2, 2), (0, 0, 0, 0), (1, 1), "SAME_UPPER"))
-    assert latency.conv_shape(same).pads == (0, 0, 1, 1)  # ONNX: the odd pad at the end
+    # TVM's frontend pads the input (ONNX: the odd pad at the end), then runs an unpadded conv
+    assert latency.conv_shape(same).key == "32x2x16x17x17_k3x3_s2x2_p0x0x0x0_d1x1"
     assert latency.conv_shape(dataclasses.replace(strided, input_shape=None)) is None
 
 
@@ -194,8 +211,10 @@ def test_the_cost_models_conv_geometry_is_what_the_artifact_builds(monkeypatch):
         return real(target, x_shape, w2d, block, kernel_hw, strides, pads, dilations, **kwargs)
 
     monkeypatch.setattr(conv_lowering, "conv_calls", spy)
-    model = zoo.cnn()
-    relax_build.build_model(model, {}, X86, {"x": [2, 3, 16, 16]})
-    ir = lift(model, {"x": [2, 3, 16, 16]})
-    assert sorted(built, key=str) == sorted((latency.conv_shape(layer) for layer in ir.layers()
-                                             if layer.op_type == "Conv"), key=str)
+    for model, shape in [(zoo.cnn(), [2, 3, 16, 16]),
+                         (single_conv([1, 5, 11, 10], 8, (3, 3), strides=[2, 2], auto_pad="SAME_LOWER"), [1, 5, 11, 10])]:
+        built.clear()
+        relax_build.build_model(model, {}, X86, {"x": shape})
+        ir = lift(model, {"x": shape})
+        assert sorted(built, key=str) == sorted((latency.conv_shape(layer) for layer in ir.layers()
+                                                 if layer.op_type == "Conv"), key=str)

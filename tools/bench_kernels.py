@@ -22,7 +22,7 @@ The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" a
 "chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
 schedule picks.
 The norm and softmax tables time each kernel alone, ours against the one PrimFunc that the artifacts'
-pipeline makes of TVM's Relax op (`relax_op_kernel`; the softmax's "ours" is what `rewrite_softmaxes`
+pipeline makes of TVM's Relax op (`relax_op_kernel`; the softmax's "ours" is what `relax_build._rewrite_softmaxes`
 puts in its place).
 """
 from __future__ import annotations
@@ -213,7 +213,8 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
     from pruneaug.codegen.norm import layer_norm_primfunc
-    from pruneaug.codegen.relax_build import _vector_lanes, worth_parallel
+    from pruneaug.codegen.relax_build import _vector_lanes
+    from pruneaug.codegen.threads import worth_parallel
 
     print(f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against TVM's own "
           "Relax op (DLight's CPU Reduction rule) and onnxruntime")
@@ -253,7 +254,7 @@ SOFTMAX_SHAPES = [(64, 16), (512, 16), (2048, 16), (1536, 128), (12288, 128), (1
 def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.softmax import rewrite_softmaxes
+    from pruneaug.codegen.relax_build import _rewrite_softmaxes
 
     def softmax(v):
         return relax.op.nn.softmax(v, axis=-1)
@@ -266,7 +267,7 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
     for rows, cols in SOFTMAX_SHAPES:
         x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
         session = ort_session(one_node_model("Softmax", (rows, cols), axis=-1), threads)
-        calls = {"ours": relax_op_kernel(target, softmax, [x], rewrite_softmaxes),
+        calls = {"ours": relax_op_kernel(target, softmax, [x], _rewrite_softmaxes),
                  "tvm": relax_op_kernel(target, softmax, [x]),
                  "ort": lambda s=session, v=x: s.run(None, {"x": v})}
         print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))

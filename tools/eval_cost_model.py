@@ -17,7 +17,7 @@ the same measurements without timing anything (no lock needed): how a model chan
 
 `--part conv` evaluates the Conv costs instead: for CONVS (the bundled CNN's convs at batch 1 and
 32, two ResNet-50 convs) the cache's grid (the default densities, as a compile fills it) is filled,
-then each conv's kernels are timed at TEST_DENSITIES (off that grid, not cached) and predicted two
+then each conv's kernels are timed at CONV_TEST_DENSITIES (off that grid, not cached) and predicted two
 ways: from the conv's own grid (`CostModel.predict_conv`: what the search now uses) and from its
 im2col matmul's kernels (what it used before): per-block errors and the ranking check for both.
 """
@@ -50,6 +50,7 @@ TRAIN_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
 TEST_DENSITIES = (0.1, 0.3, 0.5, 0.8)
 RANK_SLACK = 0.05
 REPEAT_KERNELS = 16
+CONV_TEST_DENSITIES = (0.15, 0.3, 0.6, 0.9)  # none on DEFAULT_DENSITIES: every prediction is an interpolation
 CONVS = [
     ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # examples/cnn conv1, batch 1
     ConvShape(64, (1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # its strided conv2
@@ -89,7 +90,7 @@ def evaluate_convs(model: CostModel, blocks) -> None:
     hits = dict.fromkeys(ways, 0)
     cases = 0
     for conv in CONVS:
-        for density in TEST_DENSITIES:
+        for density in CONV_TEST_DENSITIES:
             measured = {b: model.runner.time_conv(conv, b, density) for b in blocks}
             cases += 1
             for way, predict in ways.items():
@@ -98,7 +99,7 @@ def evaluate_convs(model: CostModel, blocks) -> None:
                 for b in blocks:
                     errors[way].setdefault(f"{b[0]}x{b[1]}", []).append(predicted[b] / measured[b] - 1.0)
     for way in ways:
-        print(f"\nconvs predicted from their {way}, at densities {TEST_DENSITIES} (off the grid):")
+        print(f"\nconvs predicted from their {way}, at densities {CONV_TEST_DENSITIES} (off the grid):")
         print_error_table({label: np.array(e) for label, e in errors[way].items()})
         print(f"fastest block ranked right (or within {RANK_SLACK:.0%}): {hits[way]}/{cases}")
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}), "
           f"cache {model.cache.path}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.part == "conv":
+        if model.runner is None:
+            parser.error("--part conv times kernels: it needs --measure local or rpc://HOST:PORT/KEY")
         evaluate_convs(model, blocks)
         return 0
     start = time.perf_counter()

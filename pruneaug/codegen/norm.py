@@ -5,7 +5,8 @@ one scalar chain (rfactor does not combine with its compute_at), so a row of 128
 dependent adds twice. On the bundled encoder at batch 32 (512 rows of 128) each layer norm took
 72-93 µs at 2 threads, 14% of the compiled function. This kernel keeps `ACCUMULATORS` vectors of
 partial sums per row: `tools/bench_kernels.py --part norm` (2 threads) ran it 3.3-7.2x faster than
-TVM's op from 16x128 to 2048x768 (BERT-base at 2048 tokens: 306 µs against 2,193 µs; onnxruntime 769).
+TVM's op from 16x128 to 2048x768, each called through the Relax VM (BERT-base at 2048 tokens: 306 µs
+against 2,193 µs; onnxruntime 769); the kernels alone, as the tool now times them, 2.2-6.6x.
 
 Two passes over a row, as TVM's: the mean, then the sum of squared deviations (not E[x^2] - mean^2,
 which cancels badly for rows far from zero), then the normalised row, vectorised.
@@ -23,7 +24,7 @@ ACCUMULATORS = 4  # vectors of partial sums per row: independent add chains (one
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
 def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parallel: int):
     """`Y = (X - mean) / sqrt(var + epsilon) * gamma + beta` along each row of `X[rows, cols]`, the rows
-    shared out to the thread pool where `parallel` (the caller's `relax_build.worth_parallel`).
+    shared out to the thread pool where `parallel` (the caller's `threads.worth_parallel`).
 
     Memoised: parsing the TVMScript takes about 0.1 s, and BERT-base has 25 layer norms of one shape
     (the rewrite took 2.6 s unmemoised)."""

@@ -27,7 +27,7 @@ import hashlib
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from pruneaug.codegen import bsr, conv_lowering, softmax
-from pruneaug.codegen.threads import PARALLEL_MIN_WORK, worth_parallel
+from pruneaug.codegen.threads import worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
@@ -69,7 +69,7 @@ def build_model(
         warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
     if target.kind != "cuda":
         mod = _rewrite_layer_norms(mod, target)
-        mod = softmax.rewrite_softmaxes(mod, target)
+        mod = _rewrite_softmaxes(mod, target)
     import tvm
 
     from pruneaug.codegen.export import cuda_binaries_at_build
@@ -377,38 +377,76 @@ class _LinearRewriter:
         return y
 
 
-def _rewrite_layer_norms(mod, target: TargetProfile):
-    """Every float32 layer norm over the last axis of a static shape, with scale and shift, as
-    `norm.layer_norm_primfunc` (vector accumulators; TVM's own sums each row as one scalar chain)."""
-    from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+def _rewrite_last_axis(mod, pattern, x, extra: Sequence, kernel: Callable):
+    """Each call matching `pattern` with a static float32 shape that `kernel(call, shape, rows, cols)`
+    takes as `call_tir` of our row kernel on a [rows, cols] view of `x` (then the `extra` arguments).
 
-    from pruneaug.codegen import norm
+    `kernel` returns `(key, make, name)` (`make(*key)` builds the PrimFunc, added once per key: BERT-base's
+    25 layer norms are one function) or None to leave the call to TVM. A 2-D input is passed as it is: a
+    reshape of a function's parameter to its own shape is a copy, not a view."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
 
     builder = relax.BlockBuilder(mod)
     added: dict[tuple, object] = {}
-    x, gamma, beta = wildcard(), wildcard(), wildcard()
-    pattern = is_op("relax.nn.layer_norm")(x, gamma, beta)
 
     def replace(orig, matched):
         call = matched[pattern]  # `orig` may be the variable the call is bound to
-        shape, attrs = _static_shape(call), call.attrs
-        if (shape is None or len(shape) < 1 or call.ty.dtype != "float32" or not (attrs.center and attrs.scale)
-                or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]):
+        shape = _static_shape(call)
+        if shape is None or len(shape) < 1 or call.ty.dtype != "float32":
             return orig
-        rows, cols = int(np.prod(shape[:-1])), shape[-1]
-        key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
-        if key not in added:  # BERT-base: 25 layer norms, one function
-            added[key] = builder.add_func(norm.layer_norm_primfunc(*key), "layer_norm")
-        gv = added[key]
-        rows_view = relax.op.reshape(matched[x], [rows, cols])
-        out = relax.call_tir(gv, [rows_view, matched[gamma], matched[beta]], relax.TensorType([rows, cols], "float32"))
-        return relax.op.reshape(out, shape)
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        chosen = kernel(call, shape, rows, cols)
+        if chosen is None:
+            return orig
+        key, make, name = chosen
+        if key not in added:
+            added[key] = builder.add_func(make(*key), name)
+        view = matched[x] if len(shape) == 2 else relax.op.reshape(matched[x], [rows, cols])
+        out = relax.call_tir(added[key], [view, *(matched[e] for e in extra)], relax.TensorType([rows, cols], "float32"))
+        return out if len(shape) == 2 else relax.op.reshape(out, shape)
 
     func = rewrite_call(pattern, replace, mod["main"])
     out = builder.get()
     out["main"] = func
     return out
+
+
+def _rewrite_layer_norms(mod, target: TargetProfile):
+    """Every float32 layer norm over the last axis of a static shape, with scale and shift, as
+    `norm.layer_norm_primfunc` (vector accumulators; TVM's own sums each row as one scalar chain)."""
+    from tvm.relax.dpl import is_op, wildcard
+
+    from pruneaug.codegen import norm
+
+    x, gamma, beta = wildcard(), wildcard(), wildcard()
+    pattern = is_op("relax.nn.layer_norm")(x, gamma, beta)
+
+    def kernel(call, shape, rows, cols):
+        attrs = call.attrs
+        if not (attrs.center and attrs.scale) or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]:
+            return None
+        key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
+        return key, norm.layer_norm_primfunc, "layer_norm"
+
+    return _rewrite_last_axis(mod, pattern, x, [gamma, beta], kernel)
+
+
+def _rewrite_softmaxes(mod, target: TargetProfile):
+    """Every float32 softmax over the last axis of a static shape as `softmax.softmax_primfunc` (vector
+    partial maxima and sums, a vectorised exp); others (another axis, a dynamic shape, float16) stay TVM's."""
+    from tvm.relax.dpl import is_op, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.nn.softmax")(x)
+
+    def kernel(call, shape, rows, cols):
+        if int(call.attrs.axis) % len(shape) != len(shape) - 1:
+            return None
+        parallel = worth_parallel(rows * cols * softmax.WORK_PER_ELEMENT, target.cores)
+        return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax"
+
+    return _rewrite_last_axis(mod, pattern, x, [], kernel)
 
 
 def _static_shape(expr) -> list[int] | None:
@@ -490,7 +528,7 @@ def _largest_divisor(extent: int, candidates: Sequence[int]) -> int:
 def _parallel_outer(sch, block, loops, cores: int):
     """Fuse leading loops of `block` until there is enough parallel work for the cores; parallelise the
     fused loop where the block's iterations (the product of its loops' extents) are worth a fork and
-    join of the thread pool (PARALLEL_MIN_WORK)."""
+    join of the thread pool (`threads.worth_parallel`)."""
     work = math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(block))
     fused_extent, count = 1, 0
     for loop in loops:

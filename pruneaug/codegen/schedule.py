@@ -141,8 +141,8 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
                   nnz_blocks: int, layout: str | None = None) -> Schedule:
     """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
     one row of all pixels) with `r x c` blocks, `nnz_blocks` of them kept, over `pixels` output pixels
-    (all images): those decide, as for the im2col matmul the cost model times for the conv, whether
-    it runs on the thread pool (`runs_parallel`).
+    (all images): those decide, as for its im2col matmul, whether it runs on the thread pool
+    (`runs_parallel`).
 
     On CPUs, where a block's rows fill a register, the kernel vectorises over them, i.e. over output
     channels ("chanvec": a `tile_h x tile_w` patch of pixels times `r` channels, like the rowvec

@@ -20,12 +20,9 @@ Parameters: `X[rows, cols], Y[rows, cols]`.
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop
-from pruneaug.codegen.threads import worth_parallel
-from pruneaug.cost_model.targets import TargetProfile
 
 ACCUMULATORS = 4  # vectors of partial maxima / sums per row: independent chains (one vector: latency-bound)
 ROW_TILE = 4  # rows taken step by step together, their chains overlapping: 1.1x faster than 1 (2048x16, 1536x128)
@@ -57,7 +54,7 @@ def fast_exp(x):
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
 def softmax_primfunc(rows: int, cols: int, lanes: int, parallel: int):
     """`Y = exp(X - max) / sum(exp(X - max))` along each row of `X[rows, cols]`, the rows shared out to
-    the thread pool where `parallel` (see `rewrite_softmaxes`).
+    the thread pool where `parallel` (`relax_build._rewrite_softmaxes` decides).
 
     Memoised as `norm.layer_norm_primfunc` is: parsing the TVMScript takes about 0.1 s."""
     from tvm.script import tirx as T
@@ -140,38 +137,3 @@ def softmax_primfunc(rows: int, cols: int, lanes: int, parallel: int):
                 softmax_rows(X, Y, rows // ROW_TILE * ROW_TILE, rows % ROW_TILE)
 
     return softmax
-
-
-def rewrite_softmaxes(mod, target: TargetProfile):
-    """Every float32 softmax over the last axis of a static shape as `softmax_primfunc` on a [rows, cols]
-    view, one function per shape; others (another axis, a dynamic shape, float16) stay TVM's."""
-    from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    from pruneaug.codegen.relax_build import _static_shape, _vector_lanes
-
-    builder = relax.BlockBuilder(mod)
-    added: dict[tuple, object] = {}
-    x = wildcard()
-    pattern = is_op("relax.nn.softmax")(x)
-
-    def replace(orig, matched):
-        call = matched[pattern]  # `orig` may be the variable the call is bound to
-        shape = _static_shape(call)
-        if (shape is None or len(shape) < 1 or call.ty.dtype != "float32"
-                or int(call.attrs.axis) % len(shape) != len(shape) - 1):
-            return orig
-        rows, cols = math.prod(shape[:-1]), shape[-1]
-        key = (rows, cols, _vector_lanes(target), worth_parallel(rows * cols * WORK_PER_ELEMENT, target.cores))
-        if key not in added:  # the encoder: two softmaxes, one function
-            added[key] = builder.add_func(softmax_primfunc(*key), "softmax")
-        if len(shape) == 2:  # a reshape of a function's parameter to its own shape is a copy, not a view
-            return relax.call_tir(added[key], [matched[x]], relax.TensorType(shape, "float32"))
-        out = relax.call_tir(added[key], [relax.op.reshape(matched[x], [rows, cols])],
-                             relax.TensorType([rows, cols], "float32"))
-        return relax.op.reshape(out, shape)
-
-    func = rewrite_call(pattern, replace, mod["main"])
-    out = builder.get()
-    out["main"] = func
-    return out

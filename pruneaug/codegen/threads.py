@@ -1,5 +1,5 @@
 """When a loop nest is worth the thread pool: one rule for the PrimFuncs that are not BSR kernels
-(TVM's scheduled ops, layer norm, a strided conv's phase split; the BSR kernels decide by
+(TVM's scheduled ops, layer norm, softmax, a strided conv's phase split; the BSR kernels decide by
 `schedule.runs_parallel`)."""
 from __future__ import annotations
 

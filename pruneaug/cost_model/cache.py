@@ -117,6 +117,7 @@ def current_kernel_version(root: str = "bsr") -> str:
     """
     spec = importlib.util.find_spec("pruneaug.codegen")
     folder = Path(next(iter(spec.submodule_search_locations)))
+    assert (folder / f"{root}.py").is_file(), f"no kernel module codegen/{root}.py to version the cache by"
     digest = hashlib.sha256()
     todo, seen = [root], set()
     while todo:

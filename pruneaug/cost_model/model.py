@@ -12,8 +12,8 @@ A Conv is predicted by `predict_conv` from the times of its own kernels at its o
 (`conv_shape.ConvShape`, filled like the matmul grid), piecewise linear between timed densities:
 its im2col matmul's kernel had ranked the bundled CNN's plans in the wrong order.
 Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
-(the analytical model with parameters fitted to this target's and block shape's measurements) or
-`analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
+(the analytical model with parameters fitted to this target's and block shape's measurements; for a
+Conv, the line between its own timed densities) or `analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
 prediction is a dictionary lookup or a few numpy operations. On the host, figures are for the
 threads TVM runs with (TVM_NUM_THREADS, else every core): the profile's `cores` say so, and they
 are part of the cache key (`measured.running_profile`).

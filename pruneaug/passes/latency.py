@@ -21,13 +21,18 @@ def _m(layer: PrunableLayer) -> int:
 
 
 def conv_shape(layer: PrunableLayer) -> ConvShape | None:
-    """A 2-D Conv layer's geometry as its kernels run it (auto_pad resolved), None for other layers and
-    for a Conv whose input shape is unknown: the cost model then predicts its im2col matmul."""
+    """A 2-D Conv layer's geometry as the artifact's kernels run it, None for other layers and for a Conv
+    whose input shape is unknown (the cost model then predicts its im2col matmul). As TVM's ONNX
+    frontend imports it: a SAME_UPPER/SAME_LOWER conv is a pad op, then an unpadded conv of the padded
+    input (the pad op is outside the layer's cost, like the model's other ops)."""
     if layer.conv is None or layer.input_shape is None or len(layer.input_shape) != 4:
         return None
-    pads = resolve_pads(layer.conv, tuple(layer.input_shape[2:]))
-    return ConvShape(layer.shape[0], tuple(layer.input_shape), layer.conv.kernel, layer.conv.strides, pads,
-                     layer.conv.dilations)
+    n, c, h, w = layer.input_shape
+    pads = resolve_pads(layer.conv, (h, w))
+    if layer.conv.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        n, c, h, w = n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]
+        pads = (0, 0, 0, 0)
+    return ConvShape(layer.shape[0], (n, c, h, w), layer.conv.kernel, layer.conv.strides, pads, layer.conv.dilations)
 
 
 def predict_layer(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float):
