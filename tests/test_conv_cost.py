@@ -140,16 +140,17 @@ def test_conv_times_are_kept_per_conv_kernel_version(tmp_path):
 
 
 class _ConvRunner:
-    """Conv times from the kept blocks; counts what it is asked to time."""
+    """Conv times from the kept blocks, the first timing of `slow_point` 3x slow; counts what it is asked to time."""
 
     device = "fake"
 
-    def __init__(self):
-        self.convs, self.layers = [], []
+    def __init__(self, slow_point=None):
+        self.convs, self.layers, self.slow_point = [], [], slow_point
 
     def time_conv(self, conv, block, density):
         self.convs.append((conv, block, density))
-        return 1e-6 + 1e-5 * density
+        slow = (conv, block, density) == self.slow_point and self.convs.count(self.slow_point) == 1
+        return (3 if slow else 1) * (1e-6 + 1e-5 * density)
 
     def time_layer(self, out, in_, m, block, density):
         self.layers.append((out, in_, m, block, density))
@@ -218,3 +219,12 @@ def test_the_cost_models_conv_geometry_is_what_the_artifact_builds(monkeypatch):
         ir = lift(model, {"x": shape})
         assert sorted(built, key=str) == sorted((latency.conv_shape(layer) for layer in ir.layers()
                                                  if layer.op_type == "Conv"), key=str)
+
+
+def test_a_conv_timed_slower_than_a_denser_one_is_timed_again(tmp_path):
+    model = _model_with(tmp_path, [])
+    slow = (STRIDED, (8, 8), 0.2)  # read 3x slow once: slower than density 0.5 of the same block
+    model.runner = _ConvRunner(slow_point=slow)
+    assert model.fill([], blocks=[(8, 8)], densities=[0.2, 0.5], progress=False, convs=[STRIDED]) == 3
+    assert model.runner.convs.count(slow) == 2 and len(model.runner.convs) == 4  # only the outlier again
+    assert model.predict_conv(STRIDED, (8, 8), 0.8).seconds == pytest.approx(1e-6 + 2e-6)  # the faster time kept

@@ -267,6 +267,9 @@ class CostModel:
         if self.runner is not None:
             done += self._time_points(conv_todo, "measuring conv", progress,
                                       lambda point: self._time_conv_point(self.runner, *point), _conv_label)
+        if recheck and self.runner is not None:
+            self._time_points(self._conv_suspects(conv_todo), "re-measuring conv outliers", progress,
+                              lambda point: self._time_conv_point(self.runner, *point, keep_faster=True), _conv_label)
         contended = getattr(self.runner, "contended", 0) - contended_before
         if contended > 0:
             warnings.warn(f"{contended} kernels' samples never agreed (other processes held the cores): their "
@@ -274,9 +277,13 @@ class CostModel:
                           RuntimeWarning, stacklevel=2)
         return done
 
-    def _time_conv_point(self, runner, conv: ConvShape, block: tuple[int, int], density: float) -> float:
-        """Time one Conv's kernels and cache the sum."""
-        row = ConvMeasurement(conv.key, block, density, runner.time_conv(conv, block, density))
+    def _time_conv_point(self, runner, conv: ConvShape, block: tuple[int, int], density: float,
+                         keep_faster: bool = False) -> float:
+        """Time one Conv's kernels and cache the sum; `keep_faster` keeps an earlier, faster time of it."""
+        seconds = runner.time_conv(conv, block, density)
+        if keep_faster:
+            seconds = min(seconds, self._conv_measured.get((conv.key, block), {}).get(density_key(density), seconds))
+        row = ConvMeasurement(conv.key, block, density, seconds)
         self.cache.put_conv(self.target.cache_key, [row], device=runner.device)
         self._remember_conv(row)
         return row.seconds
@@ -298,6 +305,19 @@ class CostModel:
         finally:
             bar.close()
         return done
+
+    def _conv_suspects(self, points: list) -> list:
+        """The timed Conv points slower by more than RECHECK_ERROR than a denser point of the same conv and
+        block: more kept blocks never make a conv's kernels faster, so the sparser one read slow under load
+        (there is no fitted model to single it out, as `_suspects` does for matmuls)."""
+        suspects = []
+        for conv, block, density in points:
+            timed = self._conv_measured.get((conv.key, block), {})
+            seconds = timed.get(density_key(density))
+            denser = [t for d, t in timed.items() if d > density_key(density)]
+            if seconds is not None and denser and seconds > (1 + RECHECK_ERROR) * min(denser):
+                suspects.append((conv, block, density))
+        return suspects
 
     def _suspects(self, points: list) -> list:
         """The measured points that their block shape's fitted model misses by more than RECHECK_ERROR."""
