@@ -22,8 +22,8 @@ The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" a
 "chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
 schedule picks.
 The norm and softmax tables time each kernel alone, ours against the one PrimFunc that the artifacts'
-pipeline makes of TVM's Relax op (`relax_op_kernel`; the softmax's "ours" is what `relax_build._rewrite_softmaxes`
-puts in its place).
+pipeline makes of TVM's Relax op (`relax_op_kernel`); "ours" is what the artifacts' rewrite
+(`relax_build._rewrite_layer_norms`, `_rewrite_softmaxes`) puts in its place.
 """
 from __future__ import annotations
 
@@ -209,32 +209,25 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
 
 
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
-    import tvm
     from tvm import relax
 
-    from pruneaug.codegen.norm import layer_norm_primfunc
-    from pruneaug.codegen.relax_build import _vector_lanes
-    from pruneaug.codegen.threads import worth_parallel
+    from pruneaug.codegen.relax_build import _rewrite_layer_norms
+
+    def layer_norm(*v):
+        return relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5)
 
     print(f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against TVM's own "
           "Relax op (DLight's CPU Reduction rule) and onnxruntime")
     print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    dev = tvm.cpu()
     for rows, cols in NORM_SHAPES:
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
         gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
-        func = layer_norm_primfunc(rows, cols, 1e-5, _vector_lanes(target),  # as the artifacts' rewrite builds it
-                                   worth_parallel(rows * cols, target.cores))
-        module = tvm.compile(tvm.IRModule({"layer_norm": func.with_attr("global_symbol", "layer_norm")}),
-                             target=target.tvm()).mod
-        args = [tvm.runtime.tensor(a, dev) for a in (x, gamma, beta)] + [tvm.runtime.empty((rows, cols), "float32", dev)]
         session = ort_session(one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5),
                               threads)
-        calls = {"ours": lambda f=module["layer_norm"], a=args: f(*a),
-                 "tvm": relax_op_kernel(target, lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5),
-                                        [x, gamma, beta]),
+        calls = {"ours": relax_op_kernel(target, layer_norm, [x, gamma, beta], _rewrite_layer_norms),
+                 "tvm": relax_op_kernel(target, layer_norm, [x, gamma, beta]),
                  "ort": lambda s=session, v=x: s.run(None, {"x": v})}
         print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))
 

@@ -207,28 +207,31 @@ def sample_clock(target: TargetProfile, threads: int) -> Callable[[Callable[[], 
     return cpu_clock if threads == 1 else wall_clock(threads)
 
 
-def build_kernel(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], density: float):
-    """The codegen kernel for one layer (random weights; block (0, 0) is the dense kernel)."""
+def random_weight(out: int, in_: int, block: tuple[int, int], density: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """A layer's canonical weight as the cost model times it (random, seeded: `block`s kept at `density`,
+    or for block (0, 0) every weight) and the block the kernel is built with (the dense kernel's for (0, 0))."""
     from pruneaug.codegen import bsr
 
     if tuple(block) == DENSE_BLOCK:
-        w2d = np.random.default_rng(0).standard_normal((out, in_), dtype=np.float32)
-        return bsr.dense_matmul_kernel(target, m, w2d)
-    weight = bsr.random_bsr_weight(out, in_, tuple(block), density, seed=0)
-    return bsr.bsr_matmul_kernel(target, m, weight)
+        return np.random.default_rng(0).standard_normal((out, in_), dtype=np.float32), bsr.DENSE_BLOCK
+    return bsr.random_bsr_weight(out, in_, tuple(block), density, seed=0).to_dense(), tuple(block)
+
+
+def build_kernel(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], density: float):
+    """The codegen kernel for one layer (`random_weight`; block (0, 0) is the dense kernel)."""
+    from pruneaug.codegen import bsr
+
+    w2d, kernel_block = random_weight(out, in_, block, density)
+    return bsr.bsr_matmul_kernel(target, m, bsr.to_bsr(w2d, kernel_block))
 
 
 def build_conv_calls(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float):
-    """The kernels the artifact calls for one Conv (`codegen.conv_lowering`), random weights kept in
-    `block`s at `density` (block (0, 0): the dense conv)."""
-    from pruneaug.codegen import bsr, conv_lowering
+    """The kernels the artifact calls for one Conv (`codegen.conv_lowering`), with `random_weight`."""
+    from pruneaug.codegen import conv_lowering
 
     out, in_, _ = conv.matmul
-    if tuple(block) == DENSE_BLOCK:
-        w2d, block = np.random.default_rng(0).standard_normal((out, in_), dtype=np.float32), bsr.DENSE_BLOCK
-    else:
-        w2d = bsr.random_bsr_weight(out, in_, tuple(block), density, seed=0).to_dense()
-    return conv_lowering.conv_calls(target, conv.x_shape, w2d, block, conv.kernel, conv.strides, conv.pads,
+    w2d, kernel_block = random_weight(out, in_, block, density)
+    return conv_lowering.conv_calls(target, conv.x_shape, w2d, kernel_block, conv.kernel, conv.strides, conv.pads,
                                     conv.dilations)
 
 

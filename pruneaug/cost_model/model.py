@@ -13,7 +13,8 @@ A Conv is predicted by `predict_conv` from the times of its own kernels at its o
 its im2col matmul's kernel had ranked the bundled CNN's plans in the wrong order.
 Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
 (the analytical model with parameters fitted to this target's and block shape's measurements; for a
-Conv, the line between its own timed densities) or `analytical` (datasheet parameters only). Once the cache is warm nothing here compiles anything: a
+Conv, the line between its own timed densities) or `analytical` (datasheet parameters only). Once
+the cache is warm nothing here compiles anything: a
 prediction is a dictionary lookup or a few numpy operations. On the host, figures are for the
 threads TVM runs with (TVM_NUM_THREADS, else every core): the profile's `cores` say so, and they
 are part of the cache key (`measured.running_profile`).
@@ -224,9 +225,8 @@ class CostModel:
     def missing(self, shapes: Iterable[tuple[int, int, int]], blocks=DEFAULT_BLOCKS,
                 densities=DEFAULT_DENSITIES) -> list[tuple[int, int, int, tuple[int, int], float]]:
         """The (out, in, m, block, density) points of the grid (plus each dense kernel) not yet cached."""
-        points = []
+        points, grid = [], _grid(blocks, densities)
         for out, in_, m in dict.fromkeys(tuple(s) for s in shapes):
-            grid = [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
             for block, density in grid:
                 if (out, in_, m, block, density_key(density)) not in self._measured:
                     points.append((out, in_, m, block, density))
@@ -235,9 +235,8 @@ class CostModel:
     def missing_convs(self, convs: Iterable[ConvShape], blocks=DEFAULT_BLOCKS,
                       densities=DEFAULT_DENSITIES) -> list[tuple[ConvShape, tuple[int, int], float]]:
         """The (conv, block, density) points of the grid (plus each dense conv) not yet cached."""
-        points = []
+        points, grid = [], _grid(blocks, densities)
         for conv in dict.fromkeys(convs):
-            grid = [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
             for block, density in grid:
                 if density_key(density) not in self._conv_measured.get((conv.key, block), {}):
                     points.append((conv, block, density))
@@ -331,6 +330,11 @@ class CostModel:
             if abs(seconds / float(analytical.latency_from_features(params, feats)) - 1.0) > RECHECK_ERROR:
                 suspects.append((out, in_, m, block, density))
         return suspects
+
+
+def _grid(blocks, densities) -> list[tuple[tuple[int, int], float]]:
+    """The (block, density) points `fill` times for a layer: the dense kernel, then every block at every density."""
+    return [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
 
 
 def _matmul_label(point: tuple) -> str:
