@@ -208,35 +208,39 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     return lambda: kernel(*args)
 
 
+def bench_row_op(target, title: str, shapes, make_case: Callable, op: Callable, rewrite: Callable, rounds: int,
+                 number: int, threads: int) -> None:
+    """A table of one row-wise op per rows x cols: ours (what the artifacts' `rewrite` puts in its place), TVM's
+    own and onnxruntime's, medians and ratios. `make_case(rng, rows, cols)` gives the op's inputs (X first)
+    and the one-node ONNX model of it."""
+    print(title)
+    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for rows, cols in shapes:
+        inputs, model = make_case(rng, rows, cols)
+        session = ort_session(model, threads)
+        calls = {"ours": relax_op_kernel(target, op, inputs, rewrite), "tvm": relax_op_kernel(target, op, inputs),
+                 "ort": lambda s=session, v=inputs[0]: s.run(None, {"x": v})}
+        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+        print(f"| {rows}x{cols} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+              f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
     from pruneaug.codegen.relax_build import _rewrite_layer_norms
 
-    def layer_norm(*v):
-        return relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5)
-
-    print(f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against TVM's own "
-          "Relax op (DLight's CPU Reduction rule) and onnxruntime")
-    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
-    print("|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
-    for rows, cols in NORM_SHAPES:
+    def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
         gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
-        session = ort_session(one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5),
-                              threads)
-        calls = {"ours": relax_op_kernel(target, layer_norm, [x, gamma, beta], _rewrite_layer_norms),
-                 "tvm": relax_op_kernel(target, layer_norm, [x, gamma, beta]),
-                 "ort": lambda s=session, v=x: s.run(None, {"x": v})}
-        print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))
+        return [x, gamma, beta], one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5)
 
-
-def print_row(shape: str, times: dict[str, tuple[float, float]]) -> None:
-    """A row of the norm and softmax tables: medians of ours, TVM's and onnxruntime's, and the ratios."""
-    t = {name: median for name, (median, _) in times.items()}
-    print(f"| {shape} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
-          f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+    bench_row_op(target, f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against "
+                 "TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", NORM_SHAPES, case,
+                 lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5), _rewrite_layer_norms,
+                 rounds, number, threads)
 
 
 # rows x columns: the bundled encoder's attention at batch 1, 8 and 32 (4 heads x 16 tokens of 16); BERT-base's
@@ -249,21 +253,14 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
 
     from pruneaug.codegen.relax_build import _rewrite_softmaxes
 
-    def softmax(v):
-        return relax.op.nn.softmax(v, axis=-1)
-
-    print(f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against TVM's own "
-          "Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime")
-    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
-    print("|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
-    for rows, cols in SOFTMAX_SHAPES:
+    def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
-        session = ort_session(one_node_model("Softmax", (rows, cols), axis=-1), threads)
-        calls = {"ours": relax_op_kernel(target, softmax, [x], _rewrite_softmaxes),
-                 "tvm": relax_op_kernel(target, softmax, [x]),
-                 "ort": lambda s=session, v=x: s.run(None, {"x": v})}
-        print_row(f"{rows}x{cols}", summarise(time_interleaved(calls, rounds, number)))
+        return [x], one_node_model("Softmax", (rows, cols), axis=-1)
+
+    bench_row_op(target, f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against "
+                 "TVM's own Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime",
+                 SOFTMAX_SHAPES, case, lambda v: relax.op.nn.softmax(v, axis=-1), _rewrite_softmaxes,
+                 rounds, number, threads)
 
 
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
