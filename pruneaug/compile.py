@@ -19,6 +19,8 @@ import sys
 import time
 import types
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,25 +158,27 @@ def compile_model(
             pruned = finish(pruned) if finish else pruned
     phases.lap("plan")
 
-    with folder as staging:
+    with folder as staging, ThreadPoolExecutor(1, thread_name_prefix="pruneaug-write") as writer:
         pruned = latency.annotate(pruned, costs)
-        pruned_model = _write_pruned(pruned, staging)
+        pruned_model, written = _write_pruned(pruned, staging, writer)
         inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None) \
             if request.artifact else None  # the artifacts' gate and timing
         prebuilt = None
         if outcome is not None and request.artifact and deploy.times_here(profile):
-            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, profile, shapes, inputs, request.metric,
-                                              staging, notes)
+            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, written.result, profile, shapes, inputs,
+                                              request.metric, staging, notes)
             if picked is not pruned:
+                written.result()
                 pruned = latency.annotate(picked, costs)
-                pruned_model = _write_pruned(pruned, staging)
+                pruned_model, written = _write_pruned(pruned, staging, writer)
             phases.lap("measured pick")
         if outcome is not None:
             extra["search"] = outcome.record
         artifact_name = None
         if request.artifact:
-            artifact_name = _build_artifact(pruned, pruned_model, protected[0] if protected else source, profile,
-                                            shapes, inputs, staging, extra, notes, phases, prebuilt)
+            artifact_name = _build_artifact(pruned, pruned_model, written.result, protected[0] if protected else source,
+                                            profile, shapes, inputs, staging, extra, notes, phases, prebuilt)
+        written.result()  # (raises what writing them raised)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -304,20 +308,29 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     return SearchOutcome(chosen, record, results, lambda plan: search.plan_ir(ir, results, plan, finish))
 
 
-def _write_pruned(pruned: IRModel, staging: Path) -> onnx.ModelProto:
-    """pruned.onnx (checked as a file: onnx checks it without a copy in Python) and masks.npz; the pruned model."""
+def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor) -> tuple[onnx.ModelProto, Future[Path]]:
+    """The pruned model, and pruned.onnx (checked as a file: onnx checks it without a copy in Python) and
+    masks.npz being written on `writer`'s thread; the future answers pruned.onnx's path once both are.
+
+    Why a thread: the artifact builds meanwhile. Writing BERT-base's takes ~5 s, most of it in file
+    writes and zlib, which leave the GIL to the build."""
     pruned_model = lower(pruned)
-    save_model(pruned_model, staging / "pruned.onnx")
-    check_model(staging / "pruned.onnx", "pruned.onnx")
-    write_masks(staging / "masks.npz", _stored_masks(pruned))
-    return pruned_model
+    masks = _stored_masks(pruned)
+
+    def write() -> Path:
+        save_model(pruned_model, staging / "pruned.onnx")
+        check_model(staging / "pruned.onnx", "pruned.onnx")
+        write_masks(staging / "masks.npz", masks)
+        return staging / "pruned.onnx"
+
+    return pruned_model, writer.submit(write)
 
 
-def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, profile,
-                   shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
+def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, chosen_file: Callable[[], Path],
+                   profile, shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
                    notes: list[str]) -> tuple[IRModel, Path | None]:
     """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, lowered to
-    `chosen_model` and saved in `staging` already), their artifacts built in a folder of `staging` that is
+    `chosen_model`, its pruned.onnx in `staging` once `chosen_file()` returns), their artifacts built in a folder of `staging` that is
     gone again when this returns; updates the search record (to the picked plan's figures where it changed)
     and returns the picked IR and its artifact, moved to its place in `staging` (None where none was built)."""
     import shutil
@@ -331,7 +344,7 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
     def build(ir: IRModel, stem: Path) -> Path:
         if ir is chosen:  # lowered and saved already: onnxruntime reads the file for the gate (BERT-base: 4 s less)
             return deploy.build_artifact(chosen_model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
-                                         staging / "pruned.onnx")
+                                         chosen_file)
         return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
 
     contenders = staging / "contenders"
@@ -358,19 +371,20 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
     return picked.ir, artifact
 
 
-def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model: onnx.ModelProto | Path, profile,
-                    shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], staging: Path,
-                    extra: dict[str, Any], notes: list[str], phases: "PhaseClock",
-                    prebuilt: Path | None = None) -> str | None:
+def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, pruned_file: Callable[[], Path],
+                    dense_model: onnx.ModelProto | Path, profile, shapes: dict[str, list[int]],
+                    inputs: dict[str, np.ndarray], staging: Path, extra: dict[str, Any], notes: list[str],
+                    phases: "PhaseClock", prebuilt: Path | None = None) -> str | None:
     """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`);
-    a model TVM cannot compile leaves the other outputs whole."""
+    a model TVM cannot compile leaves the other outputs whole. `pruned_file()` waits for pruned.onnx
+    (`_write_pruned`) and returns its path."""
     from pruneaug import deploy
 
     with deploy.quiet_native_stderr():
         try:
             artifact = prebuilt or deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile,
                                                          shapes, staging / f"model.{profile.kind}", inputs,
-                                                         staging / "pruned.onnx")
+                                                         pruned_file)
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
@@ -380,8 +394,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, dense_model:
         if deploy.times_here(profile):
             deploy.release_freed_memory()  # before the workers load their models
             # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
-            extra["model_latency"] = deploy.measure_model_latency(dense_model, staging / "pruned.onnx", artifact,
-                                                                  inputs)
+            extra["model_latency"] = deploy.measure_model_latency(dense_model, pruned_file(), artifact, inputs)
             phases.lap("whole-model timing")
             for competitor, error in extra["model_latency"].get("errors", {}).items():
                 notes.append(f"whole-model timing of {competitor} failed: {error}")

@@ -14,7 +14,7 @@ import gc
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +104,11 @@ def sparse_weights(ir) -> dict[str, tuple[int, int]]:
 
 def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]], profile,
                    shapes: Mapping[str, Sequence[int]], stem: Path, inputs: Mapping[str, np.ndarray],
-                   pruned_file: Path | None = None) -> Path:
+                   pruned_file: Callable[[], Path] | None = None) -> Path:
     """Compile for `profile`, export, and gate the exported artifact against onnxruntime where its code runs
-    here; returns the artifact's path. An artifact that fails the gate is deleted again. `pruned_file`,
-    where the pruned model is saved already, is what onnxruntime reads for the gate.
+    here; returns the artifact's path. An artifact that fails the gate is deleted again. `pruned_file()`,
+    where the pruned model is being saved, waits for the file and returns its path: onnxruntime reads
+    it for the gate (the model builds and exports while it is written).
 
     The gate loads the very file that ships (one export, not one for the gate and one to keep: exporting
     BERT-base takes seconds), which also proves that it loads."""
@@ -115,20 +116,29 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
     from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
     from pruneaug.runtime import device_for, load
 
-    try:
+    with _tvm_failures(profile):
         executable = build_model(pruned_model, sparse_weights, profile, shapes)
         path = export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
-        if runs_here(profile):
-            try:
+    if runs_here(profile):
+        model_file = pruned_file() if pruned_file else None  # (raises what writing it raised)
+        try:
+            with _tvm_failures(profile):
                 check_against_onnxruntime(load(path, device_for(profile.kind)), pruned_model, inputs, GATE_RTOL,
-                                          sparse_weights=sparse_weights, target=profile, model_file=pruned_file)
-            except BaseException:
-                remove_artifact(path)
-                raise
-        return path
+                                          sparse_weights=sparse_weights, target=profile, model_file=model_file)
+        except BaseException:
+            remove_artifact(path)
+            raise
+    return path
+
+
+@contextlib.contextmanager
+def _tvm_failures(profile):
+    """TVM's own exceptions as a CodegenError naming the target: they end the codegen, not the compile."""
+    try:
+        yield
     except CodegenError:
         raise
-    except Exception as err:  # noqa: BLE001 - TVM's own failures end the codegen, not the compile
+    except Exception as err:  # noqa: BLE001
         text = str(err).strip().splitlines()
         raise CodegenError(f"TVM failed to compile the model for {profile.name}: {type(err).__name__}: "
                            f"{text[-1] if text else ''}") from err

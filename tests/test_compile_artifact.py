@@ -94,3 +94,36 @@ def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert "FancyOp" in plan["artifact_error"]
     assert "FancyOp" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monkeypatch):
+    """pruned.onnx and masks.npz are written on a thread while the artifact builds: the gate reads the
+    finished file, and a failure to write them fails the compile and leaves no output folder."""
+    import time
+
+    from pruneaug import compile as compile_module
+    from pruneaug.errors import ModelError
+
+    saved = compile_module.save_model
+
+    def slow_save(model, path):
+        time.sleep(1.0)  # still writing when the build is done: the gate must wait, not read a missing file
+        saved(model, path)
+
+    monkeypatch.setattr(compile_module, "save_model", slow_save)
+    result = pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "out")
+    assert result.artifact is not None and result.pruned_model.is_file() and result.masks.is_file()
+    with np.load(result.masks) as masks:
+        assert masks["w"].mean() == 0.5
+
+    checked = compile_module.check_model
+
+    def failing_check(model, where):
+        if where != "pruned.onnx":
+            return checked(model, where)
+        raise ModelError(f"{where}: fails onnx.checker: broken on purpose")
+
+    monkeypatch.setattr(compile_module, "check_model", failing_check)
+    with pytest.raises(ModelError, match="pruned.onnx: fails onnx.checker: broken on purpose"):
+        pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output folder, no staging folder left

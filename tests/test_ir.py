@@ -8,6 +8,7 @@ import pytest
 import zoo
 from reference import layer_output_from_canonical, node_tensors, rows_of_output
 from pruneaug.ir.graph import lift, lower
+from pruneaug.ir import onnx_io
 from pruneaug.ir.onnx_io import load_model
 from pruneaug.ir.weights import WeightLayout
 from pruneaug.passes import ort_run
@@ -129,3 +130,21 @@ def test_external_data_model_loads_and_lowers(tmp_path):
     inputs = zoo.random_inputs(model)
     for got, want in zip(outputs_of(lower(lift(loaded)), inputs), outputs_of(model, inputs)):
         assert np.max(np.abs(got - want)) <= 1e-5
+
+
+def test_save_model_moves_weights_out_past_the_protobuf_limit_and_leaves_the_model_whole(tmp_path, monkeypatch):
+    model = zoo.mlp()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert onnx_io.tensor_bytes(model) == sum(w.nbytes for w in weights.values())
+    onnx_io.save_model(model, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT_BYTES", onnx_io.tensor_bytes(model) - 1)
+    onnx_io.save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    for path in (tmp_path / "small.onnx", tmp_path / "big.onnx"):
+        saved = {t.name: onnx.numpy_helper.to_array(t) for t in load_model(path).graph.initializer}
+        assert saved.keys() == weights.keys() and all(np.array_equal(saved[n], weights[n]) for n in weights)
+    # onnx's external-data writer empties the tensors of the proto it is given: ours gets a copy
+    kept = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert all(np.array_equal(kept[n], weights[n]) for n in weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "small.onnx"]

@@ -23,7 +23,7 @@ The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" a
 schedule picks.
 The norm and softmax tables time each kernel alone, ours against the one PrimFunc that the artifacts'
 pipeline makes of TVM's Relax op (`relax_op_kernel`); "ours" is what the artifacts' rewrite
-(`relax_build._rewrite_layer_norms`, `_rewrite_softmaxes`) puts in its place.
+(`relax_build._rewrite_row_ops`) puts in its place.
 """
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def bench_row_op(target, title: str, shapes, make_case: Callable, op: Callable, 
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.relax_build import _rewrite_layer_norms
+    from pruneaug.codegen.relax_build import _rewrite_row_ops
 
     def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
@@ -239,7 +239,8 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
 
     bench_row_op(target, f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against "
                  "TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", NORM_SHAPES, case,
-                 lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5), _rewrite_layer_norms,
+                 lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5),
+                 lambda mod, t: _rewrite_row_ops(mod, t, ["layer_norm"]),
                  rounds, number, threads)
 
 
@@ -251,7 +252,7 @@ SOFTMAX_SHAPES = [(64, 16), (512, 16), (2048, 16), (1536, 128), (12288, 128), (1
 def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.relax_build import _rewrite_softmaxes
+    from pruneaug.codegen.relax_build import _rewrite_row_ops
 
     def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
@@ -259,7 +260,8 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
 
     bench_row_op(target, f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against "
                  "TVM's own Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime",
-                 SOFTMAX_SHAPES, case, lambda v: relax.op.nn.softmax(v, axis=-1), _rewrite_softmaxes,
+                 SOFTMAX_SHAPES, case, lambda v: relax.op.nn.softmax(v, axis=-1),
+                 lambda mod, t: _rewrite_row_ops(mod, t, ["softmax"]),
                  rounds, number, threads)
 
 

@@ -68,8 +68,7 @@ def build_model(
     if missing:
         warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
     if target.kind != "cuda":
-        mod = _rewrite_layer_norms(mod, target)
-        mod = _rewrite_softmaxes(mod, target)
+        mod = _rewrite_row_ops(mod, target)
     import tvm
 
     from pruneaug.codegen.export import cuda_binaries_at_build
@@ -377,44 +376,62 @@ class _LinearRewriter:
         return y
 
 
-def _rewrite_last_axis(mod, pattern, x, extra: Sequence, kernel: Callable):
-    """Each call matching `pattern` with a static float32 shape that `kernel(call, shape, rows, cols)`
-    takes as `call_tir` of our row kernel on a [rows, cols] view of `x` (then the `extra` arguments).
+@dataclass(frozen=True)
+class _RowOp:
+    """An op over the last axis that a row kernel of ours can replace: its pattern, the input `x` the kernel
+    reads as [rows, cols], the `extra` arguments after it, and `kernel(call, shape, rows, cols)`, which
+    returns `(key, make, name)` (`make(*key)` builds the PrimFunc) or None to leave the call to TVM."""
 
-    `kernel` returns `(key, make, name)` (`make(*key)` builds the PrimFunc, added once per key: BERT-base's
-    25 layer norms are one function) or None to leave the call to TVM. A 2-D input is passed as it is: a
-    reshape of a function's parameter to its own shape is a copy, not a view."""
+    pattern: object
+    x: object
+    extra: Sequence
+    kernel: Callable
+
+
+def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_norm", "softmax")):
+    """Each call of the `ops` (`_ROW_OPS`) with a static float32 shape that its kernel takes as `call_tir`
+    of our row kernel on a [rows, cols] view of its input.
+
+    One pattern pass for all of them: a pass that rewrites anything costs BERT-base ~0.8 s however
+    little it rewrites. A PrimFunc is added once per key (BERT-base's 25 layer norms are one function).
+    A 2-D input is passed as it is: a reshape of a function's parameter to its own shape is a copy, not a view."""
+    import functools
+    import operator
+
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 
+    rules = [_ROW_OPS[name](target) for name in ops]
     builder = relax.BlockBuilder(mod)
     added: dict[tuple, object] = {}
 
     def replace(orig, matched):
-        call = matched[pattern]  # `orig` may be the variable the call is bound to
+        rule = next(rule for rule in rules if rule.pattern in matched)
+        call = matched[rule.pattern]  # `orig` may be the variable the call is bound to
         shape = _static_shape(call)
         if shape is None or len(shape) < 1 or call.ty.dtype != "float32":
             return orig
         rows, cols = math.prod(shape[:-1]), shape[-1]
-        chosen = kernel(call, shape, rows, cols)
+        chosen = rule.kernel(call, shape, rows, cols)
         if chosen is None:
             return orig
         key, make, name = chosen
-        if key not in added:
-            added[key] = builder.add_func(make(*key), name)
-        view = matched[x] if len(shape) == 2 else relax.op.reshape(matched[x], [rows, cols])
-        out = relax.call_tir(added[key], [view, *(matched[e] for e in extra)], relax.TensorType([rows, cols], "float32"))
+        if (name, key) not in added:
+            added[name, key] = builder.add_func(make(*key), name)
+        view = matched[rule.x] if len(shape) == 2 else relax.op.reshape(matched[rule.x], [rows, cols])
+        out = relax.call_tir(added[name, key], [view, *(matched[e] for e in rule.extra)],
+                             relax.TensorType([rows, cols], "float32"))
         return out if len(shape) == 2 else relax.op.reshape(out, shape)
 
-    func = rewrite_call(pattern, replace, mod["main"])
+    func = rewrite_call(functools.reduce(operator.or_, (rule.pattern for rule in rules)), replace, mod["main"])
     out = builder.get()
     out["main"] = func
     return out
 
 
-def _rewrite_layer_norms(mod, target: TargetProfile):
-    """Every float32 layer norm over the last axis of a static shape, with scale and shift, as
-    `norm.layer_norm_primfunc` (vector accumulators; TVM's own sums each row as one scalar chain)."""
+def _layer_norm_rows(target: TargetProfile) -> _RowOp:
+    """Every float32 layer norm over the last axis, with scale and shift, as `norm.layer_norm_primfunc`
+    (vector accumulators; TVM's own sums each row as one scalar chain)."""
     from tvm.relax.dpl import is_op, wildcard
 
     from pruneaug.codegen import norm
@@ -429,12 +446,12 @@ def _rewrite_layer_norms(mod, target: TargetProfile):
         key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
         return key, norm.layer_norm_primfunc, "layer_norm"
 
-    return _rewrite_last_axis(mod, pattern, x, [gamma, beta], kernel)
+    return _RowOp(pattern, x, [gamma, beta], kernel)
 
 
-def _rewrite_softmaxes(mod, target: TargetProfile):
-    """Every float32 softmax over the last axis of a static shape as `softmax.softmax_primfunc` (vector
-    partial maxima and sums, a vectorised exp); others (another axis, a dynamic shape, float16) stay TVM's."""
+def _softmax_rows(target: TargetProfile) -> _RowOp:
+    """Every float32 softmax over the last axis as `softmax.softmax_primfunc` (vector partial maxima and
+    sums, a vectorised exp); others (another axis, a dynamic shape, float16) stay TVM's."""
     from tvm.relax.dpl import is_op, wildcard
 
     x = wildcard()
@@ -446,7 +463,10 @@ def _rewrite_softmaxes(mod, target: TargetProfile):
         parallel = worth_parallel(rows * cols * softmax.WORK_PER_ELEMENT, target.cores)
         return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax"
 
-    return _rewrite_last_axis(mod, pattern, x, [], kernel)
+    return _RowOp(pattern, x, [], kernel)
+
+
+_ROW_OPS: dict[str, Callable[[TargetProfile], _RowOp]] = {"layer_norm": _layer_norm_rows, "softmax": _softmax_rows}
 
 
 def _static_shape(expr) -> list[int] | None:

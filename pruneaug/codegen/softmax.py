@@ -54,7 +54,7 @@ def fast_exp(x):
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
 def softmax_primfunc(rows: int, cols: int, lanes: int, parallel: int):
     """`Y = exp(X - max) / sum(exp(X - max))` along each row of `X[rows, cols]`, the rows shared out to
-    the thread pool where `parallel` (`relax_build._rewrite_softmaxes` decides).
+    the thread pool where `parallel` (`relax_build._softmax_rows` decides).
 
     Memoised as `norm.layer_norm_primfunc` is: parsing the TVMScript takes about 0.1 s."""
     from tvm.script import tirx as T

@@ -5,6 +5,7 @@ and a rename, so a crash never leaves half a model behind.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -88,7 +89,7 @@ def check_model(model: onnx.ModelProto | str | os.PathLike, where: str) -> None:
         if not isinstance(model, onnx.ModelProto):
             onnx.checker.check_model(os.fspath(model))
             return
-        if model.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        if tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
             return  # the in-memory checker cannot take it; onnxruntime validates the graph later
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as err:
@@ -106,21 +107,36 @@ def _check_finite_weights(model: onnx.ModelProto, where: str) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write a model atomically; weights go to `<name>.data` beside it when the model is too big for protobuf."""
+    """Write a model atomically; weights go to `<name>.data` beside it when the model is too big for protobuf.
+
+    `model` is left as it is (onnx's external-data writer empties the tensors it moves out, so it gets
+    a copy), and its size is estimated from the tensors' shapes: protobuf's `ByteSize` walks the
+    whole message (1 s for BERT-base, as long as serialising it)."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT_BYTES:
-            data_name = f"{path.name}.data"
-            onnx.save_model(model, tmp_name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+        if tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
+            onnx.save_model(copy.deepcopy(model), tmp_name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
         else:
             onnx.save_model(model, tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes the model's tensors hold, from their shapes and types (string tensors count their strings)."""
+    total = 0
+    for tensor in _all_tensors(model):
+        if tensor.data_type == onnx.TensorProto.STRING:
+            total += sum(len(s) for s in tensor.string_data)
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
 
 
 def _first_line(err: BaseException) -> str:

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from pruneaug.ir.onnx_io import PROTOBUF_LIMIT_BYTES
+from pruneaug.ir.onnx_io import PROTOBUF_LIMIT_BYTES, tensor_bytes
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Sequence[str], elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
@@ -45,7 +45,7 @@ def make_session(model: onnx.ModelProto | os.PathLike, threads: int | None = Non
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
-    assert model.ByteSize() < PROTOBUF_LIMIT_BYTES, "models over 2 GB need a file-backed session"
+    assert tensor_bytes(model) < PROTOBUF_LIMIT_BYTES, "models over 2 GB need a file-backed session"
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
