@@ -19,7 +19,6 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,25 +159,26 @@ def compile_model(
 
     with folder as staging, ThreadPoolExecutor(1, thread_name_prefix="pruneaug-write") as writer:
         pruned = latency.annotate(pruned, costs)
-        pruned_model, written = _write_pruned(pruned, staging, writer)
         inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None) \
             if request.artifact else None  # the artifacts' gate and timing
+        gate_inputs = inputs if request.artifact and deploy.runs_here(profile) else None
+        written = _write_pruned(pruned, staging, writer, gate_inputs)
         prebuilt = None
         if outcome is not None and request.artifact and deploy.times_here(profile):
-            picked, prebuilt = _measured_pick(outcome, pruned, pruned_model, written.result, profile, shapes, inputs,
-                                              request.metric, staging, notes)
+            picked, prebuilt = _measured_pick(outcome, pruned, written, profile, shapes, inputs, request.metric,
+                                              staging, notes)
             if picked is not pruned:
-                written.result()
+                written.file.result()
                 pruned = latency.annotate(picked, costs)
-                pruned_model, written = _write_pruned(pruned, staging, writer)
+                written = _write_pruned(pruned, staging, writer, None)  # (its artifact is built and gated)
             phases.lap("measured pick")
         if outcome is not None:
             extra["search"] = outcome.record
         artifact_name = None
         if request.artifact:
-            artifact_name = _build_artifact(pruned, pruned_model, written.result, protected[0] if protected else source,
-                                            profile, shapes, inputs, staging, extra, notes, phases, prebuilt)
-        written.result()  # (raises what writing them raised)
+            artifact_name = _build_artifact(pruned, written, protected[0] if protected else source, profile, shapes,
+                                            inputs, staging, extra, notes, phases, prebuilt)
+        written.file.result()  # (raises what writing them raised)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
         write_report(staging, plan)
@@ -296,7 +296,8 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     # per-block probes: no consistent gain, 2.7x the runs
     ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache)
     chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,
-                                                   request.sparsities, supported, finish)
+                                                   request.sparsities, supported, finish,
+                                                   shares=sensitivity_store.cached_shares(costs.cache))
     report = results.pop("chosen")
     record = search_record(report, results, request.metric)
     record["chosen_from"] = next(name for name, result in results.items() if result is report)
@@ -308,12 +309,26 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     return SearchOutcome(chosen, record, results, lambda plan: search.plan_ir(ir, results, plan, finish))
 
 
-def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor) -> tuple[onnx.ModelProto, Future[Path]]:
-    """The pruned model, and pruned.onnx (checked as a file: onnx checks it without a copy in Python) and
-    masks.npz being written on `writer`'s thread; the future answers pruned.onnx's path once both are.
+@dataclass
+class _Written:
+    """The pruned model, and what the writer thread does with it while the artifact builds: pruned.onnx
+    and masks.npz (`file` answers pruned.onnx's path once both are written), then onnxruntime's outputs
+    of that file on the gate's inputs (`expected`; None where no gate runs here)."""
 
-    Why a thread: the artifact builds meanwhile. Writing BERT-base's takes ~5 s, most of it in file
-    writes and zlib, which leave the GIL to the build."""
+    model: onnx.ModelProto
+    file: Future[Path]
+    expected: Future[list[np.ndarray]] | None
+
+
+def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
+                  gate_inputs: dict[str, np.ndarray] | None) -> _Written:
+    """pruned.onnx (checked as a file: onnx checks it without a copy in Python) and masks.npz, and the gate's
+    reference, on `writer`'s thread.
+
+    Why a thread: the artifact builds meanwhile. For BERT-base that is ~5 s of writing (most of it file
+    writes and zlib, which leave the GIL to the build) and ~1 s of onnxruntime."""
+    from pruneaug.gate import onnxruntime_outputs
+
     pruned_model = lower(pruned)
     masks = _stored_masks(pruned)
 
@@ -323,15 +338,17 @@ def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor) ->
         write_masks(staging / "masks.npz", masks)
         return staging / "pruned.onnx"
 
-    return pruned_model, writer.submit(write)
+    file = writer.submit(write)
+    expected = None if gate_inputs is None else writer.submit(lambda: onnxruntime_outputs(file.result(), gate_inputs))
+    return _Written(pruned_model, file, expected)
 
 
-def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.ModelProto, chosen_file: Callable[[], Path],
-                   profile, shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
+def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, profile, shapes: dict[str, list[int]],
+                   inputs: dict[str, np.ndarray], metric: str, staging: Path,
                    notes: list[str]) -> tuple[IRModel, Path | None]:
-    """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, lowered to
-    `chosen_model`, its pruned.onnx in `staging` once `chosen_file()` returns), their artifacts built in a folder of `staging` that is
-    gone again when this returns; updates the search record (to the picked plan's figures where it changed)
+    """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, `written`
+    as `_write_pruned` writes it), their artifacts built in a folder of `staging` that is gone again when
+    this returns; updates the search record (to the picked plan's figures where it changed)
     and returns the picked IR and its artifact, moved to its place in `staging` (None where none was built)."""
     import shutil
 
@@ -342,9 +359,9 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
     record = outcome.record
 
     def build(ir: IRModel, stem: Path) -> Path:
-        if ir is chosen:  # lowered and saved already: onnxruntime reads the file for the gate (BERT-base: 4 s less)
-            return deploy.build_artifact(chosen_model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
-                                         chosen_file)
+        if ir is chosen:  # lowered, and its gate's reference computed beside the build
+            return deploy.build_artifact(written.model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
+                                         written.expected.result if written.expected else None)
         return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
 
     contenders = staging / "contenders"
@@ -371,20 +388,19 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, chosen_model: onnx.M
     return picked.ir, artifact
 
 
-def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, pruned_file: Callable[[], Path],
-                    dense_model: onnx.ModelProto | Path, profile, shapes: dict[str, list[int]],
-                    inputs: dict[str, np.ndarray], staging: Path, extra: dict[str, Any], notes: list[str],
-                    phases: "PhaseClock", prebuilt: Path | None = None) -> str | None:
+def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelProto | Path, profile,
+                    shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], staging: Path, extra: dict[str, Any],
+                    notes: list[str], phases: "PhaseClock", prebuilt: Path | None = None) -> str | None:
     """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`);
-    a model TVM cannot compile leaves the other outputs whole. `pruned_file()` waits for pruned.onnx
-    (`_write_pruned`) and returns its path."""
+    a model TVM cannot compile leaves the other outputs whole. `written`: pruned.onnx and the gate's
+    reference as `_write_pruned` writes them."""
     from pruneaug import deploy
 
     with deploy.quiet_native_stderr():
         try:
-            artifact = prebuilt or deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile,
-                                                         shapes, staging / f"model.{profile.kind}", inputs,
-                                                         pruned_file)
+            artifact = prebuilt or deploy.build_artifact(
+                written.model, deploy.sparse_weights(pruned), profile, shapes, staging / f"model.{profile.kind}",
+                inputs, written.expected.result if written.expected else None)
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
@@ -394,7 +410,7 @@ def _build_artifact(pruned: IRModel, pruned_model: onnx.ModelProto, pruned_file:
         if deploy.times_here(profile):
             deploy.release_freed_memory()  # before the workers load their models
             # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
-            extra["model_latency"] = deploy.measure_model_latency(dense_model, pruned_file(), artifact, inputs)
+            extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs)
             phases.lap("whole-model timing")
             for competitor, error in extra["model_latency"].get("errors", {}).items():
                 notes.append(f"whole-model timing of {competitor} failed: {error}")

@@ -104,11 +104,11 @@ def sparse_weights(ir) -> dict[str, tuple[int, int]]:
 
 def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]], profile,
                    shapes: Mapping[str, Sequence[int]], stem: Path, inputs: Mapping[str, np.ndarray],
-                   pruned_file: Callable[[], Path] | None = None) -> Path:
+                   expected: Callable[[], Sequence[np.ndarray]] | None = None) -> Path:
     """Compile for `profile`, export, and gate the exported artifact against onnxruntime where its code runs
-    here; returns the artifact's path. An artifact that fails the gate is deleted again. `pruned_file()`,
-    where the pruned model is being saved, waits for the file and returns its path: onnxruntime reads
-    it for the gate (the model builds and exports while it is written).
+    here; returns the artifact's path. An artifact that fails the gate is deleted again. `expected()`,
+    where onnxruntime's outputs of the pruned model on `inputs` are being computed elsewhere (from its
+    saved file, while this builds), waits for and returns them; without it the gate runs onnxruntime itself.
 
     The gate loads the very file that ships (one export, not one for the gate and one to keep: exporting
     BERT-base takes seconds), which also proves that it loads."""
@@ -120,11 +120,11 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
         executable = build_model(pruned_model, sparse_weights, profile, shapes)
         path = export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
     if runs_here(profile):
-        model_file = pruned_file() if pruned_file else None  # (raises what writing it raised)
+        reference = expected() if expected else None  # (raises what computing it raised)
         try:
             with _tvm_failures(profile):
                 check_against_onnxruntime(load(path, device_for(profile.kind)), pruned_model, inputs, GATE_RTOL,
-                                          sparse_weights=sparse_weights, target=profile, model_file=model_file)
+                                          sparse_weights=sparse_weights, target=profile, expected=reference)
         except BaseException:
             remove_artifact(path)
             raise

@@ -26,12 +26,11 @@ def close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
     return relative_error(ours, theirs) <= rtol
 
 
-def output_mismatch(model: onnx.ModelProto, ours: Sequence[np.ndarray], inputs: Mapping[str, np.ndarray],
-                    rtol: float = GATE_RTOL, model_file: Path | None = None) -> tuple[str, float] | None:
-    """The first of `model`'s outputs where `ours` (the compiled model's outputs on `inputs`, in the
-    graph's output order) differ from onnxruntime's by more than `rtol`, with that relative error; None
-    when all match. `model_file`, where `model` is saved already, is what onnxruntime reads."""
-    theirs = onnxruntime_outputs(model_file or model, inputs)
+def output_mismatch(model: onnx.ModelProto, ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray],
+                    rtol: float = GATE_RTOL) -> tuple[str, float] | None:
+    """The first of `model`'s outputs where `ours` (the compiled model's outputs, in the graph's output
+    order) differ from `theirs` (onnxruntime's on the same inputs, `onnxruntime_outputs`) by more than
+    `rtol`, with that relative error; None when all match."""
     for value, a, b in zip(model.graph.output, ours, theirs):
         if not close(a, b, rtol):  # (a NaN error is a mismatch)
             return value.name, relative_error(a, b)

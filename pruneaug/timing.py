@@ -176,12 +176,20 @@ class _Worker:
         tail = " | ".join(lines[-STDERR_TAIL_LINES:]) or "nothing"
         return f"{self.competitor.name}: its timing worker died ({how}); its last stderr lines: {tail}"
 
+    def end_input(self) -> None:
+        """EOF on the worker's stdin: it exits (`close` waits for that; ending every worker first lets
+        them tear down their models side by side, ~0.5 s less for BERT-base)."""
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
     def close(self) -> None:
         if self.process.poll() is None:
             try:
-                self.process.stdin.close()
+                self.end_input()
                 self.process.wait(timeout=10)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         for pipe in (self.process.stdin, self.process.stdout):
@@ -234,6 +242,8 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
                     if not _answered(worker, str(runs), results):
                         alive.remove(worker)
         finally:
+            for worker in workers:
+                worker.end_input()
             for worker in workers:
                 worker.close()
     return TimingRun(results, threads, done, runs, (load_before, os.getloadavg()[0]))

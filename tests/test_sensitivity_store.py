@@ -81,3 +81,33 @@ def test_a_damaged_record_is_measured_again_and_replaced(setting, damage):
     assert sensitivity_store.sensitivities(ir, calib, cache)[1]
     node = ir.prunable_nodes()[0]
     assert np.allclose(again.graph.nodes[node]["sensitivity"].errors, measured.graph.nodes[node]["sensitivity"].errors)
+
+
+def test_energy_shares_are_recalled_for_the_same_importance_blocks_and_grid(setting, monkeypatch):
+    ir, _, cache = setting
+    nodes = ir.prunable_nodes()
+    blocks = {node: [(1, 1), (4, 4)] for node in nodes}
+    grid = [0.25, 0.5, 0.75]
+    shares = sensitivity_store.cached_shares(cache)
+    computed = shares(ir, blocks, grid, "l2")
+    for node in nodes:  # what the proxy computes for each layer and block, not a copy of something else
+        for row, block in zip(computed[node], blocks[node]):
+            assert np.array_equal(row, proxy.pruned_energy_shares(ir.graph.nodes[node]["importance"], block, grid))
+            assert np.all(np.diff(row) > 0) and 0 < row[0] and row[-1] < 1
+
+    calls = []
+    table = proxy.energy_share_table
+    monkeypatch.setattr(proxy, "energy_share_table", lambda *args: calls.append(args) or table(*args))
+    recalled = sensitivity_store.cached_shares(cache)(ir, blocks, grid, "l2")
+    assert not calls and all(np.array_equal(a, b) for n in nodes for a, b in zip(recalled[n], computed[n]))
+
+    rescored = ir.copy()  # another importance, another grid or other blocks: partitioned again
+    rescored.graph.nodes[nodes[0]]["importance"] = ir.graph.nodes[nodes[0]]["importance"] + 1
+    for args in ((rescored, blocks, grid), (ir, blocks, [0.25, 0.5]), (ir, {n: [(4, 4)] for n in nodes}, grid)):
+        again = shares(*args, "l2")
+        assert len(calls) == 1 and len(again[nodes[0]]) == len(args[1][nodes[0]])
+        calls.clear()
+
+    cache._execute("UPDATE records SET value='{damaged' WHERE kind=?", (sensitivity_store.SHARES_KIND,))
+    assert all(np.array_equal(a, b) for n in nodes for a, b in zip(shares(ir, blocks, grid, "l2")[n], computed[n]))
+    assert len(calls) == 1

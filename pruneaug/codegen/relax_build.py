@@ -89,7 +89,7 @@ def check_against_onnxruntime(
     *,
     sparse_weights: Mapping[str, tuple[int, int]] | None = None,
     target: TargetProfile | None = None,
-    model_file: Path | None = None,
+    expected: Sequence[np.ndarray] | None = None,
 ) -> None:
     """Raise CodegenError unless the compiled model's outputs match onnxruntime's on `inputs`.
 
@@ -98,9 +98,10 @@ def check_against_onnxruntime(
     An output matches when `max|ours - ort| <= rtol * max|ort|` (float32 sums in another order differ
     by far less). On a mismatch, given the `sparse_weights` and `target` it was built with, the model is
     rebuilt with every MatMul/Gemm/Conv output exposed, and the error names the first such node that differs.
-    `model_file`, where `model` is saved already, is what onnxruntime reads (no copy serialised in Python).
+    `expected`: onnxruntime's outputs on `inputs` where they were computed already (`gate.onnxruntime_outputs`).
     """
-    mismatch = output_mismatch(model, _run_compiled(compiled, model, inputs, target), inputs, rtol, model_file)
+    theirs = onnxruntime_outputs(model, inputs) if expected is None else expected
+    mismatch = output_mismatch(model, _run_compiled(compiled, model, inputs, target), theirs, rtol)
     if mismatch is None:
         return
     bad, error = mismatch

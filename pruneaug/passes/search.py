@@ -47,13 +47,14 @@ from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec, PrunableLayer
 from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits
-from pruneaug.passes.parallel import map_threads
-from pruneaug.passes.proxy import proxy_losses
+from pruneaug.passes.proxy import ShareTable, energy_share_table, proxy_losses
 
 LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
 ValidateFn = Callable[[IRModel], float]
 SupportedFn = Callable[[PrunableLayer, tuple[int, int]], bool]
 FinishFn = Callable[[IRModel], IRModel]
+# (ir, usable blocks per node, sparsity grid, pool) -> the proxy's energy shares: `proxy.energy_share_table`
+SharesFn = Callable[[IRModel, Mapping[str, Sequence[tuple[int, int]]], Sequence[float], str], ShareTable]
 
 DENSE_BLOCK = (1, 1)
 DEFAULT_BINS = 1000
@@ -143,18 +144,19 @@ class SearchSpace:
 
 def search_space(ir: IRModel, latency: LatencyFn, blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
                  supported: SupportedFn | None = None, pool: str = "l2",
-                 nodes: Sequence[str] | None = None) -> SearchSpace:
+                 nodes: Sequence[str] | None = None, shares: SharesFn = energy_share_table) -> SearchSpace:
     """Options of `nodes` (all prunable ones by default) for every usable block and sparsity > 0 of the grid.
 
     A block is usable where it fits in the layer (a larger one cannot tile it) and `supported` accepts it.
+    `shares` gives the proxy's pruned energy shares (`proxy.energy_share_table`, or a cache of it).
     """
     nodes = tuple(ir.prunable_nodes() if nodes is None else nodes)
     grid = [s for s in sparsities if s > 0]
     usable = {node: [b for b in blocks if grid and fits(ir.layer(node).shape, b)
                      and (supported is None or supported(ir.layer(node), b))] for node in nodes}
-    # the proxy losses (numpy) on every core; the latencies (the cost model's cache) on this thread
-    losses = dict(zip(nodes, map_threads(lambda node: [proxy_losses(ir, node, b, grid, pool) for b in usable[node]],
-                                         nodes)))
+    table = shares(ir, usable, grid, pool)  # (numpy, on every core); the latencies (sqlite) on this thread
+    losses = {node: [proxy_losses(ir, node, b, grid, pool, table[node][i]) for i, b in enumerate(usable[node])]
+              for node in nodes}
     options = {
         node: {block: tuple(Option(block, s, float(latency(ir.layer(node), block, s)), float(loss))
                             for s, loss in zip(grid, block_losses))
@@ -316,17 +318,18 @@ def baselines(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
 def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
                           blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
                           supported: SupportedFn | None = None, finish: FinishFn | None = None,
-                          **options) -> tuple[IRModel, dict[str, SearchReport]]:
+                          shares: SharesFn = energy_share_table, **options) -> tuple[IRModel, dict[str, SearchReport]]:
     """The search, its `baselines`, `searched` (the search's own answer) and `chosen`, with chosen's pruned IR.
 
     `chosen` is the fastest plan that met the budget among the searched one and every baseline:
     each of them was validated end to end, so picking among them costs nothing, and the answer is
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
     rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
-    budget the search validated, with `BASELINE_VALIDATIONS` each.
+    budget the search validated, with `BASELINE_VALIDATIONS` each. `shares`: where the proxy's energy
+    shares come from (`search_space`).
     """
     pool = options.get("pool", "l2")
-    space = search_space(ir, latency, blocks, sparsities, supported, pool)
+    space = search_space(ir, latency, blocks, sparsities, supported, pool, shares=shares)
     baseline_validations = min(BASELINE_VALIDATIONS, options.get("max_validations", BASELINE_VALIDATIONS))
     most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) + baseline_validations * len(blocks)
     with tqdm(total=most, desc="validating plans (at most)", unit="run", disable=None) as bar:
