@@ -129,6 +129,33 @@ def test_a_conv_is_predicted_from_its_own_times(tmp_path):
     assert model.predict_conv(STRIDED, (4, 1), 0.5).seconds == pytest.approx(5e-6)
 
 
+def test_interpolation_keeps_to_the_timed_points_that_run_the_way_the_query_does(tmp_path):
+    """The CNN's conv1 at batch 1 with 8x8 blocks runs on the calling thread up to 31 kept blocks of 288
+    and on the thread pool from 32 (`schedule.runs_parallel`): its time steps down there, and a line
+    drawn across the step predicts neither side."""
+    from pruneaug.cost_model import model as model_module
+
+    conv1 = ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    two_cores = dataclasses.replace(X86, cores=2)
+    assert [model_module._conv_runs_parallel(two_cores, conv1, (8, 8), d)
+            for d in (0.05, 0.09, 0.1, 0.108, 0.11, 0.15, 0.2, 0.75)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    serial = {0.05: 2e-6, 0.1: 3e-6}  # 1 + 20 d µs on the calling thread
+    pooled = {0.2: 1.5e-6, 0.35: 2.25e-6, 0.5: 3e-6, 0.75: 4.25e-6}  # 0.5 + 5 d µs on the pool
+    cache = LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1")
+    cache.put_conv(two_cores.cache_key, [ConvMeasurement(conv1.key, (8, 8), d, t) for d, t in {**serial, **pooled}.items()])
+    model = CostModel(two_cores, cache=cache)
+    assert model.predict_conv(conv1, (8, 8), 1 - 0.15).seconds == pytest.approx(1.5e-6)  # not 2.25e-6 across the step
+    assert model.predict_conv(conv1, (8, 8), 1 - 0.108).seconds == pytest.approx(3.16e-6)  # the serial line, not 2.88e-6
+    assert model.predict_conv(conv1, (8, 8), 1 - 0.6).seconds == pytest.approx(3.5e-6)
+    assert model.predict_conv(conv1, (8, 8), 1 - 0.6).source == "fitted"
+
+    cache.put_conv(two_cores.cache_key, [ConvMeasurement(conv1.key, (4, 4), d, t) for d, t in ((0.1, 3e-6), (0.2, 1.5e-6),
+                                                                                             (0.5, 3e-6))])
+    one_serial = CostModel(two_cores, cache=cache)  # (4x4: 1152 blocks, serial up to 127 kept)
+    assert model_module._conv_runs_parallel(two_cores, conv1, (4, 4), 0.09) == 0
+    assert one_serial.predict_conv(conv1, (4, 4), 1 - 0.09).seconds == pytest.approx(2.7e-6)  # 0.1's time, scaled
+
+
 def test_conv_times_are_kept_per_conv_kernel_version(tmp_path):
     rows = [ConvMeasurement(STRIDED.key, (8, 8), 0.5, 4e-6)]
     _model_with(tmp_path, rows)

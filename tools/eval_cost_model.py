@@ -18,8 +18,10 @@ the same measurements without timing anything (no lock needed): how a model chan
 `--part conv` evaluates the Conv costs instead: for CONVS (the bundled CNN's convs at batch 1 and
 32, two ResNet-50 convs) the cache's grid (the default densities, as a compile fills it) is filled,
 then each conv's kernels are timed at CONV_TEST_DENSITIES (off that grid, not cached) and predicted two
-ways: from the conv's own grid (`CostModel.predict_conv`: what the search now uses) and from its
-im2col matmul's kernels (what it used before): per-block errors and the ranking check for both.
+ways: from the conv's own grid (`CostModel.predict_conv`: what the search now uses), from that grid by one
+line through every timed density (what it did before it kept to the timed points on the query's side of the
+kernel's thread-pool step) and from its im2col matmul's kernels (what it used before that): per-block errors
+and the ranking check for each.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from profile_target import print_error_table  # noqa: E402
 
 from pruneaug.cost_model.cache import DENSE_BLOCK  # noqa: E402
 from pruneaug.cost_model.conv_shape import ConvShape  # noqa: E402
-from pruneaug.cost_model.model import DEFAULT_BLOCKS, DEFAULT_DENSITIES, CostModel, as_block  # noqa: E402
+from pruneaug.cost_model.model import (  # noqa: E402
+    DEFAULT_BLOCKS, DEFAULT_DENSITIES, CostModel, _piecewise_linear, as_block,
+)
 from pruneaug.cost_model.targets import resolve_target  # noqa: E402
 
 # TRAIN spans the sizes of TEST (X and W from a few KiB to several MiB, so the per-core cache
@@ -85,6 +89,8 @@ def evaluate_convs(model: CostModel, blocks) -> None:
     timed = model.fill([conv.matmul for conv in CONVS], blocks, DEFAULT_DENSITIES, convs=CONVS)
     print(f"grid: {timed} new kernels in {time.perf_counter() - start:.1f} s")
     ways = {"own kernels": lambda conv, b, s: model.predict_conv(conv, b, s).seconds,
+            "own kernels, one line across the thread-pool step": lambda conv, b, s: _piecewise_linear(
+                model._conv_measured[conv.key, b], 1.0 - s),  # what predict_conv did before it kept to one side
             "im2col matmul": lambda conv, b, s: model.predict(*conv.matmul, b, s).seconds}
     errors = {way: {} for way in ways}
     hits = dict.fromkeys(ways, 0)

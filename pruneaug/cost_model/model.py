@@ -9,8 +9,9 @@
 
 Sparsity 0 means the layer stays dense, so its figure is the dense kernel's, whatever the block.
 A Conv is predicted by `predict_conv` from the times of its own kernels at its own geometry
-(`conv_shape.ConvShape`, filled like the matmul grid), piecewise linear between timed densities:
-its im2col matmul's kernel had ranked the bundled CNN's plans in the wrong order.
+(`conv_shape.ConvShape`, filled like the matmul grid), piecewise linear between the timed densities
+at which its kernel runs the way it would at the asked one (on the thread pool or not): its im2col
+matmul's kernel had ranked the bundled CNN's plans in the wrong order.
 Each prediction says where it came from: `measured` (this exact kernel is in the cache), `fitted`
 (the analytical model with parameters fitted to this target's and block shape's measurements; for a
 Conv, the line between its own timed densities) or `analytical` (datasheet parameters only). Once
@@ -30,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from pruneaug.codegen.schedule import runs_parallel
 from pruneaug.cost_model import analytical
 from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCache, Measurement, density_key, open_cache,
                                        record_key)
@@ -163,15 +165,32 @@ class CostModel:
     def predict_conv(self, conv: ConvShape, block, sparsity: float) -> Prediction:
         """Seconds of one Conv layer from its own kernels' times (`conv_shape`): `measured` at a timed
         density, `fitted` between timed densities (piecewise linear in the density: a conv kernel's
-        work is its kept blocks), else its im2col matmul's prediction (nothing of this conv timed)."""
+        work is its kept blocks; `_interpolate_conv`), else its im2col matmul's prediction (nothing of
+        this conv timed)."""
         _check_sparsity(sparsity)
         block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
         timed = self._conv_measured.get((conv.key, block), {})
         if density_key(density) in timed:
             return Prediction(timed[density_key(density)], "measured")
         if len(timed) >= 2:
-            return Prediction(_piecewise_linear(timed, density), "fitted")
+            return Prediction(self._interpolate_conv(conv, block, timed, density), "fitted")
         return self.predict(*conv.matmul, block, sparsity)
+
+    def _interpolate_conv(self, conv: ConvShape, block: tuple[int, int], timed: dict[float, float],
+                          density: float) -> float:
+        """`_piecewise_linear` among the timed densities at which the conv kernel runs as it would at
+        `density`: on the thread pool or on the calling thread (`schedule.runs_parallel`, from its kept
+        blocks). Its time steps where that changes, and a line between points on either side of the
+        step missed by up to 40% (the bundled CNN's convs at batch 1 change between 0.1 and 0.3).
+        Where one timed density runs that way, its time scaled by the kept blocks; none, every point."""
+        if self.target.kind == "cuda":
+            return _piecewise_linear(timed, density)
+        way = _conv_runs_parallel(self.target, conv, block, density)
+        alike = {d: t for d, t in timed.items() if _conv_runs_parallel(self.target, conv, block, d) == way}
+        if len(alike) == 1:
+            [(d, seconds)] = alike.items()
+            return seconds * density / d
+        return _piecewise_linear(alike or timed, density)
 
     def predict_grid(self, out: int, in_: int, m: int, blocks: Iterable, sparsities: Iterable[float]) -> np.ndarray:
         """Seconds for every (block, sparsity) of one layer, shape (len(blocks), len(sparsities)).
@@ -345,6 +364,14 @@ def _matmul_label(point: tuple) -> str:
 def _conv_label(point: tuple) -> str:
     conv, block, density = point
     return f"conv {conv.key} {block[0]}x{block[1]} d={density:g}"
+
+
+def _conv_runs_parallel(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float) -> int:
+    """Whether the conv's kernel takes the thread pool at `density` (as `codegen.conv` decides it: its output
+    pixels and the kept blocks of its im2col weight, which the stride-phase split keeps as they are)."""
+    out, in_, pixels = conv.matmul
+    blocks = -(-out // block[0]) * -(-in_ // block[1])
+    return runs_parallel(target, pixels, block, int(round(density * blocks)))
 
 
 def _piecewise_linear(timed: dict[float, float], density: float) -> float:
