@@ -19,8 +19,9 @@ importance, their usable blocks, the sparsity grid, the pool and the proxy's sou
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -42,16 +43,36 @@ def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mappin
         for node in ir.source.graph.node:
             yield node.SerializeToString(deterministic=True)
         for name in sorted(ir.weights):
-            array = np.ascontiguousarray(ir.weights[name])
-            yield from (name, str(array.dtype), str(array.shape), array.data)
+            yield from _array_parts(name, ir.weights[name])
         for node in ir.prunable_nodes():
             importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
             yield from (node, str(importance.dtype), importance.data)
         for name in sorted(calib_inputs):
-            array = np.ascontiguousarray(calib_inputs[name])
-            yield from (name, str(array.dtype), str(array.shape), array.data)
+            yield from _array_parts(name, calib_inputs[name])
 
     return record_key(parts())
+
+
+def _array_parts(name: str, array: np.ndarray) -> Iterator[str | memoryview]:
+    """An array's name, type, shape and bytes (read in place) as `record_key` parts."""
+    array = np.ascontiguousarray(array)
+    yield from (name, str(array.dtype), str(array.shape), array.data)
+
+
+def _remembered(cache, kind: str, key: str, decode: Callable[[str], Any], compute: Callable[[], Any],
+                encode: Callable[[Any], str]) -> tuple[Any, bool]:
+    """The record `key` of `kind` decoded (None from `decode`: not usable), else `compute()`, stored; and
+    whether it came from the cache. A damaged record is computed again and replaced."""
+    stored = cache.get_record(kind, key)
+    try:
+        recalled = decode(stored) if stored is not None else None
+    except (ValueError, KeyError, TypeError):
+        recalled = None
+    if recalled is not None:
+        return recalled, True
+    value = compute()
+    cache.put_record(kind, key, encode(value))
+    return value, False
 
 
 def _encode(ir: IRModel) -> str:
@@ -85,17 +106,9 @@ def sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], cache,
     """
     settings = {"probe_shares": list(probe_shares), "probe_block": list(probe_block),
                 "blocks": [list(b) for b in blocks], "pool": pool}
-    key = digest(ir, calib_inputs, settings)
-    stored = cache.get_record(RECORD_KIND, key)
-    try:
-        recalled = _decode(stored, ir) if stored is not None else None
-    except (ValueError, KeyError, TypeError):  # a damaged record: measure again and replace it
-        recalled = None
-    if recalled is not None:
-        return recalled, True
-    measured = proxy.measure_sensitivities(ir, calib_inputs, probe_shares, probe_block, blocks, pool)
-    cache.put_record(RECORD_KIND, key, _encode(measured))
-    return measured, False
+    return _remembered(cache, RECORD_KIND, digest(ir, calib_inputs, settings), lambda text: _decode(text, ir),
+                       lambda: proxy.measure_sensitivities(ir, calib_inputs, probe_shares, probe_block, blocks, pool),
+                       _encode)
 
 
 def cached_shares(cache):
@@ -110,20 +123,17 @@ def cached_shares(cache):
         def parts():
             yield from (Path(proxy.__file__).read_bytes(), json.dumps(settings, sort_keys=True))
             for node in blocks:
-                importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
-                yield from (node, str(importance.dtype), str(importance.shape), importance.data)
+                yield from _array_parts(node, ir.graph.nodes[node]["importance"])
 
-        key = record_key(parts())
-        stored = cache.get_record(SHARES_KIND, key)
-        try:
-            table = json.loads(stored) if stored is not None else None
-            if table is not None and all(len(table[node]) == len(usable) for node, usable in blocks.items()):
-                return {node: [np.array(row, np.float64) for row in table[node]] for node in blocks}
-        except (ValueError, KeyError, TypeError):  # a damaged record: compute again and replace it
-            pass
-        computed = proxy.energy_share_table(ir, blocks, sparsities, pool)
-        cache.put_record(SHARES_KIND, key, json.dumps({node: [row.tolist() for row in rows]
-                                                       for node, rows in computed.items()}))
-        return computed
+        def decode(text: str) -> proxy.ShareTable | None:
+            table = json.loads(text)
+            if any(len(table[node]) != len(usable) for node, usable in blocks.items()):
+                return None
+            return {node: [np.array(row, np.float64) for row in table[node]] for node in blocks}
+
+        return _remembered(cache, SHARES_KIND, record_key(parts()), decode,
+                           lambda: proxy.energy_share_table(ir, blocks, sparsities, pool),
+                           lambda table: json.dumps({node: [row.tolist() for row in rows]
+                                                     for node, rows in table.items()}))[0]
 
     return shares
