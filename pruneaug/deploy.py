@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pruneaug.calib import graph_inputs
-from pruneaug.errors import CodegenError
+from pruneaug.errors import CodegenError, PruneaugError
 from pruneaug.gate import GATE_RTOL
 from pruneaug.ir.onnx_io import save_model
 from pruneaug.timing import Competitor, time_interleaved
@@ -116,13 +116,13 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
     from pruneaug.codegen.relax_build import build_model, check_against_onnxruntime
     from pruneaug.runtime import device_for, load
 
-    with _tvm_failures(profile):
+    with _failures_as_codegen_errors(f"TVM failed to compile the model for {profile.name}"):
         executable = build_model(pruned_model, sparse_weights, profile, shapes)
         path = export_artifact(executable, profile, stem, model_signature(pruned_model, shapes))
     if runs_here(profile):
-        reference = expected() if expected else None  # (raises what computing it raised)
         try:
-            with _tvm_failures(profile):
+            with _failures_as_codegen_errors(f"the correctness gate could not run the artifact for {profile.name}"):
+                reference = expected() if expected else None  # (a ModelError from writing pruned.onnx stays one)
                 check_against_onnxruntime(load(path, device_for(profile.kind)), pruned_model, inputs, GATE_RTOL,
                                           sparse_weights=sparse_weights, target=profile, expected=reference)
         except BaseException:
@@ -132,16 +132,16 @@ def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, t
 
 
 @contextlib.contextmanager
-def _tvm_failures(profile):
-    """TVM's own exceptions as a CodegenError naming the target: they end the codegen, not the compile."""
+def _failures_as_codegen_errors(what: str):
+    """TVM's (and the gate's onnxruntime's) own exceptions as a CodegenError saying `what` failed: they end
+    the codegen, not the compile. A user error (`PruneaugError`) stays what it is."""
     try:
         yield
-    except CodegenError:
+    except PruneaugError:
         raise
     except Exception as err:  # noqa: BLE001
         text = str(err).strip().splitlines()
-        raise CodegenError(f"TVM failed to compile the model for {profile.name}: {type(err).__name__}: "
-                           f"{text[-1] if text else ''}") from err
+        raise CodegenError(f"{what}: {type(err).__name__}: {text[-1] if text else ''}") from err
 
 
 def _on_disk(model: onnx.ModelProto | Path, where: Path) -> Path:

@@ -99,20 +99,41 @@ def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
 def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monkeypatch):
     """pruned.onnx and masks.npz are written on a thread while the artifact builds: the gate reads the
     finished file, and a failure to write them fails the compile and leaves no output folder."""
-    import time
+    import threading
 
     from pruneaug import compile as compile_module
+    from pruneaug import gate
+    from pruneaug.codegen import relax_build
     from pruneaug.errors import ModelError
 
-    saved = compile_module.save_model
+    built, build, saved = threading.Event(), relax_build.build_model, compile_module.save_model
+    references, reference = [], gate.onnxruntime_outputs
 
-    def slow_save(model, path):
-        time.sleep(1.0)  # still writing when the build is done: the gate must wait, not read a missing file
+    def build_then_say_so(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        finally:
+            built.set()
+
+    def save_once_built(model, path):  # pruned.onnx appears only after the build: the gate must wait for it
+        assert built.wait(120)
         saved(model, path)
 
-    monkeypatch.setattr(compile_module, "save_model", slow_save)
+    def recorded(model, inputs):
+        references.append((model, threading.current_thread().name))
+        return reference(model, inputs)
+
+    def unexpected(*args):
+        raise AssertionError("the gate ran onnxruntime itself instead of taking the reference computed beside the build")
+
+    monkeypatch.setattr(relax_build, "build_model", build_then_say_so)
+    monkeypatch.setattr(compile_module, "save_model", save_once_built)
+    monkeypatch.setattr(gate, "onnxruntime_outputs", recorded)
+    monkeypatch.setattr(relax_build, "onnxruntime_outputs", unexpected)
     result = pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "out")
     assert result.artifact is not None and result.pruned_model.is_file() and result.masks.is_file()
+    [(file, thread)] = references  # from the written file, on the writer's thread
+    assert file.name == "pruned.onnx" and thread.startswith("pruneaug-write")
     with np.load(result.masks) as masks:
         assert masks["w"].mean() == 0.5
 
@@ -127,3 +148,17 @@ def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monke
     with pytest.raises(ModelError, match="pruned.onnx: fails onnx.checker: broken on purpose"):
         pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output folder, no staging folder left
+
+
+def test_a_gate_that_cannot_run_onnxruntime_leaves_the_other_outputs(tmp_path, monkeypatch):
+    from pruneaug import gate
+
+    def broken(model, inputs):
+        raise RuntimeError("onnxruntime fell over")
+
+    monkeypatch.setattr(gate, "onnxruntime_outputs", broken)
+    result = pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "out")
+    assert result.artifact is None and result.pruned_model.is_file()
+    assert result.plan["artifact_error"] == ("the correctness gate could not run the artifact for x86: RuntimeError: "
+                                             "onnxruntime fell over")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("model.")) == []  # removed

@@ -58,7 +58,12 @@ def test_search_meets_the_budget_on_the_examples(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_targets_with_other_costs_get_other_plans(tmp_path):
+def test_targets_with_other_costs_get_other_plans(tmp_path, monkeypatch):
+    from pruneaug.passes import proxy
+
+    partitions = []
+    table = proxy.energy_share_table
+    monkeypatch.setattr(proxy, "energy_share_table", lambda *args: partitions.append(args) or table(*args))
     model, calib, eval_ = example("mlp")
     plans, sensitivities = {}, []
     for target in ("x86", "arm64:cortex-a55", "cuda:sm_90"):
@@ -69,6 +74,8 @@ def test_targets_with_other_costs_get_other_plans(tmp_path):
     assert len({json.dumps(p) for p in plans.values()}) > 1, plans
     # the probes do not depend on the target: the second and third compiles read the first one's
     assert sensitivities == ["measured", "recalled from the cache", "recalled from the cache"]
+    # nor do the proxy's energy shares, where the targets serve the same blocks: partitioned once per set of them
+    assert 1 <= len(partitions) == len({json.dumps({n: list(b) for n, b in args[1].items()}) for args in partitions}) < 3
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -152,8 +152,26 @@ def test_interpolation_keeps_to_the_timed_points_that_run_the_way_the_query_does
     cache.put_conv(two_cores.cache_key, [ConvMeasurement(conv1.key, (4, 4), d, t) for d, t in ((0.1, 3e-6), (0.2, 1.5e-6),
                                                                                              (0.5, 3e-6))])
     one_serial = CostModel(two_cores, cache=cache)  # (4x4: 1152 blocks, serial up to 127 kept)
-    assert model_module._conv_runs_parallel(two_cores, conv1, (4, 4), 0.09) == 0
-    assert one_serial.predict_conv(conv1, (4, 4), 1 - 0.09).seconds == pytest.approx(2.7e-6)  # 0.1's time, scaled
+    assert [model_module._conv_runs_parallel(two_cores, conv1, (4, 4), d) for d in (0.09, 0.105)] == [0, 0]
+    assert one_serial.predict_conv(conv1, (4, 4), 1 - 0.105).seconds == pytest.approx(3.15e-6)  # 0.1's, scaled up
+    assert one_serial.predict_conv(conv1, (4, 4), 1 - 0.09).seconds == pytest.approx(3e-6)  # below it: its time
+
+
+@pytest.mark.parametrize("conv", [ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+                                  ConvShape(64, (1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))],
+                         ids=["stride 1", "stride 2 (phase split)"])
+def test_the_cost_models_thread_pool_rule_is_the_conv_kernels(conv):
+    """`_conv_runs_parallel` against the parallel loop of the conv kernel the artifact builds, across the step."""
+    from pruneaug.cost_model import model as model_module
+
+    two_cores = dataclasses.replace(X86, cores=2)
+    ways = []
+    for density in (0.05, 0.1, 0.11, 0.12, 0.2, 0.3, 0.5):
+        *_, conv_step = build_conv_calls(two_cores, conv, (8, 8), density)
+        built = "T.parallel" in conv_step.kernel.primfunc.script()
+        assert model_module._conv_runs_parallel(two_cores, conv, (8, 8), density) == built, density
+        ways.append(built)
+    assert ways[0] is False and ways[-1] is True  # the step lies inside the range
 
 
 def test_conv_times_are_kept_per_conv_kernel_version(tmp_path):

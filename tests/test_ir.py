@@ -148,3 +148,14 @@ def test_save_model_moves_weights_out_past_the_protobuf_limit_and_leaves_the_mod
     kept = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert all(np.array_equal(kept[n], weights[n]) for n in weights)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "small.onnx"]
+
+
+def test_a_tensor_of_an_unknown_type_is_the_checkers_to_name():
+    from pruneaug.errors import ModelError
+
+    model = zoo.mlp()
+    model.graph.initializer[0].data_type = 0  # UNDEFINED
+    before = onnx_io.tensor_bytes(zoo.mlp())
+    assert onnx_io.tensor_bytes(model) == before - onnx.numpy_helper.to_array(zoo.mlp().graph.initializer[0]).nbytes
+    with pytest.raises(ModelError, match="the model given: fails onnx.checker"):
+        onnx_io.check_model(model, "the model given")

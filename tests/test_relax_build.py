@@ -247,6 +247,19 @@ def test_the_frontend_does_not_check_the_model_again(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_file_checked_while_the_frontend_imports_is_still_checked(tmp_path):
+    """pruned.onnx is checked on the writer thread while the build imports the model (`compile._write_pruned`):
+    the frontend's checker-off switch must not reach that check."""
+    from test_cli import checker_failing_model
+
+    from pruneaug.errors import ModelError
+    from pruneaug.ir import onnx_io
+
+    onnx.save(checker_failing_model(), tmp_path / "bad.onnx")
+    with relax_build._without_onnx_checker(), pytest.raises(ModelError, match="bad.onnx: fails onnx.checker"):
+        onnx_io.check_model(tmp_path / "bad.onnx", "bad.onnx")
+
+
 @pytest.mark.parametrize("rule, shapes", [
     ("_InjectiveRule", {"small": [16, 128], "large": [256, 512]}),
     ("_LoopNestRule", {"small": [4, 16, 8], "large": [4, 64, 64]}),

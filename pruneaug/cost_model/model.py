@@ -182,14 +182,15 @@ class CostModel:
         `density`: on the thread pool or on the calling thread (`schedule.runs_parallel`, from its kept
         blocks). Its time steps where that changes, and a line between points on either side of the
         step missed by up to 40% (the bundled CNN's convs at batch 1 change between 0.1 and 0.3).
-        Where one timed density runs that way, its time scaled by the kept blocks; none, every point."""
+        Where one timed density runs that way: its time, scaled by the kept blocks above it (a strided conv's
+        phase split does not shrink, so this errs high); none: every point."""
         if self.target.kind == "cuda":
             return _piecewise_linear(timed, density)
         way = _conv_runs_parallel(self.target, conv, block, density)
         alike = {d: t for d, t in timed.items() if _conv_runs_parallel(self.target, conv, block, d) == way}
         if len(alike) == 1:
             [(d, seconds)] = alike.items()
-            return seconds * density / d
+            return seconds * max(density / d, 1.0)
         return _piecewise_linear(alike or timed, density)
 
     def predict_grid(self, out: int, in_: int, m: int, blocks: Iterable, sparsities: Iterable[float]) -> np.ndarray:

@@ -43,10 +43,10 @@ from tqdm import tqdm
 from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import ort_run
-from pruneaug.passes.parallel import map_threads
 from pruneaug.passes.blockmask import (
     block_areas, block_scores, layer_mask, pruned_block_count, removal_order, unit_scores,
 )
+from pruneaug.passes.parallel import map_threads
 
 PROBE_SHARES = (0.05, 0.2, 0.5)  # 0.05: about what 50% unstructured sparsity removes from Gaussian weights
 PROBE_BLOCK = (1, 1)

@@ -14,7 +14,7 @@ the digest, and the probes run again.
 
 `cached_shares(cache)` serves `search.search_space` the same way: the energy share table
 (`proxy.energy_share_table`, ~4 s of partitions for BERT-base) under a digest of the layers'
-importance, their usable blocks, the sparsity grid, the pool and the proxy's source.
+importance, their usable blocks, the sparsity grid, the pool and the proxy's and blockmask's source.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import onnxruntime
 
 from pruneaug.cost_model.cache import record_key
 from pruneaug.ir.graph import IRModel
-from pruneaug.passes import proxy
+from pruneaug.passes import blockmask, proxy
 
 RECORD_KIND = "sensitivity"
 SHARES_KIND = "energy shares"
@@ -120,8 +120,9 @@ def cached_shares(cache):
         settings = {"blocks": {node: [list(b) for b in usable] for node, usable in blocks.items()},
                     "sparsities": [float(s) for s in sparsities], "pool": pool}
 
-        def parts():
-            yield from (Path(proxy.__file__).read_bytes(), json.dumps(settings, sort_keys=True))
+        def parts():  # the shares are the proxy's reading of blockmask's block scores and counts
+            yield from (Path(proxy.__file__).read_bytes(), Path(blockmask.__file__).read_bytes(),
+                        json.dumps(settings, sort_keys=True))
             for node in blocks:
                 yield from _array_parts(node, ir.graph.nodes[node]["importance"])
 
