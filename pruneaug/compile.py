@@ -311,9 +311,9 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
 
 @dataclass
 class _Written:
-    """The pruned model, and what the writer thread does with it while the artifact builds: pruned.onnx
-    and masks.npz (`file` answers pruned.onnx's path once both are written), then onnxruntime's outputs
-    of that file on the gate's inputs (`expected`; None where no gate runs here)."""
+    """The pruned model, and pruned.onnx and masks.npz being written beside the artifact's build (`file`
+    answers pruned.onnx's path once both are written and checked), then onnxruntime's outputs of that
+    file on the gate's inputs (`expected`; None where no gate runs here)."""
 
     model: onnx.ModelProto
     file: Future[Path]
@@ -322,23 +322,26 @@ class _Written:
 
 def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
                   gate_inputs: dict[str, np.ndarray] | None) -> _Written:
-    """pruned.onnx (checked as a file: onnx checks it without a copy in Python) and masks.npz, and the gate's
-    reference, on `writer`'s thread.
+    """pruned.onnx (checked as a file: onnx checks it without a copy in Python) and masks.npz, written by a
+    child process (`forked.start_forked`), and the gate's reference, on `writer`'s thread once they are.
 
-    Why a thread: the artifact builds meanwhile. For BERT-base that is ~5 s of writing (most of it file
-    writes and zlib, which leave the GIL to the build) and ~1 s of onnxruntime."""
+    Why not here: the artifact builds meanwhile. For BERT-base that is ~4 s of writing (on a thread it
+    still held the GIL for half of that, and slowed the build by ~2 s) and ~1 s of onnxruntime (which
+    cannot run in a forked child)."""
+    from pruneaug.forked import start_forked
     from pruneaug.gate import onnxruntime_outputs
 
     pruned_model = lower(pruned)
     masks = _stored_masks(pruned)
+    path = staging / "pruned.onnx"
 
-    def write() -> Path:
-        save_model(pruned_model, staging / "pruned.onnx")
-        check_model(staging / "pruned.onnx", "pruned.onnx")
+    def write() -> None:
+        save_model(pruned_model, path)
+        check_model(path, "pruned.onnx")
         write_masks(staging / "masks.npz", masks)
-        return staging / "pruned.onnx"
 
-    file = writer.submit(write)
+    written = start_forked(write)
+    file = writer.submit(lambda: written() or path)
     expected = None if gate_inputs is None else writer.submit(lambda: onnxruntime_outputs(file.result(), gate_inputs))
     return _Written(pruned_model, file, expected)
 

@@ -97,26 +97,33 @@ def test_op_tvm_cannot_import_still_writes_the_rest(tmp_path, capsys):
 
 
 def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monkeypatch):
-    """pruned.onnx and masks.npz are written on a thread while the artifact builds: the gate reads the
+    """pruned.onnx and masks.npz are written by a forked child while the artifact builds: the gate reads the
     finished file, and a failure to write them fails the compile and leaves no output folder."""
+    import os
     import threading
+    import time
 
     from pruneaug import compile as compile_module
     from pruneaug import gate
     from pruneaug.codegen import relax_build
     from pruneaug.errors import ModelError
 
-    built, build, saved = threading.Event(), relax_build.build_model, compile_module.save_model
+    built, writer_pid = tmp_path / "built", tmp_path / "writer.pid"
+    build, saved = relax_build.build_model, compile_module.save_model
     references, reference = [], gate.onnxruntime_outputs
 
     def build_then_say_so(*args, **kwargs):
         try:
             return build(*args, **kwargs)
         finally:
-            built.set()
+            built.touch()
 
     def save_once_built(model, path):  # pruned.onnx appears only after the build: the gate must wait for it
-        assert built.wait(120)
+        deadline = time.monotonic() + 120
+        while not built.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        writer_pid.write_text(str(os.getpid()))
         saved(model, path)
 
     def recorded(model, inputs):
@@ -132,6 +139,7 @@ def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monke
     monkeypatch.setattr(relax_build, "onnxruntime_outputs", unexpected)
     result = pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "out")
     assert result.artifact is not None and result.pruned_model.is_file() and result.masks.is_file()
+    assert int(writer_pid.read_text()) != os.getpid()  # written in another process: no GIL shared with the build
     [(file, thread)] = references  # from the written file, on the writer's thread
     assert file.name == "pruned.onnx" and thread.startswith("pruneaug-write")
     with np.load(result.masks) as masks:
@@ -139,7 +147,7 @@ def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monke
 
     checked = compile_module.check_model
 
-    def failing_check(model, where):
+    def failing_check(model, where):  # (raised in the writer's process, raised again here)
         if where != "pruned.onnx":
             return checked(model, where)
         raise ModelError(f"{where}: fails onnx.checker: broken on purpose")
@@ -147,7 +155,8 @@ def test_the_gate_waits_for_pruned_onnx_written_beside_the_build(tmp_path, monke
     monkeypatch.setattr(compile_module, "check_model", failing_check)
     with pytest.raises(ModelError, match="pruned.onnx: fails onnx.checker: broken on purpose"):
         pruneaug.compile(matmul_model(), block="4x4", sparsity=0.5, measure="none", out=tmp_path / "failed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output folder, no staging folder left
+    # no output folder, no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built", "out", "writer.pid"]
 
 
 def test_a_gate_that_cannot_run_onnxruntime_leaves_the_other_outputs(tmp_path, monkeypatch):
