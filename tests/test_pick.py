@@ -62,6 +62,27 @@ def test_a_plan_measured_faster_replaces_the_predicted_choice(tmp_path):
     assert record["contenders"]["unstructured"]["predicted_latency_s"] == pytest.approx(13e-6)
 
 
+def test_a_switch_is_made_only_where_a_second_timing_of_the_two_agrees(tmp_path):
+    results = reports(searched=10, unstructured=13)
+    calls = []
+
+    def first_faster_then_not(artifacts):
+        calls.append(sorted(artifacts))
+        return timed({"ir-searched": 40, "ir-unstructured": 30 if len(calls) == 1 else 39})(artifacts)
+
+    got = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
+                             first_faster_then_not, tmp_path)
+    assert calls == [["searched", "unstructured"], ["searched", "unstructured"]]  # the two again, alone
+    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
+    assert got.record["confirmation_p10_s"] == pytest.approx({"searched": 40e-6, "unstructured": 39e-6})
+
+    (tmp_path / "again").mkdir()
+    confirmed = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
+                                   timed({"ir-searched": 40, "ir-unstructured": 30}), tmp_path / "again")
+    assert confirmed.name == "unstructured" and confirmed.record["confirmation_p10_s"]["unstructured"] == \
+        pytest.approx(30e-6)
+
+
 def test_a_gain_within_the_noise_keeps_the_predicted_choice(tmp_path):
     results = reports(searched=10, unstructured=13)
     got = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
