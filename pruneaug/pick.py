@@ -58,13 +58,14 @@ def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> l
     return names
 
 
-def _fastest(timings: Mapping[str, Any], chosen_name: str) -> tuple[str, float]:
+def _faster_plan(timings: Mapping[str, Any], chosen_name: str) -> str:
     """The contender fastest by the fastest tenth of its runs (two builds of one plan, side by side on this
-    shared machine, read 1.30x apart by their medians and 1.01x by their p10s), and the chosen plan's p10
-    over its p10 (infinite where the chosen plan has no time)."""
+    shared machine, read 1.30x apart by their medians and 1.01x by their p10s) where it beats the chosen
+    plan by PICK_MIN_GAIN (or the chosen plan has no time), else the chosen plan."""
     quick = {name: timing.p10_s for name, timing in timings.items() if timing.p10_s}
     fastest = min(quick, key=quick.get)
-    return fastest, quick[chosen_name] / quick[fastest] if chosen_name in quick else np.inf
+    gain = quick[chosen_name] / quick[fastest] if chosen_name in quick else np.inf
+    return fastest if gain >= PICK_MIN_GAIN else chosen_name
 
 
 def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, Any],
@@ -91,17 +92,14 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
         except CodegenError as err:  # that contender drops out; the others are still compared
             errors[name] = str(err)
     timings = time_artifacts(artifacts)
-    fastest, gain = _fastest(timings, chosen_name)
-    picked = fastest if fastest != chosen_name and gain >= PICK_MIN_GAIN else chosen_name
+    picked = _faster_plan(timings, chosen_name)
     confirmation = None
-    if picked != chosen_name and chosen_name in timings:
+    if picked != chosen_name:
         # a switch only where a second timing of the two agrees: on a loaded host one timing switched the
         # encoder to a plan that side by side afterwards ran 0.88x as fast as the one it replaced
         again = time_artifacts({name: artifacts[name] for name in (chosen_name, picked)})
         confirmation = {name: timing.p10_s for name, timing in again.items()}
-        fastest_again, gain_again = _fastest(again, chosen_name)
-        if fastest_again != picked or gain_again < PICK_MIN_GAIN:
-            picked = chosen_name
+        picked = _faster_plan(again, chosen_name)
     record = {
         "picked": picked,
         "predicted_choice": chosen_name,
