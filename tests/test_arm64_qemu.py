@@ -8,7 +8,6 @@ which is missing; they never download anything.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,22 +23,14 @@ from pruneaug.codegen.export import CROSS_COMPILER
 from pruneaug.codegen.schedule import kernel_schedule
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.passes import ort_run
+from tool_module import load_tool
 
 tvm = pytest.importorskip("tvm")
 
 ARM64 = resolve_target("arm64")
 
 
-def _load_runtime_tool():
-    """tools/ is not a package: load tools/arm64_runtime.py by path."""
-    path = Path(__file__).resolve().parent.parent / "tools" / "arm64_runtime.py"
-    spec = importlib.util.spec_from_file_location("arm64_runtime", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-arm64_runtime = _load_runtime_tool()
+arm64_runtime = load_tool("arm64_runtime")
 
 
 def _skip_reason() -> str | None:

@@ -17,6 +17,11 @@ TVM thread pool, interleaved (`pruneaug.timing.time_side_by_side`). The goal: th
 than the best single block shape and >= 2x faster than unstructured, at the same validated budget,
 by both the median and the p10 of those times. Prints one Markdown table per model; ratios > 1 mean
 the chosen plan is faster.
+
+The `floor` row is the model with every prunable layer emptied (`floor_layers`), timed side by
+side with the rest: with these kernels no plan of the model runs faster, so a goal "chosen >= G x
+faster than plan X" is out of reach of any search where X's time over the floor's is below G; each
+goal line prints that bound.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ORT_DENSE = "onnxruntime, dense"
 VM = " [compiled function]"  # the same artifact timed without the Python side's conversions
 GOALS = {"best single": 1.25, "unstructured": 2.0}
+FLOOR = "floor"
 
 
 def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path):
@@ -64,7 +70,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"])}
     inputs = deploy.sample_inputs(source, shapes, calib_inputs)
     for name in args.plans:
-        figures = search["baselines"].get(name)
+        figures = floor_figures(source, plan) if name == FLOOR else search["baselines"].get(name)
         if figures is None:
             print(f"{model.parent.name}: no baseline {name!r} in plan.json; skipped", file=sys.stderr)
             continue
@@ -75,6 +81,29 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
                                              folder / name.replace(" ", "_"), inputs)
         plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"])
     return plan, plans, inputs
+
+
+def floor_layers(source, plan: dict) -> dict[str, str]:
+    """Every prunable layer at sparsity 1 (all weights zero, bias kept) in the largest of the compile's
+    block shapes that fits it: its kernel only writes its bias (large blocks: the kernels that write Y
+    row by row, without the thin blocks' transposes of X and Y). Any plan's layer does at least that
+    much, so the model runs no faster with any plan and these kernels."""
+    from pruneaug.ir.graph import lift
+    from pruneaug.options import DEFAULT_BLOCKS, parse_blocks
+    from pruneaug.passes.blockmask import fits
+    from pruneaug.plan import layer_plan_text
+
+    ir = lift(source, plan["input_shapes"])
+    largest_first = sorted(parse_blocks(DEFAULT_BLOCKS), key=lambda block: block[0] * block[1], reverse=True)
+    return {node: layer_plan_text(next(b for b in largest_first if fits(ir.layer(node).shape, b)), 1.0)
+            for node in plan["search"]["layers"]}
+
+
+def floor_figures(source, plan: dict) -> dict:
+    """The floor as a plan.json baseline's figures: not validated (its outputs are the biases alone)."""
+    layers = floor_layers(source, plan)
+    return {"layers": layers, "blocks": sorted({text.partition("@")[0] for text in layers.values()}),
+            "met": None, "metric_loss": None, "predicted_latency_s": None}
 
 
 def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
@@ -111,6 +140,15 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
             return f"failed: {timing.error}"
         return f"{timing.median_s * 1e6:,.1f} ({timing.p10_s * 1e6:,.1f}–{timing.p90_s * 1e6:,.1f})"
 
+    def reach(name: str, goal: float) -> str:
+        """What the floor allows: any plan's time over `name`'s is at most `name`'s over the floor's."""
+        if FLOOR not in plans:
+            return ""
+        bound = {k: _ratio(getattr(together[name], k), getattr(together[FLOOR], k)) for k in ("median_s", "p10_s")}
+        within = "within reach" if all(b and b >= goal for b in bound.values()) else "out of reach of any plan"
+        return (f"; the floor bounds any plan to {_fmt(bound['median_s'])} (p10: {_fmt(bound['p10_s'])}) "
+                f"faster than {name}: the goal is {within}")
+
     ort = [run.results[ORT_DENSE].median_s for run in runs.values() if run.results[ORT_DENSE].median_s]
     print(f"\n### {model.parent.name}/{model.name}: target {args.target}, budget {args.budget:g} on {args.metric}, "
           f"batch {args.batch}, chosen = {search['chosen_from']}\n")
@@ -125,8 +163,11 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           "side by side µs, median (p10–p90) | chosen faster by (side by side) |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for name, (figures, _, sparsity) in plans.items():
-        described = (", ".join(figures["blocks"]) or "dense", f"{sparsity:.1%}", f"{figures['metric_loss']:.4f}",
-                     "yes" if figures["met"] else "no", f"{figures['predicted_latency_s'] * 1e6:,.1f}")
+        validated = figures["met"] is not None
+        described = (", ".join(figures["blocks"]) or "dense", f"{sparsity:.1%}",
+                     f"{figures['metric_loss']:.4f}" if validated else "–",
+                     ("yes" if figures["met"] else "no") if validated else "not validated",
+                     f"{figures['predicted_latency_s'] * 1e6:,.1f}" if figures["predicted_latency_s"] else "–")
         shares = [relative(runs, name), relative(runs, name + VM)]
         print(f"| {name} | {' | '.join(described)} | {spread(runs[name].results[name])} | "
               f"{spread(runs[name + VM].results[name + VM])} | {' / '.join(_fmt(share) for share in shares)} | "
@@ -140,7 +181,7 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
         verdict = "met" if all(got[k] and got[k] >= goal for k in ("median_s", "p10_s")) else "not met"
         print(f"\nchosen vs {name}: {_fmt(got['median_s'])} side by side (p10: {_fmt(got['p10_s'])}, p90: "
               f"{_fmt(got['p90_s'])}); predicted {ratio(plans[name][0]['predicted_latency_s'], search['predicted_latency_s'])}; "
-              f"goal >= {goal}x: {verdict} (by the median and the p10)")
+              f"goal >= {goal}x: {verdict} (by the median and the p10){reach(name, goal)}")
 
 
 def _ratio(slow: float | None, fast: float | None) -> float | None:
@@ -161,8 +202,8 @@ def main() -> None:
     parser.add_argument("--metric", default="top1")
     parser.add_argument("--target", default="x86", help="a target whose artifacts run here (x86)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--plans", default="best single,unstructured,dense",
-                        help="baselines of plan.json to compile and time beside the chosen plan")
+    parser.add_argument("--plans", default=f"best single,unstructured,dense,{FLOOR}",
+                        help=f"baselines of plan.json to compile and time beside the chosen plan, and {FLOOR!r}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; each runs every plan --runs times")
     parser.add_argument("--runs", type=int, default=10)

@@ -1,0 +1,46 @@
+"""`tools/bench_plans.py`'s floor: the plan every goal's reach is judged against."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import numpy_helper
+
+from pruneaug.ir.graph import lift, lower
+from pruneaug.ir.onnx_io import load_model
+from pruneaug.plan import rebuild
+from tool_module import load_tool
+
+bench_plans = load_tool("bench_plans")
+CNN = Path(__file__).resolve().parent.parent / "examples" / "cnn" / "model.onnx"
+
+
+def _plan(source) -> dict:
+    """The parts of a plan.json that the floor and `rebuild` read."""
+    shapes = {"input": [1, 1, 8, 8]}
+    nodes = lift(source, shapes).prunable_nodes()
+    return {"input_shapes": shapes, "pruner": "magnitude", "reconstruct": False,
+            "search": {"layers": {node: "dense" for node in nodes}}}
+
+
+def test_the_floor_empties_every_prunable_layer_in_the_largest_default_block_that_fits_it():
+    source = load_model(CNN)
+    plan = _plan(source)
+    layers = bench_plans.floor_layers(source, plan)
+    # weights as out x (in * kh * kw): 32x1, 64x288, 64x576, 128x1024, 10x128; default blocks up to 32x32
+    assert layers == {"pointwise/Conv": "4x1@1.0", "conv1/Conv": "32x32@1.0", "conv2/Conv": "32x32@1.0",
+                      "fc1/Gemm": "32x32@1.0", "fc2/Gemm": "8x8@1.0"}
+    dense, floor = lift(source, plan["input_shapes"]), rebuild(source, plan, layers)
+    for node in dense.prunable_nodes():
+        assert not np.any(floor.canonical_weight(node)), node
+    kept = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer if t.name not in floor.weights}
+    lowered = {t.name: numpy_helper.to_array(t) for t in lower(floor).graph.initializer}
+    assert "fc1.bias" in kept and all(np.array_equal(lowered[name], value) for name, value in kept.items())
+
+
+def test_the_floor_is_listed_as_not_validated():
+    source = load_model(CNN)
+    figures = bench_plans.floor_figures(source, _plan(source))
+    assert figures["met"] is None and figures["metric_loss"] is None and figures["predicted_latency_s"] is None
+    assert figures["blocks"] == ["32x32", "4x1", "8x8"]
+    assert figures["layers"] == bench_plans.floor_layers(source, _plan(source))
