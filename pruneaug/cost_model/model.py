@@ -116,7 +116,9 @@ class CostModel:
         """The parameters used for `block` ((0, 0): dense) and their source."""
         block = tuple(block)
         if block not in self._fitted:
-            rows = list(self._by_block.get(block, {}).values())
+            # in one order however they came (timed now, or read back from the cache): the same fit to the
+            # last bit, so a warm compile ranks near-equal plans as the cold one did
+            rows = sorted(self._by_block.get(block, {}).values(), key=lambda r: (r.out, r.in_, r.m, r.density))
             fitted = None
             if len(rows) >= MIN_FIT_POINTS:
                 out, in_, m, density, seconds = (np.array(column, dtype=np.float64) for column in
