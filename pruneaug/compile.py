@@ -293,11 +293,14 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
                                       convs=convs)
     layer_latency = latency.layer_latency(costs)
     validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
+    model_key = sensitivity_store.model_digest(scored)
     # per-block probes: no consistent gain, 2.7x the runs
-    ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache)
+    ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache, model_key=model_key)
+    memo = sensitivity_store.validation_memo(costs.cache, model_key, eval_data.inputs, eval_data.labels, request.metric,
+                                             reconstructed_on=calib_data.inputs if finish else None)
     chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,
                                                    request.sparsities, supported, finish,
-                                                   shares=sensitivity_store.cached_shares(costs.cache))
+                                                   shares=sensitivity_store.cached_shares(costs.cache), memo=memo)
     report = results.pop("chosen")
     record = search_record(report, results, request.metric)
     record["chosen_from"] = next(name for name, result in results.items() if result is report)
@@ -306,7 +309,7 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
         notes.append(record["message"])
     record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured,
                   sensitivities="recalled from the cache" if recalled else "measured")
-    return SearchOutcome(chosen, record, results, lambda plan: search.plan_ir(ir, results, plan, finish))
+    return SearchOutcome(chosen, record, results, lambda report: search.report_ir(ir, report, finish))
 
 
 @dataclass

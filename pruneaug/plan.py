@@ -138,13 +138,17 @@ def _report_figures(report) -> dict[str, Any]:
         "metric_loss": report.metric_loss,
         "predicted_latency_s": report.predicted_latency_s,
         "validations": report.validations,
+        "recalled": report.recalled,
         "blocks": sorted({f"{o.block[0]}x{o.block[1]}" for o in report.plan.values() if o.sparsity > 0}),
         "layers": {node: layer_plan_text(o.block, o.sparsity) for node, o in report.plan.items()},
     }
 
 
 def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, Any]:
-    """plan.json's `search` section: the chosen plan's figures, the search's validated trials, and the baselines."""
+    """plan.json's `search` section: the chosen plan's figures, the search's validated trials, and the baselines.
+
+    `validations` count onnxruntime runs; `recalled`, trials whose loss an earlier compile had validated."""
+    searches = list({id(r): r for r in baselines.values()}.values())
     return {
         "budget": report.budget,
         "metric": metric,
@@ -154,7 +158,7 @@ def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, A
         "message": report.message,
         "trials": [asdict(trial) for trial in baselines.get("searched", report).history],
         # "best single" (and "single 1x1") are other names of searches listed already: count each search once
-        "validations_total": sum(r.validations for r in {id(r): r for r in baselines.values()}.values())
-                             or report.validations,
+        "validations_total": sum(r.validations for r in searches) or report.validations,
+        "recalled_total": sum(r.recalled for r in searches) or report.recalled,
         "baselines": {name: _report_figures(result) for name, result in baselines.items()},
     }

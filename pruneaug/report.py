@@ -116,7 +116,7 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     if search:
         summary += (f" Budget {search['budget']:g} on `{search['metric']}`: validated loss "
                     f"{_metric(search.get('metric_loss'))} ({search.get('validations_total', search['validations'])} "
-                    f"onnxruntime validations in all, baselines included); search "
+                    f"onnxruntime validations in all, baselines included{_recalled(search)}); search "
                     f"{search.get('time_s', 0):.1f} s, {search.get('kernels_measured', 0)} kernels measured.")
         if search.get("message"):
             summary += f" {search['message']}"
@@ -210,3 +210,9 @@ def write_report(folder: Path, plan: dict[str, Any]) -> list[str]:
         (folder / "pareto.png").write_bytes(png)
         written.append("pareto.png")
     return written
+
+
+def _recalled(search: dict) -> str:
+    """How many more plans were validated by an earlier compile (their losses read from the cache)."""
+    recalled = search.get("recalled_total", 0)
+    return f", and {recalled} plan(s) whose validation an earlier compile had run, read from the cache" if recalled else ""

@@ -78,6 +78,32 @@ def test_targets_with_other_costs_get_other_plans(tmp_path, monkeypatch):
     assert 1 <= len(partitions) == len({json.dumps({n: list(b) for n, b in args[1].items()}) for args in partitions}) < 3
 
 
+def test_a_compile_again_reads_the_validations_it_ran_before(tmp_path):
+    model, calib, eval_ = example("mlp")
+
+    def compile_mlp(out: str, **options):
+        options = {"metric": "top1", "reconstruct": False, **options}
+        result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.02, measure="none", artifact=False,
+                                  out=tmp_path / out, **options)
+        return result, result.plan["search"]
+
+    first, cold = compile_mlp("cold")
+    again, warm = compile_mlp("warm")
+    assert cold["validations_total"] >= 1  # (a baseline may meet a plan the search validated: recalled)
+    assert warm["validations_total"] == 0
+    assert warm["recalled_total"] == cold["validations_total"] + cold["recalled_total"]
+    assert warm["trials"] == cold["trials"] and warm["layers"] == cold["layers"]
+    assert warm["metric_loss"] == cold["metric_loss"]
+    weights = [{t.name: numpy_helper.to_array(t) for t in onnx.load(r.pruned_model).graph.initializer}
+               for r in (first, again)]
+    assert all(np.array_equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert "read from the cache" in (tmp_path / "warm" / "report.md").read_text()
+    # another metric, or a reconstruction, gives other losses: validated again
+    for out, options in (("cosine", {"metric": "cosine"}), ("refit", {"reconstruct": True})):
+        _, other = compile_mlp(out, **options)
+        assert other["validations_total"] >= 1 and other["recalled_total"] < warm["recalled_total"], out
+
+
 def run_cli(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err

@@ -14,8 +14,8 @@ from pruneaug.ir.graph import lift
 from pruneaug.options import parse_sparsities
 from pruneaug.passes import importance
 from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
-from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, baselines, knapsack, loss_bins, pareto_front,
-                                    search, search_in, search_space, search_with_baselines)
+from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, apply_plan, baselines, dense_option, knapsack,
+                                    loss_bins, pareto_front, search, search_in, search_space, search_with_baselines)
 from pruneaug.passes.validate import make_validator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -142,12 +142,50 @@ def test_blocks_no_layer_can_use_are_an_option_error(mlp):
         search(ir, synthetic_latency, validate, 0.01, [(512, 512)], SPARSITIES)
 
 
-def test_finish_runs_on_every_candidate(mlp):
+def test_finish_runs_on_every_candidate_and_on_the_answer(mlp):
     ir, validate = mlp
-    seen = []
-    pruned, report = search(ir, synthetic_latency, validate, 0.01, BLOCKS, SPARSITIES,
-                            finish=lambda candidate: seen.append(candidate) or candidate)
-    assert len(seen) == report.validations
+    seen, validated = [], []
+    pruned, report = search(ir, synthetic_latency, lambda candidate: validated.append(candidate) or validate(candidate),
+                            0.01, BLOCKS, SPARSITIES, finish=lambda candidate: seen.append(candidate) or candidate)
+    assert report.met and seen[:-1] == validated and len(validated) == report.validations
+    assert seen[-1] is pruned  # the answer is built again from its plan, the way it was validated
+
+
+def test_finish_leaves_a_plan_that_prunes_nothing_as_it_is(mlp):
+    ir, _ = mlp
+    dense = {node: dense_option(ir, node, synthetic_latency) for node in ir.prunable_nodes()}
+    refit = []
+    pruned = apply_plan(ir, dense, finish=lambda candidate: refit.append(candidate) or candidate)
+    assert not refit and all(np.array_equal(pruned.weights[name], ir.weights[name]) for name in ir.weights)
+
+
+class _Memo:
+    """A ValidationMemo in a dict, counting what it was asked."""
+
+    def __init__(self):
+        self.losses, self.asked = {}, 0
+
+    def recall(self, plan):
+        self.asked += 1
+        return self.losses.get(tuple((node, o.block, o.sparsity) for node, o in plan.items()))
+
+    def remember(self, plan, metric_loss):
+        self.losses[tuple((node, o.block, o.sparsity) for node, o in plan.items())] = metric_loss
+
+
+def test_a_memo_of_earlier_validations_gives_the_same_search_without_running_them(mlp):
+    ir, validate = mlp
+    memo, runs = _Memo(), []
+    counted = lambda candidate: runs.append(candidate) or validate(candidate)
+    first_ir, first = search_with_baselines(ir, synthetic_latency, counted, 0.01, BLOCKS, SPARSITIES, memo=memo)
+    cold_runs = len(runs)
+    assert cold_runs == len(memo.losses) == sum(r.validations for r in {id(r): r for r in first.values()}.values())
+    again_ir, again = search_with_baselines(ir, synthetic_latency, counted, 0.01, BLOCKS, SPARSITIES, memo=memo)
+    assert len(runs) == cold_runs  # no onnxruntime run the second time
+    for name, report in first.items():
+        assert again[name].plan == report.plan and again[name].history == report.history, name
+        assert again[name].validations == 0 and again[name].recalled == report.validations + report.recalled, name
+    assert all(np.array_equal(again_ir.weights[n], first_ir.weights[n]) for n in first_ir.weights)
 
 
 def test_baselines_use_fewer_choices(mlp):
@@ -203,9 +241,9 @@ def test_baselines_start_at_the_searched_proxy_budget_with_fewer_validations(mlp
 def test_a_warm_start_away_from_the_answer_still_brackets_it(mlp):
     ir, validate = mlp
     space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES)
-    _, cold = search_in(space, ir, validate, 0.01, BLOCKS)
+    cold = search_in(space, ir, validate, 0.01, BLOCKS)
     for factor in (1 / 8, 8):
-        _, warm = search_in(space, ir, validate, 0.01, BLOCKS, start=cold.proxy_budget * factor)
+        warm = search_in(space, ir, validate, 0.01, BLOCKS, start=cold.proxy_budget * factor)
         assert warm.met and warm.metric_loss <= 0.01
         assert warm.history[0].proxy_budget <= cold.proxy_budget * factor * (1 + 1e-9)  # capped at the fastest plan
         assert warm.predicted_latency_s <= 1.5 * cold.predicted_latency_s

@@ -32,13 +32,17 @@ Cost on large models (BERT-base: 72 layers, 85M weights): every layer's options 
 (`search_space`) and shared by the search and its baselines; masks come from removal orders
 memoised per (layer, block) (`blockmask.removal_order`); the baselines start their bisection at
 the proxy budget the search validated and get `BASELINE_VALIDATIONS` each, since the proxy is
-calibrated in the same units for every block shape and the answer lies near it.
+calibrated in the same units for every block shape and the answer lies near it. A `ValidationMemo`
+(`sensitivity_store.validation_memo`: the latency cache) gives back the loss of a plan validated
+by an earlier compile of the same model and data; the bisection then goes the same way without the
+onnxruntime run (BERT-base: ~0.35 s of masking and ~0.2 s of onnxruntime per plan, 32 plans).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -92,6 +96,14 @@ class Trial:
     met: bool
 
 
+class ValidationMemo(Protocol):
+    """Validated losses kept from earlier searches of the same model, data, metric and pruning."""
+
+    def recall(self, plan: Mapping[str, Option]) -> float | None: ...
+
+    def remember(self, plan: Mapping[str, Option], metric_loss: float) -> None: ...
+
+
 @dataclass
 class SearchReport:
     budget: float
@@ -100,11 +112,12 @@ class SearchReport:
     proxy_budget: float
     predicted_latency_s: float
     dense_latency_s: float
-    validations: int
+    validations: int  # onnxruntime runs
     plan: dict[str, Option]
     blocks: list[tuple[int, int]]
     history: list[Trial] = field(default_factory=list)
     message: str = ""
+    recalled: int = 0  # trials whose loss a ValidationMemo gave back: no onnxruntime run
 
     @property
     def speedup(self) -> float:
@@ -200,9 +213,10 @@ def knapsack(fronts: Sequence[Sequence[Option]], budget: float, bins: int = DEFA
 
 
 def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
-    """Blocks assigned, masks applied, `finish` run, and `proxy_loss` / `predicted_latency_s` annotated."""
+    """Blocks assigned, masks applied, `finish` run (unless the plan prunes nothing: the dense model is
+    the reference, not a candidate to refit), and `proxy_loss` / `predicted_latency_s` annotated."""
     result = apply_masks(assign_blocks(ir, {n: BlockSpec(*o.block, o.sparsity) for n, o in plan.items()}), pool)
-    if finish is not None:
+    if finish is not None and any(option.sparsity > 0 for option in plan.values()):
         result = finish(result)
     for node, option in plan.items():
         result.graph.nodes[node]["proxy_loss"] = option.proxy_loss
@@ -220,13 +234,20 @@ def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
            pool: str = "l2") -> tuple[IRModel, SearchReport]:
     """The fastest plan whose validated metric loss is within `budget` (see the module docstring)."""
     space = search_space(ir, latency, blocks, sparsities, supported, pool)
-    return search_in(space, ir, validate, budget, blocks, finish, bins, max_validations, pool)
+    report = search_in(space, ir, validate, budget, blocks, finish, bins, max_validations, pool)
+    return report_ir(ir, report, finish, pool), report
+
+
+def report_ir(ir: IRModel, report: SearchReport, finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
+    """The pruned IR of a search's (or a baseline's) plan, as it was validated (the dense plan where none met)."""
+    return apply_plan(ir, report.plan, finish, pool)
 
 
 def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
               finish: FinishFn | None = None, bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
-              pool: str = "l2", start: float | None = None) -> tuple[IRModel, SearchReport]:
-    """`search` over `blocks`' share of a computed space; `start`: a proxy budget to bisect around first."""
+              pool: str = "l2", start: float | None = None, memo: ValidationMemo | None = None) -> SearchReport:
+    """`search` over `blocks`' share of a computed space, without building the answer's IR (`report_ir`);
+    `start`: a proxy budget to bisect around first; `memo`: losses validated before, and kept."""
     nodes = space.nodes
     fronts = space.fronts(blocks)
     dense = dict(space.dense)
@@ -238,7 +259,7 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
     losses = [o.proxy_loss for front in fronts for o in front if o.proxy_loss > 0]
     if not losses:
         report.message = "nothing to prune: no layer has a sparse option that is faster than dense"
-        return apply_plan(ir, dense, None, pool), report
+        return report
 
     def plan_at(proxy_budget: float) -> dict[str, Option]:
         picked = knapsack(fronts, proxy_budget, bins)
@@ -247,7 +268,8 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
     def key(plan: Mapping[str, Option]) -> tuple:
         return tuple((o.block, o.sparsity) for o in plan.values())
 
-    best: tuple[dict[str, Option], IRModel | None, Trial] = (dense, None, Trial(0.0, dense_latency_s, 0.0, 0.0, True))
+    best: tuple[dict[str, Option], Trial] = (dense, Trial(0.0, dense_latency_s, 0.0, 0.0, True))
+    met_any = False
     # The bracket: `low` gives a plan known to meet the budget (dense at first), `high` one known to miss it.
     fastest = sum(front[-1].proxy_loss for front in fronts) * (1 + 1e-6)
     lowest = max(min(losses) / 2, fastest * LOWEST_PROXY_BUDGET)
@@ -257,21 +279,26 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
         low, high = max(lowest, start / WARM_START_SPAN), min(fastest, start * WARM_START_SPAN)
         low_key = low_key if low == lowest else None
         proxy_budget = min(max(start, low), high)
-    while report.validations < max_validations and high / low > 1 + 1e-3:
+    while report.validations + report.recalled < max_validations and high / low > 1 + 1e-3:
         plan = plan_at(proxy_budget)
         plan_key = key(plan)
         if plan_key in (low_key, high_key):  # known already: narrow the bracket without a validation
             met = plan_key == low_key
         else:
-            candidate = apply_plan(ir, plan, finish, pool)
-            metric_loss = float(validate(candidate))
-            report.validations += 1
+            metric_loss = memo.recall(plan) if memo is not None else None
+            if metric_loss is None:
+                metric_loss = float(validate(apply_plan(ir, plan, finish, pool)))
+                report.validations += 1
+                if memo is not None:
+                    memo.remember(plan, metric_loss)
+            else:
+                report.recalled += 1
             latency_s, proxy = _totals(plan)
             trial = Trial(proxy_budget, latency_s, proxy, metric_loss, metric_loss <= budget)
             report.history.append(trial)
             met = trial.met
-            if met and latency_s < best[2].predicted_latency_s:
-                best = (plan, candidate, trial)
+            if met and latency_s < best[1].predicted_latency_s:
+                best, met_any = (plan, trial), True
             if met and proxy_budget >= fastest:
                 break
         if met:
@@ -280,14 +307,13 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
             high, high_key = proxy_budget, plan_key
         proxy_budget = math.sqrt(low * high)
 
-    plan, candidate, trial = best
-    report.plan, report.metric_loss, report.met = plan, trial.metric_loss, candidate is not None
+    plan, trial = best
+    report.plan, report.metric_loss, report.met = plan, trial.metric_loss, met_any
     report.predicted_latency_s, report.proxy_budget = trial.predicted_latency_s, trial.proxy_budget
-    if candidate is None:
-        report.message = (f"no pruned plan met the budget {budget:g} in {report.validations} validation(s): "
-                          "the dense plan is returned")
-        candidate = apply_plan(ir, plan, None, pool)
-    return candidate, report
+    if not met_any:
+        report.message = (f"no pruned plan met the budget {budget:g} in {report.validations + report.recalled} "
+                          "validation(s): the dense plan is returned")
+    return report
 
 
 def baselines(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float,
@@ -303,7 +329,7 @@ def baselines(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
 
     def restricted(shape: tuple[int, int]) -> SearchReport:
         return search_in(space, ir, validate, budget, [shape], finish, max_validations=max_validations, start=start,
-                         **options)[1]
+                         **options)
 
     if space.usable([DENSE_BLOCK]):
         results["unstructured"] = restricted(DENSE_BLOCK)
@@ -326,7 +352,7 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
     rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
     budget the search validated, with `BASELINE_VALIDATIONS` each. `shares`: where the proxy's energy
-    shares come from (`search_space`).
+    shares come from (`search_space`); `memo` (in `options`): losses validated by earlier compiles.
     """
     pool = options.get("pool", "l2")
     space = search_space(ir, latency, blocks, sparsities, supported, pool, shares=shares)
@@ -337,20 +363,12 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
             bar.update()
             return validate(candidate)
 
-        pruned, searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
+        searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
         start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
         results = baselines(space, ir, validate_counted, budget, blocks, finish, start,
                             **{**options, "max_validations": baseline_validations})
     results["searched"] = searched
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
-    if chosen is not searched:
-        pruned = plan_ir(ir, results, chosen, finish, pool)
     results["chosen"] = chosen
-    return pruned, results
-
-
-def plan_ir(ir: IRModel, results: Mapping[str, SearchReport], report: SearchReport, finish: FinishFn | None = None,
-            pool: str = "l2") -> IRModel:
-    """The pruned IR of one of `search_with_baselines`'s plans (`finish` not run on the dense plan)."""
-    return apply_plan(ir, report.plan, finish if report.plan != results["dense"].plan else None, pool)
+    return report_ir(ir, chosen, finish, pool), results

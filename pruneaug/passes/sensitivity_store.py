@@ -15,6 +15,12 @@ the digest, and the probes run again.
 `cached_shares(cache)` serves `search.search_space` the same way: the energy share table
 (`proxy.energy_share_table`, ~4 s of partitions for BERT-base) under a digest of the layers'
 importance, their usable blocks, the sparsity grid, the pool and the proxy's and blockmask's source.
+
+`validation_memo(...)` keeps the search's end-to-end validations (`search.ValidationMemo`): a plan's
+metric loss under a digest of the plan and of everything its pruned model and the metric depend on
+(the model digest above, the eval data and labels, the metric, the pool, the reconstruction's
+calibration data, the pruning, reconstruction and validation code, the onnxruntime version).
+Compiling again for another budget or target re-runs only the plans not validated before.
 """
 from __future__ import annotations
 
@@ -28,18 +34,18 @@ import onnxruntime
 
 from pruneaug.cost_model.cache import record_key
 from pruneaug.ir.graph import IRModel
-from pruneaug.passes import blockmask, proxy
+from pruneaug.passes import blockmask, ort_run, proxy, reconstruct, search, validate
 
 RECORD_KIND = "sensitivity"
 SHARES_KIND = "energy shares"
+VALIDATION_KIND = "validation"
 
 
-def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mapping) -> str:
-    """A hash of everything the probes' results depend on (`record_key`: every weight and importance,
-    680 MB for BERT-base, read in place)."""
+def model_digest(ir: IRModel) -> str:
+    """A hash of the graph, every weight and each layer's importance (so the pruner): 680 MB for
+    BERT-base, read in place (`record_key`), so a compile computes it once for all its records."""
 
     def parts():
-        yield from (Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True))
         for node in ir.source.graph.node:
             yield node.SerializeToString(deterministic=True)
         for name in sorted(ir.weights):
@@ -47,6 +53,16 @@ def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mappin
         for node in ir.prunable_nodes():
             importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
             yield from (node, str(importance.dtype), importance.data)
+
+    return record_key(parts())
+
+
+def digest(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], settings: Mapping, model_key: str | None = None) -> str:
+    """A hash of everything the probes' results depend on; `model_key`: `model_digest(ir)`, if known."""
+
+    def parts():
+        yield from (Path(proxy.__file__).read_bytes(), onnxruntime.__version__, json.dumps(settings, sort_keys=True),
+                    model_key or model_digest(ir))
         for name in sorted(calib_inputs):
             yield from _array_parts(name, calib_inputs[name])
 
@@ -99,14 +115,15 @@ def _decode(text: str, ir: IRModel) -> IRModel | None:
 def sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], cache,
                   probe_shares: Sequence[float] = proxy.PROBE_SHARES,
                   probe_block: tuple[int, int] = proxy.PROBE_BLOCK, blocks: Sequence[tuple[int, int]] = (),
-                  pool: str = "l2") -> tuple[IRModel, bool]:
+                  pool: str = "l2", model_key: str | None = None) -> tuple[IRModel, bool]:
     """`proxy.measure_sensitivities`, read from `cache` where this model and data were probed before.
 
-    Returns the annotated IR and whether the figures came from the cache.
+    Returns the annotated IR and whether the figures came from the cache. `model_key`: `model_digest(ir)`.
     """
     settings = {"probe_shares": list(probe_shares), "probe_block": list(probe_block),
                 "blocks": [list(b) for b in blocks], "pool": pool}
-    return _remembered(cache, RECORD_KIND, digest(ir, calib_inputs, settings), lambda text: _decode(text, ir),
+    key = digest(ir, calib_inputs, settings, model_key)
+    return _remembered(cache, RECORD_KIND, key, lambda text: _decode(text, ir),
                        lambda: proxy.measure_sensitivities(ir, calib_inputs, probe_shares, probe_block, blocks, pool),
                        _encode)
 
@@ -138,3 +155,46 @@ def cached_shares(cache):
                                                      for node, rows in table.items()}))[0]
 
     return shares
+
+
+class _StoredValidations:
+    """`search.ValidationMemo` on the cache's records: a plan's validated loss under its context's digest."""
+
+    def __init__(self, cache, context: str):
+        self.cache, self.context = cache, context
+
+    def _key(self, plan: Mapping[str, search.Option]) -> str:
+        layers = [[node, list(option.block), option.sparsity] for node, option in sorted(plan.items())]
+        return record_key([self.context, json.dumps(layers)])
+
+    def recall(self, plan: Mapping[str, search.Option]) -> float | None:
+        stored = self.cache.get_record(VALIDATION_KIND, self._key(plan))
+        try:
+            return float(stored) if stored is not None else None
+        except ValueError:  # damaged: validated again, and replaced
+            return None
+
+    def remember(self, plan: Mapping[str, search.Option], metric_loss: float) -> None:
+        self.cache.put_record(VALIDATION_KIND, self._key(plan), repr(float(metric_loss)))
+
+
+def validation_memo(cache, model_key: str, eval_inputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+                    metric: str, pool: str = "l2",
+                    reconstructed_on: Mapping[str, np.ndarray] | None = None) -> search.ValidationMemo:
+    """The validations of earlier compiles of this model (`model_key`: `model_digest` of the scored IR)
+    with these eval data and metric; `reconstructed_on`: the calibration inputs of the search's
+    reconstruction (`--reconstruct`), None without one."""
+
+    def parts():
+        for module in (blockmask, search, reconstruct, validate, ort_run):
+            yield Path(module.__file__).read_bytes()
+        yield from (onnxruntime.__version__, json.dumps({"metric": metric, "pool": pool}), model_key)
+        for name in sorted(eval_inputs):
+            yield from _array_parts(name, eval_inputs[name])
+        yield from _array_parts("labels", labels) if labels is not None else ("no labels",)
+        if reconstructed_on is None:
+            yield "no reconstruction"
+        for name in sorted(reconstructed_on or {}):
+            yield from _array_parts(name, reconstructed_on[name])
+
+    return _StoredValidations(cache, record_key(parts()))
