@@ -213,6 +213,7 @@ def write_report(folder: Path, plan: dict[str, Any]) -> list[str]:
 
 
 def _recalled(search: dict) -> str:
-    """How many more plans were validated by an earlier compile (their losses read from the cache)."""
+    """How many more plans had been validated before, by an earlier compile or by this one's search for a
+    baseline (their losses read from the cache)."""
     recalled = search.get("recalled_total", 0)
-    return f", and {recalled} plan(s) whose validation an earlier compile had run, read from the cache" if recalled else ""
+    return f", and {recalled} plan(s) validated before, read from the cache" if recalled else ""

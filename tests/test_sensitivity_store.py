@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import zoo
 from pruneaug.cost_model.cache import LatencyCache
 from pruneaug.ir.graph import lift
-from pruneaug.passes import importance, proxy, sensitivity_store
+from pruneaug.passes import importance, proxy, search, sensitivity_store
 from pruneaug.passes.sensitivity_store import RECORD_KIND, digest, sensitivities
 
 
@@ -111,3 +113,47 @@ def test_energy_shares_are_recalled_for_the_same_importance_blocks_and_grid(sett
     cache._execute("UPDATE records SET value='{damaged' WHERE kind=?", (sensitivity_store.SHARES_KIND,))
     assert all(np.array_equal(a, b) for n in nodes for a, b in zip(shares(ir, blocks, grid, "l2")[n], computed[n]))
     assert len(calls) == 1
+
+
+def _other_weights(ir):
+    """The same model with one weight changed, scored again."""
+    model = onnx.ModelProto()
+    model.CopyFrom(ir.source)
+    tensor = model.graph.initializer[0]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 2, tensor.name))
+    return importance.magnitude(lift(model))
+
+
+def _plan(ir, sparsity: float) -> dict:
+    return {node: search.Option((4, 4), sparsity, 1e-6, 0.01) for node in ir.prunable_nodes()}
+
+
+def test_a_validated_loss_is_recalled_only_for_the_same_plan_model_data_metric_and_reconstruction(setting):
+    ir, calib, cache = setting
+    eval_inputs, labels = zoo.random_inputs(ir.source, batch=8, seed=4), np.arange(8) % 3
+    key = sensitivity_store.model_digest(ir)
+    memo = sensitivity_store.validation_memo(cache, key, eval_inputs, labels, "top1")
+    assert memo.recall(_plan(ir, 0.5)) is None
+    memo.remember(_plan(ir, 0.5), 0.0123456789)
+    same = sensitivity_store.validation_memo(cache, key, eval_inputs, labels, "top1")
+    assert same.recall(_plan(ir, 0.5)) == 0.0123456789 and same.recall(_plan(ir, 0.6)) is None
+    others = {
+        "metric": sensitivity_store.validation_memo(cache, key, eval_inputs, labels, "cosine"),
+        "labels": sensitivity_store.validation_memo(cache, key, eval_inputs, None, "top1"),
+        "eval data": sensitivity_store.validation_memo(cache, key, {k: v + 1 for k, v in eval_inputs.items()}, labels,
+                                                       "top1"),
+        "reconstruction": sensitivity_store.validation_memo(cache, key, eval_inputs, labels, "top1",
+                                                            reconstructed_on=calib),
+        "weights": sensitivity_store.validation_memo(cache, sensitivity_store.model_digest(_other_weights(ir)),
+                                                     eval_inputs, labels, "top1"),
+    }
+    assert {name: other.recall(_plan(ir, 0.5)) for name, other in others.items()} == dict.fromkeys(others)
+
+
+def test_a_damaged_validation_record_is_validated_again(setting):
+    ir, _, cache = setting
+    memo = sensitivity_store.validation_memo(cache, "model", {}, None, "cosine")
+    memo.remember(_plan(ir, 0.5), 0.25)
+    for key, in cache._execute("SELECT key FROM records WHERE kind=?", (sensitivity_store.VALIDATION_KIND,)):
+        cache.put_record(sensitivity_store.VALIDATION_KIND, key, "not a loss")
+    assert memo.recall(_plan(ir, 0.5)) is None
