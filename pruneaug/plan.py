@@ -22,7 +22,7 @@ import onnx
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel, lift
 from pruneaug.ir.layer import BlockSpec
-from pruneaug.passes.blockmask import apply_masks, assign_blocks, block_grid, block_scores
+from pruneaug.passes.blockmask import apply_masks, assign_blocks, block_grid, block_scores, prunes_any
 
 SCHEMA_VERSION = 1
 
@@ -126,7 +126,7 @@ def rebuild(source: onnx.ModelProto, plan: Mapping[str, Any], layers: Mapping[st
     scored = importance.by_pruner(ir, plan["pruner"], calib_inputs)
     specs = {node: parse_layer_plan(text) for node, text in layers.items()}
     pruned = apply_masks(assign_blocks(scored, specs))
-    if plan["reconstruct"] and any(spec.sparsity > 0 for spec in specs.values()):
+    if plan["reconstruct"] and prunes_any(spec.sparsity for spec in specs.values()):
         pruned = reconstructor(scored, calib_inputs)(pruned)
     return pruned
 
@@ -147,7 +147,8 @@ def _report_figures(report) -> dict[str, Any]:
 def search_record(report, baselines: dict[str, Any], metric: str) -> dict[str, Any]:
     """plan.json's `search` section: the chosen plan's figures, the search's validated trials, and the baselines.
 
-    `validations` count onnxruntime runs; `recalled`, trials whose loss an earlier compile had validated."""
+    `validations` count onnxruntime runs; `recalled`, trials whose loss had been validated before (by an
+    earlier compile, or in this one by the search for a baseline) and was read from the cache."""
     searches = list({id(r): r for r in baselines.values()}.values())
     return {
         "budget": report.budget,

@@ -57,14 +57,15 @@ def main() -> None:
         print(f"{run} compile done in {rows[-1][1]:.1f} s", flush=True)
     phases = list(dict.fromkeys(phase for _, _, plan in rows for phase in plan["phase_seconds"]))
     print(f"\n| run | total s | {' | '.join(f'{p} s' for p in phases)} | search s | kernels measured | sensitivities "
-          f"| validations | speed-up (pred.) |")
-    print("|---|---:|" + "---:|" * len(phases) + "---:|---:|---|---:|---:|")
+          f"| validations run | recalled | speed-up (pred.) |")
+    print("|---|---:|" + "---:|" * len(phases) + "---:|---:|---|---:|---:|---:|")
     for run, total, plan in rows:
         search = plan["search"]
         speedup = search["dense_latency_s"] / search["predicted_latency_s"]
         cells = " | ".join(f"{plan['phase_seconds'].get(p, 0.0):.1f}" for p in phases)
         print(f"| {run} | {total:.1f} | {cells} | {search['time_s']:.1f} | {search['kernels_measured']} | "
-              f"{search['sensitivities']} | {search['validations_total']} | {speedup:.2f}x |")
+              f"{search['sensitivities']} | {search['validations_total']} | {search.get('recalled_total', 0)} | "
+              f"{speedup:.2f}x |")
 
 
 if __name__ == "__main__":

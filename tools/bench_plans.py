@@ -84,8 +84,8 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
 
 def floor_layers(source, plan: dict) -> dict[str, str]:
-    """Every prunable layer at sparsity 1 (all weights zero, bias kept) in the largest of the compile's
-    block shapes that fits it: its kernel only writes its bias (large blocks: the kernels that write Y
+    """Every prunable layer at sparsity 1 (all weights zero, bias kept) in the largest of the default
+    block shapes (the compile's, as this tool runs it) that fits it: its kernel only writes its bias (large blocks: the kernels that write Y
     row by row, without the thin blocks' transposes of X and Y). Any plan's layer does at least that
     much, so the model runs no faster with any plan and these kernels."""
     from pruneaug.ir.graph import lift
@@ -145,7 +145,9 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
         if FLOOR not in plans:
             return ""
         bound = {k: _ratio(getattr(together[name], k), getattr(together[FLOOR], k)) for k in ("median_s", "p10_s")}
-        within = "within reach" if all(b and b >= goal for b in bound.values()) else "out of reach of any plan"
+        if None in bound.values():
+            return f"; the floor's bound is unknown ({name} or the floor was not timed)"
+        within = "within reach" if all(b >= goal for b in bound.values()) else "out of reach of any plan"
         return (f"; the floor bounds any plan to {_fmt(bound['median_s'])} (p10: {_fmt(bound['p10_s'])}) "
                 f"faster than {name}: the goal is {within}")
 

@@ -239,7 +239,7 @@ class CostModel:
         seconds = runner.time_layer(out, in_, m, block, density)
         if keep_faster:
             seconds = min(seconds, self._measured.get((out, in_, m, block, density_key(density)), seconds))
-        row = Measurement(out, in_, m, block, density, seconds)
+        row = Measurement(out, in_, m, block, density_key(density), seconds)  # as the cache keeps it
         self.cache.put_many(self.target.cache_key, [row], device=runner.device)
         self._remember(row)
         return seconds

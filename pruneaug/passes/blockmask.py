@@ -26,6 +26,12 @@ from pruneaug.passes.parallel import map_threads
 POOLS = ("l2", "mean", "max")
 
 
+def prunes_any(sparsities: Iterable[float]) -> bool:
+    """Whether a plan removes any weight: one that removes none is the dense model, the reference the
+    pruned ones are refit towards, so a `finish` (reconstruction) leaves it as it is."""
+    return any(sparsity > 0 for sparsity in sparsities)
+
+
 def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
     """How many block rows and block columns tile `shape` (ceil division: ragged edges count)."""
     return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))

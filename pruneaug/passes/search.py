@@ -50,7 +50,7 @@ from tqdm import tqdm
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec, PrunableLayer
-from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits
+from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits, prunes_any
 from pruneaug.passes.proxy import ShareTable, energy_share_table, proxy_losses
 
 LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
@@ -213,10 +213,10 @@ def knapsack(fronts: Sequence[Sequence[Option]], budget: float, bins: int = DEFA
 
 
 def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
-    """Blocks assigned, masks applied, `finish` run (unless the plan prunes nothing: the dense model is
-    the reference, not a candidate to refit), and `proxy_loss` / `predicted_latency_s` annotated."""
+    """Blocks assigned, masks applied, `finish` run (unless the plan prunes nothing, `prunes_any`), and
+    `proxy_loss` / `predicted_latency_s` annotated."""
     result = apply_masks(assign_blocks(ir, {n: BlockSpec(*o.block, o.sparsity) for n, o in plan.items()}), pool)
-    if finish is not None and any(option.sparsity > 0 for option in plan.values()):
+    if finish is not None and prunes_any(option.sparsity for option in plan.values()):
         result = finish(result)
     for node, option in plan.items():
         result.graph.nodes[node]["proxy_loss"] = option.proxy_loss

@@ -19,7 +19,7 @@ importance, their usable blocks, the sparsity grid, the pool and the proxy's and
 `validation_memo(...)` keeps the search's end-to-end validations (`search.ValidationMemo`): a plan's
 metric loss under a digest of the plan and of everything its pruned model and the metric depend on
 (the model digest above, the eval data and labels, the metric, the pool, the reconstruction's
-calibration data, the pruning, reconstruction and validation code, the onnxruntime version).
+calibration data, the IR, pruning, reconstruction and validation code, the onnxruntime version).
 Compiling again for another budget or target re-runs only the plans not validated before.
 """
 from __future__ import annotations
@@ -31,9 +31,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime
+from onnx import numpy_helper
 
 from pruneaug.cost_model.cache import record_key
 from pruneaug.ir.graph import IRModel
+from pruneaug.ir import graph, layer, prunable, weights
 from pruneaug.passes import blockmask, ort_run, proxy, reconstruct, search, validate
 
 RECORD_KIND = "sensitivity"
@@ -42,14 +44,20 @@ VALIDATION_KIND = "validation"
 
 
 def model_digest(ir: IRModel) -> str:
-    """A hash of the graph, every weight and each layer's importance (so the pruner): 680 MB for
-    BERT-base, read in place (`record_key`), so a compile computes it once for all its records."""
+    """A hash of the graph (its nodes, inputs, outputs and opsets), every initializer (the prunable
+    weights as the IR holds them, the rest as stored: biases, norms, embeddings) and each layer's
+    importance (so the pruner): 680 MB for BERT-base, read in place (`record_key`), so a compile
+    computes it once for all its records."""
+    source = ir.source
 
     def parts():
-        for node in ir.source.graph.node:
-            yield node.SerializeToString(deterministic=True)
+        for item in (*source.graph.node, *source.graph.input, *source.graph.output, *source.opset_import):
+            yield item.SerializeToString(deterministic=True)
         for name in sorted(ir.weights):
             yield from _array_parts(name, ir.weights[name])
+        for tensor in source.graph.initializer:
+            if tensor.name not in ir.weights:
+                yield from _array_parts(tensor.name, numpy_helper.to_array(tensor))
         for node in ir.prunable_nodes():
             importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
             yield from (node, str(importance.dtype), importance.data)
@@ -186,7 +194,7 @@ def validation_memo(cache, model_key: str, eval_inputs: Mapping[str, np.ndarray]
     reconstruction (`--reconstruct`), None without one."""
 
     def parts():
-        for module in (blockmask, search, reconstruct, validate, ort_run):
+        for module in (blockmask, search, reconstruct, validate, ort_run, graph, layer, prunable, weights):
             yield Path(module.__file__).read_bytes()
         yield from (onnxruntime.__version__, json.dumps({"metric": metric, "pool": pool}), model_key)
         for name in sorted(eval_inputs):
