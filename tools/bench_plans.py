@@ -85,9 +85,10 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
 def floor_layers(source, plan: dict) -> dict[str, str]:
     """Every prunable layer at sparsity 1 (all weights zero, bias kept) in the largest of the default
-    block shapes (the compile's, as this tool runs it) that fits it: its kernel only writes its bias (large blocks: the kernels that write Y
-    row by row, without the thin blocks' transposes of X and Y). Any plan's layer does at least that
-    much, so the model runs no faster with any plan and these kernels."""
+    block shapes (the compile's, as this tool runs it) that fits it: its kernel only writes its bias
+    (large blocks: the kernels that write Y row by row, without the thin blocks' transposes of X and
+    Y). Any plan's layer does at least that much, so the model runs no faster with any plan and these
+    kernels."""
     from pruneaug.ir.graph import lift
     from pruneaug.options import DEFAULT_BLOCKS, parse_blocks
     from pruneaug.passes.blockmask import fits

@@ -34,8 +34,8 @@ import onnxruntime
 from onnx import numpy_helper
 
 from pruneaug.cost_model.cache import record_key
-from pruneaug.ir.graph import IRModel
 from pruneaug.ir import graph, layer, prunable, weights
+from pruneaug.ir.graph import IRModel
 from pruneaug.passes import blockmask, ort_run, proxy, reconstruct, search, validate
 
 RECORD_KIND = "sensitivity"
