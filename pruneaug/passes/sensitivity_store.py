@@ -59,8 +59,7 @@ def model_digest(ir: IRModel) -> str:
             if tensor.name not in ir.weights:
                 yield from _array_parts(tensor.name, numpy_helper.to_array(tensor))
         for node in ir.prunable_nodes():
-            importance = np.ascontiguousarray(ir.graph.nodes[node]["importance"])
-            yield from (node, str(importance.dtype), importance.data)
+            yield from _array_parts(node, ir.graph.nodes[node]["importance"])
 
     return record_key(parts())
 
@@ -83,15 +82,21 @@ def _array_parts(name: str, array: np.ndarray) -> Iterator[str | memoryview]:
     yield from (name, str(array.dtype), str(array.shape), array.data)
 
 
-def _remembered(cache, kind: str, key: str, decode: Callable[[str], Any], compute: Callable[[], Any],
-                encode: Callable[[Any], str]) -> tuple[Any, bool]:
-    """The record `key` of `kind` decoded (None from `decode`: not usable), else `compute()`, stored; and
-    whether it came from the cache. A damaged record is computed again and replaced."""
+def _recalled(cache, kind: str, key: str, decode: Callable[[str], Any]) -> Any:
+    """The record `key` of `kind` decoded, or None: none stored, or `decode` finds it damaged (None, or
+    one of the errors a damaged text raises), so that it is computed again and replaced."""
     stored = cache.get_record(kind, key)
     try:
-        recalled = decode(stored) if stored is not None else None
+        return decode(stored) if stored is not None else None
     except (ValueError, KeyError, TypeError):
-        recalled = None
+        return None
+
+
+def _remembered(cache, kind: str, key: str, decode: Callable[[str], Any], compute: Callable[[], Any],
+                encode: Callable[[Any], str]) -> tuple[Any, bool]:
+    """The record `key` of `kind` decoded (`_recalled`), else `compute()`, stored; and whether it came from
+    the cache."""
+    recalled = _recalled(cache, kind, key, decode)
     if recalled is not None:
         return recalled, True
     value = compute()
@@ -176,11 +181,7 @@ class _StoredValidations:
         return record_key([self.context, json.dumps(layers)])
 
     def recall(self, plan: Mapping[str, search.Option]) -> float | None:
-        stored = self.cache.get_record(VALIDATION_KIND, self._key(plan))
-        try:
-            return float(stored) if stored is not None else None
-        except ValueError:  # damaged: validated again, and replaced
-            return None
+        return _recalled(self.cache, VALIDATION_KIND, self._key(plan), float)  # damaged: validated again
 
     def remember(self, plan: Mapping[str, search.Option], metric_loss: float) -> None:
         self.cache.put_record(VALIDATION_KIND, self._key(plan), repr(float(metric_loss)))
