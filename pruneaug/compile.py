@@ -19,6 +19,7 @@ import sys
 import time
 import types
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +323,11 @@ class _Written:
     file: Future[Path]
     expected: Future[list[np.ndarray]] | None
 
+    @property
+    def reference(self) -> Callable[[], list[np.ndarray]] | None:
+        """`deploy.build_artifact`'s `expected`: waits for the gate's reference (None: the gate runs its own)."""
+        return self.expected.result if self.expected else None
+
 
 def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
                   gate_inputs: dict[str, np.ndarray] | None) -> _Written:
@@ -367,7 +373,7 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, p
     def build(ir: IRModel, stem: Path) -> Path:
         if ir is chosen:  # lowered, and its gate's reference computed beside the build
             return deploy.build_artifact(written.model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
-                                         written.expected.result if written.expected else None)
+                                         written.reference)
         return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
 
     contenders = staging / "contenders"
@@ -406,7 +412,7 @@ def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelP
         try:
             artifact = prebuilt or deploy.build_artifact(
                 written.model, deploy.sparse_weights(pruned), profile, shapes, staging / f"model.{profile.kind}",
-                inputs, written.expected.result if written.expected else None)
+                inputs, written.reference)
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")
