@@ -70,6 +70,12 @@ def test_the_phase_split_uses_the_thread_pool_only_for_enough_work(x_shape, core
     assert ("T.parallel" in phases.primfunc(cores).script()) == parallel
 
 
+def test_the_phase_split_zeroes_then_copies_without_a_select_per_element():
+    phases = conv_lowering.StridePhases((1, 8, 9, 11), (3, 3), (2, 3), (1, 2, 0, 1), (1, 1), [4, 4])
+    script = phases.primfunc(2).script()
+    assert "if_then_else" not in script and "T.vectorized" in script
+
+
 def test_a_split_on_the_thread_pool_computes_the_conv():
     conv = ConvShape(16, (1, 16, 64, 63), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))
     out, in_, _ = conv.matmul

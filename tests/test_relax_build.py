@@ -283,6 +283,28 @@ def test_only_blocks_worth_a_fork_run_in_parallel(x86, rule, shapes):
     assert "T.parallel" in scheduled["large"]
 
 
+def test_a_padded_depthwise_conv_fills_its_border_then_copies_its_interior(x86):
+    """The padding of a conv TVM schedules (depthwise here) is zeros, then a vectorised copy: no select per
+    element (`_fill_then_copy`); the model still matches onnxruntime."""
+    from tvm import te, topi
+
+    x, w = te.placeholder((1, 16, 8, 8), name="x"), te.placeholder((16, 1, 3, 3), name="w")
+    conv = topi.nn.depthwise_conv2d_nchw(x, te.compute((16, 1, 3, 3), lambda *i: w(*i)), 1, 1, 1)
+    scheduled = relax_build._LoopNestRule(x86).apply(te.create_prim_func([x, w, conv]), None, False)
+    assert "if_then_else" not in scheduled.mod.script() and "pad_const" in scheduled.mod.script()
+
+    rng = np.random.default_rng(5)
+    channels = 16
+    weight = numpy_helper.from_array(rng.standard_normal((channels, 1, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=channels, pads=[1, 1, 1, 1])
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, channels, 9, 7])
+    graph = helper.make_graph([node], "dw", [x], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = {"x": rng.standard_normal((2, channels, 9, 7)).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": [2, channels, 9, 7]}), model, inputs)
+
+
 def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
     """`LayerNormalization(x * 3 + 5, scale, bias)` over the axes from `axis` (a row far from zero: the
     two-pass variance must not cancel)."""
