@@ -77,6 +77,15 @@ def test_gemm_variants_with_ragged_blocks(x86):
     assert_matches_onnxruntime(ex, model, inputs)
 
 
+def test_a_cpu_model_runs_its_relax_function_as_native_code_and_a_cuda_one_as_bytecode(x86):
+    # "compiled": no bytecode interpreted around the kernels on CPUs (`_exec_mode`); the model still matches
+    model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8)})
+    ex = build_model(model, {"fc1.weight": (8, 8)}, x86, {"x": [3, 64]})
+    assert ex.mod.imports[0].implements_function("__vmtir__main")
+    assert_matches_onnxruntime(ex, model, zoo.random_inputs(model, batch=3))
+    assert relax_build._exec_mode(resolve_target("cuda")) == "bytecode"
+
+
 def test_transformer_block_on_3d_activations(x86):
     blocks = {"q_proj.weight": (16, 16), "out_proj.weight": (8, 8), "ffn.up.weight": (4, 1)}
     model = prune_blocks(zoo.transformer_block(), blocks, density=0.4)
