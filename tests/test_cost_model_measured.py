@@ -220,3 +220,27 @@ def test_rpc_spec_is_parsed_and_arm64_needs_the_cross_compiler(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(CodegenError, match="needs the cross compiler aarch64-linux-gnu-gcc"):
         runner._fcompile()
+
+
+class _SpreadBench(_FakeBench):
+    """A kernel whose samples swing 1x-2x from one to the next, while the reference stays put."""
+
+    def __init__(self, seconds):
+        super().__init__(seconds)
+        self.calls = 0
+
+    def sample(self):
+        self.calls += 1
+        return Sample(self.seconds * (1 + self.calls % 2))
+
+
+def test_a_fill_whose_samples_never_agree_warns_how_many_and_why(tmp_path, monkeypatch):
+    host = resolve_target("x86")
+    model = CostModel(host, measure="local", cache=LatencyCache(tmp_path / "c.sqlite"))
+    monkeypatch.setattr(model.runner, "_bench", lambda kernel, x_shape: _FakeBench(1e-3) if x_shape == REFERENCE_X
+                        else _SpreadBench(1e-3))
+    # the layer's 8x8 kernel and its dense one
+    never_agreed = r"^2 kernels' samples never agreed within 5% \(a loaded or noisy machine\)"
+    with pytest.warns(RuntimeWarning, match=never_agreed):
+        assert model.fill([(64, 64, 16)], blocks=[(8, 8)], densities=[0.5], progress=False, recheck=False) == 2
+    assert model.runner.contended == 2

@@ -36,7 +36,7 @@ from pruneaug.cost_model import analytical
 from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCache, Measurement, density_key, open_cache,
                                        record_key)
 from pruneaug.cost_model.conv_shape import ConvShape
-from pruneaug.cost_model.measured import DeviceLost, make_runner, running_profile
+from pruneaug.cost_model.measured import STABLE_SPREAD, DeviceLost, make_runner, running_profile
 from pruneaug.cost_model.targets import TargetProfile, resolve_target
 from pruneaug.errors import OptionError
 
@@ -293,8 +293,9 @@ class CostModel:
                               lambda point: self._time_conv_point(self.runner, *point, keep_faster=True), _conv_label)
         contended = getattr(self.runner, "contended", 0) - contended_before
         if contended > 0:
-            warnings.warn(f"{contended} kernels' samples never agreed (other processes held the cores): their "
-                          f"figures are fallbacks, less repeatable than the rest (cache {self.cache.path})",
+            warnings.warn(f"{contended} kernels' samples never agreed within {STABLE_SPREAD:.0%} (a loaded or "
+                          f"noisy machine): their figures are fallbacks, less repeatable than the rest "
+                          f"(cache {self.cache.path})",
                           RuntimeWarning, stacklevel=2)
         return done
 
