@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pruneaug.codegen import bsr, conv
-from pruneaug.codegen.cpu_kernels import outer_loop
+from pruneaug.codegen.cpu_kernels import largest_divisor, outer_loop
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 
@@ -130,7 +130,7 @@ class StridePhases:
         (sh, sw), (hq, wq) = self.strides, self.phase_hw
         top, left = self.pads[0], self.pads[1]
         outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
-        fill = next(v for v in (16, 8, 4, 2, 1) if hq * wq % v == 0)
+        fill = largest_divisor(hq * wq, (16, 8, 4, 2))
         row = min(end - first for first, end in (_inside(left, px, sw, w, wq, builtins) for px in range(sw)))
 
         @T.prim_func(s_tir=True)

@@ -25,7 +25,7 @@ following ReLU costs no pass of its own over Y.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -55,6 +55,12 @@ def activation_epilogue(activation: str | None) -> Callable:
     if activation == "relu":
         return lambda value: T.max(value, T.float32(0))
     return lambda value: value
+
+
+def largest_divisor(extent: int, candidates: Sequence[int]) -> int:
+    """The first candidate that divides `extent` (candidates in decreasing preference), else 1: a tile
+    or vector width that covers a loop without a tail."""
+    return next((c for c in candidates if extent % c == 0), 1)
 
 
 def outer_loop(parallel: int) -> Callable:

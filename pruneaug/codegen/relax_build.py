@@ -37,6 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from pruneaug.codegen import bsr, conv_lowering, softmax
+from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
@@ -548,11 +549,6 @@ def _vector_lanes(target: TargetProfile) -> int:
     return max(target.simd_bytes // 4, 4)
 
 
-def _largest_divisor(extent: int, candidates: Sequence[int]) -> int:
-    """The first candidate that divides `extent` (candidates in decreasing preference), else 1."""
-    return next((c for c in candidates if extent % c == 0), 1)
-
-
 def _parallel_outer(sch, block, loops, cores: int):
     """Fuse leading loops of `block` until there is enough parallel work for the cores; parallelise the
     fused loop where the block's iterations (the product of its loops' extents) are worth a fork and
@@ -633,8 +629,8 @@ class _LoopNestRule(_CPURule):
         loops = sch.get_loops(main.block_rv)[-len(kinds) :]
         spatial, reduce_loops = loops[:n_spatial], loops[n_spatial:]
         rows, cols = spatial[-2], spatial[-1]
-        row_tile = _largest_divisor(int(sch.get(rows).extent), (4, 2))
-        col_tile = _largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, self.lanes, 4, 2))
+        row_tile = largest_divisor(int(sch.get(rows).extent), (4, 2))
+        col_tile = largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, self.lanes, 4, 2))
         row_out, row_in = sch.split(rows, [None, row_tile])
         col_out, col_in = sch.split(cols, [None, col_tile])
         sch.reorder(*spatial[:-2], row_out, col_out, *reduce_loops, row_in, col_in)
@@ -740,7 +736,7 @@ def _has_if_then_else(block) -> bool:
 def _vectorize_innermost(sch, loop, lanes: int):
     """Vectorise `loop` by the largest lane count dividing its extent; return the vector loop (None if none)."""
     extent = int(sch.get(loop).extent)
-    width = _largest_divisor(extent, (lanes, lanes // 2, 2))
+    width = largest_divisor(extent, (lanes, lanes // 2, 2))
     if width == 1:
         return None
     if width == extent:

@@ -269,7 +269,6 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
         return tuple((o.block, o.sparsity) for o in plan.values())
 
     best: tuple[dict[str, Option], Trial] = (dense, Trial(0.0, dense_latency_s, 0.0, 0.0, True))
-    met_any = False
     # The bracket: `low` gives a plan known to meet the budget (dense at first), `high` one known to miss it.
     fastest = sum(front[-1].proxy_loss for front in fronts) * (1 + 1e-6)
     lowest = max(min(losses) / 2, fastest * LOWEST_PROXY_BUDGET)
@@ -298,7 +297,7 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
             report.history.append(trial)
             met = trial.met
             if met and latency_s < best[1].predicted_latency_s:
-                best, met_any = (plan, trial), True
+                best = (plan, trial)
             if met and proxy_budget >= fastest:
                 break
         if met:
@@ -308,9 +307,9 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
         proxy_budget = math.sqrt(low * high)
 
     plan, trial = best
-    report.plan, report.metric_loss, report.met = plan, trial.metric_loss, met_any
+    report.plan, report.metric_loss, report.met = plan, trial.metric_loss, plan is not dense  # a pruned plan met it
     report.predicted_latency_s, report.proxy_budget = trial.predicted_latency_s, trial.proxy_budget
-    if not met_any:
+    if not report.met:
         report.message = (f"no pruned plan met the budget {budget:g} in {report.validations + report.recalled} "
                           "validation(s): the dense plan is returned")
     return report
