@@ -347,3 +347,28 @@ def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, 
     assert parallel or x_shape != [256, 300] or x86.cores == 1
     assert built == ([(rows, x_shape[-1], pytest.approx(1e-5), 8 if x86.simd_bytes >= 32 else 4, parallel)]
                      if ours else [])
+
+
+@pytest.mark.parametrize("shape, parallel", [((1, 16, 128), False), ((8, 128, 256), True)])
+def test_a_reduction_runs_on_the_thread_pool_only_where_its_work_pays_for_it(x86, shape, parallel):
+    """DLight's Reduction rule parallelises every reduction; a small one (the encoder's mean over 16
+    tokens) is left to run serially (`_LargeReductionRule`). Both match onnxruntime."""
+    from tvm import te, topi
+    from tvm.s_tir import dlight
+
+    x = te.placeholder(shape, name="x")
+    total = topi.sum(x, axis=1)
+    func = te.create_prim_func([x, te.compute(total.shape, lambda *i: total(*i) / shape[1])])  # a mean
+    scheduled = relax_build._LargeReductionRule(x86, dlight.cpu.Reduction()).apply(func, x86.tvm(), False)
+    assert (scheduled is not None) == parallel
+    if parallel:
+        assert "T.parallel" in scheduled.mod.script()
+    else:
+        assert "T.parallel" not in relax_build._ParallelFallback(x86).apply(func, None, False).mod.script()
+
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)
+    graph = helper.make_graph([node], "mean", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = {"x": np.random.default_rng(6).standard_normal(shape).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": list(shape)}), model, inputs)

@@ -14,8 +14,9 @@ from pruneaug.ir.graph import lift
 from pruneaug.options import parse_sparsities
 from pruneaug.passes import importance
 from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
-from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, apply_plan, baselines, dense_option, knapsack,
-                                    loss_bins, pareto_front, search, search_in, search_space, search_with_baselines)
+from pruneaug.passes.search import (BASELINE_VALIDATIONS, Option, SearchReport, Trial, apply_plan, baselines,
+                                    calibrated, dense_option, knapsack, loss_bins, pareto_front, proxy_knees, search,
+                                    search_in, search_space, search_with_baselines)
 from pruneaug.passes.validate import make_validator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -247,3 +248,56 @@ def test_a_warm_start_away_from_the_answer_still_brackets_it(mlp):
         assert warm.met and warm.metric_loss <= 0.01
         assert warm.history[0].proxy_budget <= cold.proxy_budget * factor * (1 + 1e-9)  # capped at the fastest plan
         assert warm.predicted_latency_s <= 1.5 * cold.predicted_latency_s
+
+
+def single_report(met_budgets: list[float], missed_budgets: list[float]) -> SearchReport:
+    history = [Trial(b, 1.0, b / 2, 0.0, True) for b in met_budgets] + [Trial(b, 1.0, b, 1.0, False) for b in missed_budgets]
+    return SearchReport(0.01, bool(met_budgets), 0.0, max(met_budgets, default=0.0), 1.0, 2.0, len(history), {}, [],
+                        history)
+
+
+def test_a_shapes_knee_is_the_largest_proxy_budget_its_single_shape_search_met():
+    results = {"single 1x1": single_report([0.1, 0.3, 0.2], [0.5]), "single 8x8": single_report([], [0.01, 0.1]),
+               "single 4x4": single_report([0.02], [0.04])}
+    assert proxy_knees(results, [(1, 1), (4, 4), (8, 8), (16, 16)]) == {(1, 1): 0.15, (4, 4): 0.01}
+
+
+def test_the_calibrated_space_counts_each_shapes_loss_in_its_knees_and_leaves_out_the_others(mlp):
+    ir, _ = mlp
+    space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES)
+    knees = {(1, 1): 0.5, (8, 8): 0.02}
+    scaled = calibrated(space, knees)
+    assert scaled.dense == space.dense and scaled.nodes == space.nodes
+    for node in space.nodes:
+        assert set(scaled.options[node]) == set(space.options[node]) & set(knees)
+        for block, options in scaled.options[node].items():
+            for raw, option in zip(space.options[node][block], options):
+                assert option.proxy_loss == pytest.approx(raw.proxy_loss / knees[block])
+                assert (option.block, option.sparsity, option.latency_s) == (raw.block, raw.sparsity, raw.latency_s)
+
+
+def test_where_the_proxy_misjudges_one_shape_the_calibrated_pass_mixes_shapes_by_their_knees(mlp):
+    """A metric that is the proxy, but 8x8's loss 6x what the proxy says: the raw search spends its
+    validations on plans whose 8x8 layers it underrates and ends on a slower plan than the calibrated
+    pass, which starts where each shape alone met the budget."""
+    ir, _ = mlp
+    underrated = {(1, 1): 1.0, (4, 4): 1.0, (8, 8): 6.0}
+
+    def true_loss(node, block, sparsity):
+        return proxy_loss(ir, node, block, sparsity) * underrated[block] if sparsity > 0 else 0.0
+
+    def validate(candidate):
+        specs = {node: candidate.graph.nodes[node]["block"] for node in candidate.prunable_nodes()}
+        return sum(true_loss(node, spec.shape, spec.sparsity) for node, spec in specs.items())
+
+    budget = 0.2
+    pruned, results = search_with_baselines(ir, synthetic_latency, validate, budget, BLOCKS, SPARSITIES)
+    calibrated_search = results["calibrated"]
+    assert calibrated_search.history[0].proxy_budget == pytest.approx(1.0)
+    assert 1 <= calibrated_search.validations + calibrated_search.recalled <= BASELINE_VALIDATIONS
+    assert calibrated_search.met and calibrated_search.metric_loss <= budget
+    assert validate(pruned) <= budget
+    assert calibrated_search.predicted_latency_s < results["searched"].predicted_latency_s
+    assert results["chosen"].predicted_latency_s <= min(results[n].predicted_latency_s for n in ("searched", "calibrated"))
+    for node, option in calibrated_search.plan.items():  # in the proxy's units, as plan.json reports them
+        assert option.proxy_loss == pytest.approx(proxy_loss(ir, node, option.block, option.sparsity) if option.sparsity else 0)

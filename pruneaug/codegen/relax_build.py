@@ -516,7 +516,7 @@ def _pipeline(target: TargetProfile):
     rules = [
         dlight.cpu.GEMV(),
         _LoopNestRule(target),
-        dlight.cpu.Reduction(),
+        _LargeReductionRule(target, dlight.cpu.Reduction()),
         _InjectiveRule(target),
         _ParallelFallback(target),
     ]
@@ -696,6 +696,28 @@ class _InjectiveRule(_CPURule):
         for info in infos:
             _schedule_injective(sch, info.block_rv, self.lanes, self.cores)
         return True
+
+
+class _LargeReductionRule:
+    """DLight's CPU Reduction rule (`rule`), for reductions whose work pays for a fork and join of the
+    thread pool (`threads.worth_parallel`): it runs every one in parallel. A smaller one is left to
+    `_ParallelFallback`, which runs it serially: the bundled encoder's mean over 16 tokens of 128
+    features took 2.4 µs on the pool, 0.06 µs alone."""
+
+    def __init__(self, target: TargetProfile, rule):
+        self.rule = rule
+        self.cores = target.cores
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = _blocks(sch, inline=False) or []
+        work = max((math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(info.block_rv)) for info in infos),
+                   default=0)
+        return self.rule.apply(func, target, tunable) if worth_parallel(work, self.cores) else None
 
 
 class _ParallelFallback(_CPURule):
