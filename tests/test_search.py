@@ -256,7 +256,7 @@ def single_report(met_budgets: list[float], missed_budgets: list[float]) -> Sear
                         history)
 
 
-def test_a_shapes_knee_is_the_largest_proxy_budget_its_single_shape_search_met():
+def test_a_shapes_knee_is_the_largest_proxy_loss_of_a_plan_its_single_shape_search_met():
     results = {"single 1x1": single_report([0.1, 0.3, 0.2], [0.5]), "single 8x8": single_report([], [0.01, 0.1]),
                "single 4x4": single_report([0.02], [0.04])}
     assert proxy_knees(results, [(1, 1), (4, 4), (8, 8), (16, 16)]) == {(1, 1): 0.15, (4, 4): 0.01}
