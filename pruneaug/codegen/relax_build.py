@@ -549,11 +549,16 @@ def _vector_lanes(target: TargetProfile) -> int:
     return max(target.simd_bytes // 4, 4)
 
 
+def _iterations(sch, block) -> int:
+    """How many times `block` runs: the product of its loops' extents."""
+    return math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(block))
+
+
 def _parallel_outer(sch, block, loops, cores: int):
     """Fuse leading loops of `block` until there is enough parallel work for the cores; parallelise the
     fused loop where the block's iterations (the product of its loops' extents) are worth a fork and
     join of the thread pool (`threads.worth_parallel`)."""
-    work = math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(block))
+    work = _iterations(sch, block)
     fused_extent, count = 1, 0
     for loop in loops:
         count += 1
@@ -715,8 +720,7 @@ class _LargeReductionRule:
             return None
         sch = s_tir.Schedule(func)
         infos = _blocks(sch, inline=False) or []
-        work = max((math.prod(int(sch.get(loop).extent) for loop in sch.get_loops(info.block_rv)) for info in infos),
-                   default=0)
+        work = max((_iterations(sch, info.block_rv) for info in infos), default=0)
         return self.rule.apply(func, target, tunable) if worth_parallel(work, self.cores) else None
 
 

@@ -359,7 +359,7 @@ def proxy_knees(results: Mapping[str, SearchReport], blocks: Sequence[tuple[int,
     for block in blocks:
         report = results.get(f"single {block[0]}x{block[1]}")
         met = [trial.proxy_loss for trial in report.history if trial.met and trial.proxy_loss > 0] if report else []
-        if met and report.met:
+        if met:
             knees[block] = max(met)
     return knees
 
@@ -396,9 +396,10 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
                           blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
                           supported: SupportedFn | None = None, finish: FinishFn | None = None,
                           shares: SharesFn = energy_share_table, **options) -> tuple[IRModel, dict[str, SearchReport]]:
-    """The search, its `baselines`, `searched` (the search's own answer), `calibrated` and `chosen`, with chosen's pruned IR.
+    """The search, its `baselines`, `searched` (the search's own answer), `calibrated` and `chosen`, with
+    chosen's pruned IR.
 
-    `chosen` is the fastest plan that met the budget among the searched one and every baseline:
+    `chosen` is the fastest plan that met the budget among the searched one, the calibrated one and every baseline:
     each of them was validated end to end, so picking among them costs nothing, and the answer is
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
     rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
