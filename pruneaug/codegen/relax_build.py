@@ -603,6 +603,9 @@ def _blocks(sch, inline: bool = True):
     return try_inline_contiguous_spatial(sch, infos) if inline and infos else infos
 
 
+TILE_VECTORS = 8  # vector accumulators of one register tile: half of AVX2's 16 registers, a quarter of AVX-512's
+
+
 class _LoopNestRule(_CPURule):
     """One reduction over two operands (a matmul between activations, a depthwise or grouped conv), plus
     injective epilogues.
@@ -610,7 +613,9 @@ class _LoopNestRule(_CPURule):
     Schedule: the last two spatial axes tiled into a register tile (rows unrolled, columns vectorised)
     with an accumulator of the tile's size; reductions inside the tile loop; the outer spatial axes
     parallel; producers inlined, except padding, which is materialised per parallel chunk; the epilogue
-    (bias, relu) applied where the accumulator is written back, else per parallel chunk.
+    (bias, relu) applied where the accumulator is written back, else per parallel chunk. The tile is as
+    many rows (up to 8) as keep it within TILE_VECTORS registers: the CNN's 64x8x8 depthwise conv took
+    2.2 µs in 8x8 tiles, 2.4 µs in 4x8 and 3.4 µs in 4x4 (half-register vectors on a 16-lane host).
     """
 
     def schedule(self, sch) -> bool:
@@ -634,8 +639,9 @@ class _LoopNestRule(_CPURule):
         loops = sch.get_loops(main.block_rv)[-len(kinds) :]
         spatial, reduce_loops = loops[:n_spatial], loops[n_spatial:]
         rows, cols = spatial[-2], spatial[-1]
-        row_tile = largest_divisor(int(sch.get(rows).extent), (4, 2))
-        col_tile = largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, self.lanes, 4, 2))
+        col_tile = largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, *_vector_widths(self.lanes)))
+        vectors = -(-col_tile // self.lanes)
+        row_tile = largest_divisor(int(sch.get(rows).extent), [t for t in (8, 4, 2) if t * vectors <= TILE_VECTORS])
         row_out, row_in = sch.split(rows, [None, row_tile])
         col_out, col_in = sch.split(cols, [None, col_tile])
         sch.reorder(*spatial[:-2], row_out, col_out, *reduce_loops, row_in, col_in)
@@ -759,10 +765,16 @@ def _has_if_then_else(block) -> bool:
     return "if_then_else" in str(block)
 
 
+def _vector_widths(lanes: int) -> tuple[int, ...]:
+    """Vector widths from a full register down to 2 lanes, halving: an 8-wide row on a 16-lane machine
+    takes half a register, not a quarter."""
+    return tuple(lanes >> shift for shift in range(lanes.bit_length() - 1) if lanes >> shift >= 2)
+
+
 def _vectorize_innermost(sch, loop, lanes: int):
     """Vectorise `loop` by the largest lane count dividing its extent; return the vector loop (None if none)."""
     extent = int(sch.get(loop).extent)
-    width = largest_divisor(extent, (lanes, lanes // 2, 2))
+    width = largest_divisor(extent, _vector_widths(lanes))
     if width == 1:
         return None
     if width == extent:
