@@ -103,6 +103,23 @@ def test_short_rows_are_vectorised_over_channels(out_hw, block, layout):
         assert tuple(int(d) for d in acc) == (schedule.tiles["tile_h"], schedule.tiles["tile_w"], block[0])
 
 
+@pytest.mark.parametrize("out_w, tile", [(8, 8), (5, 8), (3, 4), (16, 16), (20, 32)])
+def test_a_pixvec_row_shorter_than_a_register_takes_the_power_of_two_lanes_that_cover_it(out_w, tile):
+    """On a 16-lane host an 8-pixel row was one 16-lane vector: half its FMAs on lanes past the row, its
+    store lane by lane. The kernel at that tile still matches onnxruntime."""
+    avx512 = dataclasses.replace(resolve_target("x86"), simd_bytes=64)
+    schedule = conv_schedule(avx512, (4, out_w), (1, 1), pixels=4 * out_w, nnz_blocks=64)
+    assert schedule.layout == "pixvec" and schedule.tiles["tile"] == tile
+    weight = random_bsr_weight(8, 4 * 9, (1, 1), 0.3)
+    x = np.random.default_rng(2).standard_normal((1, 4, 4, out_w)).astype(np.float32)
+    kernel = bsr_conv2d_kernel(avx512, x.shape, weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    assert f"T.vectorized({tile})" in kernel.primfunc.script()
+    args = kernel_arguments(kernel, x, tvm.cpu())
+    compile_kernel(kernel, avx512)[kernel.name](*args)
+    w4 = weight.to_dense().reshape(8, 4, 3, 3)
+    np.testing.assert_allclose(args[-1].numpy(), _ort_conv(x, w4, None, (1, 1), (1, 1, 1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("x_shape,out_c,parallel", [
     ((1, 8, 8, 8), 16, 0),      # 8x8 map, 16 -> 16 channels at batch 1: 37k multiply-adds, serial
     ((1, 64, 14, 14), 64, 1),   # 14x14, 64 -> 64: 3.6M, on the thread pool

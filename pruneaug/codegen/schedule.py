@@ -152,7 +152,9 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     accumulators a row's vectors and the block's rows leave free go to `tile_h` output rows). On AVX2
     at 90% (`tools/bench_kernels.py --part conv`, 1 thread) chanvec ran 3x3 convs 1.25-1.6x faster
     than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
-    pixvec the 1x1 conv on 56x56 1.1x faster. `layout` forces one of the two CPU layouts.
+    pixvec the 1x1 conv on 56x56 1.1x faster. A row shorter than a register is one vector of the power
+    of two lanes that covers it: on a 16-lane host the CNN's 8-pixel rows in 16-lane vectors did half
+    their FMAs on lanes past the row and stored it lane by lane. `layout` forces one of the two CPU layouts.
     """
     r, _ = block
     oh, ow = out_hw
@@ -161,6 +163,7 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
         return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
     lanes = target.simd_lanes
     row_vectors = -(-ow // lanes)
+    vector = min(lanes, 1 << max(ow - 1, 0).bit_length())  # pixvec's: a short row in part of a register
     if layout is None:
         short_row = row_vectors <= CHANVEC_MAX_ROW_VECTORS
         layout = "chanvec" if r >= lanes and (oh > 1 or short_row) else "pixvec"
@@ -168,9 +171,10 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
         cap = max(1, ACCUMULATOR_VECTORS // -(-r // lanes))
         tile_h, tile_w = _pixel_patch(oh, ow, cap)
         return Schedule("chanvec", {"tile_h": tile_h, "tile_w": tile_w, "parallel": parallel})
+    row_vectors = -(-ow // vector)
     tiles = -(-row_vectors // PIXVEC_TILE_VECTORS)
     tile_vectors = -(-row_vectors // tiles)
     row_group = max(g for g in (4, 3, 2, 1) if r % g == 0 and g * tile_vectors <= PIXVEC_MAX_ACCUMULATORS)
     tile_h = _tile(oh, PIXVEC_MAX_ACCUMULATORS // (row_group * tile_vectors))  # output rows the rest fill
-    return Schedule("pixvec", {"row_group": row_group, "tile": tile_vectors * lanes, "tile_h": tile_h,
+    return Schedule("pixvec", {"row_group": row_group, "tile": tile_vectors * vector, "tile_h": tile_h,
                                "parallel": parallel})
