@@ -357,16 +357,16 @@ def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
 
 def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, profile, shapes: dict[str, list[int]],
                    inputs: dict[str, np.ndarray], metric: str, staging: Path,
-                   notes: list[str]) -> tuple[IRModel, Path | None]:
+                   notes: list[str]) -> tuple[IRModel, tuple[Path, float] | None]:
     """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, `written`
     as `_write_pruned` writes it), their artifacts built in a folder of `staging` that is gone again when
     this returns; updates the search record (to the picked plan's figures where it changed)
-    and returns the picked IR and its artifact, moved to its place in `staging` (None where none was built)."""
+    and returns the picked IR and its artifact, moved to its place in `staging`, with the seconds a build
+    took (None where none was built)."""
     import shutil
 
     from pruneaug import deploy, pick
     from pruneaug.codegen.export import move_artifact
-    from pruneaug.timing import time_side_by_side
 
     record = outcome.record
 
@@ -381,9 +381,9 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, p
     try:
         with deploy.quiet_native_stderr():
             picked = pick.measured_pick(record["chosen_from"], chosen, outcome.results, outcome.make_ir, build,
-                                        lambda artifacts: time_side_by_side(artifacts, inputs, pick.PICK_ROUNDS,
-                                                                            pick.PICK_RUNS), contenders)
-        artifact = move_artifact(picked.artifact, staging / f"model.{profile.kind}") if picked.artifact else None
+                                        pick.side_by_side(inputs), contenders)
+        artifact = (move_artifact(picked.artifact, staging / f"model.{profile.kind}"), picked.build_s) \
+            if picked.artifact else None
     except CodegenError as err:  # the chosen plan's own build failed: the artifact step reports it
         record["measured_pick"] = {"skipped": f"no artifact: {err}"}
         return chosen, None
@@ -402,17 +402,29 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, p
 
 def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelProto | Path, profile,
                     shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], staging: Path, extra: dict[str, Any],
-                    notes: list[str], phases: "PhaseClock", prebuilt: Path | None = None) -> str | None:
-    """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`);
+                    notes: list[str], phases: "PhaseClock",
+                    prebuilt: tuple[Path, float] | None = None) -> str | None:
+    """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`,
+    with its build's seconds), then, where it runs here, keep it or its serial twin (`threading_pick`);
     a model TVM cannot compile leaves the other outputs whole. `written`: pruned.onnx and the gate's
     reference as `_write_pruned` writes them."""
-    from pruneaug import deploy
+    from pruneaug import deploy, pick, threading_pick
+
+    def build(target_profile, stem: Path) -> Path:
+        return deploy.build_artifact(written.model, deploy.sparse_weights(pruned), target_profile, shapes, stem,
+                                     inputs, written.reference)
 
     with deploy.quiet_native_stderr():
         try:
-            artifact = prebuilt or deploy.build_artifact(
-                written.model, deploy.sparse_weights(pruned), profile, shapes, staging / f"model.{profile.kind}",
-                inputs, written.reference)
+            if prebuilt is None:
+                artifact, threading = threading_pick.build_and_pick(
+                    build, profile, staging / f"model.{profile.kind}",
+                    pick.side_by_side(inputs) if deploy.times_here(profile) else None)
+            else:
+                artifact, threading = threading_pick.pick_threading(*prebuilt, build, profile,
+                                                                    pick.side_by_side(inputs))
+            if threading is not None:
+                extra["threading"] = threading
         except CodegenError as err:
             extra["artifact_error"] = str(err)
             notes.append(f"no compiled artifact: {err}")

@@ -42,6 +42,14 @@ class Pick:
     ir: IRModel
     artifact: Path | None
     record: dict[str, Any]
+    build_s: float | None = None  # how long the chosen plan's artifact took to build (where one was built)
+
+
+def side_by_side(inputs: Mapping[str, np.ndarray]) -> Callable[[dict[str, Path]], dict[str, Any]]:
+    """How the picks time their contenders: `timing.time_side_by_side`, PICK_ROUNDS rounds of PICK_RUNS runs."""
+    from pruneaug.timing import time_side_by_side
+
+    return lambda artifacts: time_side_by_side(artifacts, inputs, PICK_ROUNDS, PICK_RUNS)
 
 
 def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> list[str]:
@@ -83,7 +91,7 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     if build_s > PICK_BUILD_BUDGET_S:
         return Pick(chosen_name, chosen_ir, artifacts[chosen_name], {
             "skipped": f"the chosen plan's artifact took {build_s:.0f} s to build (contenders are built "
-                       f"only within {PICK_BUILD_BUDGET_S:g} s)"})
+                       f"only within {PICK_BUILD_BUDGET_S:g} s)"}, build_s)
     irs, errors = {chosen_name: chosen_ir}, {}
     for index, name in enumerate(names[1:], start=1):
         try:
@@ -113,4 +121,4 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     }
     if confirmation is not None:
         record["confirmation_p10_s"] = confirmation
-    return Pick(picked, irs[picked], artifacts[picked], record)
+    return Pick(picked, irs[picked], artifacts[picked], record, build_s)

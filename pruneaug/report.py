@@ -75,6 +75,23 @@ def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], lis
     return title, text, PICK_HEADER, rows
 
 
+THREADING_HEADER = ["build", "measured median (whole model)", "p10", "kept"]
+
+
+def _threading_section(threading: dict[str, Any]) -> tuple[str, str | None, list[str], list[list[str]]]:
+    """The threading pick (`pruneaug.threading_pick`): the parallel and the serial build as timed, or why not."""
+    title = "Threads: parallel kernels or every kernel serial"
+    if "skipped" in threading:
+        return title, f"Not measured: {threading['skipped']}.", [], []
+    text = f"Measured here: {threading['method']}."
+    if len(threading["p10_s"]) > 1:
+        text += " Second timing, p10: " + ", ".join(
+            f"{name} {_us(seconds)}" for name, seconds in threading["p10_s"][1].items()) + "."
+    rows = [[name, _us(median), _us(threading["p10_s"][0][name]), "yes" if name == threading["kept"] else ""]
+            for name, median in threading["median_s"].items()]
+    return title, text, THREADING_HEADER, rows
+
+
 def _metric(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
@@ -135,6 +152,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     pick = (search or {}).get("measured_pick")
     if pick:
         sections.append(_pick_section(pick))
+    if plan.get("threading"):
+        sections.append(_threading_section(plan["threading"]))
     sections.append(("Layers", None, LAYER_HEADER, layer_rows(plan)))
     return sections
 

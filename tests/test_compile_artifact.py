@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pruneaug
 from pruneaug.compile import main
+from pruneaug.cost_model.targets import resolve_target
 from pruneaug.passes import ort_run
 from pruneaug.timing import Competitor, time_interleaved
 
@@ -39,6 +40,13 @@ def test_fixed_plan_artifact_matches_pruned_onnx_and_is_measured(tmp_path):
     assert alone.error is None and len(alone.seconds) == 3 and min(alone.seconds) > 0
     report = result.report.read_text()
     assert "Whole model, measured" in report and "pruneaug artifact" in report
+    threading = result.plan["threading"]  # the serial twin built and timed beside it, one of them kept
+    if resolve_target("x86").cores > 1:
+        assert threading["kept"] in ("parallel", "serial") and "Threads: parallel kernels or" in report
+        assert all(seconds > 0 for timing in threading["p10_s"] for seconds in timing.values())
+    else:
+        assert "one core" in threading["skipped"]
+    assert sorted(p.name for p in result.out_dir.glob("model.*")) == ["model.x86.so", "model.x86.so.json"]
 
 
 @pytest.mark.slow

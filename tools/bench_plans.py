@@ -9,7 +9,8 @@ For each model: one `pruneaug.compile` (the search and its baselines, validated 
 the chosen plan's artifact and, in plan.json, every baseline's per-layer plan (`layers`). Each
 baseline asked for (default: best single block shape, unstructured, dense) is rebuilt from that
 plan with the compile's pruner (and reconstruction, if it ran) and compiled the way the compile
-compiles. Each artifact is then timed in its own run of `pruneaug.timing` against onnxruntime on the
+compiles, its threading pick included (`pruneaug/threading_pick.py`: the table's `kernels` column
+says whether the parallel or the all-serial build was kept). Each artifact is then timed in its own run of `pruneaug.timing` against onnxruntime on the
 dense model (the users' baseline), the two in their own processes, interleaved. (Timed all in one
 run, several TVM processes slowed each other and onnxruntime: on the CNN the chosen artifact read
 161 µs beside three other TVM workers and 97 µs beside onnxruntime alone.) Plans are compared with
@@ -48,7 +49,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     import onnx
 
     import pruneaug
-    from pruneaug import deploy
+    from pruneaug import deploy, pick, threading_pick
     from pruneaug.calib import load_dataset
     from pruneaug.cost_model.targets import resolve_target
     from pruneaug.ir.graph import lower
@@ -69,7 +70,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     differ = sorted(name for name in written if not np.array_equal(written[name], rebuilt.get(name)))
     if differ:  # the baselines are rebuilt the same way: this one must give back pruned.onnx
         raise SystemExit(f"rebuilding the chosen plan from plan.json gave other weights for {', '.join(differ)}")
-    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"])}
+    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"], kernels_kept(plan.get("threading")))}
     inputs = deploy.sample_inputs(source, shapes, calib_inputs)
     for name in args.plans:
         figures = floor_figures(source, plan) if name == FLOOR else search["baselines"].get(name)
@@ -78,11 +79,22 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
             continue
         pruned = rebuild(source, plan, figures["layers"], calib_inputs)
         pruned_model = lower(pruned)
-        with deploy.quiet_native_stderr():
-            artifact = deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned), profile, shapes,
-                                             folder / name.replace(" ", "_"), inputs)
-        plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"])
+        with deploy.quiet_native_stderr():  # built as the compile builds: its threading pick included
+            artifact, threading = threading_pick.build_and_pick(
+                lambda target_profile, stem: deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned),
+                                                                   target_profile, shapes, stem, inputs),
+                profile, folder / name.replace(" ", "_"),
+                pick.side_by_side(inputs))
+        plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"],
+                       kernels_kept(threading))
     return plan, plans, inputs
+
+
+def kernels_kept(threading: dict | None) -> str:
+    """Which build of a plan the threading pick kept: "parallel", "serial", or why it did not pick."""
+    if threading is None:
+        return "parallel (not timed)"
+    return threading.get("kept") or f"parallel ({threading['skipped']})"
 
 
 def floor_layers(source, plan: dict) -> dict[str, str]:
@@ -115,12 +127,12 @@ def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-plans-") as folder:
         plan, plans, inputs = compile_plans(model, calib, evaluation, args, Path(folder))
         runs = {}
-        for name, (_, artifact, _) in plans.items():
+        for name, (_, artifact, _, _) in plans.items():
             for suffix, kind in (("", "artifact"), (VM, "artifact-vm")):
                 runs[name + suffix] = time_interleaved(
                     [Competitor(name + suffix, kind, artifact), Competitor(ORT_DENSE, "onnxruntime", model)],
                     inputs, args.threads, rounds=args.rounds, runs=args.runs)
-        together = time_side_by_side({name: artifact for name, (_, artifact, _) in plans.items()}, inputs,
+        together = time_side_by_side({name: artifact for name, (_, artifact, _, _) in plans.items()}, inputs,
                                      args.rounds, args.runs)
     print_table(model, plan, plans, runs, together, args)
 
@@ -164,13 +176,13 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"compiled function alone (TVM's timer, no conversions). `x onnxruntime` = time over onnxruntime's in the "
           f"same run. `side by side` = every plan's compiled function in one process, one thread pool, "
           f"interleaved in {args.rounds} rounds of {args.runs} runs; `chosen faster by` compares those directly.\n")
-    print("| plan | blocks | weight sparsity | validated loss | meets budget | predicted µs (prunable layers) | "
-          "run µs, median (p10–p90) | function µs, median (p10–p90) | x onnxruntime (run / function) | "
-          "side by side µs, median (p10–p90) | chosen faster by (side by side) |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for name, (figures, _, sparsity) in plans.items():
+    print("| plan | blocks | kernels (threading pick) | weight sparsity | validated loss | meets budget | "
+          "predicted µs (prunable layers) | run µs, median (p10–p90) | function µs, median (p10–p90) | "
+          "x onnxruntime (run / function) | side by side µs, median (p10–p90) | chosen faster by (side by side) |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name, (figures, _, sparsity, kernels) in plans.items():
         validated = figures["met"] is not None
-        described = (", ".join(figures["blocks"]) or "dense", f"{sparsity:.1%}",
+        described = (", ".join(figures["blocks"]) or "dense", kernels, f"{sparsity:.1%}",
                      f"{figures['metric_loss']:.4f}" if validated else "–",
                      ("yes" if figures["met"] else "no") if validated else "not validated",
                      f"{figures['predicted_latency_s'] * 1e6:,.1f}" if figures["predicted_latency_s"] else "–")

@@ -1,0 +1,85 @@
+"""The threading pick: whether the artifact runs faster with every kernel on the calling thread, measured here.
+
+Why: each kernel decides alone whether it is worth the thread pool (`schedule.runs_parallel`,
+`threads.worth_parallel`), from kernels timed alone, where the pool's threads stay awake between
+calls. Inside a model they are not: on a 2-vCPU host the bundled CNN at batch 8 ran 1.7x faster
+with every kernel serial (its strided conv's phase split took 39 µs on the pool between the other
+kernels, 7 µs serial), while at batch 1 and 32 the two builds ran alike. So where the artifact runs
+here, the same plan is built a second time for one core and the two are timed side by side; the
+serial build replaces the parallel one only if it is PICK_MIN_GAIN faster by the fastest tenth of
+its runs (p10), in two timings. Like the measured pick, it is paid only where a build is quick.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pruneaug.codegen.export import move_artifact, remove_artifact
+from pruneaug.errors import CodegenError
+from pruneaug.pick import PICK_BUILD_BUDGET_S, PICK_MIN_GAIN, PICK_ROUNDS, PICK_RUNS
+
+Build = Callable[[Any, Path], Path]  # (target profile, stem) -> the built and gated artifact
+TimeArtifacts = Callable[[dict[str, Path]], dict[str, Any]]  # {name: artifact} -> {name: Timing}
+
+
+def serial_profile(profile):
+    """The profile whose kernels all run on the calling thread (every parallel rule asks for cores > 1)."""
+    return dataclasses.replace(profile, cores=1)
+
+
+def _serial_gain(timings: Mapping[str, Any]) -> float:
+    parallel, serial = timings["parallel"].p10_s, timings["serial"].p10_s
+    return parallel / serial if parallel and serial else 0.0
+
+
+def pick_threading(parallel: Path, build_s: float, build: Build, profile,
+                   time_artifacts: TimeArtifacts) -> tuple[Path, dict[str, Any]]:
+    """Keep `parallel` (built for `profile` in `build_s` seconds) or its serial twin, built by `build`
+    next to it; the kept artifact ends at `parallel`'s path. Returns it and plan.json's record."""
+    if profile.cores <= 1:
+        return parallel, {"skipped": "the target has one core: every kernel is serial already"}
+    if build_s > PICK_BUILD_BUDGET_S:
+        return parallel, {"skipped": f"the artifact took {build_s:.0f} s to build (a serial twin is built "
+                                     f"only within {PICK_BUILD_BUDGET_S:g} s)"}
+    stem = parallel.with_name(parallel.name.split(".")[0] + ".serial")
+    try:
+        serial = build(serial_profile(profile), stem)
+    except CodegenError as err:  # the parallel build stands
+        return parallel, {"skipped": f"the serial build failed: {err}"}
+    artifacts = {"parallel": parallel, "serial": serial}
+    timings = [time_artifacts(artifacts)]
+    if _serial_gain(timings[0]) >= PICK_MIN_GAIN:
+        timings.append(time_artifacts(artifacts))  # a switch only where a second timing agrees
+    kept = "serial" if all(_serial_gain(t) >= PICK_MIN_GAIN for t in timings) else "parallel"
+    if kept == "serial":
+        remove_artifact(parallel)
+        path = move_artifact(serial, parallel.with_suffix(""))
+    else:
+        remove_artifact(serial)
+        path = parallel
+    record = {
+        "kept": kept,
+        "threads": profile.cores,
+        "min_gain": PICK_MIN_GAIN,
+        "p10_s": [{name: timing.p10_s for name, timing in t.items()} for t in timings],
+        "median_s": {name: timing.median_s for name, timing in timings[0].items()},
+        "method": f"the plan built twice, parallel kernels where each kernel pays for the pool and every kernel "
+                  f"serial, the two compiled functions side by side in one process at {profile.cores} threads, "
+                  f"{PICK_ROUNDS} rounds of {PICK_RUNS} runs; serial is kept only if faster by {PICK_MIN_GAIN:g}x "
+                  f"(p10) in that timing and a second one",
+    }
+    return path, record
+
+
+def build_and_pick(build: Build, profile, stem: Path, time_artifacts: TimeArtifacts | None
+                   ) -> tuple[Path, dict[str, Any] | None]:
+    """`build(profile, stem)`, then `pick_threading` where the artifact is timed here (`time_artifacts`
+    given); the record is None where it is not."""
+    started = time.perf_counter()
+    artifact = build(profile, stem)
+    if time_artifacts is None:
+        return artifact, None
+    return pick_threading(artifact, time.perf_counter() - started, build, profile, time_artifacts)
