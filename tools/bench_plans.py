@@ -10,8 +10,9 @@ the chosen plan's artifact and, in plan.json, every baseline's per-layer plan (`
 baseline asked for (default: best single block shape, unstructured, dense) is rebuilt from that
 plan with the compile's pruner (and reconstruction, if it ran) and compiled the way the compile
 compiles, its threading pick included (`pruneaug/threading_pick.py`: the table's `kernels` column
-says whether the parallel or the all-serial build was kept). Each artifact is then timed in its own run of `pruneaug.timing` against onnxruntime on the
-dense model (the users' baseline), the two in their own processes, interleaved. (Timed all in one
+says whether the parallel or the all-serial build was kept). Each artifact is then timed in its own
+run of `pruneaug.timing` against onnxruntime on the dense model (the users' baseline), the two in
+their own processes, interleaved. (Timed all in one
 run, several TVM processes slowed each other and onnxruntime: on the CNN the chosen artifact read
 161 µs beside three other TVM workers and 97 µs beside onnxruntime alone.) Plans are compared with
 each other side by side: every artifact's compiled function in this one process, sharing its one
@@ -70,7 +71,8 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     differ = sorted(name for name in written if not np.array_equal(written[name], rebuilt.get(name)))
     if differ:  # the baselines are rebuilt the same way: this one must give back pruned.onnx
         raise SystemExit(f"rebuilding the chosen plan from plan.json gave other weights for {', '.join(differ)}")
-    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"], kernels_kept(plan.get("threading")))}
+    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"],
+                        kernels_kept(plan.get("threading")))}
     inputs = deploy.sample_inputs(source, shapes, calib_inputs)
     for name in args.plans:
         figures = floor_figures(source, plan) if name == FLOOR else search["baselines"].get(name)
@@ -83,8 +85,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
             artifact, threading = threading_pick.build_and_pick(
                 lambda target_profile, stem: deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned),
                                                                    target_profile, shapes, stem, inputs),
-                profile, folder / name.replace(" ", "_"),
-                pick.side_by_side(inputs))
+                profile, folder / name.replace(" ", "_"), pick.side_by_side(inputs))
         plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"],
                        kernels_kept(threading))
     return plan, plans, inputs
