@@ -1,6 +1,7 @@
 """Measuring real kernels: the timing protocol, locally, and through a TVM RPC tracker on loopback."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import socket
 import time
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 
 from pruneaug.cost_model import CostModel, Prediction
+from pruneaug.cost_model import measured
 from pruneaug.cost_model.cache import LatencyCache
 from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.cost_model.measured import (MAX_ROUNDS, MIN_CLEAN, PAUSE_S, REFERENCE, ROUND, LocalRunner, Sample,
                                           batch_calls,
                                           collect, paired, cpu_clock, device_clock, measure_peaks, run_queue_wait_s,
-                                          running_profile, sample_clock, steal_s, summarise, wall_clock)
+                                          running_profile, sample_clock, steal_s, summarise, wall_clock, build_kernel)
 from pruneaug.cost_model.targets import resolve_target
 
 needs_kernels = pytest.mark.skipif(importlib.util.find_spec("pruneaug.codegen.bsr") is None,
@@ -90,6 +92,8 @@ REFERENCE_X = (REFERENCE[2], REFERENCE[1])  # the reference kernel's X: m rows o
 
 
 def test_local_figures_are_reference_ratios_and_the_reference_is_calibrated_once(tmp_path, monkeypatch):
+    """For kernels with a parallel loop (`runs_on_caller` says no)."""
+    monkeypatch.setattr(measured, "runs_on_caller", lambda kernel: False)
     host = resolve_target("x86")
     cache = LatencyCache(tmp_path / "c.sqlite")
     quiet = LocalRunner(host, cache=cache)
@@ -101,6 +105,21 @@ def test_local_figures_are_reference_ratios_and_the_reference_is_calibrated_once
     assert loaded.reference()[1] == pytest.approx(1e-3)  # the cache's calibration, not a new one
     assert loaded.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
     assert loaded.contended == 0
+
+
+def test_a_serial_kernel_is_timed_by_cpu_time_without_the_reference(tmp_path, monkeypatch):
+    """A kernel that runs on the calling thread is not paired with the reference (which runs on the pool,
+    so that load did not slow the two alike); the reference is never calibrated for it."""
+    host = dataclasses.replace(resolve_target("x86"), cores=2)
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    runner = LocalRunner(host, cache=cache)
+    clocks = []
+    monkeypatch.setattr(runner, "_bench", lambda kernel, x_shape, clock=None: clocks.append(clock) or _FakeBench(2e-6))
+    assert runner.time_layer(64, 64, 1, (8, 8), 0.2) == pytest.approx(2e-6)  # 13 kept blocks at m=1: serial
+    assert clocks == [cpu_clock] and cache.get_reference(host.cache_key) is None
+    serial = build_kernel(host, 64, 64, 1, (8, 8), 0.2)
+    parallel = build_kernel(host, 1024, 1024, 256, (8, 8), 0.5)
+    assert measured.runs_on_caller(serial) and not measured.runs_on_caller(parallel)
 
 
 def test_wall_clock_flags_run_queue_waits_and_stolen_time():
@@ -237,8 +256,8 @@ class _SpreadBench(_FakeBench):
 def test_a_fill_whose_samples_never_agree_warns_how_many_and_why(tmp_path, monkeypatch):
     host = resolve_target("x86")
     model = CostModel(host, measure="local", cache=LatencyCache(tmp_path / "c.sqlite"))
-    monkeypatch.setattr(model.runner, "_bench", lambda kernel, x_shape: _FakeBench(1e-3) if x_shape == REFERENCE_X
-                        else _SpreadBench(1e-3))
+    monkeypatch.setattr(model.runner, "_bench", lambda kernel, x_shape, clock=None: _FakeBench(1e-3)
+                        if x_shape == REFERENCE_X else _SpreadBench(1e-3))
     # the layer's 8x8 kernel and its dense one
     never_agreed = r"^2 kernels' samples never agreed within 5% \(a loaded or noisy machine\)"
     with pytest.warns(RuntimeWarning, match=never_agreed):

@@ -37,8 +37,8 @@ DEFAULT_PATH = Path("~/.cache/pruneaug/latency.sqlite")
 DENSE_BLOCK = (0, 0)
 # What a cached figure means: bump it whenever `measured.py`'s protocol changes what it measures.
 # 3: >= 2 ms samples, each paired with a reference kernel's; one-thread kernels timed by CPU time;
-#    host cores = TVM_NUM_THREADS.
-MEASUREMENT_PROTOCOL = 3
+#    host cores = TVM_NUM_THREADS. 4: a kernel without a parallel loop timed by CPU time, unpaired.
+MEASUREMENT_PROTOCOL = 4
 _BUSY_TIMEOUT_S = 60.0
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _SCHEMA = """

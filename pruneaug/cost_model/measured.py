@@ -16,10 +16,14 @@ on a quiet machine the clean samples agree (interquartile range under STABLE_SPR
 or two and the figure is their median; otherwise sampling goes on, spread out by short pauses, to
 MAX_ROUNDS rounds, and the figure falls back to the fastest sample (other processes only ever slow
 a kernel down).
-Locally, on a CPU, each sample is paired with a sample of a fixed REFERENCE kernel taken just before
-it, and the figure is the ratio's median times the reference's quiet time (`LocalRunner`): on this
-shared 2-core VM, load from other processes (which also slows a thread through a busy sibling core
-or shared caches, where no clock can see it) lasts long enough to slow both samples of a pair alike.
+Locally, on a CPU, a kernel without a parallel loop runs on the calling thread and is timed by that
+thread's CPU time alone (`runs_on_caller`). Each sample of any other kernel is paired with a sample
+of a fixed REFERENCE kernel taken just before it, and the figure is the ratio's median times the
+reference's quiet time (`LocalRunner`): on this shared 2-core VM, load from other processes (which
+also slows a thread through a busy sibling core or shared caches, where no clock can see it) lasts
+long enough to slow both samples of a pair alike. (A serial kernel paired with the reference, which
+runs on the pool, was not slowed alike: four timings of the CNN's 64x288 conv at 1x4 blocks and 5%
+read 1.48-2.24 µs paired and 2.28-2.39 µs by CPU time.)
 A sample is clean unless its clock says otherwise (`sample_clock`):
 - one thread on this machine: the calling thread's CPU time (TVM runs a one-thread kernel on the
   caller), so time spent preempted is not counted at all: the same kernel's wall time swung
@@ -255,9 +259,10 @@ class KernelTimer:
 
 @dataclass
 class LocalRunner(KernelTimer):
-    """Compiles and times kernels on this machine, each sample paired with one of the REFERENCE kernel.
+    """Compiles and times kernels on this machine: a serial one by its CPU time, each sample of any other
+    paired with one of the REFERENCE kernel.
 
-    A figure is the median ratio of kernel to reference samples times the reference's quiet time,
+    A paired figure is the median ratio of kernel to reference samples times the reference's quiet time,
     calibrated once per cache (`LatencyCache.get_reference`) or per runner without one. Load that
     lasts longer than a pair (other processes' tests, a busy sibling core) slows both alike and
     cancels out: timing 6 kernels three times on this machine at load 4, the spread of a kernel's
@@ -275,14 +280,14 @@ class LocalRunner(KernelTimer):
     def __post_init__(self) -> None:
         self._reference: tuple[Bench, float] | None = None
 
-    def _bench(self, kernel, x_shape: tuple[int, ...]) -> Bench:
+    def _bench(self, kernel, x_shape: tuple[int, ...], clock=None) -> Bench:
         import tvm
 
         from pruneaug.codegen import bsr
 
         module = bsr.compile_kernel(kernel, self.target)
         dev = tvm.cuda(0) if self.target.kind == "cuda" else tvm.cpu(0)
-        return Bench(module, kernel, x_shape, dev, sample_clock(self.target, host_threads()))
+        return Bench(module, kernel, x_shape, dev, clock or sample_clock(self.target, host_threads()))
 
     def reference(self) -> tuple[Bench, float]:
         """The REFERENCE kernel and its quiet seconds per call (cached, else calibrated now: the
@@ -300,10 +305,12 @@ class LocalRunner(KernelTimer):
 
     def time_kernel(self, kernel, x_shape: tuple[int, ...]) -> float:
         """Median seconds per call of one kernel reading an X of `x_shape` (see the class docstring)."""
-        bench = self._bench(kernel, x_shape)
         if self.target.kind == "cuda":
-            seconds, clean = collect(bench.sample)
+            seconds, clean = collect(self._bench(kernel, x_shape).sample)
+        elif runs_on_caller(kernel):
+            seconds, clean = collect(self._bench(kernel, x_shape, cpu_clock).sample)
         else:
+            bench = self._bench(kernel, x_shape)
             reference, reference_s = self.reference()
             ratio, clean = collect(lambda: paired(bench.sample, reference.sample), fallback=np.median)
             seconds = ratio * reference_s
@@ -377,6 +384,12 @@ class RpcRunner(KernelTimer):
             except Exception as err:  # noqa: BLE001 - a broken session surfaces as assorted TVM errors
                 self._session = None
                 raise DeviceLost(self.device, err) from err
+
+
+def runs_on_caller(kernel) -> bool:
+    """Whether a CPU kernel has no parallel loop, so that TVM runs it on the calling thread whatever the
+    pool's size (read off its printed TIR: TVM 0.27's Python API has no statement visitor)."""
+    return "T.parallel" not in kernel.primfunc.script()
 
 
 class Bench:
