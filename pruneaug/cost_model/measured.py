@@ -280,7 +280,7 @@ class LocalRunner(KernelTimer):
     def __post_init__(self) -> None:
         self._reference: tuple[Bench, float] | None = None
 
-    def _bench(self, kernel, x_shape: tuple[int, ...], clock=None) -> Bench:
+    def _bench(self, kernel, x_shape: tuple[int, ...], clock: Callable | None = None) -> Bench:
         import tvm
 
         from pruneaug.codegen import bsr
