@@ -2,7 +2,7 @@
 
     >>> kernel_schedule(resolve_target("x86"), 128, 768, 768, (8, 8), 864)
     Schedule(layout='rowvec', tiles={'m_tile': 8, 'k_chunks': 1, 'x_bytes_per_pass': 262144, 'parallel': 1})
-    >>> conv_schedule(resolve_target("x86"), (8, 8), (8, 8), 64, 40)   # 64 pixels, 40 kept blocks
+    >>> conv_schedule(resolve_target("x86"), (8, 8), (8, 8), 64, 40)   # an AVX2 host: 64 pixels, 40 kept blocks
     Schedule(layout='chanvec', tiles={'tile_h': 1, 'tile_w': 8, 'parallel': 1})
 
 `bsr.py` builds its kernels with these tiles and `cost_model/analytical.py` counts the work of the
