@@ -52,21 +52,23 @@ CASES = [
 ]
 
 
-def _check_conv(case, layout: str | None = None, activation: str | None = None) -> None:
+def _check_conv(case, layout: str | None = None, activation: str | None = None, target=X86):
+    """Build the case's kernel for `target`, run it here and compare with onnxruntime; returns the kernel."""
     x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias = case
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density)
     bias = rng.standard_normal(out_c).astype(np.float32) if with_bias else None
     x = rng.standard_normal(x_shape).astype(np.float32)
-    kernel = bsr_conv2d_kernel(X86, x_shape, weight, khw, strides, pads, dilations, bias,
+    kernel = bsr_conv2d_kernel(target, x_shape, weight, khw, strides, pads, dilations, bias,
                                activation=activation, layout=layout)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
     if activation == "relu":
         expected = np.maximum(expected, 0)
     assert [int(d) for d in kernel.primfunc.params[-1].shape] == list(expected.shape)
     args = kernel_arguments(kernel, x, tvm.cpu())
-    compile_kernel(kernel, X86)[kernel.name](*args)
+    compile_kernel(kernel, target)[kernel.name](*args)
     np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4)
+    return kernel
 
 
 @pytest.mark.parametrize("layout", ["pixvec", "chanvec"])
@@ -110,14 +112,8 @@ def test_a_pixvec_row_shorter_than_a_register_takes_the_power_of_two_lanes_that_
     avx512 = dataclasses.replace(resolve_target("x86"), simd_bytes=64)
     schedule = conv_schedule(avx512, (4, out_w), (1, 1), pixels=4 * out_w, nnz_blocks=64)
     assert schedule.layout == "pixvec" and schedule.tiles["tile"] == tile
-    weight = random_bsr_weight(8, 4 * 9, (1, 1), 0.3)
-    x = np.random.default_rng(2).standard_normal((1, 4, 4, out_w)).astype(np.float32)
-    kernel = bsr_conv2d_kernel(avx512, x.shape, weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    assert f"T.vectorized({tile})" in kernel.primfunc.script()
-    args = kernel_arguments(kernel, x, tvm.cpu())
-    compile_kernel(kernel, avx512)[kernel.name](*args)
-    w4 = weight.to_dense().reshape(8, 4, 3, 3)
-    np.testing.assert_allclose(args[-1].numpy(), _ort_conv(x, w4, None, (1, 1), (1, 1, 1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    case = ((1, 4, 4, out_w), 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (1, 1), 0.3, False)
+    assert f"T.vectorized({tile})" in _check_conv(case, target=avx512).primfunc.script()
 
 
 @pytest.mark.parametrize("x_shape,out_c,parallel", [
