@@ -4,11 +4,16 @@
     >>> result = pruneaug.compile("model.onnx", target="x86", block="8x8", sparsity=0.8, out="out")
 
 `compile` and `load` are imported on first use, so `python -m pruneaug.compile` and a
-runtime-only deployment (which needs `load` alone) import nothing they do not use.
+runtime-only deployment (which needs `load` alone) import nothing they do not use. Importing
+pruneaug sizes TVM's thread pool to the physical cores, unless TVM_NUM_THREADS is set (`pool`).
 """
 from __future__ import annotations
 
 import importlib
+
+from pruneaug.pool import size_pool_by_default
+
+size_pool_by_default()
 
 __version__ = "0.1.0"
 

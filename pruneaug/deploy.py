@@ -24,6 +24,7 @@ from pruneaug.calib import graph_inputs
 from pruneaug.errors import CodegenError, PruneaugError
 from pruneaug.gate import GATE_RTOL
 from pruneaug.ir.onnx_io import save_model
+from pruneaug.pool import pool_threads
 from pruneaug.timing import Competitor, time_interleaved
 
 BENCH_REPEAT = 50  # timed runs per competitor (fewer where a large model's rounds exceed BENCH_BUDGET_S)
@@ -165,7 +166,7 @@ def measure_model_latency(dense_model: onnx.ModelProto | Path, pruned_model: onn
     memory is saved for its worker. A competitor that could not be timed has null figures and its
     reason under `errors`: a failed measurement never fails the compile.
     """
-    threads = len(os.sched_getaffinity(0))
+    threads = pool_threads()
     rounds = max(1, -(-repeat // runs_per_round))
     with tempfile.TemporaryDirectory(prefix="pruneaug-models-") as folder:
         paths = {"onnxruntime_dense_s": _on_disk(dense_model, Path(folder) / "dense.onnx"),

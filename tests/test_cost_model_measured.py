@@ -146,14 +146,15 @@ def test_clocks_per_target_and_thread_count():
     assert sample_clock(host, 2) not in (cpu_clock, device_clock)
 
 
-def test_host_cores_follow_tvm_num_threads(monkeypatch):
-    """Figures timed with one thread are cached, fitted and predicted for one core."""
+def test_host_cores_are_the_threads_tvm_runs_with(monkeypatch):
+    """Figures timed with one thread are cached, fitted and predicted for one core (what sizes the
+    pool: tests/test_pool.py)."""
     host = resolve_target("x86")
-    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    monkeypatch.setattr(measured, "host_threads", lambda: 1)
     assert running_profile(host).cores == 1 and running_profile(host).cache_key != host.cache_key
     assert CostModel("x86").target.cores == 1
     assert running_profile(A76) is A76  # a board's cores are its own
-    monkeypatch.setenv("TVM_NUM_THREADS", str(host.cores))
+    monkeypatch.setattr(measured, "host_threads", lambda: host.cores)
     assert running_profile(host) is host
 
 

@@ -143,8 +143,10 @@ def paired(kernel: Callable[[], Sample], reference: Callable[[], Sample]) -> Sam
 
 
 def host_threads() -> int:
-    """The threads TVM runs a kernel with here: TVM_NUM_THREADS, else every core this process may use."""
-    return int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    """The threads TVM runs a kernel with here (`pool.pool_threads`)."""
+    from pruneaug.pool import pool_threads
+
+    return pool_threads()
 
 
 def running_profile(target: TargetProfile) -> TargetProfile:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pruneaug.errors import TargetError
+from pruneaug.pool import physical_cores
 
 TARGET_KINDS = ("x86", "arm64", "cuda")
 PROFILES_ENV = "PRUNEAUG_PROFILES"
@@ -144,7 +145,7 @@ def _host_profile() -> TargetProfile:
         name="x86",
         kind="x86",
         tvm_target={"kind": "llvm", "mcpu": cpu},
-        cores=len(os.sched_getaffinity(0)),
+        cores=physical_cores(),
         simd_bytes=simd_bytes,
         freq_ghz=freq_ghz,
         l1_bytes=caches.get(1, 32 << 10),
