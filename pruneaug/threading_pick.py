@@ -2,11 +2,11 @@
 
 Why: each kernel decides alone whether it is worth the thread pool (`schedule.runs_parallel`,
 `threads.worth_parallel`), from kernels timed alone, where the pool's threads stay awake between
-calls. Inside a model they are not: on a 2-vCPU host the bundled CNN at batch 8 ran 1.5-1.7x
-faster with every kernel serial (its strided conv's phase split took about 39 µs on the pool between
-the other kernels, 7 µs serial); at batch 32 the two builds ran alike in one timing and serial 1.2x
-faster in another, at batch 1 alike. So where the artifact runs
-here, the same plan is built a second time for one core and the two are timed side by side; the
+calls. Inside a model they are not: on a 2-vCPU host (a 2-thread pool, `pool`) the bundled encoder
+at batch 1 ran 1.3x faster with every kernel serial (41 against 53 µs), the CNN at batch 32 1.6x
+slower (214 against 137 µs), and the CNN at batch 8 alike. (Figures taken before pruneaug sized the
+pool had one thread running kernels built parallel for two, and overstated serial's gain.) So where
+the artifact runs here, the same plan is built a second time for one core and the two are timed side by side; the
 serial build replaces the parallel one only if it is PICK_MIN_GAIN faster by the fastest tenth of
 its runs (p10), in two timings. Like the measured pick, it is paid only where a build is quick.
 """

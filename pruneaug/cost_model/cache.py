@@ -38,7 +38,9 @@ DENSE_BLOCK = (0, 0)
 # What a cached figure means: bump it whenever `measured.py`'s protocol changes what it measures.
 # 3: >= 2 ms samples, each paired with a reference kernel's; one-thread kernels timed by CPU time;
 #    host cores = TVM_NUM_THREADS. 4: a kernel without a parallel loop timed by CPU time, unpaired.
-MEASUREMENT_PROTOCOL = 4
+# 5: host cores = the threads TVM's pool holds, sized by `pool` (4's parallel kernels, timed without
+#    TVM_NUM_THREADS on a 2-vCPU x86 VM, ran on a pool of one thread under a two-core key).
+MEASUREMENT_PROTOCOL = 5
 _BUSY_TIMEOUT_S = 60.0
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _SCHEMA = """
