@@ -44,3 +44,27 @@ def test_the_floor_is_listed_as_not_validated():
     assert figures["met"] is None and figures["metric_loss"] is None and figures["predicted_latency_s"] is None
     assert figures["blocks"] == ["32x32", "4x1", "8x8"]
     assert figures["layers"] == bench_plans.floor_layers(source, _plan(source))
+
+
+def _timed(median_us: float, p10_us: float, p90_us: float):
+    from pruneaug.timing import Timing
+
+    return Timing("t", [p10_us * 1e-6] * 20 + [median_us * 1e-6] * 60 + [p90_us * 1e-6] * 20)
+
+
+def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is_the_chosen_plan():
+    figures = {"predicted_latency_s": 2e-5}
+    together = {"chosen": _timed(10, 9, 11), "best single": _timed(13, 12, 14), "floor": _timed(5, 4, 6)}
+    plans = {"chosen": (figures, None, 0.5, "serial"), "best single": (figures, None, 0.5, "parallel"),
+             "floor": (figures, None, 1.0, "parallel")}
+    search = {"predicted_latency_s": 1e-5}
+    line = bench_plans.goal_line("best single", 1.25, plans, together, search)
+    assert line.startswith("chosen vs best single: 1.30x side by side (p10: 1.33x") and "predicted 2.00x" in line
+    assert "goal >= 1.25x: met" in line and "floor bounds any plan to 2.60x" in line
+    together["best single"] = _timed(12, 12, 14)  # the median falls short
+    assert "goal >= 1.25x: not met" in bench_plans.goal_line("best single", 1.25, plans, together, search)
+    # one plan, one artifact: a threading pick that differed once read as a speed-up before
+    plans["best single"] = (figures, None, 0.5, bench_plans.SAME_PLAN)
+    together["best single"] = _timed(13, 12, 14)
+    line = bench_plans.goal_line("best single", 1.25, plans, together, search)
+    assert "the same plan" in line and line.endswith("not met")
