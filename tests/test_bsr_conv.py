@@ -124,16 +124,11 @@ def test_small_convs_run_on_the_calling_thread(x_shape, out_c, parallel):
     """The conv decides as the matmul kernel the cost model times for it does (m = pixels), padding
     copy included."""
     two_cores = dataclasses.replace(resolve_target("x86"), cores=2, simd_bytes=32)
-    weight = random_bsr_weight(out_c, x_shape[1] * 9, (8, 8), 0.5)
-    kernel = bsr_conv2d_kernel(two_cores, x_shape, weight, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    kernel = _check_conv((x_shape, out_c, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (8, 8), 0.5, False), target=two_cores)
+    nnz_blocks = random_bsr_weight(out_c, x_shape[1] * 9, (8, 8), 0.5).nnz_blocks  # _check_conv's (seeded) weight
     pixels = x_shape[2] * x_shape[3]
-    assert kernel_schedule(two_cores, pixels, out_c, x_shape[1] * 9, (8, 8), weight.nnz_blocks).tiles["parallel"] == parallel
+    assert kernel_schedule(two_cores, pixels, out_c, x_shape[1] * 9, (8, 8), nnz_blocks).tiles["parallel"] == parallel
     assert kernel.primfunc.script().count("T.parallel") == 2 * parallel  # the padded copy and the product
-    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
-    args = kernel_arguments(kernel, x, tvm.cpu())
-    compile_kernel(kernel, two_cores)[kernel.name](*args)
-    w4 = weight.to_dense().reshape(out_c, x_shape[1], 3, 3)
-    np.testing.assert_allclose(args[-1].numpy(), _ort_conv(x, w4, None, (1, 1), (1, 1, 1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
 
 
 def test_conv_weight_shape_mismatch_is_a_codegen_error():
