@@ -371,10 +371,9 @@ def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, p
     record = outcome.record
 
     def build(ir: IRModel, stem: Path) -> Path:
-        if ir is chosen:  # lowered, and its gate's reference computed beside the build
-            return deploy.build_artifact(written.model, deploy.sparse_weights(ir), profile, shapes, stem, inputs,
-                                         written.reference)
-        return deploy.build_artifact(lower(ir), deploy.sparse_weights(ir), profile, shapes, stem, inputs)
+        # the chosen plan is lowered already, and its gate's reference computed beside the build
+        model, expected = (written.model, written.reference) if ir is chosen else (lower(ir), None)
+        return deploy.plan_builder(model, deploy.sparse_weights(ir), shapes, inputs, expected)(profile, stem)
 
     contenders = staging / "contenders"
     contenders.mkdir()
@@ -410,10 +409,7 @@ def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelP
     reference as `_write_pruned` writes them."""
     from pruneaug import deploy, pick, threading_pick
 
-    def build(target_profile, stem: Path) -> Path:
-        return deploy.build_artifact(written.model, deploy.sparse_weights(pruned), target_profile, shapes, stem,
-                                     inputs, written.reference)
-
+    build = deploy.plan_builder(written.model, deploy.sparse_weights(pruned), shapes, inputs, written.reference)
     with deploy.quiet_native_stderr():
         try:
             if prebuilt is None:

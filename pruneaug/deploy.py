@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,14 @@ def sparse_weights(ir) -> dict[str, tuple[int, int]]:
     """Weight name -> block shape of every layer the plan prunes: what `build_artifact` rewrites to BSR kernels."""
     return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape
             for n in ir.prunable_nodes() if ir.graph.nodes[n]["block"].sparsity > 0}
+
+
+def plan_builder(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]],
+                 shapes: Mapping[str, Sequence[int]], inputs: Mapping[str, np.ndarray],
+                 expected: Callable[[], Sequence[np.ndarray]] | None = None) -> Callable[[Any, Path], Path]:
+    """`build_artifact` of one plan with the target profile and stem left open, `(profile, stem) -> path`:
+    the threading pick builds a plan for two profiles, the measured pick several plans for one."""
+    return lambda profile, stem: build_artifact(pruned_model, sparse_weights, profile, shapes, stem, inputs, expected)
 
 
 def build_artifact(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]], profile,

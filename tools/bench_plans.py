@@ -87,8 +87,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
         pruned_model = lower(pruned)
         with deploy.quiet_native_stderr():  # built as the compile builds: its threading pick included
             artifact, threading = threading_pick.build_and_pick(
-                lambda target_profile, stem: deploy.build_artifact(pruned_model, deploy.sparse_weights(pruned),
-                                                                   target_profile, shapes, stem, inputs),
+                deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs),
                 profile, folder / name.replace(" ", "_"), pick.side_by_side(inputs))
         plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"],
                        kernels_kept(threading))
