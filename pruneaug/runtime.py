@@ -18,6 +18,7 @@ import hashlib
 import importlib.abc
 import json
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -171,9 +172,25 @@ def load(path, device: str = "cpu") -> LoadedModel:
     if built_for == "cuda" and not has_cuda_gpu():
         raise OptionError(f"{path} was compiled for {signature.get('target')} and this machine has no CUDA GPU "
                           "(or its TVM runtime was built without CUDA)")
+    if built_for == "cpu":
+        _check_pool(path, signature.get("threads"))
     if signature.get("cuda_binaries"):
         _serve_cuda_binaries({key: base64.b64decode(blob) for key, blob in signature["cuda_binaries"].items()})
     return LoadedModel(path, device, signature)
+
+
+def _check_pool(path: Path, threads: int | None) -> None:
+    """Warn where TVM's pool here holds fewer threads than the artifact's kernels were built and measured
+    for: they still run, on fewer threads than their parallel loops were split for (one thread for
+    two: 1.8x slower than the same kernel built serial)."""
+    from pruneaug.pool import THREADS_VARIABLE, pool_threads
+
+    held = pool_threads()
+    if threads and held < threads:
+        warnings.warn(f"{path}: built for a {threads}-thread pool, but TVM's pool in this process holds {held} "
+                      f"(TVM started it before pruneaug was imported, or {THREADS_VARIABLE} says so); set "
+                      f"{THREADS_VARIABLE}={threads} before TVM first runs a kernel, or compile with that "
+                      f"{THREADS_VARIABLE} for kernels built for {held}")
 
 
 def cuda_source_key(source: str) -> str:

@@ -307,3 +307,26 @@ def test_one_callback_serves_the_cuda_binaries_of_every_loaded_artifact(cuda_com
     assert bytes(callback(sources[2], "fatbin")) == b"nvrtc"  # what no artifact ships goes to the callback before
     assert cuda_compile_callback == [sources[2]]
     assert registered == ["tvm_callback_cuda_compile"]  # once: the second load did not wrap the first's callback
+
+
+def test_load_warns_where_the_pool_holds_fewer_threads_than_the_kernels_were_built_for(x86_artifact, inputs, model,
+                                                                                        tmp_path):
+    import warnings as warnings_module
+
+    from pruneaug.pool import pool_threads
+
+    signature = json.loads(x86_artifact.with_name(x86_artifact.name + ".json").read_text())
+    assert signature["threads"] == resolve_target("x86").cores
+    copy, held = tmp_path / "model.x86.so", pool_threads()
+    shutil.copy(x86_artifact, copy)
+    copy.with_name(copy.name + ".json").write_text(json.dumps({**signature, "threads": held}))
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")
+        load(copy)  # built for the pool it finds: no warning
+    copy.with_name(copy.name + ".json").write_text(json.dumps({**signature, "threads": held + 1}))
+    with pytest.warns(UserWarning, match=rf"built for a {held + 1}-thread pool, but TVM's pool in this process "
+                                         rf"holds {held} .*TVM_NUM_THREADS={held + 1}"):
+        loaded = load(copy)
+    (expected,) = reference(model, inputs)
+    (y,) = loaded.run(inputs)
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))  # it still runs, and right

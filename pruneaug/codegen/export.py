@@ -57,6 +57,8 @@ def export_artifact(executable, target: TargetProfile, path_without_suffix, sign
     stem = Path(path_without_suffix)
     stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"schema": SIGNATURE_SCHEMA, "target": target.name, "kind": target.kind, **signature}
+    if target.kind != "cuda":  # the pool its parallel kernels were built for (`runtime.load` checks it)
+        meta["threads"] = target.cores
     if target.kind == "arm64":
         if shutil.which(CROSS_COMPILER):
             from tvm.support import cc
