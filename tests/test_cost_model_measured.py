@@ -104,7 +104,7 @@ def test_local_figures_are_reference_ratios_and_the_reference_is_calibrated_once
     monkeypatch.setattr(loaded, "_bench", lambda kernel, x_shape: _FakeBench(1e-3 if x_shape == REFERENCE_X else 3e-3, load=2.5))
     assert loaded.reference()[1] == pytest.approx(1e-3)  # the cache's calibration, not a new one
     assert loaded.time_layer(64, 64, 16, (8, 8), 0.5) == pytest.approx(3e-3)
-    assert loaded.contended == 0
+    assert loaded.unsettled == 0
 
 
 def test_a_serial_kernel_is_timed_by_cpu_time_without_the_reference(tmp_path, monkeypatch):
@@ -263,4 +263,4 @@ def test_a_fill_whose_samples_never_agree_warns_how_many_and_why(tmp_path, monke
     never_agreed = r"^2 kernels' samples never agreed within 5% \(a loaded or noisy machine\)"
     with pytest.warns(RuntimeWarning, match=never_agreed):
         assert model.fill([(64, 64, 16)], blocks=[(8, 8)], densities=[0.5], progress=False, recheck=False) == 2
-    assert model.runner.contended == 2
+    assert model.runner.unsettled == 2

@@ -270,13 +270,13 @@ class LocalRunner(KernelTimer):
     cancels out: timing 6 kernels three times on this machine at load 4, the spread of a kernel's
     figures was 9-63% for the fastest sample and 6-15% for the ratio. A reference calibrated under
     load scales every figure of that cache alike, which the search's comparisons do not see.
-    `contended` counts the kernels whose ratios never settled. CUDA kernels are timed alone (the
+    `unsettled` counts the kernels whose samples never settled. CUDA kernels are timed alone (the
     host's load does not reach a GPU's events).
     """
 
     target: TargetProfile
     device: str = "local"
-    contended: int = 0
+    unsettled: int = 0
     cache: LatencyCache | None = None
 
     def __post_init__(self) -> None:
@@ -316,7 +316,7 @@ class LocalRunner(KernelTimer):
             reference, reference_s = self.reference()
             ratio, clean = collect(lambda: paired(bench.sample, reference.sample), fallback=np.median)
             seconds = ratio * reference_s
-        self.contended += not clean
+        self.unsettled += not clean
         return seconds
 
 

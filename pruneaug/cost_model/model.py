@@ -279,7 +279,7 @@ class CostModel:
         conv_todo = self.missing_convs(convs, blocks, densities)
         if not todo and not conv_todo:
             return 0
-        contended_before = getattr(self._require_runner(), "contended", 0)
+        unsettled_before = getattr(self._require_runner(), "unsettled", 0)
         done = self._time_points(todo, "measuring", progress, lambda point: self._time_point(self.runner, *point),
                                  _matmul_label)
         if recheck and self.runner is not None:
@@ -291,9 +291,9 @@ class CostModel:
         if recheck and self.runner is not None:
             self._time_points(self._conv_suspects(conv_todo), "re-measuring conv outliers", progress,
                               lambda point: self._time_conv_point(self.runner, *point, keep_faster=True), _conv_label)
-        contended = getattr(self.runner, "contended", 0) - contended_before
-        if contended > 0:
-            warnings.warn(f"{contended} kernels' samples never agreed within {STABLE_SPREAD:.0%} (a loaded or "
+        unsettled = getattr(self.runner, "unsettled", 0) - unsettled_before
+        if unsettled > 0:
+            warnings.warn(f"{unsettled} kernels' samples never agreed within {STABLE_SPREAD:.0%} (a loaded or "
                           f"noisy machine): their figures are fallbacks, less repeatable than the rest "
                           f"(cache {self.cache.path})",
                           RuntimeWarning, stacklevel=2)
