@@ -24,6 +24,7 @@ from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes.parallel import map_threads
 
 POOLS = ("l2", "mean", "max")
+DEFAULT_POOL = "l2"  # how a block's weights' importances make its score, unless a caller says otherwise
 
 
 def prunes_any(sparsities: Iterable[float]) -> bool:
@@ -62,14 +63,14 @@ def block_areas(shape: tuple[int, int], block: tuple[int, int]) -> np.ndarray:
     return np.outer(_extents(shape[0], block[0]), _extents(shape[1], block[1]))
 
 
-def unit_scores(importance: np.ndarray, pool: str = "l2") -> np.ndarray:
+def unit_scores(importance: np.ndarray, pool: str = DEFAULT_POOL) -> np.ndarray:
     """The scores of 1x1 blocks in the importance's own precision: every pool of one weight is the
     weight's own score (l2: its magnitude). Masks compare them only, so float32 orders them as float64
     would; converting BERT-base's 85M scores to float64 for every validated plan took seconds."""
     return np.abs(importance) if pool == "l2" else importance
 
 
-def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = "l2") -> np.ndarray:
+def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = DEFAULT_POOL) -> np.ndarray:
     """One score per block, [block_rows, block_cols], in float64 (the proxy sums their squares)."""
     assert pool in POOLS, pool
     if block == (1, 1):
@@ -141,7 +142,7 @@ def _memoised(importance: np.ndarray, key: tuple, compute):
     return entries[key]
 
 
-def removal_order(importance: np.ndarray, block: tuple[int, int], pool: str = "l2") -> np.ndarray:
+def removal_order(importance: np.ndarray, block: tuple[int, int], pool: str = DEFAULT_POOL) -> np.ndarray:
     """`removal_order_of` the layer's block scores, memoised for the lifetime of `importance`."""
     return _memoised(importance, ("order", tuple(block), pool),
                      lambda: removal_order_of(block_scores(importance, block, pool)))
@@ -154,7 +155,7 @@ def expand_blocks(keep: np.ndarray, block: tuple[int, int], shape: tuple[int, in
     return full[: shape[0], : shape[1]]
 
 
-def layer_mask(importance: np.ndarray, spec: BlockSpec, pool: str = "l2") -> np.ndarray:
+def layer_mask(importance: np.ndarray, spec: BlockSpec, pool: str = DEFAULT_POOL) -> np.ndarray:
     """The layer's per-weight mask. 1x1 from a memoised cut (sorting millions of weights costs more
     than the few masks a search asks of them); larger blocks from their memoised removal order.
     Sparsity 0 keeps everything without a look at the scores (most layers of most validated plans)."""
@@ -179,7 +180,7 @@ def assign_blocks(ir: IRModel, blocks: Mapping[str, BlockSpec]) -> IRModel:
     return result
 
 
-def apply_masks(ir: IRModel, pool: str = "l2") -> IRModel:
+def apply_masks(ir: IRModel, pool: str = DEFAULT_POOL) -> IRModel:
     """Mask every prunable node by its block spec and importance; weights outside the mask become 0."""
     result = ir.copy()
     nodes = ir.prunable_nodes()

@@ -44,7 +44,7 @@ from pruneaug.ir.graph import IRModel, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import ort_run
 from pruneaug.passes.blockmask import (
-    block_areas, block_scores, layer_mask, pruned_block_count, removal_order, unit_scores,
+    DEFAULT_POOL, block_areas, block_scores, layer_mask, pruned_block_count, removal_order, unit_scores,
 )
 from pruneaug.passes.parallel import map_threads
 
@@ -90,7 +90,7 @@ def _removal_curve(importance: np.ndarray, block: tuple[int, int], pool: str) ->
 
 
 def pruned_energy_shares(importance: np.ndarray, block: tuple[int, int], sparsities: Sequence[float],
-                         pool: str = "l2") -> np.ndarray:
+                         pool: str = DEFAULT_POOL) -> np.ndarray:
     """Share of the layer's squared importance that the mask at each sparsity removes.
 
     Where the blocks' values order them, a partition at the grid's block counts gives the shares
@@ -111,7 +111,7 @@ def pruned_energy_shares(importance: np.ndarray, block: tuple[int, int], sparsit
     return np.array([1.0 if c >= values.size else before[c] / total for c in counts])
 
 
-def probe_sparsity(importance: np.ndarray, block: tuple[int, int], share: float, pool: str = "l2") -> float:
+def probe_sparsity(importance: np.ndarray, block: tuple[int, int], share: float, pool: str = DEFAULT_POOL) -> float:
     """The least sparsity whose mask removes at least `share` of the squared importance (1.0 if none does)."""
     return _probe_point(_removal_curve(importance, block, pool), share)[0]
 
@@ -150,7 +150,7 @@ class Sensitivity:
 
 def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                           probe_shares: Sequence[float] = PROBE_SHARES, probe_block: tuple[int, int] = PROBE_BLOCK,
-                          blocks: Sequence[tuple[int, int]] = (), pool: str = "l2", batch_size: int = 256) -> IRModel:
+                          blocks: Sequence[tuple[int, int]] = (), pool: str = DEFAULT_POOL, batch_size: int = 256) -> IRModel:
     """Annotate `sensitivity` (a Sensitivity) on each prunable node.
 
     Each probe prunes the layer alone at the least sparsity that removes the probe's share of its
@@ -196,7 +196,7 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
 
 
 def proxy_losses(ir: IRModel, node: str, block: tuple[int, int], sparsities: Sequence[float],
-                 pool: str = "l2", shares: np.ndarray | None = None) -> np.ndarray:
+                 pool: str = DEFAULT_POOL, shares: np.ndarray | None = None) -> np.ndarray:
     """The proxy loss of `node` at `block` for every sparsity in `sparsities` (one sort, one cumulative sum),
     or from its `pruned_energy_shares` where given (`energy_share_table`)."""
     data = ir.graph.nodes[node]
@@ -211,7 +211,7 @@ ShareTable = dict[str, list[np.ndarray]]
 
 
 def energy_share_table(ir: IRModel, blocks: Mapping[str, Sequence[tuple[int, int]]], sparsities: Sequence[float],
-                       pool: str = "l2") -> ShareTable:
+                       pool: str = DEFAULT_POOL) -> ShareTable:
     """`pruned_energy_shares` of every node of `blocks` at each of its blocks, on every core (numpy partitions
     leave the GIL; BERT-base's 72 layers x 6 blocks take ~4 s on 2 cores)."""
     nodes = list(blocks)
@@ -220,5 +220,5 @@ def energy_share_table(ir: IRModel, blocks: Mapping[str, Sequence[tuple[int, int
                                                      for block in blocks[node]], nodes)))
 
 
-def proxy_loss(ir: IRModel, node: str, block: tuple[int, int], sparsity: float, pool: str = "l2") -> float:
+def proxy_loss(ir: IRModel, node: str, block: tuple[int, int], sparsity: float, pool: str = DEFAULT_POOL) -> float:
     return float(proxy_losses(ir, node, block, [sparsity], pool)[0])

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import BlockSpec, PrunableLayer
-from pruneaug.passes.blockmask import apply_masks, assign_blocks, fits, prunes_any
+from pruneaug.passes.blockmask import DEFAULT_POOL, apply_masks, assign_blocks, fits, prunes_any
 from pruneaug.passes.proxy import ShareTable, energy_share_table, proxy_losses
 
 LatencyFn = Callable[[PrunableLayer, tuple[int, int], float], float]
@@ -163,7 +163,7 @@ class SearchSpace:
 
 
 def search_space(ir: IRModel, latency: LatencyFn, blocks: Sequence[tuple[int, int]], sparsities: Sequence[float],
-                 supported: SupportedFn | None = None, pool: str = "l2",
+                 supported: SupportedFn | None = None, pool: str = DEFAULT_POOL,
                  nodes: Sequence[str] | None = None, shares: SharesFn = energy_share_table) -> SearchSpace:
     """Options of `nodes` (all prunable ones by default) for every usable block and sparsity > 0 of the grid.
 
@@ -219,7 +219,7 @@ def knapsack(fronts: Sequence[Sequence[Option]], budget: float, bins: int = DEFA
     return picked[::-1]
 
 
-def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
+def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = DEFAULT_POOL) -> IRModel:
     """Blocks assigned, masks applied, `finish` run (unless the plan prunes nothing, `prunes_any`), and
     `proxy_loss` / `predicted_latency_s` annotated."""
     result = apply_masks(assign_blocks(ir, {n: BlockSpec(*o.block, o.sparsity) for n, o in plan.items()}), pool)
@@ -238,21 +238,21 @@ def _totals(plan: Mapping[str, Option]) -> tuple[float, float]:
 def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
            sparsities: Sequence[float], supported: SupportedFn | None = None, finish: FinishFn | None = None,
            bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
-           pool: str = "l2") -> tuple[IRModel, SearchReport]:
+           pool: str = DEFAULT_POOL) -> tuple[IRModel, SearchReport]:
     """The fastest plan whose validated metric loss is within `budget` (see the module docstring)."""
     space = search_space(ir, latency, blocks, sparsities, supported, pool)
     report = search_in(space, ir, validate, budget, blocks, finish, bins, max_validations, pool)
     return report_ir(ir, report, finish, pool), report
 
 
-def report_ir(ir: IRModel, report: SearchReport, finish: FinishFn | None = None, pool: str = "l2") -> IRModel:
+def report_ir(ir: IRModel, report: SearchReport, finish: FinishFn | None = None, pool: str = DEFAULT_POOL) -> IRModel:
     """The pruned IR of a search's (or a baseline's) plan, as it was validated (the dense plan where none met)."""
     return apply_plan(ir, report.plan, finish, pool)
 
 
 def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
               finish: FinishFn | None = None, bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
-              pool: str = "l2", start: float | None = None, memo: ValidationMemo | None = None,
+              pool: str = DEFAULT_POOL, start: float | None = None, memo: ValidationMemo | None = None,
               span: float = WARM_START_SPAN) -> SearchReport:
     """`search` over `blocks`' share of a computed space, without building the answer's IR (`report_ir`);
     `start`: a proxy budget to bisect around first, within `span` of it either way; `memo`: losses
@@ -407,7 +407,7 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     the budget alone, `calibrated` (`calibrated_search`) with as many. `shares`: where the proxy's energy
     shares come from (`search_space`); `memo` (in `options`): losses validated by earlier compiles.
     """
-    pool = options.get("pool", "l2")
+    pool = options.get("pool", DEFAULT_POOL)
     space = search_space(ir, latency, blocks, sparsities, supported, pool, shares=shares)
     baseline_validations = min(BASELINE_VALIDATIONS, options.get("max_validations", BASELINE_VALIDATIONS))
     most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) + baseline_validations * (len(blocks) + 1)

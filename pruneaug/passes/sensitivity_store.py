@@ -128,7 +128,7 @@ def _decode(text: str, ir: IRModel) -> IRModel | None:
 def sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray], cache,
                   probe_shares: Sequence[float] = proxy.PROBE_SHARES,
                   probe_block: tuple[int, int] = proxy.PROBE_BLOCK, blocks: Sequence[tuple[int, int]] = (),
-                  pool: str = "l2", model_key: str | None = None) -> tuple[IRModel, bool]:
+                  pool: str = blockmask.DEFAULT_POOL, model_key: str | None = None) -> tuple[IRModel, bool]:
     """`proxy.measure_sensitivities`, read from `cache` where this model and data were probed before.
 
     Returns the annotated IR and whether the figures came from the cache. `model_key`: `model_digest(ir)`.
@@ -188,7 +188,7 @@ class _StoredValidations:
 
 
 def validation_memo(cache, model_key: str, eval_inputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
-                    metric: str, pool: str = "l2",
+                    metric: str, pool: str = blockmask.DEFAULT_POOL,
                     reconstructed_on: Mapping[str, np.ndarray] | None = None) -> search.ValidationMemo:
     """The validations of earlier compiles of this model (`model_key`: `model_digest` of the scored IR)
     with these eval data and metric; `reconstructed_on`: the calibration inputs of the search's
