@@ -32,6 +32,10 @@ PICK_BUILD_BUDGET_S = 10.0  # build the contenders only if the chosen plan's art
 PICK_MIN_GAIN = 1.05  # a contender replaces the predicted choice only if its p10 is this much faster
 PICK_ROUNDS = 10  # side-by-side rounds; each runs every contender PICK_RUNS times
 PICK_RUNS = 10
+# a pause after each round, so that one timing spans half a second: on this 2-vCPU VM a parallel build
+# ran 1.3x slower than its serial twin for seconds at a time and alike for other seconds, and 10 rounds
+# back to back (10 ms for the encoder) saw one of those spells only
+PICK_ROUND_PAUSE_S = 0.05
 
 
 @dataclass
@@ -46,10 +50,11 @@ class Pick:
 
 
 def side_by_side(inputs: Mapping[str, np.ndarray]) -> Callable[[dict[str, Path]], dict[str, Any]]:
-    """How the picks time their contenders: `timing.time_side_by_side`, PICK_ROUNDS rounds of PICK_RUNS runs."""
+    """How the picks time their contenders: `timing.time_side_by_side`, PICK_ROUNDS rounds of PICK_RUNS runs,
+    PICK_ROUND_PAUSE_S apart."""
     from pruneaug.timing import time_side_by_side
 
-    return lambda artifacts: time_side_by_side(artifacts, inputs, PICK_ROUNDS, PICK_RUNS)
+    return lambda artifacts: time_side_by_side(artifacts, inputs, PICK_ROUNDS, PICK_RUNS, PICK_ROUND_PAUSE_S)
 
 
 def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> list[str]:

@@ -84,11 +84,11 @@ def _threading_section(threading: dict[str, Any]) -> tuple[str, str | None, list
     if "skipped" in threading:
         return title, f"Not measured: {threading['skipped']}.", [], []
     text = f"Measured here: {threading['method']}."
-    if len(threading["p10_s"]) > 1:
-        text += " Second timing, p10: " + ", ".join(
-            f"{name} {_us(seconds)}" for name, seconds in threading["p10_s"][1].items()) + "."
+    if len(threading["median_s"]) > 1:
+        text += " Second timing, median: " + ", ".join(
+            f"{name} {_us(seconds)}" for name, seconds in threading["median_s"][1].items()) + "."
     rows = [[name, _us(median), _us(threading["p10_s"][0][name]), "yes" if name == threading["kept"] else ""]
-            for name, median in threading["median_s"].items()]
+            for name, median in threading["median_s"][0].items()]
     return title, text, THREADING_HEADER, rows
 
 

@@ -250,8 +250,9 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
 
 
 def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.ndarray], rounds: int = 10,
-                      runs: int = 10) -> dict[str, Timing]:
-    """Every artifact's compiled function in this one process, interleaved `rounds` times (order rotated).
+                      runs: int = 10, pause_s: float = 0.0) -> dict[str, Timing]:
+    """Every artifact's compiled function in this one process, interleaved `rounds` times (order rotated),
+    `pause_s` between rounds.
 
     For comparing artifacts with each other, not with onnxruntime: they share this process's one TVM
     thread pool, so no runtime's idle threads take another's cores, and each is measured beside the
@@ -262,6 +263,8 @@ def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.nda
     models = {name: load(path) for name, path in artifacts.items()}
     timings = {name: Timing(name) for name in models}
     for round_index in range(rounds):
+        if round_index and pause_s:
+            time.sleep(pause_s)
         for name in rotated(list(models), round_index):
             timings[name].seconds.extend(models[name].time_runs(inputs, runs).tolist())
     return timings

@@ -158,7 +158,7 @@ def test_a_plan_measured_faster_is_kept_with_its_own_artifact(tmp_path, monkeypa
     monkeypatch.setattr(pick, "PICK_MARGIN", 1e9)  # every validated plan contends
     timed = []
 
-    def last_fastest(artifacts, inputs, rounds, runs):
+    def last_fastest(artifacts, inputs, rounds, runs, pause_s=0.0):
         timed.append(list(artifacts))  # the predicted choice first, built first
         return {name: timing.Timing(name, [1e-5 if name == timed[0][-1] else 3e-5] * runs) for name in artifacts}
 

@@ -85,10 +85,12 @@ def test_run_and_benchmark(x86_artifact, model, inputs):
     assert seconds.shape == (7,) and np.all(seconds > 0)
 
 
-def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path):
-    """`move_artifact` takes the sidecar along; `time_side_by_side` gives every artifact rounds x runs times."""
+def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path, monkeypatch):
+    """`move_artifact` takes the sidecar along; `time_side_by_side` gives every artifact rounds x runs times,
+    its rounds `pause_s` apart."""
     import shutil
 
+    from pruneaug import timing
     from pruneaug.codegen.export import move_artifact
     from pruneaug.timing import time_side_by_side
 
@@ -99,8 +101,10 @@ def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path):
         copies[name] = move_artifact(tmp_path / f"copy_{name}.x86.so", tmp_path / f"moved_{name}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "moved_a.so", "moved_a.so.json", "moved_b.so", "moved_b.so.json"]
-    timings = time_side_by_side(copies, inputs, rounds=3, runs=4)
-    assert set(timings) == {"a", "b"}
+    pauses = []
+    monkeypatch.setattr(timing.time, "sleep", pauses.append)
+    timings = time_side_by_side(copies, inputs, rounds=3, runs=4, pause_s=0.05)
+    assert set(timings) == {"a", "b"} and pauses == [0.05, 0.05]  # between rounds
     assert all(len(t.seconds) == 12 and t.median_s > 0 for t in timings.values())
 
 

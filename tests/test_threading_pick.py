@@ -1,4 +1,4 @@
-"""The threading pick: the serial twin of an artifact replaces it only where two side-by-side timings agree."""
+"""The threading pick: the parallel build stays only where two side-by-side timings find it faster than its serial twin."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,14 +30,15 @@ def fake_build(built: list):
     return build
 
 
-def fake_timings(*rounds: dict[str, float]):
-    """`time_artifacts` answering each call with the next round's p10 seconds per name (all runs alike)."""
+def fake_timings(*rounds: dict[str, float | None]):
+    """`time_artifacts` answering each call with the next round's seconds per name (all runs alike, so
+    median and p10 too; None: that artifact could not be timed)."""
     answers = iter(rounds)
 
     def time_artifacts(artifacts: dict[str, Path]) -> dict[str, Timing]:
-        p10 = next(answers)
-        assert set(artifacts) == set(p10)
-        return {name: Timing(name, [seconds] * 10) for name, seconds in p10.items()}
+        seconds = next(answers)
+        assert set(artifacts) == set(seconds)
+        return {name: Timing(name, [s] * 10 if s else [], None if s else "crashed") for name, s in seconds.items()}
 
     return time_artifacts
 
@@ -47,18 +48,20 @@ def parallel_artifact(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("rounds, kept", [
-    ([{"parallel": 2.0, "serial": 1.0}, {"parallel": 2.0, "serial": 1.0}], "serial"),
-    ([{"parallel": 2.0, "serial": 1.0}, {"parallel": 1.0, "serial": 1.0}], "parallel"),  # the second disagrees
-    ([{"parallel": 1.04, "serial": 1.0}], "parallel"),  # within PICK_MIN_GAIN: no second timing
-    ([{"parallel": 1.0, "serial": 2.0}], "parallel"),
+    ([{"parallel": 1.0, "serial": 2.0}, {"parallel": 1.0, "serial": 2.0}], "parallel"),
+    ([{"parallel": 1.0, "serial": 2.0}, {"parallel": 1.0, "serial": 1.0}], "serial"),  # the second disagrees
+    ([{"parallel": 1.0, "serial": 1.04}], "serial"),  # within PICK_MIN_GAIN: as fast, and one core
+    ([{"parallel": 2.0, "serial": 1.0}], "serial"),
+    ([{"parallel": 1.0, "serial": None}, {"parallel": 1.0, "serial": None}], "parallel"),  # the twin crashed
+    ([{"parallel": None, "serial": 1.0}], "serial"),
 ])
-def test_the_serial_twin_is_kept_only_where_both_timings_find_it_faster(tmp_path, rounds, kept):
+def test_the_parallel_build_stays_only_where_both_timings_find_it_faster(tmp_path, rounds, kept):
     built = []
     path, record = threading_pick.pick_threading(parallel_artifact(tmp_path), 1.0, fake_build(built), TWO_CORES,
                                                  fake_timings(*rounds))
     assert built == [1]  # the twin is built for one core
-    assert record["kept"] == kept and len(record["p10_s"]) == len(rounds)
-    assert record["p10_s"] == rounds and record["threads"] == 2
+    assert record["kept"] == kept and len(record["median_s"]) == len(record["p10_s"]) == len(rounds)
+    assert record["median_s"] == record["p10_s"] == rounds and record["threads"] == 2
     assert path == tmp_path / "model.x86.so"  # the kept one at the artifact's own path, the other gone
     assert path.read_text() == ("cores=1" if kept == "serial" else "cores=2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.x86.so", "model.x86.so.json"]
