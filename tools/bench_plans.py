@@ -137,7 +137,7 @@ def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
                     [Competitor(name + suffix, kind, artifact), Competitor(ORT_DENSE, "onnxruntime", model)],
                     inputs, args.threads, rounds=args.rounds, runs=args.runs)
         together = time_side_by_side({name: artifact for name, (_, artifact, _, _) in plans.items()}, inputs,
-                                     args.rounds, args.runs)
+                                     args.rounds, args.runs, args.pause)
     print_table(model, plan, plans, runs, together, args)
 
 
@@ -168,7 +168,8 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"`pruneaug.load(...).run` (numpy in, numpy out), as onnxruntime's `session.run`; `function` = the "
           f"compiled function alone (TVM's timer, no conversions). `x onnxruntime` = time over onnxruntime's in the "
           f"same run. `side by side` = every plan's compiled function in one process, one thread pool, "
-          f"interleaved in {args.rounds} rounds of {args.runs} runs; `chosen faster by` compares those directly.\n")
+          f"interleaved in {args.rounds} rounds of {args.runs} runs {args.pause:g} s apart; `chosen faster by` "
+          f"compares those directly.\n")
     print("| plan | blocks | kernels (threading pick) | weight sparsity | validated loss | meets budget | "
           "predicted µs (prunable layers) | run µs, median (p10–p90) | function µs, median (p10–p90) | "
           "x onnxruntime (run / function) | side by side µs, median (p10–p90) | chosen faster by (side by side) |")
@@ -241,8 +242,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; each runs every plan --runs times")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--pause", type=float, help="seconds between side-by-side rounds (default: the picks' own)")
     args = parser.parse_args()
     args.plans = [name.strip() for name in args.plans.split(",") if name.strip()]
+    if args.pause is None:
+        from pruneaug.pick import PICK_ROUND_PAUSE_S
+
+        args.pause = PICK_ROUND_PAUSE_S
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts (the kernel measurements)
     if args.model:
         if not (args.calib and args.eval):
