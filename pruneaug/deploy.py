@@ -15,8 +15,8 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx

@@ -188,9 +188,9 @@ def _check_pool(path: Path, threads: int | None) -> None:
     held = pool_threads()
     if threads and held < threads:
         warnings.warn(f"{path}: built for a {threads}-thread pool, but TVM's pool in this process holds {held} "
-                      f"(TVM started it before pruneaug was imported, or {THREADS_VARIABLE} says so); set "
-                      f"{THREADS_VARIABLE}={threads} before TVM first runs a kernel, or compile with that "
-                      f"{THREADS_VARIABLE} for kernels built for {held}")
+                      f"(TVM started it before pruneaug was imported, or {THREADS_VARIABLE} says so): set "
+                      f"{THREADS_VARIABLE}={threads} before TVM first runs a kernel, or compile under "
+                      f"{THREADS_VARIABLE}={held} for kernels split for {held}")
 
 
 def cuda_source_key(source: str) -> str:

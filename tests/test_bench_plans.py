@@ -68,3 +68,12 @@ def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is
     together["best single"] = _timed(13, 12, 14)
     line = bench_plans.goal_line("best single", 1.25, plans, together, search)
     assert "the same plan" in line and line.endswith("not met")
+
+
+def test_the_kernels_column_says_which_build_was_kept_and_by_how_much_the_parallel_one_ran_faster():
+    assert bench_plans.kernels_kept({"kept": "parallel", "median_s": {"parallel": 1e-4, "serial": 1.5e-4}}) == \
+        "parallel (parallel 1.50x faster)"
+    assert bench_plans.kernels_kept({"kept": "serial", "median_s": {"parallel": 1e-4, "serial": None}}) == \
+        "serial (parallel – faster)"
+    assert bench_plans.kernels_kept({"skipped": "the target has one core"}) == "parallel (the target has one core)"
+    assert bench_plans.kernels_kept(None) == "parallel (not timed)"

@@ -13,6 +13,7 @@ import pruneaug
 from pruneaug.compile import main
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.passes import ort_run
+from pruneaug.threading_pick import PICK_TIMINGS
 from pruneaug.timing import Competitor, time_interleaved
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -43,7 +44,8 @@ def test_fixed_plan_artifact_matches_pruned_onnx_and_is_measured(tmp_path):
     threading = result.plan["threading"]  # the serial twin built and timed beside it, one of them kept
     if resolve_target("x86").cores > 1:
         assert threading["kept"] in ("parallel", "serial") and "Threads: parallel kernels or" in report
-        assert all(seconds > 0 for key in ("median_s", "p10_s") for timing in threading[key] for seconds in timing.values())
+        assert all(seconds > 0 for key in ("median_s", "p10_s") for seconds in threading[key].values())
+        assert len(threading["timings_median_s"]) == PICK_TIMINGS
     else:
         assert "one core" in threading["skipped"]
     assert sorted(p.name for p in result.out_dir.glob("model.*")) == ["model.x86.so", "model.x86.so.json"]

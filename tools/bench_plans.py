@@ -95,10 +95,15 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
 
 def kernels_kept(threading: dict | None) -> str:
-    """Which build of a plan the threading pick kept: "parallel", "serial", or why it did not pick."""
+    """Which build of a plan the threading pick kept, and how much faster the parallel build ran (its median
+    over all runs), or why it did not pick."""
     if threading is None:
         return "parallel (not timed)"
-    return threading.get("kept") or f"parallel ({threading['skipped']})"
+    if "skipped" in threading:
+        return f"parallel ({threading['skipped']})"
+    median = threading["median_s"]
+    gain = median["serial"] / median["parallel"] if median["serial"] and median["parallel"] else None
+    return f"{threading['kept']} (parallel {_fmt(gain)} faster)"
 
 
 def floor_layers(source, plan: dict) -> dict[str, str]:

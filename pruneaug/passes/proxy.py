@@ -111,7 +111,8 @@ def pruned_energy_shares(importance: np.ndarray, block: tuple[int, int], sparsit
     return np.array([1.0 if c >= values.size else before[c] / total for c in counts])
 
 
-def probe_sparsity(importance: np.ndarray, block: tuple[int, int], share: float, pool: str = DEFAULT_POOL) -> float:
+def probe_sparsity(importance: np.ndarray, block: tuple[int, int], share: float,
+                   pool: str = DEFAULT_POOL) -> float:
     """The least sparsity whose mask removes at least `share` of the squared importance (1.0 if none does)."""
     return _probe_point(_removal_curve(importance, block, pool), share)[0]
 
@@ -150,7 +151,8 @@ class Sensitivity:
 
 def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                           probe_shares: Sequence[float] = PROBE_SHARES, probe_block: tuple[int, int] = PROBE_BLOCK,
-                          blocks: Sequence[tuple[int, int]] = (), pool: str = DEFAULT_POOL, batch_size: int = 256) -> IRModel:
+                          blocks: Sequence[tuple[int, int]] = (), pool: str = DEFAULT_POOL,
+                          batch_size: int = 256) -> IRModel:
     """Annotate `sensitivity` (a Sensitivity) on each prunable node.
 
     Each probe prunes the layer alone at the least sparsity that removes the probe's share of its
@@ -220,5 +222,6 @@ def energy_share_table(ir: IRModel, blocks: Mapping[str, Sequence[tuple[int, int
                                                      for block in blocks[node]], nodes)))
 
 
-def proxy_loss(ir: IRModel, node: str, block: tuple[int, int], sparsity: float, pool: str = DEFAULT_POOL) -> float:
+def proxy_loss(ir: IRModel, node: str, block: tuple[int, int], sparsity: float,
+               pool: str = DEFAULT_POOL) -> float:
     return float(proxy_losses(ir, node, block, [sparsity], pool)[0])

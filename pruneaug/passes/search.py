@@ -219,7 +219,8 @@ def knapsack(fronts: Sequence[Sequence[Option]], budget: float, bins: int = DEFA
     return picked[::-1]
 
 
-def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None, pool: str = DEFAULT_POOL) -> IRModel:
+def apply_plan(ir: IRModel, plan: Mapping[str, Option], finish: FinishFn | None = None,
+               pool: str = DEFAULT_POOL) -> IRModel:
     """Blocks assigned, masks applied, `finish` run (unless the plan prunes nothing, `prunes_any`), and
     `proxy_loss` / `predicted_latency_s` annotated."""
     result = apply_masks(assign_blocks(ir, {n: BlockSpec(*o.block, o.sparsity) for n, o in plan.items()}), pool)
@@ -245,7 +246,8 @@ def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
     return report_ir(ir, report, finish, pool), report
 
 
-def report_ir(ir: IRModel, report: SearchReport, finish: FinishFn | None = None, pool: str = DEFAULT_POOL) -> IRModel:
+def report_ir(ir: IRModel, report: SearchReport, finish: FinishFn | None = None,
+              pool: str = DEFAULT_POOL) -> IRModel:
     """The pruned IR of a search's (or a baseline's) plan, as it was validated (the dense plan where none met)."""
     return apply_plan(ir, report.plan, finish, pool)
 
