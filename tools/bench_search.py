@@ -19,8 +19,9 @@ where the synthetic latency's plan reached 0.81), which is how issue 5's reconst
 (>= 1.5x the sparsity of plain pruning at the same validated accuracy) is read: with it, a line per
 example, pruner and block shape (each alone) gives the sparsity with reconstruction over the sparsity
 without, and the weights kept without it over those kept with it (`--sparsities 0:0.99:0.01` lifts
-the default grid's 0.95 ceiling, which both reach with small blocks). onnxruntime runs with its default intra-op threads
-(one per physical core: 2 on the reference machine); only the search time depends on it.
+the default grid's 0.95 ceiling, which both reach with small blocks). onnxruntime runs with its
+default intra-op threads (one per physical core: 2 on the reference machine); only the search time
+depends on it.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def synthetic_latency(layer: PrunableLayer, block: tuple[int, int], sparsity: fl
 
 
 def kept_weights(layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> float:
-    """The "latency" that makes the search maximise weight sparsity (every kept weight costs alike)."""
+    """The "latency" under which the search's objective is the weights a plan keeps (each costs alike)."""
     out, in_ = layer.shape
     return out * in_ * (1 - sparsity) + 1e-9
 
