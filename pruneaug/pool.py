@@ -36,8 +36,8 @@ def size_pool_by_default() -> None:
 
 
 def pool_threads() -> int:
-    """The threads TVM's pool in this process runs a parallel kernel with (it starts the pool if it has not)."""
+    """The threads TVM's pool in this process runs a parallel kernel with (it starts the pool if it has not;
+    importing this module ran `size_pool_by_default` first, through the package's import)."""
     import tvm
 
-    size_pool_by_default()
     return int(tvm.get_global_func("runtime.NumThreads")())
