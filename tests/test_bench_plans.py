@@ -56,8 +56,9 @@ def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is
     chosen = {"predicted_latency_s": 1e-5, "layers": {"fc1": "8x8@0.5"}}
     figures = {"predicted_latency_s": 2e-5, "layers": {"fc1": "1x1@0.7"}}
     together = {"chosen": _timed(10, 9, 11), "best single": _timed(13, 12, 14), "floor": _timed(5, 4, 6)}
-    plans = {"chosen": (chosen, None, 0.5, "serial"), "best single": (figures, None, 0.5, "parallel"),
-             "floor": (figures, None, 1.0, "parallel")}
+    Built = bench_plans.Built
+    plans = {"chosen": Built(chosen, None, 0.5, 1e6, "serial"), "best single": Built(figures, None, 0.5, 1e6, "parallel"),
+             "floor": Built(figures, None, 1.0, 0.0, "parallel")}
     search = {"predicted_latency_s": 1e-5}
     line = bench_plans.goal_line("best single", 1.25, plans, together, search)
     assert line.startswith("chosen vs best single: 1.30x side by side (p10: 1.33x") and "predicted 2.00x" in line
@@ -65,7 +66,7 @@ def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is
     together["best single"] = _timed(12, 12, 14)  # the median falls short
     assert "goal >= 1.25x: not met" in bench_plans.goal_line("best single", 1.25, plans, together, search)
     # one plan, one artifact: a threading pick that differed once read as a speed-up before
-    plans["best single"] = ({**chosen, "predicted_latency_s": 2e-5}, None, 0.5, "serial, as chosen")
+    plans["best single"] = Built({**chosen, "predicted_latency_s": 2e-5}, None, 0.5, 1e6, "serial, as chosen")
     together["best single"] = _timed(13, 12, 14)
     line = bench_plans.goal_line("best single", 1.25, plans, together, search)
     assert "the same plan" in line and line.endswith("not met")
@@ -78,3 +79,16 @@ def test_the_kernels_column_says_which_build_was_kept_and_by_how_much_the_parall
         "serial (parallel – faster)"
     assert bench_plans.kernels_kept({"skipped": "the target has one core"}) == "parallel (the target has one core)"
     assert bench_plans.kernels_kept(None) == "parallel (not timed)"
+
+
+def test_kernel_work_counts_two_flop_per_kept_block_weight_per_row_and_its_rates_use_the_floor():
+    layers = [{"m": 16, "nnz_blocks": 3, "block": [8, 8]}, {"m": 4, "nnz_blocks": 10, "block": [1, 1]}]
+    assert bench_plans.kernel_work(layers) == 2 * 16 * 3 * 64 + 2 * 4 * 10
+    Built = bench_plans.Built
+    plans = {"chosen": Built({"predicted_latency_s": 4e-6}, None, 0.5, 8e4, "serial"),
+             "floor": Built({"predicted_latency_s": None}, None, 1.0, 0.0, "serial")}
+    together = {"chosen": _timed(10, 9, 11), "floor": _timed(6, 5, 7)}
+    assert bench_plans.work_rates("chosen", plans, together) == "20 / 20"  # 8e4 FLOP in 4 µs, both ways
+    assert bench_plans.work_rates("floor", plans, together) == "– / –"  # no work, no prediction
+    del plans["floor"]
+    assert bench_plans.work_rates("chosen", plans, together) == "20 / –"  # no floor: no in-model rate

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,8 +46,25 @@ GOALS = {"best single": 1.25, "unstructured": 2.0}
 FLOOR = "floor"
 
 
+class Built(NamedTuple):
+    """One plan as the bench compiled it."""
+
+    figures: dict  # its plan.json baseline entry (the chosen plan: the search's)
+    artifact: Path
+    sparsity: float  # of the prunable weights
+    work_flop: float  # its prunable layers' kernel work per run (`kernel_work`)
+    kernels: str  # `kernels_kept`
+
+
+def kernel_work(layers: list[dict]) -> float:
+    """FLOP per run of a plan's prunable layers as their kernels do them: two per kept-block weight (zeros
+    inside a kept block included) per row of X (`m`; a Conv's output pixels); the yardstick for how
+    fast the kernels run against the machine's peak, which sparsity alone does not give."""
+    return sum(2.0 * layer["m"] * layer["nnz_blocks"] * layer["block"][0] * layer["block"][1] for layer in layers)
+
+
 def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path):
-    """The compile, then each asked-for baseline's artifact; returns (plan, {name: (figures, artifact, sparsity)})."""
+    """The compile, then each asked-for baseline's artifact; returns (plan, {name: Built}, inputs)."""
     import onnx
 
     import pruneaug
@@ -71,8 +89,8 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     differ = sorted(name for name in written if not np.array_equal(written[name], rebuilt.get(name)))
     if differ:  # the baselines are rebuilt the same way: this one must give back pruned.onnx
         raise SystemExit(f"rebuilding the chosen plan from plan.json gave other weights for {', '.join(differ)}")
-    plans = {"chosen": (search, result.artifact, plan["totals"]["weight_sparsity"],
-                        kernels_kept(plan.get("threading")))}
+    plans = {"chosen": Built(search, result.artifact, plan["totals"]["weight_sparsity"], kernel_work(plan["layers"]),
+                             kernels_kept(plan.get("threading")))}
     inputs = deploy.sample_inputs(source, shapes, calib_inputs)
     for name in args.plans:
         figures = floor_figures(source, plan) if name == FLOOR else search["baselines"].get(name)
@@ -81,9 +99,9 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
             continue
         # one plan, one artifact: the chosen plan can be a baseline, and "best single" is often "unstructured"
         # (two builds' threading picks can differ, and read as a speed-up of the plan)
-        twin = next((other for other, built in plans.items() if built[0]["layers"] == figures["layers"]), None)
+        twin = next((other for other, built in plans.items() if built.figures["layers"] == figures["layers"]), None)
         if twin is not None:
-            plans[name] = (figures, *plans[twin][1:3], f"{plans[twin][3]}, as {twin}")
+            plans[name] = plans[twin]._replace(figures=figures, kernels=f"{plans[twin].kernels}, as {twin}")
             continue
         pruned = rebuild(source, plan, figures["layers"], calib_inputs)
         pruned_model = lower(pruned)
@@ -91,8 +109,9 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
             artifact, threading = threading_pick.build_and_pick(
                 deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs),
                 profile, folder / name.replace(" ", "_"), pick.side_by_side(inputs))
-        plans[name] = (figures, artifact, build_plan(pruned, profile.name)["totals"]["weight_sparsity"],
-                       kernels_kept(threading))
+        built = build_plan(pruned, profile.name)
+        plans[name] = Built(figures, artifact, built["totals"]["weight_sparsity"], kernel_work(built["layers"]),
+                            kernels_kept(threading))
     return plan, plans, inputs
 
 
@@ -138,14 +157,16 @@ def bench(model: Path, calib: Path, evaluation: Path, args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-plans-") as folder:
         plan, plans, inputs = compile_plans(model, calib, evaluation, args, Path(folder))
         runs = {}
-        for name, (_, artifact, _, _) in plans.items():
+        for name, built in plans.items():
             for suffix, kind in (("", "artifact"), (VM, "artifact-vm")):
                 runs[name + suffix] = time_interleaved(
-                    [Competitor(name + suffix, kind, artifact), Competitor(ORT_DENSE, "onnxruntime", model)],
+                    [Competitor(name + suffix, kind, built.artifact), Competitor(ORT_DENSE, "onnxruntime", model)],
                     inputs, args.threads, rounds=args.rounds, runs=args.runs)
-        together = time_side_by_side({name: artifact for name, (_, artifact, _, _) in plans.items()}, inputs,
+        together = time_side_by_side({name: built.artifact for name, built in plans.items()}, inputs,
                                      args.rounds, args.runs, args.pause)
-    print_table(model, plan, plans, runs, together, args)
+    from pruneaug.cost_model.measured import measure_peaks
+
+    print_table(model, plan, plans, runs, together, measure_peaks()[0], args)
 
 
 def relative(runs: dict, name: str, statistic: str = "median_s") -> float | None:
@@ -155,7 +176,8 @@ def relative(runs: dict, name: str, statistic: str = "median_s") -> float | None
     return ours / theirs if ours and theirs else None
 
 
-def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict, args) -> None:
+def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict, peak_gflops: float,
+                args) -> None:
     search = plan["search"]
 
     def ratio(numerator: float | None, denominator: float | None) -> str:
@@ -176,17 +198,23 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"compiled function alone (TVM's timer, no conversions). `x onnxruntime` = time over onnxruntime's in the "
           f"same run. `side by side` = every plan's compiled function in one process, one thread pool, "
           f"interleaved in {args.rounds} rounds of {args.runs} runs {args.pause:g} s apart; `chosen faster by` "
-          f"compares those directly.\n")
+          f"compares those directly. `kernel work` = FLOP of the prunable layers' kernels per run (two per "
+          f"kept-block weight per row); `GFLOP/s` = that work over the predicted time, and over the side-by-side "
+          f"time less the floor's (the prunable layers in the model); numpy's fp32 matmul here: "
+          f"{peak_gflops:,.0f} GFLOP/s.\n")
     print("| plan | blocks | kernels (threading pick) | weight sparsity | validated loss | meets budget | "
-          "predicted µs (prunable layers) | run µs, median (p10–p90) | function µs, median (p10–p90) | "
+          "predicted µs (prunable layers) | kernel work, MFLOP | GFLOP/s (predicted / in the model) | "
+          "run µs, median (p10–p90) | function µs, median (p10–p90) | "
           "x onnxruntime (run / function) | side by side µs, median (p10–p90) | chosen faster by (side by side) |")
-    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for name, (figures, _, sparsity, kernels) in plans.items():
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, built in plans.items():
+        figures = built.figures
         validated = figures["met"] is not None
-        described = (", ".join(figures["blocks"]) or "dense", kernels, f"{sparsity:.1%}",
+        described = (", ".join(figures["blocks"]) or "dense", built.kernels, f"{built.sparsity:.1%}",
                      f"{figures['metric_loss']:.4f}" if validated else "–",
                      ("yes" if figures["met"] else "no") if validated else "not validated",
-                     f"{figures['predicted_latency_s'] * 1e6:,.1f}" if figures["predicted_latency_s"] else "–")
+                     f"{figures['predicted_latency_s'] * 1e6:,.1f}" if figures["predicted_latency_s"] else "–",
+                     f"{built.work_flop / 1e6:,.2f}", work_rates(name, plans, together))
         shares = [relative(runs, name), relative(runs, name + VM)]
         print(f"| {name} | {' | '.join(described)} | {spread(runs[name].results[name])} | "
               f"{spread(runs[name + VM].results[name + VM])} | {' / '.join(_fmt(share) for share in shares)} | "
@@ -196,17 +224,29 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
             print("\n" + goal_line(name, goal, plans, together, search))
 
 
+def work_rates(name: str, plans: dict, together: dict) -> str:
+    """`name`'s kernel work per second: over its predicted time, and over its side-by-side time less the
+    floor's ("–" where there is no work, no prediction, or no floor timed below it)."""
+    built = plans[name]
+    predicted_s = built.figures["predicted_latency_s"]
+    in_model_s = (together[name].median_s - together[FLOOR].median_s
+                  if FLOOR in plans and together[name].median_s and together[FLOOR].median_s else None)
+    rates = [built.work_flop / seconds / 1e9 if built.work_flop and seconds and seconds > 0 else None
+             for seconds in (predicted_s, in_model_s)]
+    return " / ".join("–" if rate is None else f"{rate:,.0f}" for rate in rates)
+
+
 def goal_line(name: str, goal: float, plans: dict, together: dict, search: dict) -> str:
     """The verdict on one goal: the chosen plan's speed-up over baseline `name`, side by side, against
     `goal` (both by the median and the p10: two builds of one plan side by side read 0.77x by their
     medians and 0.98x by their p10s). A baseline that is the chosen plan is never a speed-up."""
     got = {statistic: _ratio(getattr(together[name], statistic), getattr(together["chosen"], statistic))
            for statistic in ("median_s", "p10_s", "p90_s")}
-    if plans[name][0]["layers"] == plans["chosen"][0]["layers"]:
+    if plans[name].figures["layers"] == plans["chosen"].figures["layers"]:
         return (f"chosen vs {name}: the same plan (every layer's block and sparsity), timed from one artifact: "
                 f"{_fmt(got['median_s'])} side by side is noise; goal >= {goal}x: not met")
     verdict = "met" if all(got[k] and got[k] >= goal for k in ("median_s", "p10_s")) else "not met"
-    predicted = _ratio(plans[name][0]["predicted_latency_s"], search["predicted_latency_s"])
+    predicted = _ratio(plans[name].figures["predicted_latency_s"], search["predicted_latency_s"])
     return (f"chosen vs {name}: {_fmt(got['median_s'])} side by side (p10: {_fmt(got['p10_s'])}, p90: "
             f"{_fmt(got['p90_s'])}); predicted {_fmt(predicted)}; goal >= {goal}x: {verdict} (by the median and "
             f"the p10){floor_reach(name, goal, plans, together)}")
