@@ -25,6 +25,8 @@ runs WARMUP untimed runs, answers one JSON line on its stdout (`{"ready": true, 
 then for each line N on its stdin makes one untimed run (caches and threads went cold during the
 other competitors' blocks; not where a run takes LONG_RUN_S or more) and answers the N run times in
 seconds as a JSON list; EOF ends it.
+`python -m pruneaug.timing side-by-side INPUTS.npz` is `time_side_by_side`'s fresh process: it reads one
+JSON request on its stdin and answers one JSON line, every artifact's run times or an error.
 Anything native code prints to stdout is moved to stderr, which the parent keeps in a file and quotes
 when a worker fails. A failed or crashed worker ends that competitor only: its `Timing.error` says
 why and the others go on.
@@ -50,6 +52,7 @@ from pruneaug.errors import ModelError
 
 KINDS = ("onnxruntime", "artifact", "artifact-vm")
 WORKER = (sys.executable, "-m", "pruneaug.timing")  # the worker's command line, before its arguments
+SIDE_BY_SIDE = "side-by-side"  # the worker's first argument where it times artifacts side by side
 REPLY_TIMEOUT_S = 600.0  # longest wait for one answer (a large model's load and warm-up included)
 SETTLE_S = 0.1  # pause before each block: the previous competitor's threads stop spinning
 MIN_ROUNDS = 3  # what a time budget still leaves: enough for a median that one slow round does not move
@@ -251,13 +254,38 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
 
 def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.ndarray], rounds: int = 10,
                       runs: int = 10, pause_s: float = 0.0) -> dict[str, Timing]:
-    """Every artifact's compiled function in this one process, interleaved `rounds` times (order rotated),
-    `pause_s` between rounds.
+    """Every artifact's compiled function in one fresh process (`side_by_side_here` there), interleaved
+    `rounds` times (order rotated), `pause_s` between rounds; its thread pool is this process's size
+    (TVM_NUM_THREADS is inherited). Raises TimingError where that process fails.
 
-    For comparing artifacts with each other, not with onnxruntime: they share this process's one TVM
-    thread pool, so no runtime's idle threads take another's cores, and each is measured beside the
-    others in the same seconds. (On the bundled CNN, two plans each timed in its own run against
-    onnxruntime read 0.73x through that double ratio where side by side they read 1.31x.)"""
+    For comparing artifacts with each other, not with onnxruntime: they share one TVM thread pool, so
+    no runtime's idle threads take another's cores, and each is measured beside the others in the same
+    seconds. (On the bundled CNN, two plans each timed in its own run against onnxruntime read 0.73x
+    through that double ratio where side by side they read 1.31x.) Why not in this process: after a
+    compile, in the process that ran it, one artifact of a side-by-side timing at a time ran 1.3-1.7x
+    slower than in a fresh process, the others 1.05-1.15x slower (the encoder's plans with
+    reconstruction, twice: "best single" 47.7 and 46.4 µs there, 28.4 and 28.4 µs in a fresh process
+    beside the same artifacts; another time "unstructured" 48.0 against 37.8 µs), so picks and
+    benchmarks compared a plan with a slowed one."""
+    request = {"artifacts": {name: str(path) for name, path in artifacts.items()}, "rounds": rounds, "runs": runs,
+               "pause_s": pause_s}
+    with tempfile.TemporaryDirectory(prefix="pruneaug-side-by-side-") as folder:
+        inputs_file = Path(folder) / "inputs.npz"
+        np.savez(inputs_file, **inputs)
+        done = subprocess.run([*WORKER, SIDE_BY_SIDE, str(inputs_file)], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=REPLY_TIMEOUT_S)
+    lines = done.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines else {}
+    if done.returncode != 0 or "error" in answer or "seconds" not in answer:
+        reason = answer.get("error") or " | ".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+        raise TimingError(f"timing {', '.join(artifacts)} side by side failed (exit status {done.returncode}): "
+                          f"{reason}")
+    return {name: Timing(name, seconds) for name, seconds in answer["seconds"].items()}
+
+
+def side_by_side_here(artifacts: Mapping[str, Path], inputs: Mapping[str, np.ndarray], rounds: int, runs: int,
+                      pause_s: float) -> dict[str, Timing]:
+    """`time_side_by_side`'s rounds, in this process."""
     from pruneaug.runtime import load
 
     models = {name: load(path) for name, path in artifacts.items()}
@@ -355,9 +383,28 @@ def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
     return 0
 
 
+def side_by_side_main(inputs_file: str, request: TextIO, answers: TextIO) -> int:
+    """Answer one `time_side_by_side` request (JSON on `request`) with every artifact's run times, or an error."""
+    order = json.loads(request.read())
+    try:
+        with np.load(inputs_file) as data:
+            inputs = {name: data[name] for name in data.files}
+        timings = side_by_side_here({name: Path(path) for name, path in order["artifacts"].items()}, inputs,
+                                    order["rounds"], order["runs"], order["pause_s"])
+    except Exception as err:  # noqa: BLE001 - the parent raises it as a TimingError
+        answer = {"error": f"{type(err).__name__}: {err}"}
+    else:
+        answer = {"seconds": {name: timing.seconds for name, timing in timings.items()}}
+    answers.write(json.dumps(answer) + "\n")
+    answers.flush()
+    return 1 if "error" in answer else 0
+
+
 def _main() -> int:
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever native code prints goes to stderr, never into the answers
+    if sys.argv[1:2] == [SIDE_BY_SIDE]:
+        return side_by_side_main(sys.argv[2], sys.stdin, answers)
     return worker_main(sys.argv[1:], sys.stdin, answers)
 
 

@@ -86,8 +86,8 @@ def test_run_and_benchmark(x86_artifact, model, inputs):
 
 
 def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path, monkeypatch):
-    """`move_artifact` takes the sidecar along; `time_side_by_side` gives every artifact rounds x runs times,
-    its rounds `pause_s` apart."""
+    """`move_artifact` takes the sidecar along; `time_side_by_side` gives every artifact rounds x runs times
+    from a fresh process, its rounds `pause_s` apart, and fails with the fresh process's reason."""
     import shutil
 
     from pruneaug import timing
@@ -101,11 +101,16 @@ def test_artifacts_moved_and_timed_side_by_side(x86_artifact, inputs, tmp_path, 
         copies[name] = move_artifact(tmp_path / f"copy_{name}.x86.so", tmp_path / f"moved_{name}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "moved_a.so", "moved_a.so.json", "moved_b.so", "moved_b.so.json"]
+    timings = time_side_by_side(copies, inputs, rounds=3, runs=4, pause_s=0.05)  # in a fresh process
+    assert set(timings) == {"a", "b"}
+    assert all(len(t.seconds) == 12 and t.median_s > 0 for t in timings.values())
     pauses = []
     monkeypatch.setattr(timing.time, "sleep", pauses.append)
-    timings = time_side_by_side(copies, inputs, rounds=3, runs=4, pause_s=0.05)
-    assert set(timings) == {"a", "b"} and pauses == [0.05, 0.05]  # between rounds
-    assert all(len(t.seconds) == 12 and t.median_s > 0 for t in timings.values())
+    here = timing.side_by_side_here(copies, inputs, rounds=3, runs=4, pause_s=0.05)  # its rounds, here
+    assert pauses == [0.05, 0.05] and all(len(t.seconds) == 12 for t in here.values())  # pauses between rounds
+    copies["b"].unlink()  # the fresh process fails to load it: the timing fails with the reason
+    with pytest.raises(timing.TimingError, match="side by side failed.*no such artifact"):
+        time_side_by_side(copies, inputs, rounds=1, runs=1)
 
 
 def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifact, model, inputs):

@@ -15,7 +15,7 @@ run of `pruneaug.timing` against onnxruntime on the dense model (the users' base
 their own processes, interleaved. (Timed all in one
 run, several TVM processes slowed each other and onnxruntime: on the CNN the chosen artifact read
 161 µs beside three other TVM workers and 97 µs beside onnxruntime alone.) Plans are compared with
-each other side by side: every artifact's compiled function in this one process, sharing its one
+each other side by side: every artifact's compiled function in one fresh process, sharing its one
 TVM thread pool, interleaved (`pruneaug.timing.time_side_by_side`). The goal: the chosen plan >= 1.25x faster
 than the best single block shape and >= 2x faster than unstructured, at the same validated budget,
 by both the median and the p10 of those times. Prints one Markdown table per model; ratios > 1 mean
@@ -200,8 +200,8 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"interleaved in {args.rounds} rounds of {args.runs} runs {args.pause:g} s apart; `chosen faster by` "
           f"compares those directly. `kernel work` = FLOP of the prunable layers' kernels per run (two per "
           f"kept-block weight per row); `GFLOP/s` = that work over the predicted time, and over the side-by-side "
-          f"time less the floor's (the prunable layers in the model); numpy's fp32 matmul here: "
-          f"{peak_gflops:,.0f} GFLOP/s.\n")
+          f"time less the floor's (the prunable layers in the model); numpy's fp32 matmul here (its BLAS, its own "
+          f"threads): {peak_gflops:,.0f} GFLOP/s.\n")
     print("| plan | blocks | kernels (threading pick) | weight sparsity | validated loss | meets budget | "
           "predicted µs (prunable layers) | kernel work, MFLOP | GFLOP/s (predicted / in the model) | "
           "run µs, median (p10–p90) | function µs, median (p10–p90) | "
