@@ -26,6 +26,7 @@ import numpy as np
 
 from pruneaug.errors import CodegenError
 from pruneaug.ir.graph import IRModel
+from pruneaug.timing import TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
 PICK_BUILD_BUDGET_S = 10.0  # build the contenders only if the chosen plan's artifact built within this
@@ -104,15 +105,19 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
             artifacts[name] = build(irs[name], folder / f"contender{index}")
         except CodegenError as err:  # that contender drops out; the others are still compared
             errors[name] = str(err)
-    timings = time_artifacts(artifacts)
-    picked = _faster_plan(timings, chosen_name)
-    confirmation = None
-    if picked != chosen_name:
-        # a switch only where a second timing of the two agrees: on a loaded host one timing switched the
-        # encoder to a plan that side by side afterwards ran 0.88x as fast as the one it replaced
-        again = time_artifacts({name: artifacts[name] for name in (chosen_name, picked)})
-        confirmation = {name: timing.p10_s for name, timing in again.items()}
-        picked = _faster_plan(again, chosen_name)
+    try:
+        timings = time_artifacts(artifacts)
+        picked = _faster_plan(timings, chosen_name)
+        confirmation = None
+        if picked != chosen_name:
+            # a switch only where a second timing of the two agrees: on a loaded host one timing switched the
+            # encoder to a plan that side by side afterwards ran 0.88x as fast as the one it replaced
+            again = time_artifacts({name: artifacts[name] for name in (chosen_name, picked)})
+            confirmation = {name: timing.p10_s for name, timing in again.items()}
+            picked = _faster_plan(again, chosen_name)
+    except TimingError as err:  # the predicted choice stands, unmeasured
+        return Pick(chosen_name, chosen_ir, artifacts[chosen_name],
+                    {"skipped": f"timing the contenders failed: {err}"}, build_s)
     record = {
         "picked": picked,
         "predicted_choice": chosen_name,

@@ -28,7 +28,7 @@ from typing import Any
 from pruneaug.codegen.export import move_artifact, remove_artifact
 from pruneaug.errors import CodegenError
 from pruneaug.pick import PICK_BUILD_BUDGET_S, PICK_MIN_GAIN, PICK_ROUND_PAUSE_S, PICK_ROUNDS, PICK_RUNS
-from pruneaug.timing import Timing
+from pruneaug.timing import Timing, TimingError
 
 Build = Callable[[Any, Path], Path]  # (target profile, stem) -> the built and gated artifact
 TimeArtifacts = Callable[[dict[str, Path]], dict[str, Any]]  # {name: artifact} -> {name: Timing}
@@ -73,7 +73,11 @@ def pick_threading(parallel: Path, build_s: float, build: Build, profile,
     except CodegenError as err:  # the parallel build stands
         return parallel, {"skipped": f"the serial build failed: {err}"}
     artifacts = {"parallel": parallel, "serial": serial}
-    timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]
+    try:
+        timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]
+    except TimingError as err:  # the parallel build stands, untimed
+        remove_artifact(serial)
+        return parallel, {"skipped": f"timing the two builds failed: {err}"}
     pooled = _pooled(timings)
     kept = "parallel" if _parallel_gain(pooled) >= PICK_MIN_GAIN else "serial"
     if kept == "serial":

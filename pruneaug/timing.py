@@ -272,8 +272,11 @@ def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.nda
     with tempfile.TemporaryDirectory(prefix="pruneaug-side-by-side-") as folder:
         inputs_file = Path(folder) / "inputs.npz"
         np.savez(inputs_file, **inputs)
-        done = subprocess.run([*WORKER, SIDE_BY_SIDE, str(inputs_file)], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=REPLY_TIMEOUT_S)
+        try:
+            done = subprocess.run([*WORKER, SIDE_BY_SIDE, str(inputs_file)], input=json.dumps(request),
+                                  capture_output=True, text=True, timeout=REPLY_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            raise TimingError(f"timing {', '.join(artifacts)} side by side took over {REPLY_TIMEOUT_S:g} s") from err
     lines = done.stdout.strip().splitlines()
     answer = json.loads(lines[-1]) if lines else {}
     if done.returncode != 0 or "error" in answer or "seconds" not in answer:

@@ -8,7 +8,7 @@ import pytest
 
 from pruneaug import pick
 from pruneaug.errors import CodegenError
-from pruneaug.timing import Timing
+from pruneaug.timing import Timing, TimingError
 
 
 def reports(**predicted_us) -> dict:
@@ -128,3 +128,13 @@ def test_plans_are_ranked_by_their_fastest_runs(tmp_path):
     assert got.name == "searched"
     contenders = got.record["contenders"]
     assert contenders["searched"]["median_s"] > contenders["unstructured"]["median_s"]
+
+
+def test_a_timing_that_fails_keeps_the_predicted_choice_and_its_artifact(tmp_path):
+    def failing(artifacts):
+        raise TimingError("timing searched, unstructured side by side failed (exit status -9): ")
+
+    got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=12),
+                             lambda report: "ir-unstructured", Builds(), failing, tmp_path)
+    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
+    assert "timing the contenders failed" in got.record["skipped"] and "exit status -9" in got.record["skipped"]

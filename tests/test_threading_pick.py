@@ -11,7 +11,7 @@ from pruneaug import threading_pick
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 from pruneaug.pick import PICK_BUILD_BUDGET_S
-from pruneaug.timing import Timing
+from pruneaug.timing import Timing, TimingError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TWO_CORES = dataclasses.replace(resolve_target("x86"), cores=2)
@@ -90,6 +90,16 @@ def test_a_serial_build_that_fails_leaves_the_parallel_artifact(tmp_path):
     artifact = parallel_artifact(tmp_path)
     path, record = threading_pick.pick_threading(artifact, 1.0, failing, TWO_CORES, fake_timings())
     assert path == artifact and path.read_text() == "cores=2" and "no serial kernel" in record["skipped"]
+
+
+def test_a_timing_that_fails_leaves_the_parallel_artifact_and_removes_the_twin(tmp_path):
+    def failing(artifacts):
+        raise TimingError("timing parallel, serial side by side failed (exit status 1): Killed")
+
+    artifact = parallel_artifact(tmp_path)
+    path, record = threading_pick.pick_threading(artifact, 1.0, fake_build([]), TWO_CORES, failing)
+    assert path == artifact and path.read_text() == "cores=2" and "Killed" in record["skipped"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.x86.so", "model.x86.so.json"]
 
 
 def test_build_and_pick_times_nothing_where_the_artifact_is_not_timed_here(tmp_path):
