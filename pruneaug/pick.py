@@ -126,7 +126,7 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
                               "median_s": timings[name].median_s, "p10_s": timings[name].p10_s,
                               "p90_s": timings[name].p90_s} for name in artifacts},
         "errors": errors,
-        "method": f"each contender's compiled function, side by side in one process, {PICK_ROUNDS} rounds of "
+        "method": f"each contender's compiled function, side by side in one fresh process, {PICK_ROUNDS} rounds of "
                   f"{PICK_RUNS} runs; a switch is timed again, the two alone, and made only if that agrees",
     }
     if confirmation is not None:

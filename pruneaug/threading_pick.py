@@ -94,7 +94,7 @@ def pick_threading(parallel: Path, build_s: float, build: Build, profile,
         "p10_s": {name: timing.p10_s for name, timing in pooled.items()},
         "timings_median_s": [{name: timing.median_s for name, timing in t.items()} for t in timings],
         "method": f"the plan built twice, parallel kernels where each kernel pays for the pool and every kernel "
-                  f"serial, the two compiled functions side by side in one process at {profile.cores} threads, "
+                  f"serial, the two compiled functions side by side in one fresh process at {profile.cores} threads, "
                   f"{PICK_TIMINGS} timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s "
                   f"apart; the parallel build is kept only if the median of all its runs is {PICK_MIN_GAIN:g}x "
                   f"faster",

@@ -57,7 +57,8 @@ def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is
     figures = {"predicted_latency_s": 2e-5, "layers": {"fc1": "1x1@0.7"}}
     together = {"chosen": _timed(10, 9, 11), "best single": _timed(13, 12, 14), "floor": _timed(5, 4, 6)}
     Built = bench_plans.Built
-    plans = {"chosen": Built(chosen, None, 0.5, 1e6, "serial"), "best single": Built(figures, None, 0.5, 1e6, "parallel"),
+    plans = {"chosen": Built(chosen, None, 0.5, 1e6, "serial"),
+             "best single": Built(figures, None, 0.5, 1e6, "parallel"),
              "floor": Built(figures, None, 1.0, 0.0, "parallel")}
     search = {"predicted_latency_s": 1e-5}
     line = bench_plans.goal_line("best single", 1.25, plans, together, search)
