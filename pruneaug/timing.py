@@ -227,8 +227,7 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
     results = {c.name: Timing(c.name) for c in competitors}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pruneaug-timing-") as folder:
-        inputs_file = Path(folder) / "inputs.npz"
-        np.savez(inputs_file, **{name: np.asarray(array) for name, array in inputs.items()})
+        inputs_file = _save_inputs(Path(folder), inputs)
         workers = [_Worker(c, inputs_file, threads, warmup, Path(folder) / f"worker{i}.log")
                    for i, c in enumerate(competitors)]  # all load at once: loading is not timed
         try:
@@ -252,6 +251,19 @@ def time_interleaved(competitors: Sequence[Competitor], inputs: Mapping[str, np.
     return TimingRun(results, threads, done, runs, (load_before, os.getloadavg()[0]))
 
 
+def _save_inputs(folder: Path, inputs: Mapping[str, np.ndarray]) -> Path:
+    """The inputs as the workers read them (`_load_inputs`): one .npz in `folder`."""
+    inputs_file = folder / "inputs.npz"
+    np.savez(inputs_file, **{name: np.asarray(array) for name, array in inputs.items()})
+    return inputs_file
+
+
+def _load_inputs(inputs_file: str | Path) -> dict[str, np.ndarray]:
+    """A worker's inputs, written by `_save_inputs`."""
+    with np.load(inputs_file) as data:
+        return {name: data[name] for name in data.files}
+
+
 def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.ndarray], rounds: int = 10,
                       runs: int = 10, pause_s: float = 0.0) -> dict[str, Timing]:
     """Every artifact's compiled function in one fresh process (`side_by_side_here` there), interleaved
@@ -270,8 +282,7 @@ def time_side_by_side(artifacts: Mapping[str, Path], inputs: Mapping[str, np.nda
     request = {"artifacts": {name: str(path) for name, path in artifacts.items()}, "rounds": rounds, "runs": runs,
                "pause_s": pause_s}
     with tempfile.TemporaryDirectory(prefix="pruneaug-side-by-side-") as folder:
-        inputs_file = Path(folder) / "inputs.npz"
-        np.savez(inputs_file, **inputs)
+        inputs_file = _save_inputs(Path(folder), inputs)
         try:
             done = subprocess.run([*WORKER, SIDE_BY_SIDE, str(inputs_file)], input=json.dumps(request),
                                   capture_output=True, text=True, timeout=REPLY_TIMEOUT_S)
@@ -370,8 +381,7 @@ def worker_main(argv: Sequence[str], commands: TextIO, answers: TextIO) -> int:
         answers.flush()
 
     try:
-        with np.load(inputs_file) as data:
-            inputs = {name: data[name] for name in data.files}
+        inputs = _load_inputs(inputs_file)
         run = _timed_run(kind, Path(path), int(threads), inputs)
         warm = [run() for _ in range(int(warmup))]
     except Exception as err:  # noqa: BLE001 - the parent reports it as this competitor's failure
@@ -390,8 +400,7 @@ def side_by_side_main(inputs_file: str, request: TextIO, answers: TextIO) -> int
     """Answer one `time_side_by_side` request (JSON on `request`) with every artifact's run times, or an error."""
     order = json.loads(request.read())
     try:
-        with np.load(inputs_file) as data:
-            inputs = {name: data[name] for name in data.files}
+        inputs = _load_inputs(inputs_file)
         timings = side_by_side_here({name: Path(path) for name, path in order["artifacts"].items()}, inputs,
                                     order["rounds"], order["runs"], order["pause_s"])
     except Exception as err:  # noqa: BLE001 - the parent raises it as a TimingError
