@@ -196,7 +196,7 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"run; onnxruntime's median over the runs {min(ort) * 1e6:,.1f}–{max(ort) * 1e6:,.1f} µs). `run` = "
           f"`pruneaug.load(...).run` (numpy in, numpy out), as onnxruntime's `session.run`; `function` = the "
           f"compiled function alone (TVM's timer, no conversions). `x onnxruntime` = time over onnxruntime's in the "
-          f"same run. `side by side` = every plan's compiled function in one process, one thread pool, "
+          f"same run. `side by side` = every plan's compiled function in one fresh process, one thread pool, "
           f"interleaved in {args.rounds} rounds of {args.runs} runs {args.pause:g} s apart; `chosen faster by` "
           f"compares those directly. `kernel work` = FLOP of the prunable layers' kernels per run (two per "
           f"kept-block weight per row); `GFLOP/s` = that work over the predicted time, and over the side-by-side "

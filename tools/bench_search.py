@@ -114,9 +114,9 @@ def main() -> None:
                     start = time.perf_counter()
                     pruned, report = search(ir, latency, validate, args.budget, shapes, sparsities, finish=finish)
                     seconds = time.perf_counter() - start
-                    reached[example, pruner, label, rebuild] = weight_sparsity(pruned)
+                    reached[example, pruner, label, rebuild] = sparsity = weight_sparsity(pruned)
                     print(f"| {example} | {pruner} | {'yes' if rebuild else 'no'} | {label} | {report.metric_loss:.4f} | "
-                          f"{report.validations} | {weight_sparsity(pruned):.3f} | {report.speedup:.2f}x | {seconds:.1f} |")
+                          f"{report.validations} | {sparsity:.3f} | {report.speedup:.2f}x | {seconds:.1f} |")
                 if args.baselines:
                     _, results = search_with_baselines(ir, latency, validate, args.budget, blocks, sparsities,
                                                        finish=finish)
