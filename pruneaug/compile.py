@@ -38,6 +38,7 @@ from pruneaug.ir.onnx_io import check_model, read_model, save_model
 from pruneaug.passes import blockmask, importance, latency, search, sensitivity_store
 from pruneaug.passes.reconstruct import reconstructor
 from pruneaug.passes.validate import make_validator
+from pruneaug.pick import Pick
 from pruneaug.plan import build_plan, search_record
 from pruneaug.report import write_report
 
@@ -164,13 +165,12 @@ def compile_model(
             if request.artifact else None  # the artifacts' gate and timing
         gate_inputs = inputs if request.artifact and deploy.runs_here(profile) else None
         written = _write_pruned(pruned, staging, writer, gate_inputs)
-        prebuilt = None
-        if outcome is not None and request.artifact and deploy.times_here(profile):
-            picked, prebuilt = _measured_pick(outcome, pruned, written, profile, shapes, inputs, request.metric,
-                                              staging, notes)
-            if picked is not pruned:
+        picked = None
+        if request.artifact and deploy.times_here(profile):
+            picked = _measured_pick(outcome, pruned, written, profile, shapes, inputs, request.metric, staging, notes)
+            if isinstance(picked, Pick) and picked.ir is not pruned:
                 written.file.result()
-                pruned = latency.annotate(picked, costs)
+                pruned = latency.annotate(picked.ir, costs)
                 written = _write_pruned(pruned, staging, writer, None)  # (its artifact is built and gated)
             phases.lap("measured pick")
         if outcome is not None:
@@ -178,7 +178,7 @@ def compile_model(
         artifact_name = None
         if request.artifact:
             artifact_name = _build_artifact(pruned, written, protected[0] if protected else source, profile, shapes,
-                                            inputs, staging, extra, notes, phases, prebuilt)
+                                            inputs, staging, extra, notes, phases, picked)
         written.file.result()  # (raises what writing them raised)
         plan = build_plan(pruned, profile.name, extra)
         write_json(staging / "plan.json", plan)
@@ -355,85 +355,86 @@ def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
     return _Written(pruned_model, file, expected)
 
 
-def _measured_pick(outcome: SearchOutcome, chosen: IRModel, written: _Written, profile, shapes: dict[str, list[int]],
-                   inputs: dict[str, np.ndarray], metric: str, staging: Path,
-                   notes: list[str]) -> tuple[IRModel, tuple[Path, float] | None]:
-    """`pick.measured_pick` among the search's near-equal validated plans (`chosen`: the search's, `written`
-    as `_write_pruned` writes it), their artifacts built in a folder of `staging` that is gone again when
-    this returns; updates the search record (to the picked plan's figures where it changed)
-    and returns the picked IR and its artifact, moved to its place in `staging`, with the seconds a build
-    took (None where none was built)."""
+def _measured_pick(outcome: SearchOutcome | None, chosen: IRModel, written: _Written, profile,
+                   shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
+                   notes: list[str]) -> Pick | CodegenError:
+    """`pick.measured_pick` of the artifact that ships, among the search's near-equal validated plans
+    (`outcome`; None: the plan was given) and their parallel and serial builds; `chosen` is the search's
+    plan, `written` as `_write_pruned` writes it. The builds go to a folder of `staging` that is gone
+    again when this returns; the kept one is moved to its place in `staging`. Updates the search record
+    (to the picked plan's figures where it changed). Returns the pick, or the error of the chosen plan's
+    own build."""
     import shutil
 
     from pruneaug import deploy, pick
     from pruneaug.codegen.export import move_artifact
 
-    record = outcome.record
-
-    def build(ir: IRModel, stem: Path) -> Path:
+    def build(ir: IRModel, build_profile, stem: Path) -> Path:
         # the chosen plan is lowered already, and its gate's reference computed beside the build
         model, expected = (written.model, written.reference) if ir is chosen else (lower(ir), None)
-        return deploy.plan_builder(model, deploy.sparse_weights(ir), shapes, inputs, expected)(profile, stem)
+        return deploy.plan_builder(model, deploy.sparse_weights(ir), shapes, inputs, expected)(build_profile, stem)
 
-    contenders = staging / "contenders"
-    contenders.mkdir()
+    record = outcome.record if outcome else None
+    builds = staging / "builds"
+    builds.mkdir()
     try:
         with deploy.quiet_native_stderr():
-            picked = pick.measured_pick(record["chosen_from"], chosen, outcome.results, outcome.make_ir, build,
-                                        pick.side_by_side(inputs), contenders)
-        artifact = (move_artifact(picked.artifact, staging / f"model.{profile.kind}"), picked.build_s) \
-            if picked.artifact else None
+            picked = pick.measured_pick(record["chosen_from"] if record else "given", chosen,
+                                        outcome.results if outcome else None, outcome.make_ir if outcome else None,
+                                        build, profile, pick.side_by_side(inputs), builds)
+        picked.artifact = move_artifact(picked.artifact, staging / f"model.{profile.kind}")
     except CodegenError as err:  # the chosen plan's own build failed: the artifact step reports it
-        record["measured_pick"] = {"skipped": f"no artifact: {err}"}
-        return chosen, None
+        if record is not None:
+            record["measured_pick"] = {"skipped": f"no artifact: {err}"}
+        return err
     finally:
-        shutil.rmtree(contenders, ignore_errors=True)  # the contenders not kept
+        shutil.rmtree(builds, ignore_errors=True)  # the builds not kept
+    if record is None:
+        return picked
     if picked.name != record["chosen_from"]:
-        p10 = {name: figures["p10_s"] for name, figures in picked.record["contenders"].items()}
-        notes.append(f"measured pick: {picked.name} ran {p10[record['chosen_from']] / p10[picked.name]:.2f}x as fast "
-                     f"(p10) as the search's predicted choice ({record['chosen_from']}) and is kept")
+        medians = {name: min(f[kind]["median_s"] for kind in pick.BUILDS if f[kind] and f[kind]["median_s"])
+                   for name, f in picked.plans["contenders"].items() if name in (picked.name, record["chosen_from"])}
+        notes.append(f"measured pick: {picked.name} ran {medians[record['chosen_from']] / medians[picked.name]:.2f}x "
+                     f"as fast (median) as the search's predicted choice ({record['chosen_from']}) and is kept")
         kept = {key: record[key] for key in ("time_s", "kernels_measured", "sensitivities")}
         record = outcome.record = search_record(outcome.results[picked.name], outcome.results, metric)
         record.update(kept, chosen_from=picked.name)
-    record["measured_pick"] = picked.record
-    return picked.ir, artifact
+    record["measured_pick"] = picked.plans
+    return picked
 
 
 def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelProto | Path, profile,
                     shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], staging: Path, extra: dict[str, Any],
-                    notes: list[str], phases: "PhaseClock",
-                    prebuilt: tuple[Path, float] | None = None) -> str | None:
-    """Compile, check and export the artifact (unless the measured pick built and checked it: `prebuilt`,
-    with its build's seconds), then, where it runs here, keep it or its serial twin (`threading_pick`);
-    a model TVM cannot compile leaves the other outputs whole. `written`: pruned.onnx and the gate's
-    reference as `_write_pruned` writes them."""
-    from pruneaug import deploy, pick, threading_pick
+                    notes: list[str], phases: "PhaseClock", picked: Pick | CodegenError | None) -> str | None:
+    """The artifact: the measured pick's (`picked`, or the error of its build) where it ran, else compiled,
+    checked and exported here; then, where it runs here, the whole model timed. A model TVM cannot
+    compile leaves the other outputs whole. `written`: pruned.onnx and the gate's reference as
+    `_write_pruned` writes them."""
+    from pruneaug import deploy
 
-    build = deploy.plan_builder(written.model, deploy.sparse_weights(pruned), shapes, inputs, written.reference)
-    with deploy.quiet_native_stderr():
-        try:
-            if prebuilt is None:
-                artifact, threading = threading_pick.build_and_pick(
-                    build, profile, staging / f"model.{profile.kind}",
-                    pick.side_by_side(inputs) if deploy.times_here(profile) else None)
-            else:
-                artifact, threading = threading_pick.pick_threading(*prebuilt, build, profile,
-                                                                    pick.side_by_side(inputs))
-            if threading is not None:
-                extra["threading"] = threading
-        except CodegenError as err:
-            extra["artifact_error"] = str(err)
-            notes.append(f"no compiled artifact: {err}")
-            return None
-        finally:
-            phases.lap("artifact")
-        if deploy.times_here(profile):
-            deploy.release_freed_memory()  # before the workers load their models
-            # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
-            extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs)
-            phases.lap("whole-model timing")
-            for competitor, error in extra["model_latency"].get("errors", {}).items():
-                notes.append(f"whole-model timing of {competitor} failed: {error}")
+    try:
+        if isinstance(picked, CodegenError):
+            raise picked
+        if picked is None:
+            with deploy.quiet_native_stderr():
+                artifact = deploy.plan_builder(written.model, deploy.sparse_weights(pruned), shapes, inputs,
+                                               written.reference)(profile, staging / f"model.{profile.kind}")
+        else:
+            artifact = picked.artifact
+            extra["threading"] = picked.threading
+    except CodegenError as err:
+        extra["artifact_error"] = str(err)
+        notes.append(f"no compiled artifact: {err}")
+        return None
+    finally:
+        phases.lap("artifact")
+    if deploy.times_here(profile):
+        deploy.release_freed_memory()  # before the workers load their models
+        # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
+        extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs)
+        phases.lap("whole-model timing")
+        for competitor, error in extra["model_latency"].get("errors", {}).items():
+            notes.append(f"whole-model timing of {competitor} failed: {error}")
     return artifact.name
 
 

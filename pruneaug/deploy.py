@@ -108,7 +108,7 @@ def plan_builder(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tup
                  shapes: Mapping[str, Sequence[int]], inputs: Mapping[str, np.ndarray],
                  expected: Callable[[], Sequence[np.ndarray]] | None = None) -> Callable[[Any, Path], Path]:
     """`build_artifact` of one plan with the target profile and stem left open, `(profile, stem) -> path`:
-    the threading pick builds a plan for two profiles, the measured pick several plans for one."""
+    the measured pick builds each plan for two profiles (parallel and serial kernels)."""
     return lambda profile, stem: build_artifact(pruned_model, sparse_weights, profile, shapes, stem, inputs, expected)
 
 

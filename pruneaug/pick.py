@@ -1,21 +1,38 @@
-"""The measured pick: of the validated plans whose predicted latencies are close, keep the one whose
-compiled artifact runs fastest here.
+"""The measured pick: which artifact ships, of the validated plans predicted close and of each plan's two
+builds (parallel kernels where each kernel pays for the thread pool, or every kernel serial), timed here.
 
-Why: the search ranks plans by the cost model, and near-equal predictions can be in the wrong order:
-the cost model times each layer's kernels alone, not the rest of the model nor the kernels beside
-them. (When a Conv layer was still predicted as its im2col matmul, the plan predicted 1.29x faster
-than unstructured on the bundled CNN at batch 1 ran 0.64x as fast as it; Convs are now timed as the
-artifact runs them, `codegen/conv_lowering.py`.) Every contender met the budget in its own
-end-to-end validation, so choosing among them by measurement costs builds and a few hundred runs,
+Why measure the plans: the search ranks plans by the cost model, and near-equal predictions can be in
+the wrong order: the cost model times each layer's kernels alone, not the rest of the model nor the
+kernels beside them. (When a Conv layer was still predicted as its im2col matmul, the plan predicted
+1.29x faster than unstructured on the bundled CNN at batch 1 ran 0.64x as fast as it; Convs are now
+timed as the artifact runs them, `codegen/conv_lowering.py`.) Every contender met the budget in its
+own end-to-end validation, so choosing among them by measurement costs builds and a few hundred runs,
 not accuracy.
 
-That cost is paid only where it is small: the chosen plan's artifact is built first, and the others
-only if that build took at most PICK_BUILD_BUDGET_S. A BERT-base artifact takes 18-25 s to build; it
-keeps the predicted choice, and plan.json says why. Where the artifact's code cannot run here, or
-nothing is timed here (`deploy.times_here`), the compile does not call this.
+Why measure the builds: each kernel decides alone whether it is worth the thread pool
+(`schedule.runs_parallel`, `threads.worth_parallel`), from kernels timed alone, where the pool's
+threads stay awake between calls. Inside a model they are not, and on a shared 2-vCPU host the pool's
+second thread is not always there: the bundled encoder at batch 1 ran its parallel build 1.3x slower
+than its serial twin for seconds at a time and alike for other seconds (never faster), while the CNN
+at batch 32 ran its parallel build 1.6x faster (137 against 214 µs).
+
+Why one timing of all of them: when the plans were picked first by their parallel builds and the kept
+plan's threading afterwards, the encoder shipped the chosen plan's parallel build, which ran 0.86x as
+fast as the best single shape's serial build. So every (plan, build) is timed side by side in one
+fresh process, PICK_TIMINGS times, each timing spread over half a second, and the runs of the timings
+are pooled. The default is the predicted choice's serial build (as fast as the parallel one, it does
+not depend on a second core's spells and leaves that core to the application); another build replaces
+it only where the median of all its runs is PICK_MIN_GAIN faster. (Two timings that had to agree went
+wrong both ways: a spell in one of them kept the CNN at batch 32 serial, 1.3x slower.)
+
+That cost is paid only where it is small: the chosen plan's artifact is built first, and the rest only
+if that build took at most PICK_BUILD_BUDGET_S. A BERT-base artifact takes 18-25 s to build; it keeps
+the predicted choice's parallel build, and plan.json says why. Where the artifact's code cannot run
+here, or nothing is timed here (`deploy.times_here`), the compile does not call this.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,33 +42,44 @@ from typing import Any
 import numpy as np
 
 from pruneaug.errors import CodegenError
-from pruneaug.ir.graph import IRModel
-from pruneaug.timing import TimingError
+from pruneaug.timing import Timing, TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
-PICK_BUILD_BUDGET_S = 10.0  # build the contenders only if the chosen plan's artifact built within this
-PICK_MIN_GAIN = 1.05  # a contender replaces the predicted choice only if its p10 is this much faster
-PICK_ROUNDS = 10  # side-by-side rounds; each runs every contender PICK_RUNS times
+PICK_BUILD_BUDGET_S = 10.0  # build the rest only if the chosen plan's artifact built within this
+PICK_MIN_GAIN = 1.05  # a build replaces the default only if the median of its runs is this much faster
+PICK_TIMINGS = 2  # side-by-side timings of all the builds, their runs pooled
+PICK_ROUNDS = 10  # rounds per timing; each runs every build PICK_RUNS times
 PICK_RUNS = 10
 # a pause after each round, so that one timing spans half a second: on this 2-vCPU VM a parallel build
 # ran 1.3x slower than its serial twin for seconds at a time and alike for other seconds, and 10 rounds
 # back to back (10 ms for the encoder) saw one of those spells only
 PICK_ROUND_PAUSE_S = 0.05
+BUILDS = ("parallel", "serial")
+ONE_CORE = "the target has one core: every kernel is serial already"
+
+Build = Callable[[Any, Any, Path], Path]  # (a plan's IR, target profile, stem) -> its built and gated artifact
+TimeArtifacts = Callable[[dict[str, Path]], dict[str, Timing]]  # {name: artifact} -> {name: Timing}
 
 
 @dataclass
 class Pick:
-    """The plan kept, its pruned IR, its built (and gated) artifact where one was built, and plan.json's record."""
+    """The plan kept, its pruned IR and built (and gated) artifact, and plan.json's records: `plans`, the pick
+    among plans (None where only one plan was offered), and `threading`, between the kept plan's builds."""
 
     name: str
-    ir: IRModel
-    artifact: Path | None
-    record: dict[str, Any]
-    build_s: float | None = None  # how long the chosen plan's artifact took to build (where one was built)
+    ir: Any
+    artifact: Path
+    plans: dict[str, Any] | None
+    threading: dict[str, Any]
 
 
-def side_by_side(inputs: Mapping[str, np.ndarray]) -> Callable[[dict[str, Path]], dict[str, Any]]:
-    """How the picks time their contenders: `timing.time_side_by_side`, PICK_ROUNDS rounds of PICK_RUNS runs,
+def serial_profile(profile):
+    """The profile whose kernels all run on the calling thread (every parallel rule asks for cores > 1)."""
+    return dataclasses.replace(profile, cores=1)
+
+
+def side_by_side(inputs: Mapping[str, np.ndarray]) -> TimeArtifacts:
+    """How the pick times its builds: `timing.time_side_by_side`, PICK_ROUNDS rounds of PICK_RUNS runs,
     PICK_ROUND_PAUSE_S apart."""
     from pruneaug.timing import time_side_by_side
 
@@ -72,63 +100,129 @@ def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> l
     return names
 
 
-def _faster_plan(timings: Mapping[str, Any], chosen_name: str) -> str:
-    """The contender fastest by the fastest tenth of its runs (two builds of one plan, side by side on this
-    shared machine, read 1.30x apart by their medians and 1.01x by their p10s) where it beats the chosen
-    plan by PICK_MIN_GAIN (or the chosen plan has no time), else the chosen plan."""
-    quick = {name: timing.p10_s for name, timing in timings.items() if timing.p10_s}
-    fastest = min(quick, key=quick.get)
-    gain = quick[chosen_name] / quick[fastest] if chosen_name in quick else np.inf
-    return fastest if gain >= PICK_MIN_GAIN else chosen_name
+def build_key(plan: str, build: str) -> str:
+    """One build's name in the timings and in plan.json: `searched [serial]`."""
+    return f"{plan} [{build}]"
 
 
-def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, Any],
-                  make_ir: Callable[[Any], IRModel], build: Callable[[IRModel, Path], Path],
-                  time_artifacts: Callable[[dict[str, Path]], dict[str, Any]], folder: Path) -> Pick:
-    """Build the contenders' artifacts into `folder` with `build(ir, stem)`, time them side by side with
-    `time_artifacts({name: artifact})` (`Timing`s), and keep the fastest (see the module docstring)."""
-    names = contenders(results, chosen_name, PICK_MARGIN)
-    if len(names) == 1:
-        return Pick(chosen_name, chosen_ir, None, {
-            "skipped": f"no other validated plan predicted within {PICK_MARGIN:g}x of the chosen one"})
+def _pooled(timings: list[Mapping[str, Timing]]) -> dict[str, Timing]:
+    """Each build's runs of every timing in one Timing (its first error where it has no runs)."""
+    return {name: Timing(name, [s for t in timings for s in t[name].seconds],
+                         next((t[name].error for t in timings if t[name].error), None))
+            for name in timings[0]}
+
+
+def _kept_build(pooled: Mapping[str, Timing], default: str) -> str:
+    """The build fastest by the median of its runs where it beats `default` by PICK_MIN_GAIN (or `default`
+    has no time), else `default`."""
+    medians = {name: timing.median_s for name, timing in pooled.items() if timing.median_s}
+    if not medians:
+        return default
+    fastest = min(medians, key=medians.get)
+    gain = medians[default] / medians[fastest] if default in medians else np.inf
+    return fastest if gain >= PICK_MIN_GAIN else default
+
+
+class _Builder:
+    """Builds (plan, build) artifacts into one folder and remembers them, or why one failed."""
+
+    def __init__(self, build: Build, profile, folder: Path):
+        self.build, self.profile, self.folder = build, profile, folder
+        self.artifacts: dict[tuple[str, str], Path] = {}
+        self.errors: dict[str, str] = {}
+
+    def __call__(self, plan: str, ir, kind: str) -> None:
+        profile = self.profile if kind == "parallel" else serial_profile(self.profile)
+        stem = self.folder / f"build{len(self.artifacts) + len(self.errors)}"
+        try:
+            self.artifacts[plan, kind] = self.build(ir, profile, stem)
+        except CodegenError as err:  # that build drops out; the others are still compared
+            self.errors[build_key(plan, kind)] = str(err)
+
+
+def measured_pick(chosen_name: str, chosen_ir, results: Mapping[str, Any] | None, make_ir: Callable[[Any], Any] | None,
+                  build: Build, profile, time_artifacts: TimeArtifacts, folder: Path) -> Pick:
+    """Build the builds into `folder` (the chosen plan's parallel build first: a CodegenError there is the
+    caller's), time them side by side with `time_artifacts`, and keep one (see the module docstring).
+    `results` (the search's reports, and `make_ir(report)` their IRs) offer the other plans; None: the
+    chosen plan only. The kept artifact stays in `folder`, at the path its record names."""
+    names = contenders(results, chosen_name, PICK_MARGIN) if results else [chosen_name]
+    alone = {"skipped": f"no other validated plan predicted within {PICK_MARGIN:g}x of the chosen one"}
+
+    def plans(record: dict[str, Any]) -> dict[str, Any] | None:
+        """plan.json's `search.measured_pick`: None where no plans were offered."""
+        return None if results is None else record if len(names) > 1 else alone
+
     started = time.perf_counter()
-    artifacts = {chosen_name: build(chosen_ir, folder / "contender0")}
+    first = build(chosen_ir, profile, folder / "chosen")
     build_s = time.perf_counter() - started
     if build_s > PICK_BUILD_BUDGET_S:
-        return Pick(chosen_name, chosen_ir, artifacts[chosen_name], {
-            "skipped": f"the chosen plan's artifact took {build_s:.0f} s to build (contenders are built "
-                       f"only within {PICK_BUILD_BUDGET_S:g} s)"}, build_s)
-    irs, errors = {chosen_name: chosen_ir}, {}
-    for index, name in enumerate(names[1:], start=1):
-        try:
-            irs[name] = make_ir(results[name])
-            artifacts[name] = build(irs[name], folder / f"contender{index}")
-        except CodegenError as err:  # that contender drops out; the others are still compared
-            errors[name] = str(err)
+        reason = (f"the chosen plan's artifact took {build_s:.0f} s to build (other builds are made only within "
+                  f"{PICK_BUILD_BUDGET_S:g} s)")
+        return Pick(chosen_name, chosen_ir, first, plans({"skipped": reason}), {"skipped": reason})
+    if profile.cores <= 1 and len(names) == 1:
+        return Pick(chosen_name, chosen_ir, first, plans(alone), {"skipped": ONE_CORE})
+    builder = _Builder(build, profile, folder)
+    builder.artifacts[chosen_name, "parallel"] = first
+    irs = {chosen_name: chosen_ir, **{name: make_ir(results[name]) for name in names[1:]}}
+    for name, ir in irs.items():
+        for kind in BUILDS if profile.cores > 1 else ("parallel",):
+            if (name, kind) not in builder.artifacts:
+                builder(name, ir, kind)
+    artifacts = {build_key(*key): path for key, path in builder.artifacts.items()}
     try:
-        timings = time_artifacts(artifacts)
-        picked = _faster_plan(timings, chosen_name)
-        confirmation = None
-        if picked != chosen_name:
-            # a switch only where a second timing of the two agrees: on a loaded host one timing switched the
-            # encoder to a plan that side by side afterwards ran 0.88x as fast as the one it replaced
-            again = time_artifacts({name: artifacts[name] for name in (chosen_name, picked)})
-            confirmation = {name: timing.p10_s for name, timing in again.items()}
-            picked = _faster_plan(again, chosen_name)
-    except TimingError as err:  # the predicted choice stands, unmeasured
-        return Pick(chosen_name, chosen_ir, artifacts[chosen_name],
-                    {"skipped": f"timing the contenders failed: {err}"}, build_s)
-    record = {
-        "picked": picked,
-        "predicted_choice": chosen_name,
+        timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]
+    except TimingError as err:  # the predicted choice's parallel build stands, untimed
+        reason = {"skipped": f"timing the builds failed: {err}"}
+        return Pick(chosen_name, chosen_ir, first, plans(reason), reason)
+    pooled = _pooled(timings)
+    default = build_key(chosen_name, "serial" if build_key(chosen_name, "serial") in pooled else "parallel")
+    kept = next(key for key in builder.artifacts if build_key(*key) == _kept_build(pooled, default))
+    return Pick(kept[0], irs[kept[0]], builder.artifacts[kept],
+                plans(_plans_record(names, results, pooled, kept, builder.errors)) if results else None,
+                _threading_record(kept, pooled, timings, profile))
+
+
+def _figures(timing: Timing | None) -> dict[str, float | None] | None:
+    return None if timing is None else {"median_s": timing.median_s, "p10_s": timing.p10_s, "p90_s": timing.p90_s}
+
+
+def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[str, Timing],
+                  kept: tuple[str, str], errors: dict[str, str]) -> dict[str, Any]:
+    """plan.json's `search.measured_pick`: each contender's builds as timed."""
+    return {
+        "picked": kept[0],
+        "build": kept[1],
+        "predicted_choice": names[0],
         "min_gain": PICK_MIN_GAIN,
         "contenders": {name: {"predicted_latency_s": results[name].predicted_latency_s,
-                              "median_s": timings[name].median_s, "p10_s": timings[name].p10_s,
-                              "p90_s": timings[name].p90_s} for name in artifacts},
+                              **{kind: _figures(pooled.get(build_key(name, kind))) for kind in BUILDS}}
+                       for name in names},
         "errors": errors,
-        "method": f"each contender's compiled function, side by side in one fresh process, {PICK_ROUNDS} rounds of "
-                  f"{PICK_RUNS} runs; a switch is timed again, the two alone, and made only if that agrees",
+        "method": f"every contender's builds (parallel kernels where each kernel pays for the pool, and every "
+                  f"kernel serial), their compiled functions side by side in one fresh process, {PICK_TIMINGS} "
+                  f"timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s apart, all runs "
+                  f"pooled; the predicted choice's serial build is replaced only by a build whose median is "
+                  f"{PICK_MIN_GAIN:g}x faster",
     }
-    if confirmation is not None:
-        record["confirmation_p10_s"] = confirmation
-    return Pick(picked, irs[picked], artifacts[picked], record, build_s)
+
+
+def _threading_record(kept: tuple[str, str], pooled: Mapping[str, Timing], timings: list[Mapping[str, Timing]],
+                      profile) -> dict[str, Any]:
+    """plan.json's `threading`: the kept plan's two builds as timed (or why it has one)."""
+    if profile.cores <= 1:
+        return {"skipped": ONE_CORE}
+    keys = {kind: build_key(kept[0], kind) for kind in BUILDS}
+    if keys["serial"] not in pooled:
+        return {"skipped": f"the serial build of {kept[0]} failed"}
+    return {
+        "kept": kept[1],
+        "threads": profile.cores,
+        "min_gain": PICK_MIN_GAIN,
+        "median_s": {kind: pooled[key].median_s for kind, key in keys.items()},
+        "p10_s": {kind: pooled[key].p10_s for kind, key in keys.items()},
+        "timings_median_s": [{kind: t[key].median_s for kind, key in keys.items()} for t in timings],
+        "method": f"timed with the other plans' builds (`search.measured_pick` where there were any) at "
+                  f"{profile.cores} threads; a build replaces the default (the predicted choice's serial build) "
+                  f"only if the median of all its runs is {PICK_MIN_GAIN:g}x faster",
+    }

@@ -57,21 +57,20 @@ def _baseline_rows(plan: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-PICK_HEADER = ["plan", "predicted (prunable layers)", "measured median (whole model)", "p10", "p90", "kept"]
+PICK_HEADER = ["plan", "build", "predicted (prunable layers)", "measured median (whole model)", "p10", "p90", "kept"]
 
 
 def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], list[list[str]]]:
-    """The measured pick among near-equal plans (`pruneaug.pick`): each contender's artifact as timed, or why none was."""
+    """The measured pick among near-equal plans (`pruneaug.pick`): each contender's builds as timed, or why none was."""
     title = "Measured pick among the plans predicted close"
     if "skipped" in pick:
         return title, f"Not run: {pick['skipped']}.", [], []
-    text = (f"Each contender's artifact built and timed here: {pick['method']}. The predicted choice "
-            f"`{pick['predicted_choice']}` is replaced only by a plan at least {pick['min_gain']:g}x faster by the "
-            f"fastest tenth of its runs (p10).")
+    text = f"Each contender's artifacts built and timed here: {pick['method']}."
     if pick.get("errors"):
         text += " Not built: " + "; ".join(f"`{name}`: {error}" for name, error in pick["errors"].items()) + "."
-    rows = [[name, _us(f["predicted_latency_s"]), _us(f["median_s"]), _us(f["p10_s"]), _us(f["p90_s"]),
-             "yes" if name == pick["picked"] else ""] for name, f in pick["contenders"].items()]
+    rows = [[name, kind, _us(f["predicted_latency_s"]), _us(f[kind]["median_s"]), _us(f[kind]["p10_s"]),
+             _us(f[kind]["p90_s"]), "yes" if (name, kind) == (pick["picked"], pick["build"]) else ""]
+            for name, f in pick["contenders"].items() for kind in ("parallel", "serial") if f.get(kind)]
     return title, text, PICK_HEADER, rows
 
 
@@ -79,7 +78,7 @@ THREADING_HEADER = ["build", "measured median (whole model, all runs)", "p10", "
 
 
 def _threading_section(threading: dict[str, Any]) -> tuple[str, str | None, list[str], list[list[str]]]:
-    """The threading pick (`pruneaug.threading_pick`): the parallel and the serial build as timed, or why not."""
+    """The kept plan's parallel and serial builds as the measured pick (`pruneaug.pick`) timed them, or why not."""
     title = "Threads: parallel kernels or every kernel serial"
     if "skipped" in threading:
         return title, f"Not measured: {threading['skipped']}.", [], []

@@ -66,7 +66,7 @@ def test_a_goal_is_met_by_the_median_and_the_p10_and_never_by_a_baseline_that_is
     assert "goal >= 1.25x: met" in line and "floor bounds any plan to 2.60x" in line
     together["best single"] = _timed(12, 12, 14)  # the median falls short
     assert "goal >= 1.25x: not met" in bench_plans.goal_line("best single", 1.25, plans, together, search)
-    # one plan, one artifact: a threading pick that differed once read as a speed-up before
+    # one plan, one artifact: a pick between its builds that differed once read as a speed-up before
     plans["best single"] = Built({**chosen, "predicted_latency_s": 2e-5}, None, 0.5, 1e6, "serial, as chosen")
     together["best single"] = _timed(13, 12, 14)
     line = bench_plans.goal_line("best single", 1.25, plans, together, search)

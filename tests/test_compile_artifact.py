@@ -13,7 +13,7 @@ import pruneaug
 from pruneaug.compile import main
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.passes import ort_run
-from pruneaug.threading_pick import PICK_TIMINGS
+from pruneaug.pick import PICK_TIMINGS
 from pruneaug.timing import Competitor, time_interleaved
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

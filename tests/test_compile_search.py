@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +167,10 @@ def test_a_plan_measured_faster_is_kept_with_its_own_artifact(tmp_path, monkeypa
     model, calib, eval_ = example("mlp")
     result = pruneaug.compile(model, calib=calib, eval=eval_, budget=0.01, measure="none", out=tmp_path / "out")
     search = result.plan["search"]
-    predicted, kept = timed[0][0], timed[0][-1]
+    predicted, kept = (timed[0][i].rsplit(" [", 1)[0] for i in (0, -1))  # "single 4x1 [serial]": plan [build]
     assert len(timed[0]) >= 3 and search["chosen_from"] == kept != predicted
     assert search["measured_pick"]["picked"] == kept and search["measured_pick"]["predicted_choice"] == predicted
+    assert search["measured_pick"]["build"] == timed[0][-1].rsplit(" [", 1)[1].rstrip("]")
     assert search["predicted_latency_s"] == search["baselines"][kept]["predicted_latency_s"]
     assert search["metric_loss"] == search["baselines"][kept]["metric_loss"] <= 0.01
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
@@ -186,7 +188,12 @@ def test_a_plan_measured_faster_is_kept_with_its_own_artifact(tmp_path, monkeypa
     (ours,) = load(result.artifact).run(inputs)
     (expected,) = ort_run.run(onnx.load(result.pruned_model), inputs)
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
-    assert "Measured pick" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    build = search["measured_pick"]["build"]
+    pick_rows = [line for line in report.splitlines() if re.match(r"\| .+ \| (parallel|serial) \| ", line)]
+    assert "Measured pick" in report and len(pick_rows) == len(timed[0])  # every build a row, the kept one marked
+    assert [row for row in pick_rows if row.endswith("| yes |")] == [
+        next(row for row in pick_rows if row.startswith(f"| {kept} | {build} | "))]
 
 
 @pytest.mark.slow

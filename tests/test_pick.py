@@ -1,14 +1,22 @@
-"""The measured pick among near-equal validated plans (pruneaug.pick), with stand-ins for building and timing."""
+"""The measured pick among near-equal validated plans and each plan's parallel and serial builds
+(pruneaug.pick), with stand-ins for building and timing."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnx
 import pytest
 
 from pruneaug import pick
+from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 from pruneaug.timing import Timing, TimingError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TWO_CORES = dataclasses.replace(resolve_target("x86"), cores=2)
+ONE_CORE = dataclasses.replace(TWO_CORES, cores=1)
 
 
 def reports(**predicted_us) -> dict:
@@ -17,28 +25,46 @@ def reports(**predicted_us) -> dict:
 
 
 class Builds:
-    """`build(ir, stem)` that writes a file per contender (or raises for the IRs in `failing`) and counts calls."""
+    """`build(ir, profile, stem)` that writes `IR@CORES` into the artifact (or raises for the `IR@CORES` in
+    `failing`) and records the builds made."""
 
     def __init__(self, failing=()):
         self.built: list[str] = []
         self.failing = set(failing)
 
-    def __call__(self, ir, stem: Path) -> Path:
-        if ir in self.failing:
-            raise CodegenError(f"TVM failed to compile {ir}")
-        self.built.append(ir)
+    def __call__(self, ir, profile, stem: Path) -> Path:
+        build = f"{ir}@{profile.cores}"
+        if build in self.failing:
+            raise CodegenError(f"TVM failed to compile {build}")
+        self.built.append(build)
         path = stem.with_suffix(".so")
-        path.write_text(ir)
+        path.write_text(build)
         return path
 
 
-def timed(runs_us: dict):
-    """`time_artifacts` that reads each artifact's IR back and answers its given run times (one figure: every run)."""
+def timed(runs_us: dict, calls: list | None = None):
+    """`time_artifacts` that reads each artifact's build back and answers its run times in µs (one figure:
+    every run; a list: one per timing, each a figure or a list of runs); records the names it timed."""
+    calls = [] if calls is None else calls
+
     def time_artifacts(artifacts: dict[str, Path]) -> dict[str, Timing]:
-        runs = {name: runs_us[path.read_text()] for name, path in artifacts.items()}
-        return {name: Timing(name, [us * 1e-6 for us in (r if isinstance(r, list) else [r] * 10)])
-                for name, r in runs.items()}
+        calls.append(list(artifacts))
+        timing = len(calls) - 1
+        answers = {}
+        for name, path in artifacts.items():
+            runs = runs_us[path.read_text()]
+            runs = runs[timing] if isinstance(runs, tuple) else runs
+            answers[name] = Timing(name, [us * 1e-6 for us in (runs if isinstance(runs, list) else [runs] * 10)])
+        return answers
     return time_artifacts
+
+
+def run_pick(tmp_path, timings: dict, results=None, profile=TWO_CORES, builds=None, make_ir=None, calls=None):
+    builds = builds or Builds()
+    make_ir = make_ir or (lambda report: "ir-unstructured")
+    got = pick.measured_pick("searched", "ir-searched", results, make_ir, builds, profile, timed(timings, calls),
+                             tmp_path)
+    return got, builds
 
 
 def test_contenders_are_the_distinct_validated_plans_predicted_close():
@@ -48,93 +74,124 @@ def test_contenders_are_the_distinct_validated_plans_predicted_close():
     assert pick.contenders(results, "searched", 1.7) == ["searched", "unstructured", "single 4x1"]
 
 
-def test_a_plan_measured_faster_replaces_the_predicted_choice(tmp_path):
-    results = reports(searched=10, unstructured=13, dense=60)
-    builds = Builds()
-    got = pick.measured_pick("searched", "ir-searched", results, lambda report: f"ir-{'unstructured'}", builds,
-                             timed({"ir-searched": 40, "ir-unstructured": 30}), tmp_path)
-    assert (got.name, got.ir) == ("unstructured", "ir-unstructured")
-    assert got.artifact.read_text() == "ir-unstructured"  # its own artifact, built once, to ship
-    assert builds.built == ["ir-searched", "ir-unstructured"]
-    record = got.record
-    assert record["picked"] == "unstructured" and record["predicted_choice"] == "searched"
-    assert record["contenders"]["searched"]["median_s"] == pytest.approx(40e-6)
-    assert record["contenders"]["unstructured"]["predicted_latency_s"] == pytest.approx(13e-6)
-
-
-def test_a_switch_is_made_only_where_a_second_timing_of_the_two_agrees(tmp_path):
-    results = reports(searched=10, unstructured=13)
+def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
     calls = []
-
-    def first_faster_then_not(artifacts):
-        calls.append(sorted(artifacts))
-        return timed({"ir-searched": 40, "ir-unstructured": 30 if len(calls) == 1 else 39})(artifacts)
-
-    got = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
-                             first_faster_then_not, tmp_path)
-    assert calls == [["searched", "unstructured"], ["searched", "unstructured"]]  # the two again, alone
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
-    assert got.record["confirmation_p10_s"] == pytest.approx({"searched": 40e-6, "unstructured": 39e-6})
-
-    (tmp_path / "again").mkdir()
-    confirmed = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
-                                   timed({"ir-searched": 40, "ir-unstructured": 30}), tmp_path / "again")
-    assert confirmed.name == "unstructured" and confirmed.record["confirmation_p10_s"]["unstructured"] == \
-        pytest.approx(30e-6)
-
-
-def test_a_gain_within_the_noise_keeps_the_predicted_choice(tmp_path):
-    results = reports(searched=10, unstructured=13)
-    got = pick.measured_pick("searched", "ir-searched", results, lambda report: "ir-unstructured", Builds(),
-                             timed({"ir-searched": 40, "ir-unstructured": 39}), tmp_path)
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
-    assert got.record["picked"] == "searched"
+    got, builds = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 42, "ir-unstructured@2": 45,
+                                      "ir-unstructured@1": 30}, reports(searched=10, unstructured=13, dense=60),
+                           calls=calls)
+    assert builds.built == ["ir-searched@2", "ir-searched@1", "ir-unstructured@2", "ir-unstructured@1"]
+    assert calls == [["searched [parallel]", "searched [serial]", "unstructured [parallel]",
+                      "unstructured [serial]"]] * pick.PICK_TIMINGS  # all of them, in one timing each time
+    assert (got.name, got.ir) == ("unstructured", "ir-unstructured")
+    assert got.artifact.read_text() == "ir-unstructured@1"  # its own artifact, built once, to ship
+    plans = got.plans
+    assert (plans["picked"], plans["build"], plans["predicted_choice"]) == ("unstructured", "serial", "searched")
+    assert plans["contenders"]["searched"]["parallel"]["median_s"] == pytest.approx(40e-6)
+    assert plans["contenders"]["unstructured"]["serial"]["p10_s"] == pytest.approx(30e-6)
+    assert plans["contenders"]["unstructured"]["predicted_latency_s"] == pytest.approx(13e-6)
+    threading = got.threading  # the kept plan's two builds, from the same timings
+    assert threading["kept"] == "serial" and threading["threads"] == 2
+    assert threading["median_s"] == pytest.approx({"parallel": 45e-6, "serial": 30e-6})
+    assert threading["timings_median_s"] == [pytest.approx({"parallel": 45e-6, "serial": 30e-6})] * pick.PICK_TIMINGS
 
 
-def test_nothing_is_built_without_a_contender(tmp_path):
-    builds = Builds()
-    got = pick.measured_pick("searched", "ir-searched", reports(searched=10, dense=60), None, builds, None, tmp_path)
-    assert got.name == "searched" and got.artifact is None and builds.built == []
-    assert "no other validated plan" in got.record["skipped"]
+@pytest.mark.parametrize("parallel_us, kept", [
+    (20, "parallel"),
+    (40 / 1.04, "serial"),  # as fast, and one core: the serial build
+    (60, "serial"),
+    # a spell in one timing: the median of all runs decides, not one timing's
+    ((20, 60), "serial"),
+    # the serial twin crashed: the parallel build
+    (40, "parallel"),
+])
+def test_the_predicted_choices_serial_build_is_replaced_only_by_a_build_5_percent_faster(tmp_path, parallel_us, kept):
+    serial = [] if parallel_us == 40 else 40  # (no runs: crashed)
+    got, _ = run_pick(tmp_path, {"ir-searched@2": parallel_us, "ir-searched@1": serial})
+    assert got.name == "searched" and got.plans is None  # a given plan: no plans to pick among
+    assert got.threading["kept"] == kept
+    assert got.artifact.read_text() == ("ir-searched@1" if kept == "serial" else "ir-searched@2")
+
+
+def test_a_plan_within_the_noise_keeps_the_predicted_choice(tmp_path):
+    got, _ = run_pick(tmp_path, {"ir-searched@2": 41, "ir-searched@1": 40, "ir-unstructured@2": 45,
+                                 "ir-unstructured@1": 39}, reports(searched=10, unstructured=13))
+    assert (got.name, got.plans["picked"], got.plans["build"]) == ("searched", "searched", "serial")
+
+
+def test_one_core_and_no_contender_builds_and_times_nothing_more(tmp_path):
+    calls = []
+    got, builds = run_pick(tmp_path, {}, reports(searched=10, dense=60), profile=ONE_CORE, calls=calls)
+    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@1"
+    assert builds.built == ["ir-searched@1"] and calls == []
+    assert "no other validated plan" in got.plans["skipped"] and "one core" in got.threading["skipped"]
+
+
+def test_one_core_times_the_plans_builds_without_a_serial_twin(tmp_path):
+    got, builds = run_pick(tmp_path, {"ir-searched@1": 40, "ir-unstructured@1": 30},
+                           reports(searched=10, unstructured=13), profile=ONE_CORE)
+    assert builds.built == ["ir-searched@1", "ir-unstructured@1"]
+    assert got.name == "unstructured" and got.plans["contenders"]["unstructured"]["serial"] is None
+    assert "one core" in got.threading["skipped"]
 
 
 def test_a_slow_build_keeps_the_predicted_choice_unmeasured(tmp_path, monkeypatch):
-    """A model whose artifact takes long to build (BERT-base: 18-25 s) builds only its own."""
+    """A model whose artifact takes long to build (BERT-base: 18-25 s) builds only its own, parallel."""
     monkeypatch.setattr(pick, "PICK_BUILD_BUDGET_S", -1.0)
-    builds = Builds()
-    got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=11), None, builds, None,
-                             tmp_path)
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
-    assert builds.built == ["ir-searched"] and "to build" in got.record["skipped"]
+    got, builds = run_pick(tmp_path, {}, reports(searched=10, unstructured=11))
+    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@2"
+    assert builds.built == ["ir-searched@2"]
+    assert "to build" in got.plans["skipped"] and "to build" in got.threading["skipped"]
 
 
-def test_a_contender_that_fails_to_build_drops_out(tmp_path):
+def test_a_build_that_fails_drops_out(tmp_path):
     results = reports(searched=10, unstructured=12, **{"single 8x8": 13})
     names = {id(results["unstructured"]): "ir-unstructured", id(results["single 8x8"]): "ir-8x8"}
-    got = pick.measured_pick("searched", "ir-searched", results, lambda report: names[id(report)],
-                             Builds(failing={"ir-unstructured"}), timed({"ir-searched": 40, "ir-8x8": 20}), tmp_path)
-    assert got.name == "single 8x8"
-    assert "TVM failed" in got.record["errors"]["unstructured"]
-    assert set(got.record["contenders"]) == {"searched", "single 8x8"}
+    got, _ = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 40, "ir-unstructured@1": 35, "ir-8x8@2": 20},
+                      results, builds=Builds(failing={"ir-unstructured@2", "ir-8x8@1"}),
+                      make_ir=lambda report: names[id(report)])
+    assert (got.name, got.plans["build"]) == ("single 8x8", "parallel")
+    assert set(got.plans["errors"]) == {"unstructured [parallel]", "single 8x8 [serial]"}
+    assert "TVM failed" in got.plans["errors"]["unstructured [parallel]"]
+    assert got.plans["contenders"]["unstructured"]["parallel"] is None
+    assert "serial build of single 8x8 failed" in got.threading["skipped"]
 
 
-def test_plans_are_ranked_by_their_fastest_runs(tmp_path):
-    """A contender whose median reads faster only because load hit the other's runs does not replace it."""
-    chosen_runs = [30] * 3 + [50] * 7  # fast when the machine was quiet
-    other_runs = [40] * 10
-    got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=12),
-                             lambda report: "ir-unstructured", Builds(),
-                             timed({"ir-searched": chosen_runs, "ir-unstructured": other_runs}), tmp_path)
-    assert got.name == "searched"
-    contenders = got.record["contenders"]
-    assert contenders["searched"]["median_s"] > contenders["unstructured"]["median_s"]
+def test_the_chosen_plans_own_build_failing_is_the_callers(tmp_path):
+    with pytest.raises(CodegenError, match="ir-searched@2"):
+        run_pick(tmp_path, {}, reports(searched=10, unstructured=12), builds=Builds(failing={"ir-searched@2"}))
 
 
-def test_a_timing_that_fails_keeps_the_predicted_choice_and_its_artifact(tmp_path):
+def test_a_timing_that_fails_keeps_the_predicted_choices_parallel_build(tmp_path):
     def failing(artifacts):
         raise TimingError("timing searched, unstructured side by side failed (exit status -9): ")
 
     got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=12),
-                             lambda report: "ir-unstructured", Builds(), failing, tmp_path)
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched"
-    assert "timing the contenders failed" in got.record["skipped"] and "exit status -9" in got.record["skipped"]
+                             lambda report: "ir-unstructured", Builds(), TWO_CORES, failing, tmp_path)
+    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@2"
+    for record in (got.plans, got.threading):
+        assert "timing the builds failed" in record["skipped"] and "exit status -9" in record["skipped"]
+
+
+@pytest.mark.slow
+def test_the_serial_profile_leaves_no_parallel_loop_in_the_model(monkeypatch):
+    """Every PrimFunc of the compiled CNN at batch 32, ours (BSR kernels, phase split, norms) and TVM's
+    (scheduled by the DLight rules), is serial for the serial profile; the parallel one has some."""
+    import tvm
+
+    from pruneaug.codegen.relax_build import build_model
+
+    lowered = {}
+
+    def lower_only(mod, target, relax_pipeline, exec_mode):
+        with target:
+            lowered["mod"] = relax_pipeline(mod)
+
+    monkeypatch.setattr(tvm.relax, "build", lower_only)
+    model = onnx.load(EXAMPLES / "cnn" / "model.onnx")
+    sparse = {"conv1.weight": (4, 1), "conv2.weight": (16, 16), "fc1.weight": (8, 8)}
+    scripts = {}
+    for name, profile in {"parallel": TWO_CORES, "serial": pick.serial_profile(TWO_CORES)}.items():
+        build_model(model, sparse, profile, {"input": [32, 1, 8, 8]})
+        scripts[name] = lowered["mod"].script()
+    assert "T.parallel" in scripts["parallel"]
+    assert "T.parallel" not in scripts["serial"] and "bsr_conv2d" in scripts["serial"]

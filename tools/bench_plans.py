@@ -9,8 +9,8 @@ For each model: one `pruneaug.compile` (the search and its baselines, validated 
 the chosen plan's artifact and, in plan.json, every baseline's per-layer plan (`layers`). Each
 baseline asked for (default: best single block shape, unstructured, dense) is rebuilt from that
 plan with the compile's pruner (and reconstruction, if it ran) and compiled the way the compile
-compiles, its threading pick included (`pruneaug/threading_pick.py`: the table's `kernels` column
-says whether the parallel or the all-serial build was kept). Each artifact is then timed in its own
+compiles, its parallel and all-serial builds timed and one kept (`pruneaug/pick.py`: the table's
+`kernels` column says which). Each artifact is then timed in its own
 run of `pruneaug.timing` against onnxruntime on the dense model (the users' baseline), the two in
 their own processes, interleaved. (Timed all in one
 run, several TVM processes slowed each other and onnxruntime: on the CNN the chosen artifact read
@@ -68,7 +68,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     import onnx
 
     import pruneaug
-    from pruneaug import deploy, pick, threading_pick
+    from pruneaug import deploy, pick
     from pruneaug.calib import load_dataset
     from pruneaug.cost_model.targets import resolve_target
     from pruneaug.ir.graph import lower
@@ -98,17 +98,19 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
             print(f"{model.parent.name}: no baseline {name!r} in plan.json; skipped", file=sys.stderr)
             continue
         # one plan, one artifact: the chosen plan can be a baseline, and "best single" is often "unstructured"
-        # (two builds' threading picks can differ, and read as a speed-up of the plan)
+        # (two measured picks between a plan's builds can differ, and read as a speed-up of the plan)
         twin = next((other for other, built in plans.items() if built.figures["layers"] == figures["layers"]), None)
         if twin is not None:
             plans[name] = plans[twin]._replace(figures=figures, kernels=f"{plans[twin].kernels}, as {twin}")
             continue
         pruned = rebuild(source, plan, figures["layers"], calib_inputs)
         pruned_model = lower(pruned)
-        with deploy.quiet_native_stderr():  # built as the compile builds: its threading pick included
-            artifact, threading = threading_pick.build_and_pick(
-                deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs),
-                profile, folder / name.replace(" ", "_"), pick.side_by_side(inputs))
+        builder = deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs)
+        (folder / name).mkdir()
+        with deploy.quiet_native_stderr():  # built as the compile builds: its two builds timed, one kept
+            kept = pick.measured_pick(name, pruned, None, None, lambda _ir, kind, stem: builder(kind, stem), profile,
+                                      pick.side_by_side(inputs), folder / name)
+        artifact, threading = kept.artifact, kept.threading
         built = build_plan(pruned, profile.name)
         plans[name] = Built(figures, artifact, built["totals"]["weight_sparsity"], kernel_work(built["layers"]),
                             kernels_kept(threading))
@@ -116,7 +118,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
 
 def kernels_kept(threading: dict | None) -> str:
-    """Which build of a plan the threading pick kept, and how much faster the parallel build ran (its median
+    """Which build of a plan the measured pick kept, and how much faster the parallel build ran (its median
     over all runs), or why it did not pick."""
     if threading is None:
         return "parallel (not timed)"
@@ -202,7 +204,7 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
           f"kept-block weight per row); `GFLOP/s` = that work over the predicted time, and over the side-by-side "
           f"time less the floor's (the prunable layers in the model); numpy's fp32 matmul here (its BLAS, its own "
           f"threads): {peak_gflops:,.0f} GFLOP/s.\n")
-    print("| plan | blocks | kernels (threading pick) | weight sparsity | validated loss | meets budget | "
+    print("| plan | blocks | kernels (build kept) | weight sparsity | validated loss | meets budget | "
           "predicted µs (prunable layers) | kernel work, MFLOP | GFLOP/s (predicted / in the model) | "
           "run µs, median (p10–p90) | function µs, median (p10–p90) | "
           "x onnxruntime (run / function) | side by side µs, median (p10–p90) | chosen faster by (side by side) |")
