@@ -19,7 +19,7 @@ at batch 32 ran its parallel build 1.6x faster (137 against 214 µs).
 Why one timing of all of them: when the plans were picked first by their parallel builds and the kept
 plan's threading afterwards, the encoder shipped the chosen plan's parallel build, which ran 0.86x as
 fast as the best single shape's serial build. So every (plan, build) is timed side by side in one
-fresh process, PICK_TIMINGS times, each timing spread over half a second, and the runs of the timings
+fresh process, PICK_TIMINGS times, each timing spread over two seconds, and the runs of the timings
 are pooled. Each plan then counts as its serial build unless its parallel build's median is
 PARALLEL_MIN_GAIN faster: a serial build does not depend on a second core's spells, leaves that core
 to the application, and at batch 1 a parallel build's small gain in the pick did not last. The plan
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from pruneaug.errors import CodegenError
 from pruneaug.timing import Timing, TimingError
@@ -53,12 +54,13 @@ PICK_MIN_GAIN = 1.05  # another plan replaces the predicted choice only if the m
 # fast, ran 0.80-0.86x as fast (the second vCPU's spells); at batch 32 the CNN's read 1.24-1.6x faster
 PARALLEL_MIN_GAIN = 1.15
 PICK_TIMINGS = 2  # side-by-side timings of all the builds, their runs pooled
-PICK_ROUNDS = 10  # rounds per timing; each runs every build PICK_RUNS times
+PICK_ROUNDS = 20  # rounds per timing; each runs every build PICK_RUNS times
 PICK_RUNS = 10
-# a pause after each round, so that one timing spans half a second: on this 2-vCPU VM a parallel build
-# ran 1.3x slower than its serial twin for seconds at a time and alike for other seconds, and 10 rounds
-# back to back (10 ms for the encoder) saw one of those spells only
-PICK_ROUND_PAUSE_S = 0.05
+# a pause after each round, so that one timing spans two seconds and the two four: on this 2-vCPU VM the CNN at
+# batch 32 ran its parallel build 1.3-1.7x faster than its serial twin, except in dips to 1.0-1.1x of 1-3 s every
+# 10-40 s (one plan's two builds timed every 0.2 s for two minutes); the median of runs spread over four seconds
+# sees at most one dip, in a minority of its rounds
+PICK_ROUND_PAUSE_S = 0.1
 BUILDS = ("parallel", "serial")
 ONE_CORE = "the target has one core: every kernel is serial already"
 
@@ -186,10 +188,10 @@ def measured_pick(chosen_name: str, chosen_ir, results: Mapping[str, Any] | None
     builder = _Builder(build, profile, folder)
     builder.artifacts[chosen_name, "parallel"] = first
     irs = {chosen_name: chosen_ir, **{name: make_ir(results[name]) for name in names[1:]}}
-    for name, ir in irs.items():
-        for kind in BUILDS if profile.cores > 1 else ("parallel",):
-            if (name, kind) not in builder.artifacts:
-                builder(name, ir, kind)
+    kinds = BUILDS if profile.cores > 1 else ("parallel",)
+    todo = [(name, ir, kind) for name, ir in irs.items() for kind in kinds if (name, kind) not in builder.artifacts]
+    for name, ir, kind in tqdm(todo, desc="building the contenders", unit="build", disable=None):
+        builder(name, ir, kind)
     artifacts = {build_key(*key): path for key, path in builder.artifacts.items()}
     try:
         timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]

@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--plans", default=f"best single,unstructured,dense,{FLOOR}",
                         help=f"baselines of plan.json to compile and time beside the chosen plan, and {FLOOR!r}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; each runs every plan --runs times")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds; each runs every plan --runs times")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--pause", type=float, help="seconds between side-by-side rounds (default: the picks' own)")
     args = parser.parse_args()
