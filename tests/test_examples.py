@@ -88,3 +88,17 @@ def test_encoder_is_a_transformer_with_attention_gelu_and_layer_norm() -> None:
 
 def test_examples_stay_small() -> None:
     assert sum(f.stat().st_size for f in EXAMPLES.rglob("*") if f.is_file()) < 4 * 1024 * 1024
+
+
+def test_a_wider_encoder_is_trained_and_written_with_the_widths_asked(tmp_path, monkeypatch) -> None:
+    """tools/make_examples.py --hidden/--ffn (for benchmarks on an encoder wider than the bundled one): the
+    written graph has those widths and computes what the trained torch model does (the script checks it)."""
+    pytest.importorskip("torch")  # the `train` extra
+    from tool_module import TOOLS, load_tool
+
+    monkeypatch.syspath_prepend(str(TOOLS))  # (make_examples imports encoder_graph beside it)
+    make_examples = load_tool("make_examples")
+    accuracy = make_examples.make_encoder(tmp_path, train_samples=64, eval_samples=32, epochs=1, hidden=32, ffn=48)
+    assert 0.0 <= accuracy <= 1.0
+    weights = {t.name: list(t.dims) for t in onnx.load(tmp_path / "encoder" / "model.onnx").graph.initializer}
+    assert weights["layer0.ffn1.weight"] == [32, 48] and weights["layer0.ffn2.weight"] == [48, 32]

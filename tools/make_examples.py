@@ -2,6 +2,7 @@
 
     python tools/make_examples.py                   # writes examples/{mlp,cnn,encoder}/{model.onnx,calib.npz,eval.npz}
     python tools/make_examples.py --only encoder    # one of them
+    python tools/make_examples.py --only encoder --hidden 256 --ffn 1024 --out /tmp/wide   # a wider encoder, for benchmarks
 
 Needs torch (the ``train`` extra); nothing else in pruneaug does. Training is seeded and runs on one
 thread with deterministic algorithms, the ONNX graphs are written with onnx.helper from the trained
@@ -130,13 +131,15 @@ def synthetic_task(samples: int, rng: np.random.Generator, seq: int = 16, symbol
     return features.astype(np.float32), labels
 
 
-def make_encoder(out: Path, train_samples: int = 8000, eval_samples: int = 1000, epochs: int = 15) -> float:
-    """Trains the encoder example on the synthetic task and writes it; returns its eval accuracy in onnxruntime."""
+def make_encoder(out: Path, train_samples: int = 8000, eval_samples: int = 1000, epochs: int = 15,
+                 hidden: int = 128, ffn: int = 512) -> float:
+    """Trains the encoder example (or one `hidden` and `ffn` wide) on the synthetic task and writes it;
+    returns its eval accuracy in onnxruntime."""
     rng = np.random.default_rng(SEED)
     x_train, y_train = synthetic_task(train_samples, rng)
     x_test, y_test = synthetic_task(eval_samples, rng)
     torch.manual_seed(SEED)
-    model = train(Encoder(), x_train, y_train, epochs)
+    model = train(Encoder(hidden=hidden, ffn=ffn), x_train, y_train, epochs)
     onnx_model = encoder_graph(**model.shape, weights=model.weight, batch=BATCH, input_name=INPUT, output_name=OUTPUT)
     onnx_model.producer_name = "pruneaug tools/make_examples.py"
     return _write_and_check("encoder", onnx_model, model, x_train, x_test, y_test, out)
@@ -274,10 +277,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=EXAMPLES, help="folder to write the examples' folders into")
     parser.add_argument("--only", choices=[*EXAMPLES_SPEC, "encoder"], help="write this example alone")
+    parser.add_argument("--hidden", type=int, default=128, help="the encoder's hidden width (bundled: 128)")
+    parser.add_argument("--ffn", type=int, default=512, help="the encoder's feed-forward width (bundled: 512)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    makers = {**{name: lambda out, name=name: make(name, out) for name in EXAMPLES_SPEC}, "encoder": make_encoder}
+    makers = {**{name: lambda out, name=name: make(name, out) for name in EXAMPLES_SPEC}, "encoder": lambda out: make_encoder(out, hidden=args.hidden, ffn=args.ffn)}
     for name, maker in makers.items():
         if args.only in (None, name):
             accuracy = maker(args.out)
