@@ -392,10 +392,12 @@ def _measured_pick(outcome: SearchOutcome | None, chosen: IRModel, written: _Wri
     if record is None:
         return picked
     if picked.name != record["chosen_from"]:
-        medians = {name: min(f[kind]["median_s"] for kind in pick.BUILDS if f[kind] and f[kind]["median_s"])
-                   for name, f in picked.plans["contenders"].items() if name in (picked.name, record["chosen_from"])}
-        notes.append(f"measured pick: {picked.name} ran {medians[record['chosen_from']] / medians[picked.name]:.2f}x "
-                     f"as fast (median) as the search's predicted choice ({record['chosen_from']}) and is kept")
+        medians = {name: f[f["counted"]]["median_s"] for name, f in picked.plans["contenders"].items() if f["counted"]}
+        predicted = record["chosen_from"]
+        notes.append(f"measured pick: {picked.name} ran {medians[predicted] / medians[picked.name]:.2f}x as fast "
+                     f"(median) as the search's predicted choice ({predicted}) and is kept" if predicted in medians
+                     else f"measured pick: {picked.name} is kept (the search's predicted choice, {predicted}, "
+                          f"could not be timed)")
         kept = {key: record[key] for key in ("time_s", "kernels_measured", "sensitivities")}
         record = outcome.record = search_record(outcome.results[picked.name], outcome.results, metric)
         record.update(kept, chosen_from=picked.name)

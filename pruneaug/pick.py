@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pruneaug.errors import CodegenError
+from pruneaug.ir.graph import IRModel
 from pruneaug.timing import Timing, TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
@@ -64,7 +65,7 @@ PICK_ROUND_PAUSE_S = 0.1
 BUILDS = ("parallel", "serial")
 ONE_CORE = "the target has one core: every kernel is serial already"
 
-Build = Callable[[Any, Any, Path], Path]  # (a plan's IR, target profile, stem) -> its built and gated artifact
+Build = Callable[[IRModel, Any, Path], Path]  # (a plan's IR, target profile, stem) -> its built and gated artifact
 TimeArtifacts = Callable[[dict[str, Path]], dict[str, Timing]]  # {name: artifact} -> {name: Timing}
 
 
@@ -74,7 +75,7 @@ class Pick:
     among plans (None where only one plan was offered), and `threading`, between the kept plan's builds."""
 
     name: str
-    ir: Any
+    ir: IRModel
     artifact: Path
     plans: dict[str, Any] | None
     threading: dict[str, Any]
@@ -154,7 +155,7 @@ class _Builder:
         self.artifacts: dict[tuple[str, str], Path] = {}
         self.errors: dict[str, str] = {}
 
-    def __call__(self, plan: str, ir, kind: str) -> None:
+    def __call__(self, plan: str, ir: IRModel, kind: str) -> None:
         profile = self.profile if kind == "parallel" else serial_profile(self.profile)
         stem = self.folder / f"build{len(self.artifacts) + len(self.errors)}"
         try:
@@ -163,7 +164,8 @@ class _Builder:
             self.errors[build_key(plan, kind)] = str(err)
 
 
-def measured_pick(chosen_name: str, chosen_ir, results: Mapping[str, Any] | None, make_ir: Callable[[Any], Any] | None,
+def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, Any] | None,
+                  make_ir: Callable[[Any], IRModel] | None,
                   build: Build, profile, time_artifacts: TimeArtifacts, folder: Path) -> Pick:
     """Build the builds into `folder` (the chosen plan's parallel build first: a CodegenError there is the
     caller's), time them side by side with `time_artifacts`, and keep one (see the module docstring).
@@ -211,13 +213,15 @@ def _figures(timing: Timing | None) -> dict[str, float | None] | None:
 
 def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[str, Timing],
                   kept: tuple[str, str], errors: dict[str, str]) -> dict[str, Any]:
-    """plan.json's `search.measured_pick`: each contender's builds as timed."""
+    """plan.json's `search.measured_pick`: each contender's builds as timed, and the one it `counted` as."""
+    counted = _plan_times(pooled, names)
     return {
         "picked": kept[0],
         "build": kept[1],
         "predicted_choice": names[0],
         "min_gain": PICK_MIN_GAIN,
         "contenders": {name: {"predicted_latency_s": results[name].predicted_latency_s,
+                              "counted": counted[name][0] if name in counted else None,
                               **{kind: _figures(pooled.get(build_key(name, kind))) for kind in BUILDS}}
                        for name in names},
         "errors": errors,

@@ -89,6 +89,7 @@ def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
     assert plans["contenders"]["searched"]["parallel"]["median_s"] == pytest.approx(40e-6)
     assert plans["contenders"]["unstructured"]["serial"]["p10_s"] == pytest.approx(30e-6)
     assert plans["contenders"]["unstructured"]["predicted_latency_s"] == pytest.approx(13e-6)
+    assert [plans["contenders"][name]["counted"] for name in ("searched", "unstructured")] == ["serial", "serial"]
     threading = got.threading  # the kept plan's two builds, from the same timings
     assert threading["kept"] == "serial" and threading["threads"] == 2
     assert threading["median_s"] == pytest.approx({"parallel": 45e-6, "serial": 30e-6})
@@ -163,6 +164,7 @@ def test_a_build_that_fails_drops_out(tmp_path):
     assert set(got.plans["errors"]) == {"unstructured [parallel]", "single 8x8 [serial]"}
     assert "TVM failed" in got.plans["errors"]["unstructured [parallel]"]
     assert got.plans["contenders"]["unstructured"]["parallel"] is None
+    assert got.plans["contenders"]["single 8x8"]["counted"] == "parallel"  # its serial build failed
     assert "serial build of single 8x8 failed" in got.threading["skipped"]
 
 
