@@ -20,7 +20,9 @@ Why one timing of all of them: when the plans were picked first by their paralle
 plan's threading afterwards, the encoder shipped the chosen plan's parallel build, which ran 0.86x as
 fast as the best single shape's serial build. So every (plan, build) is timed side by side in one
 fresh process, PICK_TIMINGS times, each timing spread over two seconds, and the runs of the timings
-are pooled. Each plan then counts as its serial build unless its parallel build's median is
+are pooled. (Where no kernel of a plan's parallel build uses the pool, `export.uses_thread_pool`, that
+build is its serial one and no twin is built: the bundled CNN's plans at batch 1, mostly.) Each plan
+then counts as its serial build unless its parallel build's median is
 PARALLEL_MIN_GAIN faster: a serial build does not depend on a second core's spells, leaves that core
 to the application, and at batch 1 a parallel build's small gain in the pick did not last. The plan
 fastest so replaces the predicted choice only where it is PICK_MIN_GAIN faster. (Two timings that
@@ -148,12 +150,14 @@ def _kept(pooled: Mapping[str, Timing], plans: list[str]) -> tuple[str, str]:
 
 
 class _Builder:
-    """Builds (plan, build) artifacts into one folder and remembers them, or why one failed."""
+    """Builds (plan, build) artifacts into one folder and remembers them, or why one failed, and the plans
+    whose build for several cores runs every kernel serially (`pool_free`: no twin is built for them)."""
 
-    def __init__(self, build: Build, profile, folder: Path):
-        self.build, self.profile, self.folder = build, profile, folder
+    def __init__(self, build: Build, profile, folder: Path, uses_pool: Callable[[Path], bool]):
+        self.build, self.profile, self.folder, self.uses_pool = build, profile, folder, uses_pool
         self.artifacts: dict[tuple[str, str], Path] = {}
         self.errors: dict[str, str] = {}
+        self.pool_free: set[str] = set()
 
     def __call__(self, plan: str, ir: IRModel, kind: str) -> None:
         profile = self.profile if kind == "parallel" else serial_profile(self.profile)
@@ -163,14 +167,27 @@ class _Builder:
         except CodegenError as err:  # that build drops out; the others are still compared
             self.errors[build_key(plan, kind)] = str(err)
 
+    def both(self, plan: str, ir: IRModel) -> None:
+        """The plan's parallel build (unless made already), then its serial twin, or, where no kernel of the
+        parallel build uses the thread pool, that build as the plan's serial one."""
+        if (plan, "parallel") not in self.artifacts:
+            self(plan, ir, "parallel")
+        parallel = self.artifacts.get((plan, "parallel"))
+        if parallel is not None and not self.uses_pool(parallel):
+            self.artifacts[plan, "serial"] = self.artifacts.pop((plan, "parallel"))
+            self.pool_free.add(plan)
+        else:
+            self(plan, ir, "serial")
+
 
 def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, Any] | None,
-                  make_ir: Callable[[Any], IRModel] | None,
-                  build: Build, profile, time_artifacts: TimeArtifacts, folder: Path) -> Pick:
+                  make_ir: Callable[[Any], IRModel] | None, build: Build, profile, time_artifacts: TimeArtifacts,
+                  folder: Path, uses_pool: Callable[[Path], bool] | None = None) -> Pick:
     """Build the builds into `folder` (the chosen plan's parallel build first: a CodegenError there is the
     caller's), time them side by side with `time_artifacts`, and keep one (see the module docstring).
     `results` (the search's reports, and `make_ir(report)` their IRs) offer the other plans; None: the
-    chosen plan only. The kept artifact stays in `folder`, at the path its record names."""
+    chosen plan only. The kept artifact stays in `folder`, at the path its record names. `uses_pool(artifact)`
+    (default `export.uses_thread_pool`) says whether a build has a kernel on the thread pool."""
     names = contenders(results, chosen_name, PICK_MARGIN) if results else [chosen_name]
     alone = {"skipped": f"no other validated plan predicted within {PICK_MARGIN:g}x of the chosen one"}
 
@@ -187,13 +204,19 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
         return Pick(chosen_name, chosen_ir, first, plans({"skipped": reason}), {"skipped": reason})
     if profile.cores <= 1 and len(names) == 1:
         return Pick(chosen_name, chosen_ir, first, plans(alone), {"skipped": ONE_CORE})
-    builder = _Builder(build, profile, folder)
+    if uses_pool is None:
+        from pruneaug.codegen.export import uses_thread_pool as uses_pool
+    builder = _Builder(build, profile, folder, uses_pool)
     builder.artifacts[chosen_name, "parallel"] = first
     irs = {chosen_name: chosen_ir, **{name: make_ir(results[name]) for name in names[1:]}}
-    kinds = BUILDS if profile.cores > 1 else ("parallel",)
-    todo = [(name, ir, kind) for name, ir in irs.items() for kind in kinds if (name, kind) not in builder.artifacts]
-    for name, ir, kind in tqdm(todo, desc="building the contenders", unit="build", disable=None):
-        builder(name, ir, kind)
+    for name, ir in tqdm(irs.items(), desc="building the contenders", unit="plan", disable=None):
+        if profile.cores > 1:
+            builder.both(name, ir)
+        elif (name, "parallel") not in builder.artifacts:
+            builder(name, ir, "parallel")
+    if len(names) == 1 and chosen_name in builder.pool_free:  # one plan, one build: nothing to compare
+        return Pick(chosen_name, chosen_ir, first, plans(alone),
+                    {"kept": "serial", "threads": profile.cores, "skipped": _pool_free(profile)})
     artifacts = {build_key(*key): path for key, path in builder.artifacts.items()}
     try:
         timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]
@@ -203,8 +226,8 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     pooled = _pooled(timings)
     kept = _kept(pooled, list(irs))
     return Pick(kept[0], irs[kept[0]], builder.artifacts[kept],
-                plans(_plans_record(names, results, pooled, kept, builder.errors)) if results else None,
-                _threading_record(kept, pooled, timings, profile))
+                plans(_plans_record(names, results, pooled, kept, builder)) if results else None,
+                _threading_record(kept, pooled, timings, profile, kept[0] in builder.pool_free))
 
 
 def _figures(timing: Timing | None) -> dict[str, float | None] | None:
@@ -212,7 +235,7 @@ def _figures(timing: Timing | None) -> dict[str, float | None] | None:
 
 
 def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[str, Timing],
-                  kept: tuple[str, str], errors: dict[str, str]) -> dict[str, Any]:
+                  kept: tuple[str, str], builder: _Builder) -> dict[str, Any]:
     """plan.json's `search.measured_pick`: each contender's builds as timed, and the one it `counted` as."""
     counted = _plan_times(pooled, names)
     return {
@@ -222,25 +245,33 @@ def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[
         "min_gain": PICK_MIN_GAIN,
         "contenders": {name: {"predicted_latency_s": results[name].predicted_latency_s,
                               "counted": counted[name][0] if name in counted else None,
+                              "uses_thread_pool": name not in builder.pool_free,
                               **{kind: _figures(pooled.get(build_key(name, kind))) for kind in BUILDS}}
                        for name in names},
-        "errors": errors,
+        "errors": builder.errors,
         "method": f"every contender's builds (parallel kernels where each kernel pays for the pool, and every "
-                  f"kernel serial), their compiled functions side by side in one fresh process, {PICK_TIMINGS} "
+                  f"kernel serial; one build where no kernel pays for the pool), their compiled functions side by side in one fresh process, {PICK_TIMINGS} "
                   f"timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s apart, all runs "
                   f"pooled; a plan's parallel build counts only where its median is {PARALLEL_MIN_GAIN:g}x its serial "
                   f"build's, and the predicted choice is replaced only by a plan {PICK_MIN_GAIN:g}x faster",
     }
 
 
+def _pool_free(profile) -> str:
+    return (f"no kernel of this plan pays for the thread pool at {profile.cores} threads (each decides alone, "
+            f"`threads.worth_parallel`): its one build runs every kernel serially")
+
+
 def _threading_record(kept: tuple[str, str], pooled: Mapping[str, Timing], timings: list[Mapping[str, Timing]],
-                      profile) -> dict[str, Any]:
-    """plan.json's `threading`: the kept plan's two builds as timed (or why it has one)."""
+                      profile, pool_free: bool) -> dict[str, Any]:
+    """plan.json's `threading`: the kept plan's builds as timed (or why it has none)."""
     if profile.cores <= 1:
         return {"skipped": ONE_CORE}
-    keys = {kind: build_key(kept[0], kind) for kind in BUILDS}
-    if keys["serial"] not in pooled:
+    keys = {kind: build_key(kept[0], kind) for kind in BUILDS if build_key(kept[0], kind) in pooled}
+    if "serial" not in keys:
         return {"skipped": f"the serial build of {kept[0]} failed"}
+    rule = _pool_free(profile) if pool_free else \
+        f"the parallel build is kept only if the median of all its runs is {PARALLEL_MIN_GAIN:g}x faster"
     return {
         "kept": kept[1],
         "threads": profile.cores,
@@ -249,6 +280,5 @@ def _threading_record(kept: tuple[str, str], pooled: Mapping[str, Timing], timin
         "p10_s": {kind: pooled[key].p10_s for kind, key in keys.items()},
         "timings_median_s": [{kind: t[key].median_s for kind, key in keys.items()} for t in timings],
         "method": f"timed with the other plans' builds (`search.measured_pick` where there were any) at "
-                  f"{profile.cores} threads; the parallel build is kept only if the median of all its runs is "
-                  f"{PARALLEL_MIN_GAIN:g}x faster",
+                  f"{profile.cores} threads; {rule}",
     }

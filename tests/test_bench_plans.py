@@ -80,6 +80,9 @@ def test_the_kernels_column_says_which_build_was_kept_and_by_how_much_the_parall
         "serial (parallel – faster)"
     assert bench_plans.kernels_kept({"skipped": "the target has one core"}) == "parallel (the target has one core)"
     assert bench_plans.kernels_kept(None) == "parallel (not timed)"
+    assert bench_plans.kernels_kept({"kept": "serial", "median_s": {"serial": 1e-4}}) == \
+        "serial (no kernel uses the thread pool)"
+    assert bench_plans.kernels_kept({"kept": "serial", "skipped": "no kernel pays"}) == "serial (no kernel pays)"
 
 
 def test_kernel_work_counts_two_flop_per_kept_block_weight_per_row_and_its_rates_use_the_floor():

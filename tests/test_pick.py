@@ -6,10 +6,12 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
 
 from pruneaug import pick
+from pruneaug.codegen.export import POOL_LAUNCH
 from pruneaug.cost_model.targets import resolve_target
 from pruneaug.errors import CodegenError
 from pruneaug.timing import Timing, TimingError
@@ -38,8 +40,14 @@ class Builds:
             raise CodegenError(f"TVM failed to compile {build}")
         self.built.append(build)
         path = stem.with_suffix(".so")
-        path.write_text(build)
+        pool = profile.cores > 1 and not ir.endswith("-serial-only")  # a kernel on the thread pool
+        path.write_bytes(build.encode() + (b"\n" + POOL_LAUNCH if pool else b""))
         return path
+
+
+def made(artifact: Path) -> str:
+    """Which build a stand-in artifact is: `IR@CORES`."""
+    return artifact.read_text().splitlines()[0]
 
 
 def timed(runs_us: dict, calls: list | None = None):
@@ -52,7 +60,7 @@ def timed(runs_us: dict, calls: list | None = None):
         timing = len(calls) - 1
         answers = {}
         for name, path in artifacts.items():
-            runs = runs_us[path.read_text()]
+            runs = runs_us[made(path)]
             runs = runs[timing] if isinstance(runs, tuple) else runs
             answers[name] = Timing(name, [us * 1e-6 for us in (runs if isinstance(runs, list) else [runs] * 10)])
         return answers
@@ -83,7 +91,7 @@ def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
     assert calls == [["searched [parallel]", "searched [serial]", "unstructured [parallel]",
                       "unstructured [serial]"]] * pick.PICK_TIMINGS  # all of them, in one timing each time
     assert (got.name, got.ir) == ("unstructured", "ir-unstructured")
-    assert got.artifact.read_text() == "ir-unstructured@1"  # its own artifact, built once, to ship
+    assert made(got.artifact) == "ir-unstructured@1"  # its own artifact, built once, to ship
     plans = got.plans
     assert (plans["picked"], plans["build"], plans["predicted_choice"]) == ("unstructured", "serial", "searched")
     assert plans["contenders"]["searched"]["parallel"]["median_s"] == pytest.approx(40e-6)
@@ -111,7 +119,7 @@ def test_the_parallel_build_ships_only_where_it_is_15_percent_faster(tmp_path, p
     got, _ = run_pick(tmp_path, {"ir-searched@2": parallel_us, "ir-searched@1": serial})
     assert got.name == "searched" and got.plans is None  # a given plan: no plans to pick among
     assert got.threading["kept"] == kept and got.threading["min_gain"] == pick.PARALLEL_MIN_GAIN
-    assert got.artifact.read_text() == ("ir-searched@1" if kept == "serial" else "ir-searched@2")
+    assert made(got.artifact) == ("ir-searched@1" if kept == "serial" else "ir-searched@2")
 
 
 def test_plans_are_compared_by_the_builds_they_would_ship(tmp_path):
@@ -120,7 +128,7 @@ def test_plans_are_compared_by_the_builds_they_would_ship(tmp_path):
     got, _ = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 40, "ir-unstructured@2": 30,
                                  "ir-unstructured@1": 33}, reports(searched=10, unstructured=13))
     assert (got.name, got.plans["build"], got.threading["kept"]) == ("unstructured", "serial", "serial")
-    assert got.artifact.read_text() == "ir-unstructured@1"
+    assert made(got.artifact) == "ir-unstructured@1"
 
 
 def test_a_plan_within_the_noise_keeps_the_predicted_choice(tmp_path):
@@ -129,10 +137,36 @@ def test_a_plan_within_the_noise_keeps_the_predicted_choice(tmp_path):
     assert (got.name, got.plans["picked"], got.plans["build"]) == ("searched", "searched", "serial")
 
 
+def test_a_plan_with_no_kernel_on_the_pool_gets_no_serial_twin(tmp_path):
+    """At batch 1 the CNN's plans often keep every kernel off the pool: their parallel build is a serial one,
+    and only it is built and timed, as the plan's serial build."""
+    calls = []
+    got, builds = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 42, "ir-unstructured-serial-only@2": 30},
+                           reports(searched=10, unstructured=13), calls=calls,
+                           make_ir=lambda report: "ir-unstructured-serial-only")
+    assert builds.built == ["ir-searched@2", "ir-searched@1", "ir-unstructured-serial-only@2"]
+    assert calls[0] == ["searched [parallel]", "searched [serial]", "unstructured [serial]"]
+    assert (got.name, got.plans["build"]) == ("unstructured", "serial")
+    assert made(got.artifact) == "ir-unstructured-serial-only@2"
+    contenders = got.plans["contenders"]
+    assert contenders["unstructured"]["uses_thread_pool"] is False and contenders["unstructured"]["parallel"] is None
+    assert contenders["searched"]["uses_thread_pool"] is True
+    assert got.threading["kept"] == "serial" and set(got.threading["median_s"]) == {"serial"}
+    assert "no kernel of this plan pays for the thread pool" in got.threading["method"]
+
+
+def test_a_given_plan_with_no_kernel_on_the_pool_is_not_timed(tmp_path):
+    calls, builds = [], Builds()
+    got = pick.measured_pick("given", "ir-serial-only", None, None, builds, TWO_CORES, timed({}, calls), tmp_path)
+    assert calls == [] and builds.built == ["ir-serial-only@2"] and made(got.artifact) == "ir-serial-only@2"
+    assert got.plans is None
+    assert got.threading["kept"] == "serial" and "no kernel of this plan pays" in got.threading["skipped"]
+
+
 def test_one_core_and_no_contender_builds_and_times_nothing_more(tmp_path):
     calls = []
     got, builds = run_pick(tmp_path, {}, reports(searched=10, dense=60), profile=ONE_CORE, calls=calls)
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@1"
+    assert got.name == "searched" and made(got.artifact) == "ir-searched@1"
     assert builds.built == ["ir-searched@1"] and calls == []
     assert "no other validated plan" in got.plans["skipped"] and "one core" in got.threading["skipped"]
 
@@ -149,7 +183,7 @@ def test_a_slow_build_keeps_the_predicted_choice_unmeasured(tmp_path, monkeypatc
     """A model whose artifact takes long to build (BERT-base: 18-25 s) builds only its own, parallel."""
     monkeypatch.setattr(pick, "PICK_BUILD_BUDGET_S", -1.0)
     got, builds = run_pick(tmp_path, {}, reports(searched=10, unstructured=11))
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@2"
+    assert got.name == "searched" and made(got.artifact) == "ir-searched@2"
     assert builds.built == ["ir-searched@2"]
     assert "to build" in got.plans["skipped"] and "to build" in got.threading["skipped"]
 
@@ -179,7 +213,7 @@ def test_a_timing_that_fails_keeps_the_predicted_choices_parallel_build(tmp_path
 
     got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=12),
                              lambda report: "ir-unstructured", Builds(), TWO_CORES, failing, tmp_path)
-    assert got.name == "searched" and got.artifact.read_text() == "ir-searched@2"
+    assert got.name == "searched" and made(got.artifact) == "ir-searched@2"
     for record in (got.plans, got.threading):
         assert "timing the builds failed" in record["skipped"] and "exit status -9" in record["skipped"]
 
@@ -207,3 +241,17 @@ def test_the_serial_profile_leaves_no_parallel_loop_in_the_model(monkeypatch):
         scripts[name] = lowered["mod"].script()
     assert "T.parallel" in scripts["parallel"]
     assert "T.parallel" not in scripts["serial"] and "bsr_conv2d" in scripts["serial"]
+
+
+@pytest.mark.slow
+def test_an_artifact_says_whether_a_kernel_uses_the_thread_pool(tmp_path):
+    """`export.uses_thread_pool` on real builds of the CNN at batch 32: the build for two cores has kernels
+    on the pool, the build for one has none (the pick then builds no serial twin)."""
+    from pruneaug import deploy
+    from pruneaug.codegen.export import uses_thread_pool
+
+    model = onnx.load(EXAMPLES / "cnn" / "model.onnx")
+    sparse = {"conv1.weight": (4, 1), "conv2.weight": (16, 16), "fc1.weight": (8, 8)}
+    build = deploy.plan_builder(model, sparse, {"input": [32, 1, 8, 8]}, {"input": np.zeros((32, 1, 8, 8), np.float32)})
+    assert uses_thread_pool(build(TWO_CORES, tmp_path / "parallel"))
+    assert not uses_thread_pool(build(pick.serial_profile(TWO_CORES), tmp_path / "serial"))

@@ -123,8 +123,10 @@ def kernels_kept(threading: dict | None) -> str:
     if threading is None:
         return "parallel (not timed)"
     if "skipped" in threading:
-        return f"parallel ({threading['skipped']})"
+        return f"{threading.get('kept', 'parallel')} ({threading['skipped']})"
     median = threading["median_s"]
+    if "parallel" not in median:
+        return f"{threading['kept']} (no kernel uses the thread pool)"
     gain = median["serial"] / median["parallel"] if median["serial"] and median["parallel"] else None
     return f"{threading['kept']} (parallel {_fmt(gain)} faster)"
 

@@ -102,6 +102,16 @@ def move_artifact(path: Path, path_without_suffix: Path) -> Path:
     return target
 
 
+POOL_LAUNCH = b"TVMBackendParallelLaunch"  # what a kernel built with a parallel loop calls into TVM's runtime
+
+
+def uses_thread_pool(path: Path) -> bool:
+    """Whether a CPU artifact has a kernel that runs on TVM's thread pool: its code calls `POOL_LAUNCH`, a
+    symbol it imports by name (a .so's dynamic strings, a .tar's object files). Without one, the build
+    for several cores runs every kernel on the calling thread, as the build for one core does."""
+    return POOL_LAUNCH in Path(path).read_bytes()
+
+
 def cuda_sources(module) -> list[str]:
     """The CUDA source of every CUDA module imported (at any depth) by `module`."""
     sources = [module.inspect_source("cuda")] if module.kind == "cuda" else []
