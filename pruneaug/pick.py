@@ -51,7 +51,8 @@ from pruneaug.timing import Timing, TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
 PICK_BUILD_BUDGET_S = 10.0  # build the rest only if the chosen plan's artifact built within this
-PICK_MIN_GAIN = 1.05  # another plan replaces the predicted choice only if the median of its build's runs is this much faster
+# another plan replaces the predicted choice only if the median of the runs of the build it counts as is this much faster
+PICK_MIN_GAIN = 1.05
 # a plan ships its parallel build only if the median of its runs is this much faster than its serial twin's: at batch 1
 # the bundled encoder's parallel builds read 1.03-1.13x faster in the pick and later, beside serial builds of plans as
 # fast, ran 0.80-0.86x as fast (the second vCPU's spells); at batch 32 the CNN's read 1.24-1.6x faster
@@ -250,14 +251,15 @@ def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[
                        for name in names},
         "errors": builder.errors,
         "method": f"every contender's builds (parallel kernels where each kernel pays for the pool, and every "
-                  f"kernel serial; one build where no kernel pays for the pool), their compiled functions side by side in one fresh process, {PICK_TIMINGS} "
-                  f"timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s apart, all runs "
+                  f"kernel serial; one build where no kernel pays for the pool), their compiled functions side by "
+                  f"side in one fresh process, {PICK_TIMINGS} timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s apart, all runs "
                   f"pooled; a plan's parallel build counts only where its median is {PARALLEL_MIN_GAIN:g}x its serial "
                   f"build's, and the predicted choice is replaced only by a plan {PICK_MIN_GAIN:g}x faster",
     }
 
 
 def _pool_free(profile) -> str:
+    """Why a plan has one build: plan.json's words."""
     return (f"no kernel of this plan pays for the thread pool at {profile.cores} threads (each decides alone, "
             f"`threads.worth_parallel`): its one build runs every kernel serially")
 
