@@ -51,7 +51,7 @@ from pruneaug.timing import Timing, TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
 PICK_BUILD_BUDGET_S = 10.0  # build the rest only if the chosen plan's artifact built within this
-# another plan replaces the predicted choice only if the median of the runs of the build it counts as is this much faster
+# another plan replaces the predicted choice only if the median of the build it counts as is this much faster
 PICK_MIN_GAIN = 1.05
 # a plan ships its parallel build only if the median of its runs is this much faster than its serial twin's: at batch 1
 # the bundled encoder's parallel builds read 1.03-1.13x faster in the pick and later, beside serial builds of plans as
@@ -137,14 +137,10 @@ def _plan_times(pooled: Mapping[str, Timing], plans: list[str]) -> dict[str, tup
     return times
 
 
-def _kept(pooled: Mapping[str, Timing], plans: list[str]) -> tuple[str, str]:
-    """The (plan, build) that ships: of each plan its build (`_plan_times`); the fastest plan where it is
-    PICK_MIN_GAIN faster than the predicted choice, `plans[0]` (or that has no time), else the predicted choice."""
-    times = _plan_times(pooled, plans)
-    if not times:
-        return plans[0], "parallel"
+def _kept(times: Mapping[str, tuple[str, float]], choice: str) -> tuple[str, str]:
+    """The (plan, build) that ships, of the plans' `_plan_times` (at least one): the fastest plan where it is
+    PICK_MIN_GAIN faster than the predicted `choice` (or that has no time), else the predicted choice."""
     fastest = min(times, key=lambda plan: times[plan][1])
-    choice = plans[0]
     if choice in times and times[choice][1] / times[fastest][1] < PICK_MIN_GAIN:
         fastest = choice
     return fastest, times[fastest][0]
@@ -199,12 +195,17 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     started = time.perf_counter()
     first = build(chosen_ir, profile, folder / "chosen")
     build_s = time.perf_counter() - started
+
+    def unmeasured(plans_record: dict[str, Any], threading: dict[str, Any]) -> Pick:
+        """The chosen plan's first build ships: nothing (more) to compare, or no time to compare by."""
+        return Pick(chosen_name, chosen_ir, first, plans(plans_record), threading)
+
     if build_s > PICK_BUILD_BUDGET_S:
-        reason = (f"the chosen plan's artifact took {build_s:.0f} s to build (other builds are made only within "
-                  f"{PICK_BUILD_BUDGET_S:g} s)")
-        return Pick(chosen_name, chosen_ir, first, plans({"skipped": reason}), {"skipped": reason})
+        reason = {"skipped": f"the chosen plan's artifact took {build_s:.0f} s to build (other builds are made "
+                             f"only within {PICK_BUILD_BUDGET_S:g} s)"}
+        return unmeasured(reason, reason)
     if profile.cores <= 1 and len(names) == 1:
-        return Pick(chosen_name, chosen_ir, first, plans(alone), {"skipped": ONE_CORE})
+        return unmeasured(alone, {"skipped": ONE_CORE})
     if uses_pool is None:
         from pruneaug.codegen.export import uses_thread_pool as uses_pool
     builder = _Builder(build, profile, folder, uses_pool)
@@ -216,18 +217,22 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
         elif (name, "parallel") not in builder.artifacts:
             builder(name, ir, "parallel")
     if len(names) == 1 and chosen_name in builder.pool_free:  # one plan, one build: nothing to compare
-        return Pick(chosen_name, chosen_ir, first, plans(alone),
-                    {"kept": "serial", "threads": profile.cores, "skipped": _pool_free(profile)})
+        return unmeasured(alone, {"kept": "serial", "threads": profile.cores, "skipped": _pool_free(profile)})
     artifacts = {build_key(*key): path for key, path in builder.artifacts.items()}
     try:
         timings = [time_artifacts(artifacts) for _ in range(PICK_TIMINGS)]
-    except TimingError as err:  # the predicted choice's parallel build stands, untimed
+    except TimingError as err:  # the predicted choice's first build stands, untimed
         reason = {"skipped": f"timing the builds failed: {err}"}
-        return Pick(chosen_name, chosen_ir, first, plans(reason), reason)
+        return unmeasured(reason, reason)
     pooled = _pooled(timings)
-    kept = _kept(pooled, list(irs))
+    times = _plan_times(pooled, names)
+    if not times:  # every build's runs failed in the timing process
+        failed = "; ".join(f"{name}: {timing.error}" for name, timing in pooled.items())
+        reason = {"skipped": f"no build ran in the timing: {failed}"}
+        return unmeasured(reason, reason)
+    kept = _kept(times, chosen_name)
     return Pick(kept[0], irs[kept[0]], builder.artifacts[kept],
-                plans(_plans_record(names, results, pooled, kept, builder)) if results else None,
+                plans(_plans_record(names, results, pooled, times, kept, builder) if len(names) > 1 else alone),
                 _threading_record(kept, pooled, timings, profile, kept[0] in builder.pool_free))
 
 
@@ -236,9 +241,10 @@ def _figures(timing: Timing | None) -> dict[str, float | None] | None:
 
 
 def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[str, Timing],
-                  kept: tuple[str, str], builder: _Builder) -> dict[str, Any]:
-    """plan.json's `search.measured_pick`: each contender's builds as timed, and the one it `counted` as."""
-    counted = _plan_times(pooled, names)
+                  counted: Mapping[str, tuple[str, float]], kept: tuple[str, str],
+                  builder: _Builder) -> dict[str, Any]:
+    """plan.json's `search.measured_pick`: each contender's builds as timed, and the one it `counted` as
+    (`_plan_times`)."""
     return {
         "picked": kept[0],
         "build": kept[1],
@@ -252,9 +258,10 @@ def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[
         "errors": builder.errors,
         "method": f"every contender's builds (parallel kernels where each kernel pays for the pool, and every "
                   f"kernel serial; one build where no kernel pays for the pool), their compiled functions side by "
-                  f"side in one fresh process, {PICK_TIMINGS} timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs {PICK_ROUND_PAUSE_S:g} s apart, all runs "
-                  f"pooled; a plan's parallel build counts only where its median is {PARALLEL_MIN_GAIN:g}x its serial "
-                  f"build's, and the predicted choice is replaced only by a plan {PICK_MIN_GAIN:g}x faster",
+                  f"side in one fresh process, {PICK_TIMINGS} timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs "
+                  f"{PICK_ROUND_PAUSE_S:g} s apart, all runs pooled; a plan's parallel build counts only where its "
+                  f"median is {PARALLEL_MIN_GAIN:g}x its serial build's, and the predicted choice is replaced only "
+                  f"by a plan {PICK_MIN_GAIN:g}x faster",
     }
 
 

@@ -207,6 +207,18 @@ def test_the_chosen_plans_own_build_failing_is_the_callers(tmp_path):
         run_pick(tmp_path, {}, reports(searched=10, unstructured=12), builds=Builds(failing={"ir-searched@2"}))
 
 
+def test_builds_that_all_fail_in_the_timing_keep_the_predicted_choices_first_build(tmp_path):
+    """The timing process answered, but no build ran (each its own error): the first build ships, and why."""
+    def none_ran(artifacts):
+        return {name: Timing(name, [], "RuntimeError: out of memory") for name in artifacts}
+
+    got = pick.measured_pick("searched", "ir-searched", reports(searched=10, unstructured=12),
+                             lambda report: "ir-unstructured", Builds(), TWO_CORES, none_ran, tmp_path)
+    assert got.name == "searched" and made(got.artifact) == "ir-searched@2"
+    for record in (got.plans, got.threading):
+        assert "no build ran in the timing" in record["skipped"] and "out of memory" in record["skipped"]
+
+
 def test_a_timing_that_fails_keeps_the_predicted_choices_parallel_build(tmp_path):
     def failing(artifacts):
         raise TimingError("timing searched, unstructured side by side failed (exit status -9): ")

@@ -108,7 +108,8 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
         builder = deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs)
         (folder / name).mkdir()
         with deploy.quiet_native_stderr():  # built as the compile builds: its two builds timed, one kept
-            kept = pick.measured_pick(name, pruned, None, None, lambda _ir, kind, stem: builder(kind, stem), profile,
+            kept = pick.measured_pick(name, pruned, None, None,
+                                      lambda _ir, build_profile, stem: builder(build_profile, stem), profile,
                                       pick.side_by_side(inputs), folder / name)
         artifact, threading = kept.artifact, kept.threading
         built = build_plan(pruned, profile.name)
