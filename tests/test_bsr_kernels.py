@@ -195,6 +195,11 @@ def test_kernels_are_built_with_the_shared_schedule(target, m, block):
     kernel = bsr_matmul_kernel(profile, m, weight)
     script = kernel.primfunc.script()
     tiles = schedule.tiles
+    if schedule.layout == "cuda_split":
+        assert re.findall(r'thread_binding\((\d+), thread="threadIdx.x"\)', script) == [str(tiles["lanes"])]
+        shares = re.search(r"shares = T.alloc_shared\(\((\d+), (\d+)\)", script).groups()
+        assert shares == (str(tiles["lanes"]), str(block[0] + 1))  # each lane's sums of the block's rows
+        return
     acc = tuple(int(d) for d in re.search(r"acc = T.alloc_(?:buffer|local)\(\((\d+), (\d+)\)", script).groups())
     if schedule.layout == "cuda":
         assert re.findall(r'thread_binding\((\d+), thread="threadIdx.x"\)', script) == [str(tiles["m_threads"])]
@@ -287,6 +292,11 @@ def test_arm64_kernel_compiles_to_object_code(tmp_path):
     assert (tmp_path / "k.so").read_bytes()[:4] == b"\x7fELF"
 
 
+@pytest.mark.parametrize("m,layout", [(1, "cuda_split"), (16, "cuda_split"), (17, "cuda"), (128, "cuda")])
+def test_cuda_matmul_splits_columns_over_a_warp_only_where_m_cannot_fill_one(m, layout):
+    assert kernel_schedule(resolve_target("cuda"), m, 256, 256, (16, 16), 100).layout == layout
+
+
 def test_cuda_kernel_builds_source():
     cuda = resolve_target("cuda")
     kernel = bsr_matmul_kernel(cuda, 7, random_bsr_weight(37, 29, (4, 3), 0.5), name="cuda_k", activation="relu")
@@ -296,15 +306,17 @@ def test_cuda_kernel_builds_source():
 
 
 @requires_cuda_gpu
-@pytest.mark.parametrize("block", [(1, 1), (8, 8), (16, 4)])
+@pytest.mark.parametrize("block", [(1, 1), (8, 8), (16, 4), (32, 32)])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_cuda_kernel_matches_numpy(block, activation):
+@pytest.mark.parametrize("m,layout", [(33, "cuda"), (33, "cuda_split"), (1, "cuda_split"), (3, "cuda")])
+def test_cuda_kernel_matches_numpy(block, activation, m, layout):
+    # 70 x 45: ragged in both directions for every block but 1x1; 32x32 has more rows than a warp has lanes
     cuda = resolve_target("cuda")
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(70, 45, block, 0.4)
     bias = rng.standard_normal(70).astype(np.float32)
-    x = rng.standard_normal((33, 45)).astype(np.float32)
-    kernel = bsr_matmul_kernel(cuda, 33, weight, bias, activation=activation)
+    x = rng.standard_normal((m, 45)).astype(np.float32)
+    kernel = bsr_matmul_kernel(cuda, m, weight, bias, activation=activation, layout=layout)
     module = compile_kernel(kernel, cuda)
     args = kernel_arguments(kernel, x, tvm.cuda(0))
     module[kernel.name](*args)

@@ -1,13 +1,15 @@
 """Block-sparse CUDA kernels against cuBLAS dense (through torch), torch's own BSR product and TVM dense.
 
-    python tools/bench_cuda.py [--target cuda:sm_90] [--m 128 2048] [--rounds 20] [--number 50]
+    python tools/bench_cuda.py [--target cuda:sm_90] [--m 1 16 128 2048] [--rounds 20] [--number 50]
 
 Needs a CUDA GPU, TVM with its compiler (the kernels are built here) and torch (`pip install -e
 ".[train]"`). On a GPU users would run the dense layer with cuBLAS, so torch's float32 `x @ W.T`
 (TF32 off: the same float32 arithmetic as ours) is the baseline. Every figure is GPU time from the
 device's own timer: TVM's `time_evaluator` for TVM's kernels, CUDA events for torch's, `number` calls
 per sample; a row's competitors take turns round by round and a figure is the median over rounds.
-Ratios are cuBLAS / competitor (higher is better). Prints Markdown tables.
+Ratios are cuBLAS / competitor (higher is better). Both layouts of our matmul are timed, threads
+along m ("along m") and a warp splitting each block row's columns ("split"); "ours" is the one
+`schedule.kernel_schedule` picks. Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MATMUL_SHAPES = [(1536, 384), (384, 1536), (3072, 768), (768, 3072)]  # W[out, in]
 BLOCKS = [(1, 1), (4, 4), (8, 8), (16, 16), (32, 32)]
 DENSITIES = [0.1, 0.5]
+LAYOUTS = {"cuda": "along m", "cuda_split": "split"}  # `schedule.kernel_schedule`'s CUDA layouts
 
 
 def tvm_timer(kernel, target, x: np.ndarray, number: int) -> Callable[[], float]:
@@ -82,13 +85,14 @@ def bench_matmul(target, ms: list[int], rounds: int, number: int) -> None:
     import torch
 
     from pruneaug.codegen.bsr import bsr_matmul_kernel, dense_matmul_kernel, random_bsr_weight
+    from pruneaug.codegen.schedule import kernel_schedule
 
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"\n## MatMul on {torch.cuda.get_device_name(0)}, target {target.name}, float32; "
           f"median of {rounds} rounds of {number} calls, GPU time")
-    print("| m | W (out x in) | sparsity | block | ours µs | cuBLAS µs | torch BSR µs | TVM dense µs "
-          "| cuBLAS/ours | cuBLAS/torch BSR |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| m | W (out x in) | sparsity | block | along m µs | split µs | ours | cuBLAS µs | torch BSR µs "
+          "| TVM dense µs | cuBLAS/ours | cuBLAS/torch BSR |")
+    print("|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for m in ms:
         for out, in_ in MATMUL_SHAPES:
@@ -103,15 +107,19 @@ def bench_matmul(target, ms: list[int], rounds: int, number: int) -> None:
                     weight = random_bsr_weight(out, in_, block, density, seed=1)
                     bsr_call = torch_bsr_call(weight.to_dense(), block, x_gpu.T.contiguous())
                     t = median_per_call({
-                        "ours": tvm_timer(bsr_matmul_kernel(target, m, weight), target, x, number),
+                        **{layout: tvm_timer(bsr_matmul_kernel(target, m, weight, layout=layout), target, x, number)
+                           for layout in LAYOUTS},
                         **dense_timers,
                         "torch_bsr": torch_timer(bsr_call, number) if bsr_call else None,
                     }, rounds)
+                    picked = kernel_schedule(target, m, out, in_, block, weight.nnz_blocks).layout
+                    ours = t[picked]
                     torch_bsr = f"{t['torch_bsr'] * 1e6:.1f}" if t["torch_bsr"] else "n/a"
                     torch_ratio = f"{t['cublas'] / t['torch_bsr']:.2f}x" if t["torch_bsr"] else "n/a"
-                    print(f"| {m} | {out}x{in_} | {1 - density:.0%} | {block[0]}x{block[1]} | {t['ours'] * 1e6:.1f} "
+                    print(f"| {m} | {out}x{in_} | {1 - density:.0%} | {block[0]}x{block[1]} "
+                          f"| {t['cuda'] * 1e6:.1f} | {t['cuda_split'] * 1e6:.1f} | {LAYOUTS[picked]} "
                           f"| {t['cublas'] * 1e6:.1f} | {torch_bsr} | {t['tvm_dense'] * 1e6:.1f} "
-                          f"| {t['cublas'] / t['ours']:.2f}x | {torch_ratio} |", flush=True)
+                          f"| {t['cublas'] / ours:.2f}x | {torch_ratio} |", flush=True)
 
 
 def main() -> None:

@@ -64,19 +64,21 @@ def check_activation(activation: str | None) -> None:
 
 
 def bsr_matmul_kernel(target: TargetProfile, m: int, weight: BSRWeight, bias: np.ndarray | None = None,
-                      name: str = "bsr_matmul", activation: str | None = None, parallel: int | None = None) -> Kernel:
+                      name: str = "bsr_matmul", activation: str | None = None, parallel: int | None = None,
+                      layout: str | None = None) -> Kernel:
     """`Y[m, out] = act(X[m, in] @ W.T (+ bias))` with W block-sparse, scheduled for `target`. `parallel`
-    (0 or 1) overrides the CPU schedule's choice of running on the thread pool (benchmarks compare them)."""
+    (0 or 1) overrides the CPU schedule's choice of running on the thread pool, `layout` the CUDA
+    schedule's layout (benchmarks compare them)."""
     check_block_supported(target, weight.block)
     check_activation(activation)
     out, in_ = weight.shape
     data, indices = nonempty_blocks(weight)
-    schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks)
+    schedule = kernel_schedule(target, m, out, in_, weight.block, weight.nnz_blocks, layout)
     if parallel is not None and target.kind != "cuda":
         schedule = Schedule(schedule.layout, {**schedule.tiles, "parallel": parallel})
     if target.kind == "cuda":
-        func = cuda_kernels.bsr_matmul(m, out, in_, weight.block, activation=activation,
-                                       **schedule.tiles)
+        build = cuda_kernels.bsr_matmul_split if schedule.layout == "cuda_split" else cuda_kernels.bsr_matmul
+        func = build(m, out, in_, weight.block, activation=activation, **schedule.tiles)
         consts = [data, indices, weight.indptr, padded_bias(bias, out, weight.block_rows * weight.block[0])]
         return Kernel(func.with_attr("global_symbol", name), name, consts)
     pointers = weight.indptr.astype(np.int32)

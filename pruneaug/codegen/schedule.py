@@ -29,6 +29,9 @@ CUDA_THREADS_PER_BLOCK = 256  # conv: threads of a block, (block row, pixel) eac
 CUDA_WARP = 32
 CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs in (64: 16x16 ran 1.2-1.3x slower)
 CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
+CUDA_SPLIT_MAX_M = 16  # up to this m a warp splits each block row's columns (`cuda_kernels.bsr_matmul_split`):
+# on an H100 it ran faster than threads along m in all 40 cases at m=1 (1.2-11x) and 36 of 40 at m=16
+# (BERT-base shapes, 1x1-32x32, 50% and 90%; `tools/bench_cuda.py --m 1 16`); m=17-127 is unmeasured
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
 PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output rows x tile vectors)
@@ -89,7 +92,7 @@ def runs_parallel(target: TargetProfile, m: int, block: tuple[int, int], nnz_blo
 
 
 def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tuple[int, int],
-                    nnz_blocks: int) -> Schedule:
+                    nnz_blocks: int, layout: str | None = None) -> Schedule:
     """The schedule of `Y[m, out] = X[m, in] @ W.T` with `nnz_blocks` kept `r x c` blocks on `target`.
 
     On CPUs: vectorise over a block's rows when they fill a register ("rowvec"), else over m
@@ -98,10 +101,13 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     keep X in L2 (dense 768x3072: 0.69x -> 0.99x of onnxruntime) but each costs a pass over Y, so
     they are used only with enough kept blocks per row and chunk; with m tiles of 1-2 rows (blocks of
     32 rows on AVX2) they also keep a block row's weights in L1 instead; an mvec m tile of a power-of-two
-    number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8).
+    number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8). On CUDA, `layout`
+    forces one of the two layouts ("cuda", "cuda_split"; benchmarks compare them).
     """
     r, _ = block
     if target.kind == "cuda":
+        if layout == "cuda_split" or (layout is None and m <= CUDA_SPLIT_MAX_M):
+            return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return _cuda_matmul_schedule(target, m, out, r)
     lanes = target.simd_lanes
     parallel = runs_parallel(target, m, block, nnz_blocks)

@@ -242,7 +242,18 @@ def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
     return [1.0, 2.0 * r * c * m_pad * blocks, blocks * m_tiles, rows * m_tiles, r * m_pad * rows, 0.0, 0.0, 0.0, 0.0]
 
 
-_TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms}
+def _cuda_split_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
+                      tiles: dict[str, int]) -> list[float]:
+    """Thread blocks of one block row and one row of m (`cuda_kernels.bsr_matmul_split`), spread over
+    the SMs, each lane going over its share of the row's kept columns; no cache terms, as above."""
+    r, c = block
+    block_rows = -(-out // r)
+    rows = min(-(-block_rows * m // target.cores), block_rows * m)
+    blocks = nnzb * rows / block_rows
+    return [1.0, 2.0 * r * c * blocks, blocks * c / tiles["lanes"], rows, r * rows, 0.0, 0.0, 0.0, 0.0]
+
+
+_TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms, "cuda_split": _cuda_split_terms}
 
 
 _MEMO: dict[tuple, list[float]] = {}  # feature rows by (target's identity and caches, layer): a model's
