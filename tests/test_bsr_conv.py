@@ -159,26 +159,36 @@ def test_conv_compiles_for_arm64(tmp_path):
     assert (tmp_path / "conv.tar").stat().st_size > 0
 
 
-def test_conv_builds_for_cuda():
+@pytest.mark.parametrize("layout", ["cuda", "cuda_split"])
+def test_conv_builds_for_cuda(layout):
     cuda = resolve_target("cuda")
     weight = random_bsr_weight(10, 6 * 3, (3, 2), 0.4)
     kernel = bsr_conv2d_kernel(cuda, (2, 6, 9, 7), weight, (1, 3), (2, 1), (0, 2, 1, 0), (1, 2), name="conv_cuda",
-                               activation="relu")
+                               activation="relu", layout=layout)
     executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=cuda.tvm())
     source = executable.mod.imports[0].inspect_source("cuda")
     assert "conv_cuda" in source and "max(" in source  # the ReLU epilogue
 
 
+@pytest.mark.parametrize("out_c,pixels,layout", [(64, 64, "cuda_split"), (64, 32 * 64, "cuda"), (8, 4096, "cuda_split")])
+def test_cuda_conv_splits_columns_over_a_warp_where_its_threads_cannot_fill_the_gpu(out_c, pixels, layout):
+    # one thread per (output channel, pixel) gives an H100's 132 SMs 8 warps each from 33792 threads
+    assert conv_schedule(resolve_target("cuda:sm_90"), (8, 8), (16, 16), pixels, 40, out_c=out_c).layout == layout
+
+
 @requires_cuda_gpu
-@pytest.mark.parametrize("case,activation", [(CASES[3], None), (CASES[4], None), (CASES[5], "relu")])
-def test_cuda_conv_matches_onnxruntime(case, activation):
+@pytest.mark.parametrize("case,activation", [(CASES[3], None), (CASES[4], None), (CASES[5], "relu"), (CASES[8], "relu"),
+                                             (CASES[9], None)])
+@pytest.mark.parametrize("layout", ["cuda", "cuda_split"])
+def test_cuda_conv_matches_onnxruntime(case, activation, layout):
     x_shape, out_c, khw, strides, pads, dilations, block, density, with_bias = case
     cuda = resolve_target("cuda")
     rng = np.random.default_rng(0)
     weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density)
     bias = rng.standard_normal(out_c).astype(np.float32) if with_bias else None
     x = rng.standard_normal(x_shape).astype(np.float32)
-    kernel = bsr_conv2d_kernel(cuda, x_shape, weight, khw, strides, pads, dilations, bias, activation=activation)
+    kernel = bsr_conv2d_kernel(cuda, x_shape, weight, khw, strides, pads, dilations, bias, activation=activation,
+                               layout=layout)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
     if activation == "relu":
         expected = np.maximum(expected, 0)

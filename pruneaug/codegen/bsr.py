@@ -109,7 +109,7 @@ def bsr_conv2d_kernel(target: TargetProfile, x_shape: tuple[int, int, int, int],
                       dilations: tuple[int, int], bias: np.ndarray | None = None,
                       name: str = "bsr_conv2d", activation: str | None = None, layout: str | None = None) -> Kernel:
     """Group-1 Conv `X[N, C, H, W] -> Y[N, Cout, Ho, Wo]` with `W[Cout, C*kh*kw]` block-sparse, then
-    `activation`. `layout` forces a CPU layout of `schedule.conv_schedule` (benchmarks compare them)."""
+    `activation`. `layout` forces a layout of `schedule.conv_schedule` (benchmarks and tests compare them)."""
     check_block_supported(target, weight.block)
     check_activation(activation)
     func, consts = conv.bsr_conv2d(target, x_shape, weight, kernel_hw, strides, pads, dilations, bias,

@@ -233,7 +233,8 @@ def conv_primfunc(x_shape, out_c: int, geo: ConvGeometry, block: tuple[int, int]
 def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, strides, pads, dilations,
                bias, activation: str | None = None, layout: str | None = None) -> tuple:
     """PrimFunc and constants of the conv (for `bsr.bsr_conv2d_kernel`, which checks the block and the
-    activation). `layout` overrides the schedule's CPU layout ("pixvec" or "chanvec", for benchmarks)."""
+    activation). `layout` overrides the schedule's layout ("pixvec" or "chanvec" on CPUs, "cuda" or
+    "cuda_split" on CUDA; for benchmarks and tests)."""
     n, c, h, w = x_shape
     out_c, cols = weight.shape
     kh, kw = kernel_hw
@@ -243,15 +244,14 @@ def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, str
     data, indices = nonempty_blocks(weight)
     bias_padded = padded_bias(bias, out_c, weight.block_rows * weight.block[0])
     pixels = n * geo.out_h * geo.out_w  # the rows of the im2col product, as the cost model counts them
-    schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks)
+    schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks,
+                             layout=layout, out_c=out_c)
     if target.kind == "cuda":
-        func = cuda_kernels.bsr_conv2d(tuple(x_shape), out_c, geo.y_hw, weight.block,
-                                       kernel_hw, strides, pads, dilations, activation=activation, **schedule.tiles)
+        build = cuda_kernels.bsr_conv2d_split if schedule.layout == "cuda_split" else cuda_kernels.bsr_conv2d
+        func = build(tuple(x_shape), out_c, geo.y_hw, weight.block, kernel_hw, strides, pads, dilations,
+                     activation=activation, **schedule.tiles)
         return func, [np.ascontiguousarray(data, np.float32), indices.astype(np.int32),
                       weight.indptr.astype(np.int32), bias_padded]
-    if layout is not None:
-        schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks,
-                                 layout=layout)
     columns = weight.block_cols * weight.block[1]
     func = conv_primfunc(tuple(x_shape), out_c, geo, weight.block, columns, schedule, activation)
     if schedule.layout == "chanvec":

@@ -144,7 +144,7 @@ def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Sc
 
 
 def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int], pixels: int,
-                  nnz_blocks: int, layout: str | None = None) -> Schedule:
+                  nnz_blocks: int, layout: str | None = None, out_c: int | None = None) -> Schedule:
     """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
     one row of all pixels) with `r x c` blocks, `nnz_blocks` of them kept, over `pixels` output pixels
     (all images): those decide, as for its im2col matmul, whether it runs on the thread pool
@@ -161,11 +161,18 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     pixvec the 1x1 conv on 56x56 1.1x faster. A row shorter than a register is one vector of the power
     of two lanes that covers it: on a 16-lane host the CNN's 8-pixel rows in 16-lane vectors did half
     their FMAs on lanes past the row and stored it lane by lane. `layout` forces one of the two CPU layouts.
+
+    On CUDA one thread per (output channel, pixel) ("cuda"), unless those `out_c x pixels` threads
+    cannot give every SM `CUDA_WARPS_PER_SM` warps: then a warp per (block row, pixel) splits the
+    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels).
     """
     r, _ = block
     oh, ow = out_hw
     parallel = runs_parallel(target, pixels, block, nnz_blocks)
-    if target.kind == "cuda":  # one thread per (row of a block, pixel) in a thread block
+    if target.kind == "cuda":
+        if layout == "cuda_split" or (
+                layout is None and (out_c or 0) * pixels < CUDA_WARPS_PER_SM * CUDA_WARP * target.cores):
+            return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
     lanes = target.simd_lanes
     row_vectors = -(-ow // lanes)
