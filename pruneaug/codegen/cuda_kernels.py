@@ -1,8 +1,10 @@
 """TIR for the block-sparse matmul and conv on CUDA: block rows over thread blocks.
 
-Plain CUDA-core kernels: no tensor cores yet. The tiles are `schedule.kernel_schedule`'s and
-`schedule.conv_schedule`'s: the matmul puts threads along m (`bsr_matmul`), or, where m is too small
-to fill a warp, splits each block row's kept columns over a warp (`bsr_matmul_split`). Parameters: `X, data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y`.
+Plain CUDA-core kernels: no tensor cores yet. The layouts and tiles are `schedule.kernel_schedule`'s
+and `schedule.conv_schedule`'s: threads along m (`bsr_matmul`) or along (output channel, pixel)
+(`bsr_conv2d`); where those threads cannot fill the GPU (m <= 16; small maps at small batches), a warp
+per block row and row of the product splits the block row's kept columns (`bsr_matmul_split`,
+`bsr_conv2d_split`). Parameters: `X, data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y`.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ CUDA_WARP = 32
 CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs in (64: 16x16 ran 1.2-1.3x slower)
 CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
 CUDA_SPLIT_MAX_M = 16  # up to this m a warp splits each block row's columns (`cuda_kernels.bsr_matmul_split`):
-# on an H100 it ran faster than threads along m in all 40 cases at m=1 (1.2-11x) and 36 of 40 at m=16
+# on an H100 it ran faster than threads along m in all 40 cases at m=1 (1.15-16x) and 38 of 40 at m=16
 # (BERT-base shapes, 1x1-32x32, 50% and 90%; `tools/bench_cuda.py --m 1 16`); m=17-127 is unmeasured
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
@@ -101,8 +101,9 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     keep X in L2 (dense 768x3072: 0.69x -> 0.99x of onnxruntime) but each costs a pass over Y, so
     they are used only with enough kept blocks per row and chunk; with m tiles of 1-2 rows (blocks of
     32 rows on AVX2) they also keep a block row's weights in L1 instead; an mvec m tile of a power-of-two
-    number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8). On CUDA, `layout`
-    forces one of the two layouts ("cuda", "cuda_split"; benchmarks compare them).
+    number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8). On CUDA threads along
+    m ("cuda"), or for m up to `CUDA_SPLIT_MAX_M` a warp per block row and row of X splitting the
+    block row's columns ("cuda_split"); `layout` forces one of the two (benchmarks compare them).
     """
     r, _ = block
     if target.kind == "cuda":
@@ -160,11 +161,12 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
     pixvec the 1x1 conv on 56x56 1.1x faster. A row shorter than a register is one vector of the power
     of two lanes that covers it: on a 16-lane host the CNN's 8-pixel rows in 16-lane vectors did half
-    their FMAs on lanes past the row and stored it lane by lane. `layout` forces one of the two CPU layouts.
+        their FMAs on lanes past the row and stored it lane by lane.
 
     On CUDA one thread per (output channel, pixel) ("cuda"), unless those `out_c x pixels` threads
     cannot give every SM `CUDA_WARPS_PER_SM` warps: then a warp per (block row, pixel) splits the
-    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels).
+    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels). `layout`
+    forces one of the target's two layouts.
     """
     r, _ = block
     oh, ow = out_hw
