@@ -107,6 +107,25 @@ def test_cnn_convolutions(x86):
     assert_matches_onnxruntime(ex, model, inputs)
 
 
+@pytest.mark.parametrize("target", ["x86", "cuda"])
+def test_no_reshape_is_left_reading_another(target):
+    # our kernels read and write 2-D views: a kernel feeding the next left reshape pairs that cancel,
+    # each a runtime call (`rewritten_model`); the transformer block had such pairs before
+    from tvm import relax
+
+    model = prune_blocks(zoo.transformer_block(), {"q_proj.weight": (16, 16), "ffn.up.weight": (4, 1)})
+    mod = relax_build.rewritten_model(model, {"q_proj.weight": (16, 16), "ffn.up.weight": (4, 1)},
+                                      resolve_target(target), {"x": [2, 16, 64]})
+    bound = {binding.var: binding.value for block in mod["main"].body.blocks for binding in block.bindings}
+
+    def is_reshape(value) -> bool:
+        return isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape"
+
+    reshapes = [value for value in bound.values() if is_reshape(value)]
+    assert reshapes  # the 2-D views are still there
+    assert not [value for value in reshapes if is_reshape(bound.get(value.args[0]))]
+
+
 CUDA_CASES = {  # model, its sparse weights, its input shapes: every layer kind the CUDA rewrite meets
     "mlp": (zoo.mlp, {"fc1.weight": (8, 8), "fc2.weight": (16, 1)}, {"x": [3, 64]}),
     "transformer": (zoo.transformer_block, {"q_proj.weight": (16, 16), "ffn.up.weight": (4, 1)}, {"x": [2, 16, 64]}),
