@@ -416,6 +416,42 @@ def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, 
                      if ours else [])
 
 
+def residual_layer_norm_model(shape: list[int], other_shape: list[int], add_also_out: bool) -> onnx.ModelProto:
+    """`LayerNormalization(x + r)` over the last axis, `r` of `other_shape` (the model's shape, or one that
+    broadcasts); with `add_also_out` the sum is an output too (a pre-norm residual stream reads it again)."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape[-1:]).astype(np.float32), name) for name in ("g", "b")]
+    nodes = [helper.make_node("Add", ["x", "r"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if add_also_out:
+        outputs.append(helper.make_tensor_value_info("sum", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "residual_ln", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape),
+                                                     helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, other_shape)],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shape,other_shape,add_also_out,residual", [
+    ([2, 5, 37], [2, 5, 37], False, True),   # the add read in our kernel, 3-D and ragged
+    ([16, 128], [16, 128], True, True),      # the sum is an output too: still right
+    ([2, 5, 37], [37], False, False),        # an add that broadcasts: TVM's, then our plain layer norm
+])
+def test_a_residual_add_before_a_layer_norm_is_read_in_its_kernel(x86, monkeypatch, shape, other_shape, add_also_out,
+                                                                  residual):
+    from pruneaug.codegen import norm
+
+    built = []
+    real = norm.layer_norm_primfunc
+    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    model = residual_layer_norm_model(shape, other_shape, add_also_out)
+    rng = np.random.default_rng(8)
+    inputs = {"x": (rng.standard_normal(shape) * 3 + 5).astype(np.float32),
+              "r": rng.standard_normal(other_shape).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": shape, "r": other_shape}), model, inputs)
+    assert len(built) == 1 and built[0][5:] == ((True,) if residual else ())
+
+
 @pytest.mark.parametrize("shape, parallel", [((1, 16, 128), False), ((8, 128, 256), True)])
 def test_a_reduction_runs_on_the_thread_pool_only_where_its_work_pays_for_it(x86, shape, parallel):
     """DLight's Reduction rule parallelises every reduction; a small one (the encoder's mean over 16

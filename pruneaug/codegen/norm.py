@@ -13,7 +13,7 @@ which cancels badly for rows far from zero), then the normalised row, vectorised
 accumulators into one vector before summing lanes: summed one scalar after another, the 4 x 8
 partial sums were a chain of 32 dependent adds per pass. Kernel alone, new / old time over three
 runs: 0.57-0.58 at 16x128, 0.56-0.65 at 512x128 (on the pool), 0.84-0.87 at 128x768, 1.00 at 64x16.
-Parameters: `X[rows, cols], gamma[cols], beta[cols], Y[rows, cols]`.
+Parameters: `X[rows, cols], gamma[cols], beta[cols], Y[rows, cols]` (a residual `R[rows, cols]` after X).
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ ACCUMULATORS = 4  # vectors of partial sums per row: independent add chains (one
 
 
 @lru_cache(maxsize=KERNEL_CACHE_SIZE)
-def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parallel: int):
+def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parallel: int, residual: bool = False):
     """`Y = (X - mean) / sqrt(var + epsilon) * gamma + beta` along each row of `X[rows, cols]`, the rows
-    shared out to the thread pool where `parallel` (the caller's `threads.worth_parallel`).
+    shared out to the thread pool where `parallel` (the caller's `threads.worth_parallel`). With
+    `residual`, the rows are `X + R` (a residual add before the norm, read where X is read: one call
+    and one pass over the rows fewer; parameters `X, R, gamma, beta, Y`).
 
     Memoised: parsing the TVMScript takes about 0.1 s, and BERT-base has 25 layer norms of one shape
     (the rewrite took 2.6 s unmemoised)."""
@@ -38,17 +40,19 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
     body = cols // step * step  # columns the vector accumulators take; the rest one by one
     inv_cols = 1.0 / cols
 
-    # pass 0 sums x into the mean, pass 1 (x - mean)^2 into 1 / standard deviation (TVMScript evaluates these
-    # Python calls while parsing; the unrolled pass index folds the selects away)
+    def load(X, R, r, c):  # TVMScript evaluates these Python calls while parsing
+        return X[r, c] + R[r, c] if residual else X[r, c]
+
+    # pass 0 sums x into the mean, pass 1 (x - mean)^2 into 1 / standard deviation (the unrolled pass
+    # index folds the selects away)
     def term(p, x, stat):
         return T.if_then_else(p == 0, x, (x - stat[0]) * (x - stat[0]))
 
     def finish(p, total):
         return T.if_then_else(p == 0, total * T.float32(inv_cols), T.rsqrt(total * T.float32(inv_cols) + T.float32(epsilon)))
 
-    @T.prim_func(s_tir=True)
-    def layer_norm(X: T.Buffer((rows, cols), "float32"), gamma: T.Buffer((cols,), "float32"),
-                   beta: T.Buffer((cols,), "float32"), Y: T.Buffer((rows, cols), "float32")):
+    @T.macro
+    def normalise(X, R, gamma, beta, Y):
         # opaque (pattern 8): nothing is fused into it; TVM's analyses want a root block
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         with T.sblock("root"):
@@ -62,22 +66,36 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
                     for j in range(body // step):
                         for a in T.unroll(ACCUMULATORS):
                             for v in T.vectorized(lanes):
-                                acc[a, v] = acc[a, v] + term(p, X[r, j * step + a * lanes + v], stat)
+                                acc[a, v] = acc[a, v] + term(p, load(X, R, r, j * step + a * lanes + v), stat)
                     for a in T.unroll(1, ACCUMULATORS):  # one vector of partial sums, then its lanes
                         for v in T.vectorized(lanes):
                             acc[0, v] = acc[0, v] + acc[a, v]
                     stat[p] = T.float32(0)
                     for j in range(cols - body):
-                        stat[p] = stat[p] + term(p, X[r, body + j], stat)
+                        stat[p] = stat[p] + term(p, load(X, R, r, body + j), stat)
                     for v in T.unroll(lanes):
                         stat[p] = stat[p] + acc[0, v]
                     stat[p] = finish(p, stat[p])
                 for j in range(cols // lanes):
                     for v in T.vectorized(lanes):
-                        Y[r, j * lanes + v] = (X[r, j * lanes + v] - stat[0]) * stat[1] * gamma[j * lanes + v] \
+                        Y[r, j * lanes + v] = (load(X, R, r, j * lanes + v) - stat[0]) * stat[1] * gamma[j * lanes + v] \
                             + beta[j * lanes + v]
                 for j in range(cols % lanes):
-                    Y[r, cols // lanes * lanes + j] = (X[r, cols // lanes * lanes + j] - stat[0]) * stat[1] \
+                    Y[r, cols // lanes * lanes + j] = (load(X, R, r, cols // lanes * lanes + j) - stat[0]) * stat[1] \
                         * gamma[cols // lanes * lanes + j] + beta[cols // lanes * lanes + j]
+
+    if residual:
+        @T.prim_func(s_tir=True)
+        def residual_layer_norm(X: T.Buffer((rows, cols), "float32"), R: T.Buffer((rows, cols), "float32"),
+                                gamma: T.Buffer((cols,), "float32"), beta: T.Buffer((cols,), "float32"),
+                                Y: T.Buffer((rows, cols), "float32")):
+            normalise(X, R, gamma, beta, Y)
+
+        return residual_layer_norm
+
+    @T.prim_func(s_tir=True)
+    def layer_norm(X: T.Buffer((rows, cols), "float32"), gamma: T.Buffer((cols,), "float32"),
+                   beta: T.Buffer((cols,), "float32"), Y: T.Buffer((rows, cols), "float32")):
+        normalise(X, X, gamma, beta, Y)
 
     return layer_norm

@@ -395,13 +395,12 @@ class _LinearRewriter:
 
 @dataclass(frozen=True)
 class _RowOp:
-    """An op over the last axis that a row kernel of ours can replace: its pattern, the input `x` the kernel
-    reads as [rows, cols], the `extra` arguments after it, and `kernel(call, shape, rows, cols)`, which
-    returns `(key, make, name)` (`make(*key)` builds the PrimFunc) or None to leave the call to TVM."""
+    """An op over the last axis that a row kernel of ours can replace: its pattern, and
+    `kernel(call, shape, rows, cols, matched)`, which returns `(key, make, name, inputs)` (`make(*key)`
+    builds the PrimFunc; `inputs` are the arguments in order, those of the op's shape read as
+    [rows, cols]) or None to leave the call to TVM."""
 
     pattern: object
-    x: object
-    extra: Sequence
     kernel: Callable
 
 
@@ -429,15 +428,15 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
         if shape is None or len(shape) < 1 or call.ty.dtype != "float32":
             return orig
         rows, cols = math.prod(shape[:-1]), shape[-1]
-        chosen = rule.kernel(call, shape, rows, cols)
+        chosen = rule.kernel(call, shape, rows, cols, matched)
         if chosen is None:
             return orig
-        key, make, name = chosen
+        key, make, name, inputs = chosen
         if (name, key) not in added:
             added[name, key] = builder.add_func(make(*key), name)
-        view = matched[rule.x] if len(shape) == 2 else relax.op.reshape(matched[rule.x], [rows, cols])
-        out = relax.call_tir(added[name, key], [view, *(matched[e] for e in rule.extra)],
-                             relax.TensorType([rows, cols], "float32"))
+        views = [x if len(shape) == 2 or _static_shape(x) != shape else relax.op.reshape(x, [rows, cols])
+                 for x in inputs]
+        out = relax.call_tir(added[name, key], views, relax.TensorType([rows, cols], "float32"))
         return out if len(shape) == 2 else relax.op.reshape(out, shape)
 
     func = rewrite_call(functools.reduce(operator.or_, (rule.pattern for rule in rules)), replace, mod["main"])
@@ -448,22 +447,29 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
 
 def _layer_norm_rows(target: TargetProfile) -> _RowOp:
     """Every float32 layer norm over the last axis, with scale and shift, as `norm.layer_norm_primfunc`
-    (vector accumulators; TVM's own sums each row as one scalar chain)."""
+    (vector accumulators; TVM's own sums each row as one scalar chain). A layer norm of an add of two
+    tensors of its shape (a transformer's residual add) reads both in the kernel: one call and one
+    pass over the rows fewer (the bundled encoder has four)."""
     from tvm.relax.dpl import is_op, wildcard
 
     from pruneaug.codegen import norm
 
-    x, gamma, beta = wildcard(), wildcard(), wildcard()
-    pattern = is_op("relax.nn.layer_norm")(x, gamma, beta)
+    x, other, plain, gamma, beta = wildcard(), wildcard(), wildcard(), wildcard(), wildcard()
+    added = is_op("relax.add")(x, other)
+    pattern = is_op("relax.nn.layer_norm")(added | plain, gamma, beta)
 
-    def kernel(call, shape, rows, cols):
+    def kernel(call, shape, rows, cols, matched):
         attrs = call.attrs
         if not (attrs.center and attrs.scale) or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]:
             return None
         key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
-        return key, norm.layer_norm_primfunc, "layer_norm"
+        norm_of = [matched[gamma], matched[beta]]
+        if added in matched and _static_shape(matched[x]) == shape == _static_shape(matched[other]):
+            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other], *norm_of]
+        source = matched[added] if added in matched else matched[plain]  # an add that broadcasts: TVM's, then ours
+        return key, norm.layer_norm_primfunc, "layer_norm", [source, *norm_of]
 
-    return _RowOp(pattern, x, [gamma, beta], kernel)
+    return _RowOp(pattern, kernel)
 
 
 def _softmax_rows(target: TargetProfile) -> _RowOp:
@@ -474,13 +480,13 @@ def _softmax_rows(target: TargetProfile) -> _RowOp:
     x = wildcard()
     pattern = is_op("relax.nn.softmax")(x)
 
-    def kernel(call, shape, rows, cols):
+    def kernel(call, shape, rows, cols, matched):
         if int(call.attrs.axis) % len(shape) != len(shape) - 1:
             return None
         parallel = worth_parallel(rows * cols * softmax.WORK_PER_ELEMENT, target.cores)
-        return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax"
+        return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax", [matched[x]]
 
-    return _RowOp(pattern, x, [], kernel)
+    return _RowOp(pattern, kernel)
 
 
 _ROW_OPS: dict[str, Callable[[TargetProfile], _RowOp]] = {"layer_norm": _layer_norm_rows, "softmax": _softmax_rows}
