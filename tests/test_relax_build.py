@@ -398,6 +398,7 @@ def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
     ([2, 5, 37], -1, True),    # the last axis, 37 = 4 vectors of 8 (or 2 of 16) and 5 left over
     ([256, 300], 1, True),     # 256 rows: on the thread pool
     ([4, 12], -1, True),       # fewer columns than the accumulators take: one by one
+    ([37], -1, True),          # one row: the scale and shift have the input's own shape
     ([3, 4, 6], 1, False),     # two axes: TVM's own
 ])
 def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, axis, ours):

@@ -396,9 +396,9 @@ class _LinearRewriter:
 @dataclass(frozen=True)
 class _RowOp:
     """An op over the last axis that a row kernel of ours can replace: its pattern, and
-    `kernel(call, shape, rows, cols, matched)`, which returns `(key, make, name, inputs)` (`make(*key)`
-    builds the PrimFunc; `inputs` are the arguments in order, those of the op's shape read as
-    [rows, cols]) or None to leave the call to TVM."""
+    `kernel(call, shape, rows, cols, matched)`, which returns `(key, make, name, row_inputs, extra)`
+    (`make(*key)` builds the PrimFunc; its arguments are the `row_inputs`, each of the op's shape and
+    read as [rows, cols], then the `extra` ones) or None to leave the call to TVM."""
 
     pattern: object
     kernel: Callable
@@ -431,12 +431,11 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
         chosen = rule.kernel(call, shape, rows, cols, matched)
         if chosen is None:
             return orig
-        key, make, name, inputs = chosen
+        key, make, name, row_inputs, extra = chosen
         if (name, key) not in added:
             added[name, key] = builder.add_func(make(*key), name)
-        views = [x if len(shape) == 2 or _static_shape(x) != shape else relax.op.reshape(x, [rows, cols])
-                 for x in inputs]
-        out = relax.call_tir(added[name, key], views, relax.TensorType([rows, cols], "float32"))
+        views = [x if len(shape) == 2 else relax.op.reshape(x, [rows, cols]) for x in row_inputs]
+        out = relax.call_tir(added[name, key], [*views, *extra], relax.TensorType([rows, cols], "float32"))
         return out if len(shape) == 2 else relax.op.reshape(out, shape)
 
     func = rewrite_call(functools.reduce(operator.or_, (rule.pattern for rule in rules)), replace, mod["main"])
@@ -465,9 +464,9 @@ def _layer_norm_rows(target: TargetProfile) -> _RowOp:
         key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
         norm_of = [matched[gamma], matched[beta]]
         if added in matched and _static_shape(matched[x]) == shape == _static_shape(matched[other]):
-            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other], *norm_of]
+            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other]], norm_of
         source = matched[added] if added in matched else matched[plain]  # an add that broadcasts: TVM's, then ours
-        return key, norm.layer_norm_primfunc, "layer_norm", [source, *norm_of]
+        return key, norm.layer_norm_primfunc, "layer_norm", [source], norm_of
 
     return _RowOp(pattern, kernel)
 
@@ -484,7 +483,7 @@ def _softmax_rows(target: TargetProfile) -> _RowOp:
         if int(call.attrs.axis) % len(shape) != len(shape) - 1:
             return None
         parallel = worth_parallel(rows * cols * softmax.WORK_PER_ELEMENT, target.cores)
-        return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax", [matched[x]]
+        return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax", [matched[x]], []
 
     return _RowOp(pattern, kernel)
 
