@@ -8,8 +8,9 @@ every linear layer reads `matmul(x, const)` or `conv2d(x, const)`; rewrite those
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
 in `sparse_weights`, the dense kernel otherwise, a bias add and a ReLU after it fused in (a strided conv
 runs as a stride-1 conv over its input's stride phases, see `conv_lowering.StridePhases`); on CPUs,
-last-axis layer norms and softmaxes become our vectorised kernels (`norm.py`, `softmax.py`); then
-TVM's usual legalize-and-fuse for the rest. TVM's CPU pipeline schedules nothing (an untuned model
+last-axis layer norms (with a residual add before one read inside it) and softmaxes become our vectorised
+kernels (`norm.py`, `softmax.py`); on every target, reshape pairs that cancel are dropped
+(`rewritten_model`); then TVM's usual legalize-and-fuse for the rest. TVM's CPU pipeline schedules nothing (an untuned model
 ran ~100x slower than onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV
 and Reduction rules (other reductions) and two small rules below, one for a reduction with two
 operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
