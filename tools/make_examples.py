@@ -70,10 +70,13 @@ def cnn() -> nn.Sequential:
     ))
 
 
+HIDDEN, FFN = 128, 512  # the bundled encoder's widths
+
+
 class Encoder(nn.Module):
     """The torch twin of tools/encoder_graph.py's graph (same ops, same order), trained here, exported there."""
 
-    def __init__(self, in_features: int = 8, seq: int = 16, hidden: int = 128, heads: int = 4, ffn: int = 512,
+    def __init__(self, in_features: int = 8, seq: int = 16, hidden: int = HIDDEN, heads: int = 4, ffn: int = FFN,
                  layers: int = 2, classes: int = 8):
         super().__init__()
         self.shape = dict(hidden=hidden, ffn=ffn, layers=layers, seq=seq, heads=heads, in_features=in_features,
@@ -132,7 +135,7 @@ def synthetic_task(samples: int, rng: np.random.Generator, seq: int = 16, symbol
 
 
 def make_encoder(out: Path, train_samples: int = 8000, eval_samples: int = 1000, epochs: int = 15,
-                 hidden: int = 128, ffn: int = 512) -> float:
+                 hidden: int = HIDDEN, ffn: int = FFN) -> float:
     """Trains the encoder example (or one `hidden` and `ffn` wide) on the synthetic task and writes it;
     returns its eval accuracy in onnxruntime."""
     rng = np.random.default_rng(SEED)
@@ -277,12 +280,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=EXAMPLES, help="folder to write the examples' folders into")
     parser.add_argument("--only", choices=[*EXAMPLES_SPEC, "encoder"], help="write this example alone")
-    parser.add_argument("--hidden", type=int, default=128, help="the encoder's hidden width (bundled: 128)")
-    parser.add_argument("--ffn", type=int, default=512, help="the encoder's feed-forward width (bundled: 512)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"the encoder's hidden width (bundled: {HIDDEN})")
+    parser.add_argument("--ffn", type=int, default=FFN, help=f"the encoder's feed-forward width (bundled: {FFN})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    makers = {**{name: lambda out, name=name: make(name, out) for name in EXAMPLES_SPEC}, "encoder": lambda out: make_encoder(out, hidden=args.hidden, ffn=args.ffn)}
+    makers = {**{name: lambda out, name=name: make(name, out) for name in EXAMPLES_SPEC},
+              "encoder": lambda out: make_encoder(out, hidden=args.hidden, ffn=args.ffn)}
     for name, maker in makers.items():
         if args.only in (None, name):
             accuracy = maker(args.out)
