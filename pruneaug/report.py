@@ -12,6 +12,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from pruneaug.pick import BUILDS
+
 REPORT_FILES = ("report.md", "report.html", "pareto.png")
 
 
@@ -70,7 +72,7 @@ def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], lis
         text += " Not built: " + "; ".join(f"`{name}`: {error}" for name, error in pick["errors"].items()) + "."
     rows = [[name, kind, _us(f["predicted_latency_s"]), _us(f[kind]["median_s"]), _us(f[kind]["p10_s"]),
              _us(f[kind]["p90_s"]), "yes" if (name, kind) == (pick["picked"], pick["build"]) else ""]
-            for name, f in pick["contenders"].items() for kind in ("parallel", "serial") if f.get(kind)]
+            for name, f in pick["contenders"].items() for kind in BUILDS if f.get(kind)]
     return title, text, PICK_HEADER, rows
 
 
