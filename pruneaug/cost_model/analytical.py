@@ -254,6 +254,7 @@ def _cuda_split_terms(target: TargetProfile, out: int, in_: int, m: int, block: 
 
 
 _TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms, "cuda_split": _cuda_split_terms}
+MATMUL_LAYOUTS = frozenset(_TERMS)  # the layouts `features` can cost
 
 
 _MEMO: dict[tuple, list[float]] = {}  # feature rows by (target's identity and caches, layer): a model's
@@ -261,30 +262,34 @@ _MEMO_MAX = 1 << 16                   # layers repeat (BERT-base: 72 layers of 3
 
 
 def _layer_features(target: TargetProfile, identity: tuple, out: int, in_: int, m: int, block: tuple[int, int],
-                    nnzb: int) -> list[float]:
+                    nnzb: int, layout: str | None) -> list[float]:
     """The feature row of one layer (see `features`), memoised under the target's `identity`."""
-    key = (identity, out, in_, m, block, nnzb)
+    key = (identity, out, in_, m, block, nnzb, layout)
     if key not in _MEMO:
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
-        _MEMO[key] = _work_features(target, out, in_, m, block, nnzb)
+        _MEMO[key] = _work_features(target, out, in_, m, block, nnzb, layout)
     return _MEMO[key]
 
 
-def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int) -> list[float]:
+def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
+                   layout: str | None) -> list[float]:
     """The feature row of one layer, worked out from its kernel schedule."""
-    sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb)
+    sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb, layout)
     r, c = block
     block_rows = -(-out // r)
     bytes_moved = _F32 * nnzb * r * c + _INDEX_BYTES * (nnzb + block_rows + 1) + _F32 * m * (in_ + out)
     return [1.0, *_TERMS[sched.layout](target, out, in_, m, block, nnzb, sched.tiles), float(bytes_moved)]
 
 
-def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density) -> np.ndarray:
+def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density,
+             layout: str | None = None) -> np.ndarray:
     """The work terms (FEATURE_NAMES) of the busiest core, shape (..., 11).
 
-    `block` (0, 0) means the dense kernel. Arguments broadcast like numpy arrays; each distinct
-    layer is worked out once per process.
+    `block` (0, 0) means the dense kernel. `layout` forces one of the target's matmul layouts
+    (`schedule.kernel_schedule`), as a conv's kernel may run its im2col product in another layout than
+    the matmul of that shape would. Arguments broadcast like numpy arrays; each distinct layer is
+    worked out once per process.
     """
     out, in_, m, density = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (out, in_, m, density)))
     if tuple(block) == (0, 0):
@@ -293,7 +298,7 @@ def features(target: TargetProfile, out, in_, m, block: tuple[int, int], density
     nnzb = kept_blocks(out, in_, block, density)
     identity = (target.cache_key, target.simd_bytes, target.l1_bytes, target.l2_bytes)
     layers = zip(*(a.ravel().astype(np.int64).tolist() for a in (out, in_, m, nnzb)))
-    rows = [_layer_features(target, identity, o, i, mm, block, k) for o, i, mm, k in layers]
+    rows = [_layer_features(target, identity, o, i, mm, block, k, layout) for o, i, mm, k in layers]
     return np.array(rows, dtype=np.float64).reshape(*out.shape, len(FEATURE_NAMES))
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from pruneaug.codegen import schedule
 from pruneaug.codegen.schedule import runs_parallel
 from pruneaug.cost_model import analytical
 from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCache, Measurement, density_key, open_cache,
@@ -153,22 +154,24 @@ class CostModel:
 
     # --- predicting ---------------------------------------------------------------------------
 
-    def predict(self, out: int, in_: int, m: int, block, sparsity: float) -> Prediction:
-        """Seconds for one layer; sparsity 0 is the dense kernel."""
+    def predict(self, out: int, in_: int, m: int, block, sparsity: float, layout: str | None = None) -> Prediction:
+        """Seconds for one layer; sparsity 0 is the dense kernel. `layout` forces a matmul layout of the
+        target (`analytical.features`); a time measured in the layout the shape gets by itself is not used then."""
         _check_sparsity(sparsity)
         block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
-        hit = self._measured.get((out, in_, m, block, density_key(density)))
+        hit = None if layout is not None else self._measured.get((out, in_, m, block, density_key(density)))
         if hit is not None:
             return Prediction(hit, "measured")
         params, source = self.params(block)
-        feats = analytical.features(self.target, out, in_, m, block, density)
+        feats = analytical.features(self.target, out, in_, m, block, density, layout)
         return Prediction(float(analytical.latency_from_features(params, feats)), source)
 
     def predict_conv(self, conv: ConvShape, block, sparsity: float) -> Prediction:
         """Seconds of one Conv layer from its own kernels' times (`conv_shape`): `measured` at a timed
         density, `fitted` between timed densities (piecewise linear in the density: a conv kernel's
         work is its kept blocks; `_interpolate_conv`), else its im2col matmul's prediction (nothing of
-        this conv timed)."""
+        this conv timed: in the conv kernel's own layout where that is a matmul layout too, as CUDA's split
+        layout, which convs whose threads cannot fill the GPU take at far more than the matmul's 16 rows)."""
         _check_sparsity(sparsity)
         block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
         timed = self._conv_measured.get((conv.key, block), {})
@@ -176,7 +179,7 @@ class CostModel:
             return Prediction(timed[density_key(density)], "measured")
         if len(timed) >= 2:
             return Prediction(self._interpolate_conv(conv, block, timed, density), "fitted")
-        return self.predict(*conv.matmul, block, sparsity)
+        return self.predict(*conv.matmul, block, sparsity, _conv_matmul_layout(self.target, conv, block, density))
 
     def _interpolate_conv(self, conv: ConvShape, block: tuple[int, int], timed: dict[float, float],
                           density: float) -> float:
@@ -376,6 +379,17 @@ def _conv_runs_parallel(target: TargetProfile, conv: ConvShape, block: tuple[int
     out, in_, pixels = conv.matmul
     blocks = -(-out // block[0]) * -(-in_ // block[1])
     return runs_parallel(target, pixels, block, int(round(density * blocks)))
+
+
+def _conv_matmul_layout(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float) -> str | None:
+    """The layout the conv's kernel runs its im2col product in, where that is a matmul layout other than
+    the one its im2col matmul would get by itself (else None)."""
+    out, in_, pixels = conv.matmul
+    block = schedule.DENSE_BLOCK if tuple(block) == DENSE_BLOCK else tuple(block)
+    kept = int(analytical.kept_blocks(out, in_, block, density))
+    own = schedule.conv_schedule(target, conv.out_hw, block, pixels, kept, out_c=out).layout
+    as_matmul = schedule.kernel_schedule(target, pixels, out, in_, block, kept).layout
+    return own if own in analytical.MATMUL_LAYOUTS and own != as_matmul else None
 
 
 def _piecewise_linear(timed: dict[float, float], density: float) -> float:
