@@ -63,6 +63,39 @@ def test_cnn_prunes_group_one_convs_only():
     assert any(op == "Gemm" for op, _, _ in summary.values())
 
 
+def _one_op(op: str, x_shape: list[int], weight: np.ndarray, **attrs) -> onnx.ModelProto:
+    w = onnx.numpy_helper.from_array(weight, "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, ["x", "w"], ["y"], name="op", **attrs)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.helper.np_dtype_to_tensor_dtype(weight.dtype), x_shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.helper.np_dtype_to_tensor_dtype(weight.dtype), None)], [w])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_a_conv1d_is_prunable_and_costed_as_the_2d_conv_of_one_row_images():
+    from pruneaug.passes.latency import conv_shape
+
+    model = _one_op("Conv", [2, 6, 37], np.ones((12, 6, 5), np.float32), strides=[2], pads=[1, 0], dilations=[2])
+    ir = lift(model, {"x": [2, 6, 37]})
+    [node] = ir.prunable_nodes()
+    layer = ir.layer(node)
+    assert layer.shape == (12, 30) and layer.m == 2 * 15  # (37 + 1 - 2 * 4 - 1) // 2 + 1 outputs
+    shape = conv_shape(layer)  # what codegen.relax_build runs: X [2, 6, 1, 37], kernel 1 x 5
+    assert (shape.x_shape, shape.kernel, shape.strides, shape.pads, shape.dilations) == (
+        (2, 6, 1, 37), (1, 5), (1, 2), (0, 1, 0, 0), (1, 2))
+    assert shape.matmul == (12, 30, layer.m)
+
+
+@pytest.mark.parametrize("op, x_shape, weight", [
+    ("Conv", [1, 2, 4, 5, 6], np.ones((4, 2, 3, 3, 3), np.float32)),  # 3-D conv: no kernel of ours
+    ("MatMul", [3, 8], np.ones((8, 4), np.float16)),  # the kernels are float32
+    ("MatMul", [3, 8], np.ones((8, 4), np.float64)),
+    ("Conv", [1, 2, 5, 5], np.ones((4, 2, 3, 3), np.float16)),
+], ids=["conv3d", "matmul fp16", "matmul fp64", "conv fp16"])
+def test_layers_our_kernels_cannot_run_stay_dense(op, x_shape, weight):
+    assert lift(_one_op(op, x_shape, weight)).prunable_nodes() == []
+
+
 def test_transformer_attention_matmuls_are_not_prunable():
     model = zoo.transformer_block()
     ir = lift(model)

@@ -45,3 +45,14 @@ def test_annotate_writes_dense_and_chosen_latency():
         assert data["dense_latency_s"] == pytest.approx(out * in_ * 4e-9)
         assert data["predicted_latency_s"] == pytest.approx(out * in_ * 4 * 0.25e-9)
         assert data["latency_source"] == "analytical"
+
+
+
+def test_a_weight_read_through_an_identity_is_one_layer_costed_once_per_reader():
+    ir = lift(zoo.aliased_weight(), {"x": [2, 16], "z": [2, 3, 16]})
+    [node] = ir.prunable_nodes()
+    layer = ir.layer(node)
+    assert layer.nodes == ("a", "b") and [read.m for read in layer.reads()] == [2, 6]
+    costs = CountingCosts()
+    assert latency.layer_latency(costs)(layer, (4, 4), 0.5) == pytest.approx(8 * 16 * (2 + 6) * 0.5e-9)
+    assert latency.measured_shapes([layer])[0] == {(8, 16, 2), (8, 16, 6)}

@@ -145,3 +145,29 @@ def test_removal_orders_are_forgotten_with_their_importance_array():
     del values
     gc.collect()
     assert key not in blockmask._MEMO
+
+
+@pytest.mark.parametrize("n_blocks, sparsity, removed", [
+    (4, 0.95, 3),  # 3.8 rounds to all 4: a layer left without blocks outputs its bias whatever its input
+    (1, 0.9, 0),
+    (4, 1.0, 4),  # only a weight that is all zeros already reads as sparsity 1
+    (10, 0.45, 5), (10, 1 - 0.55, 5),  # the same sparsity read back from its density rounds alike
+    (20, 0.025, 1), (8, 0.05, 0),
+])
+def test_a_sparsity_below_one_removes_the_nearest_count_but_never_every_block(n_blocks, sparsity, removed):
+    assert pruned_block_count(n_blocks, sparsity) == removed
+
+
+@pytest.mark.parametrize("shape, block", [((64, 128), (32, 32)), ((10, 96), (2, 2)), ((12, 30), (4, 1))])
+def test_masks_kernels_timed_and_costs_keep_the_same_block_count(shape, block):
+    """The mask a plan ships, the kernel the cost model times and the blocks it predicts for agree at every sparsity."""
+    from pruneaug.codegen.bsr_format import random_bsr_weight
+    from pruneaug.cost_model.analytical import kept_blocks
+
+    importance = np.random.default_rng(0).random(shape)
+    for sparsity in np.arange(0.0, 1.0, 0.05):
+        mask = layer_mask(importance, BlockSpec(*block, float(sparsity)))
+        in_mask = int(np.count_nonzero(block_scores(mask.astype(np.float64), block, pool="max")))
+        assert int(kept_blocks(*shape, block, 1.0 - sparsity)) == in_mask, sparsity
+        assert random_bsr_weight(*shape, block, 1.0 - sparsity).nnz_blocks == in_mask, sparsity
+        assert in_mask >= 1

@@ -246,6 +246,64 @@ def test_relu_after_a_conv_is_fused_into_its_kernel(x86, monkeypatch, attrs):
     assert_matches_onnxruntime(executable, model, inputs)
 
 
+@pytest.mark.parametrize("attrs, relu", [
+    ({"pads": [2, 2]}, True),
+    ({"strides": [2], "pads": [1, 0]}, False),  # asymmetric pads, strided: the stride-phase split of 1-row images
+    ({"dilations": [2], "pads": [2, 2]}, True),
+])
+def test_conv1d_runs_as_a_2d_conv_of_one_row_images(x86, monkeypatch, attrs, relu):
+    """An audio-style Conv1d ([N, C, L], kernel k) runs our block-sparse conv kernel, not TVM's conv1d."""
+    geometries = []
+    real = bsr.bsr_conv2d_kernel
+
+    def spy(target, x_shape, weight, kernel_hw, *args, **kwargs):
+        geometries.append((tuple(x_shape), tuple(kernel_hw)))
+        return real(target, x_shape, weight, kernel_hw, *args, **kwargs)
+
+    monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
+    model = prune_blocks(single_conv([2, 6, 37], 12, (5,), relu=relu, **attrs), {"w": (4, 1)}, density=0.5)
+    inputs = {"x": np.random.default_rng(4).standard_normal((2, 6, 37)).astype(np.float32)}
+    module = relax_build.rewritten_model(model, {"w": (4, 1)}, x86)
+    assert "conv1d" not in module.script()
+    assert_matches_onnxruntime(build_model(model, {"w": (4, 1)}, x86), model, inputs)
+    assert all(x_shape[2] == 1 and kernel_hw[0] == 1 for x_shape, kernel_hw in geometries)  # one-row images
+
+
+def test_a_matmul_of_a_vector_runs_our_kernel(x86):
+    """x [K] @ W [K, N] (a 1-D activation) is one row of our kernel: a weight planned sparse there is served."""
+    rng = np.random.default_rng(5)
+    weight = numpy_helper.from_array(rng.standard_normal((24, 16)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [24])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16])], [weight])
+    model = prune_blocks(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"w": (4, 4)})
+    inputs = {"x": rng.standard_normal(24).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {"w": (4, 4)}, x86), model, inputs)
+
+
+def test_both_readers_of_a_weight_behind_an_identity_run_the_sparse_kernel(x86, monkeypatch):
+    rows = []
+    real = bsr.bsr_matmul_kernel
+
+    def spy(target, m, weight, *args, **kwargs):
+        rows.append((kwargs.get("name"), m))
+        return real(target, m, weight, *args, **kwargs)
+
+    monkeypatch.setattr(bsr, "bsr_matmul_kernel", spy)
+    model = prune_blocks(zoo.aliased_weight(), {"tied.weight": (4, 4)}, density=0.5)
+    shapes = {"x": [2, 16], "z": [2, 3, 16]}
+    executable = build_model(model, {"tied.weight": (4, 4)}, x86, shapes)
+    assert sorted(rows) == [("bsr_matmul", 2), ("bsr_matmul", 6)]
+    assert_matches_onnxruntime(executable, model, zoo.random_inputs(model, batch=2))
+
+
+def test_a_weight_planned_sparse_that_no_kernel_serves_is_an_error(x86):
+    """A 3-D conv stays TVM's: its weight, if planned sparse, would run dense against the plan's figures."""
+    model = single_conv([1, 2, 4, 5, 6], 4, (3, 3, 3))
+    with pytest.raises(CodegenError, match="planned block-sparse .* would run dense.*: w$"):
+        build_model(model, {"w": (4, 1)}, x86)
+
+
 def test_unsupported_block_fails_before_compiling(x86, monkeypatch):
     monkeypatch.setattr(relax_build, "import_onnx", lambda *a, **k: pytest.fail("imported before the check"))
     with pytest.raises(CodegenError, match="block 128x4"):

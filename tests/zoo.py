@@ -206,6 +206,17 @@ def shared_weight() -> onnx.ModelProto:
     return g.model("shared_weight", [_value("x", [BATCH, 32])], [_value("y", [BATCH, 32])])
 
 
+def aliased_weight() -> onnx.ModelProto:
+    """One initializer ``W[16, 8]`` read by a MatMul of x[batch, 16] and, through an Identity of it (how
+    torch's exporter writes two layers whose weights are equal), by a MatMul of z[batch, 3, 16]."""
+    g = _Builder(seed=8)
+    w = g.weight("tied.weight", (16, 8), 16)
+    g.op("MatMul", ["x", w], "a")
+    g.op("MatMul", ["z", g.op("Identity", [w], "tied.weight.again")], "b")
+    return g.model("aliased_weight", [_value("x", [BATCH, 16]), _value("z", [BATCH, 3, 16])],
+                   [_value("a", [BATCH, 8]), _value("b", [BATCH, 3, 8])])
+
+
 def multi_output() -> onnx.ModelProto:
     """Two outputs from one trunk: x[batch, 32] -> logits[batch, 10], aux[batch, 4]."""
     g = _Builder(seed=6)
@@ -309,6 +320,7 @@ ALL: dict[str, Callable[[], onnx.ModelProto]] = {
     "transformer_block": transformer_block,
     "transformer_block_opset21": lambda: opset(transformer_block(), 21),
     "shared_weight": shared_weight,
+    "aliased_weight": aliased_weight,
     "multi_output": multi_output,
     "with_subgraph": with_subgraph,
     "batched_matmul": batched_matmul,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pruneaug.ir.layer import removed_block_count
+
 
 @dataclass(frozen=True)
 class BSRWeight:
@@ -88,13 +90,14 @@ def to_bsr(w2d: np.ndarray, block: tuple[int, int]) -> BSRWeight:
 
 def random_bsr_weight(out: int, in_: int, block: tuple[int, int], density: float,
                       seed: int = 0) -> BSRWeight:
-    """A random BSR weight keeping exactly `round(density * blocks)` blocks (for tests and benchmarks)."""
+    """A random BSR weight keeping as many blocks as a mask at sparsity `1 - density` keeps
+    (`removed_block_count`; for tests, benchmarks and the kernels the cost model times)."""
     r, c = block
     grid = (-(-out // r), -(-in_ // c))
     nblocks = grid[0] * grid[1]
     rng = np.random.default_rng(seed)
     keep = np.zeros(nblocks, bool)
-    keep[rng.choice(nblocks, int(round(density * nblocks)), replace=False)] = True
+    keep[rng.choice(nblocks, nblocks - int(removed_block_count(nblocks, 1.0 - density)), replace=False)] = True
     keep = keep.reshape(grid)
     padded = np.zeros((grid[0] * r, grid[1] * c), np.float32)
     padded[:out, :in_] = rng.standard_normal((out, in_)).astype(np.float32)

@@ -4,7 +4,7 @@
     >>> ex  # tvm.runtime.Executable; export it with pruneaug.codegen.export.export_artifact
 
 Steps (DESIGN §2 "Codegen"): import with TVM's ONNX frontend at static shapes; fold constants so that
-every linear layer reads `matmul(x, const)` or `conv2d(x, const)`; rewrite those calls into `call_tir`
+every linear layer reads `matmul(x, const)` or `conv2d`/`conv1d(x, const)`; rewrite those calls into `call_tir`
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
 in `sparse_weights`, the dense kernel otherwise, a bias add and a ReLU after it fused in (a strided conv
 runs as a stride-1 conv over its input's stride phases, see `conv_lowering.StridePhases`); on CPUs,
@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import math
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from pruneaug.codegen.threads import worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
-from pruneaug.ir.prunable import find_weight_use
+from pruneaug.ir.prunable import weight_uses
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is
     import tvm
@@ -87,8 +86,9 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
     rewriter = _LinearRewriter(target, {_key(w): (name, tuple(sparse_weights[name]), w) for name, w in views.items()})
     mod = rewriter.rewrite(mod)
     missing = sorted(set(sparse_weights) - rewriter.matched)
-    if missing:
-        warnings.warn(f"sparse weights compiled dense (no MatMul/Gemm/Conv reads them): {', '.join(missing)}")
+    if missing:  # the plan counts on their kernels: an artifact running them dense would belie it
+        raise CodegenError(f"weights planned block-sparse that no MatMul/Gemm/Conv of the imported model reads "
+                           f"as our kernels serve it (they would run dense): {', '.join(missing)}")
     if target.kind != "cuda":
         mod = _rewrite_row_ops(mod, target)
     return relax.transform.RemoveRedundantReshape()(mod)
@@ -238,15 +238,9 @@ def canonical_views(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
     for name in names:
         if name not in constants:
             raise CodegenError(f"sparse weight {name!r} is not an initializer of the model")
-    transposes = {
-        node.output[0]: (node.input[0], next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
-        for node in model.graph.node
-        if node.op_type == "Transpose"
-    }
     views = {}
-    for node in model.graph.node:
-        use = find_weight_use(node, node.name, constants, transposes)
-        if use is not None and use.weight in names and use.weight not in views:
+    for use in weight_uses(model.graph):
+        if use.weight in names and use.weight not in views:
             stored = numpy_helper.to_array(constants[use.weight]).astype(np.float32)
             views[use.weight] = np.ascontiguousarray(use.layout.to_canonical(stored))
     return views
@@ -281,8 +275,8 @@ class _Match:
 
 
 class _LinearRewriter:
-    """Replaces `matmul(x, const)` and group-1 `conv2d(x, const)` (with an optional `+ const` bias and an
-    optional ReLU after it) by kernels."""
+    """Replaces `matmul(x, const)` and group-1 `conv2d(x, const)` and `conv1d(x, const)` (a 2-D conv of
+    one-row images) (with an optional `+ const` bias and an optional ReLU after it) by kernels."""
 
     def __init__(self, target: TargetProfile, sparse: dict[tuple, tuple[str, tuple[int, int], np.ndarray]]):
         self.target = target
@@ -296,7 +290,8 @@ class _LinearRewriter:
 
         self._bb = relax.BlockBuilder(mod)
         func = mod["main"]
-        for op, make in (("relax.matmul", self._matmul), ("relax.nn.conv2d", self._conv2d)):
+        for op, make in (("relax.matmul", self._matmul), ("relax.nn.conv2d", self._conv2d),
+                         ("relax.nn.conv1d", self._conv1d)):
             x, weight, bias = wildcard(), is_const(), is_const()
             call = is_op(op)(x, weight)
             with_bias = is_op("relax.add")(call, bias) | is_op("relax.add")(bias, call)
@@ -345,14 +340,14 @@ class _LinearRewriter:
         from tvm import relax
 
         x_shape = _static_shape(found.x)
-        if found.weight.ndim != 2 or found.weight.dtype != np.float32 or x_shape is None or len(x_shape) < 2:
+        if found.weight.ndim != 2 or found.weight.dtype != np.float32 or not x_shape:
             return None
         w = np.ascontiguousarray(found.weight.T)  # [K, N] constant -> canonical W[N, K]
         out_dim, in_dim = w.shape
         bias = _vector_bias(found.bias, out_dim, ndim=len(x_shape))
         if found.bias is not None and bias is None:
-            return None  # a bias we cannot fuse: leave this call to the dense default pipeline
-        m = int(np.prod(x_shape[:-1]))
+            return None  # a bias we cannot fuse: the pattern without it takes the matmul, TVM adds it after
+        m = int(np.prod(x_shape[:-1]))  # a vector x (1-D) is one row
         entry = self._sparse_entry(w)
         if entry is not None:
             kernel = bsr.bsr_matmul_kernel(self.target, m, bsr.to_bsr(w, entry[1]), bias=bias, name="bsr_matmul",
@@ -367,29 +362,46 @@ class _LinearRewriter:
     def _conv2d(self, call, found: _Match):
         attrs = call.attrs
         x_shape = _static_shape(found.x)
-        if (
-            x_shape is None
-            or int(attrs.groups) != 1
-            or attrs.data_layout != "NCHW"
-            or attrs.kernel_layout != "OIHW"
-            or attrs.out_layout != "NCHW"
-            or found.weight.ndim != 4
-            or found.weight.dtype != np.float32
-        ):
+        if (x_shape is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
+                or found.weight.ndim != 4):
             return None
-        c_out, _, kh, kw = found.weight.shape
-        bias = _channel_bias(found.bias, c_out)
+        return self._conv(found, tuple(x_shape), found.weight.shape[2:], attrs.groups, tuple(attrs.strides),
+                          tuple(attrs.padding), tuple(attrs.dilation))
+
+    def _conv1d(self, call, found: _Match):
+        """A Conv1d as the 2-D conv of one-row images: X [N, C, L] viewed as [N, C, 1, L], kernel 1 x k."""
+        from tvm import relax
+
+        attrs = call.attrs
+        x_shape = _static_shape(found.x)
+        if (x_shape is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCW", "OIW", "NCW")
+                or found.weight.ndim != 3):
+            return None
+        n, c, length = x_shape
+        (stride,), (begin, end), (dilation,) = attrs.strides, attrs.padding, attrs.dilation
+        y = self._conv(found, (n, c, 1, length), (1, found.weight.shape[2]), attrs.groups, (1, stride),
+                       (0, begin, 0, end), (1, dilation), x=relax.op.reshape(found.x, [n, c, 1, length]))
+        return None if y is None else relax.op.reshape(y, [n, *_static_shape(call)[1:]])
+
+    def _conv(self, found: _Match, x_shape: tuple[int, int, int, int], kernel_hw, groups, strides, pads, dilations,
+              x=None):
+        """Our kernels for a group-1 float32 conv over NCHW `x` (default: the matched input) of `x_shape`,
+        or None to leave it to TVM."""
+        if int(groups) != 1 or found.weight.dtype != np.float32:
+            return None
+        c_out = found.weight.shape[0]
+        bias = _channel_bias(found.bias, c_out, spatial=found.weight.ndim - 2)
         if found.bias is not None and bias is None:
             return None
         w = np.ascontiguousarray(found.weight.reshape(c_out, -1))
         entry = self._sparse_entry(w)
         block = entry[1] if entry is not None else bsr.DENSE_BLOCK  # dense: every block kept
-        strides = tuple(int(s) for s in attrs.strides)
-        pads, dilations = tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation)
         name = "bsr_conv2d" if entry is not None else "dense_conv2d"
-        y = found.x
-        for step in conv_lowering.conv_calls(self.target, tuple(x_shape), w, block, (kh, kw), strides, pads,
-                                             dilations, bias=bias, activation=found.activation, name=name):
+        y = found.x if x is None else x
+        for step in conv_lowering.conv_calls(self.target, tuple(int(d) for d in x_shape), w, block,
+                                             tuple(int(k) for k in kernel_hw), tuple(int(v) for v in strides),
+                                             tuple(int(v) for v in pads), tuple(int(v) for v in dilations),
+                                             bias=bias, activation=found.activation, name=name):
             y = self._call(step.kernel, y, step.out_shape)
         return y
 
@@ -510,9 +522,11 @@ def _vector_bias(bias: np.ndarray | None, out_dim: int, ndim: int) -> np.ndarray
     return np.ascontiguousarray(bias.reshape(out_dim), np.float32)
 
 
-def _channel_bias(bias: np.ndarray | None, c_out: int) -> np.ndarray | None:
-    """A per-output-channel conv bias ([1, C, 1, 1] or [C, 1, 1]) as a vector [C]; else None."""
-    if bias is None or bias.size != c_out or bias.ndim < 3 or bias.shape[-3:] != (c_out, 1, 1):
+def _channel_bias(bias: np.ndarray | None, c_out: int, spatial: int = 2) -> np.ndarray | None:
+    """A per-output-channel bias of a conv with `spatial` axes ([1, C, 1, 1] or [C, 1, 1] for 2-D,
+    [1, C, 1] for 1-D) as a vector [C]; else None."""
+    channel_axes = (c_out, *(1,) * spatial)
+    if bias is None or bias.size != c_out or bias.ndim < len(channel_axes) or bias.shape[-len(channel_axes):] != channel_axes:
         return None
     return np.ascontiguousarray(bias.reshape(c_out), np.float32)
 

@@ -64,6 +64,7 @@ from scipy.optimize import least_squares
 
 from pruneaug.codegen import schedule
 from pruneaug.cost_model.targets import TargetProfile, hardware_peaks
+from pruneaug.ir.layer import removed_block_count
 
 _F32 = 4
 _INDEX_BYTES = 4
@@ -130,10 +131,10 @@ def default_params(target: TargetProfile, dense: bool = False) -> Params:
 
 
 def kept_blocks(out, in_, block: tuple[int, int], density) -> np.ndarray:
-    """Blocks a layer keeps at `density`: round(density * blocks of the ceil-div grid)."""
+    """Blocks a layer keeps at `density` of the ceil-div grid: those the mask at sparsity `1 - density` keeps."""
     rows, cols = block
     n_blocks = -(-np.asarray(out) // rows) * -(-np.asarray(in_) // cols)
-    return np.rint(np.asarray(density, dtype=np.float64) * n_blocks).astype(np.int64)
+    return n_blocks - removed_block_count(n_blocks, 1.0 - np.asarray(density, dtype=np.float64))
 
 
 def miss_share(working_set: float, cache_bytes: float) -> float:

@@ -377,8 +377,7 @@ def _conv_runs_parallel(target: TargetProfile, conv: ConvShape, block: tuple[int
     """Whether the conv's kernel takes the thread pool at `density` (as `codegen.conv` decides it: its output
     pixels and the kept blocks of its im2col weight, which the stride-phase split keeps as they are)."""
     out, in_, pixels = conv.matmul
-    blocks = -(-out // block[0]) * -(-in_ // block[1])
-    return runs_parallel(target, pixels, block, int(round(density * blocks)))
+    return runs_parallel(target, pixels, block, int(analytical.kept_blocks(out, in_, block, density)))
 
 
 def _conv_matmul_layout(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float) -> str | None:

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.ir.layer import BlockSpec, PrunableLayer
-from pruneaug.ir.prunable import WeightUse, find_weight_use
+from pruneaug.ir.layer import BlockSpec, LayerRead, PrunableLayer
+from pruneaug.ir.prunable import WeightUse, weight_uses
 
 
 _SHAPE_TENSOR_MAX_ELEMENTS = 64
@@ -98,7 +98,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
             if tensor in producers and producers[tensor] != name:
                 graph.add_edge(producers[tensor], name, tensor=tensor)
 
-    uses = _weight_uses(onnx_graph, names)
+    uses = weight_uses(onnx_graph, names)
     shapes = _inferred_shapes(model, input_shapes or {})
     weights: dict[str, np.ndarray] = {}
     by_weight: dict[str, list[WeightUse]] = {}
@@ -110,14 +110,19 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
         if any(r.layout.canonical_shape != first.layout.canonical_shape or r.layout.kind != first.layout.kind
                for r in readers):
             continue  # readers disagree on the orientation: one mask cannot serve both views, keep it dense
+        first_read, *other_reads = [
+            LayerRead(_rows_per_inference(r, shapes), r.conv,
+                      tuple(shapes[r.activation]) if r.conv and r.activation in shapes else None)
+            for r in readers]
         layer = PrunableLayer(
             weight=weight,
             nodes=tuple(r.node for r in readers),
             op_type=first.op_type,
             layout=first.layout,
-            m=_rows_per_inference(first, shapes),
-            conv=first.conv,
-            input_shape=tuple(shapes[first.activation]) if first.conv and first.activation in shapes else None,
+            m=first_read.m,
+            conv=first_read.conv,
+            input_shape=first_read.input_shape,
+            other_reads=tuple(other_reads),
         )
         graph.nodes[first.node]["layer"] = layer
         graph.nodes[first.node]["block"] = BlockSpec(1, 1, 0.0)
@@ -170,22 +175,6 @@ def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
         reads |= {t for t in _consumed_tensors(node) if t not in defined}
         defined |= set(node.output)
     return reads
-
-
-def _weight_uses(onnx_graph: onnx.GraphProto, names: Sequence[str]) -> list[WeightUse]:
-    graph_inputs = {v.name for v in onnx_graph.input}
-    constants = {t.name: t for t in onnx_graph.initializer if t.name not in graph_inputs}
-    transposes = {}
-    for node in onnx_graph.node:
-        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") and node.input[0] in constants:
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            transposes[node.output[0]] = (node.input[0], perm)
-    uses = []
-    for name, node in zip(names, onnx_graph.node):
-        use = find_weight_use(node, name, constants, transposes)
-        if use is not None:
-            uses.append(use)
-    return uses
 
 
 def _inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:

@@ -8,12 +8,28 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from pruneaug.errors import OptionError
 from pruneaug.ir.weights import WeightLayout
 
 _BLOCK_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+_ROUNDING_SLACK = 1e-9  # a sparsity read back as 1 - density (0.45 as 1 - 0.55) rounds as the sparsity itself
+
+
+def removed_block_count(n_blocks, sparsity):
+    """How many of a layer's `n_blocks` blocks `sparsity` removes: the nearest whole number (halves up),
+    but never every block short of sparsity 1 (a layer without blocks outputs its bias whatever its input:
+    0.95 of 4 blocks removed all 4). The one rule for masks, kernels timed and predicted costs alike.
+    Broadcasts like numpy; int64."""
+    n = np.asarray(n_blocks, dtype=np.int64)
+    s = np.asarray(sparsity, dtype=np.float64)
+    nearest = np.floor(s * n + 0.5 + _ROUNDING_SLACK).astype(np.int64)
+    return np.where(s >= 1.0, n, np.clip(nearest, 0, np.maximum(n - 1, 0)))
 
 
 @dataclass(frozen=True)
@@ -62,13 +78,23 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class LayerRead:
+    """How one more node reads a shared weight: its rows, and a Conv's geometry and input (see PrunableLayer)."""
+
+    m: int | None
+    conv: ConvGeometry | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class PrunableLayer:
     """One prunable weight and the nodes that read it (several when the weight is shared).
 
     `m` is the rows of the layer's X per inference (batch x tokens for MatMul, batch x H_out x W_out
     for Conv) at the input shapes the IR was lifted with; None where shape inference could not tell.
     `input_shape` is a Conv's X (N, C, spatial...) at those shapes, None likewise (or for other ops):
-    the cost model times a Conv's own kernels at it.
+    the cost model times a Conv's own kernels at it. These are the first reader's; `other_reads` the
+    other readers' (each runs its own kernel call, at its own shapes).
     """
 
     weight: str
@@ -78,6 +104,13 @@ class PrunableLayer:
     m: int | None = None
     conv: ConvGeometry | None = None
     input_shape: tuple[int, ...] | None = None
+    other_reads: tuple[LayerRead, ...] = ()
+
+    def reads(self) -> list["PrunableLayer"]:
+        """The layer as each of its readers runs it (one for an unshared weight): a shared weight costs
+        one kernel call per reader."""
+        return [self] + [replace(self, m=read.m, conv=read.conv, input_shape=read.input_shape, other_reads=())
+                         for read in self.other_reads]
 
     @property
     def node(self) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from pruneaug.ir.graph import IRModel
-from pruneaug.ir.layer import BlockSpec
+from pruneaug.ir.layer import BlockSpec, removed_block_count
 from pruneaug.passes.parallel import map_threads
 
 POOLS = ("l2", "mean", "max")
@@ -85,8 +85,8 @@ def block_scores(importance: np.ndarray, block: tuple[int, int], pool: str = DEF
 
 
 def pruned_block_count(n_blocks: int, sparsity: float) -> int:
-    """How many blocks a sparsity removes: the nearest whole number, halves rounded up."""
-    return int(np.floor(sparsity * n_blocks + 0.5))
+    """How many blocks a sparsity removes (`layer.removed_block_count`: never all of them below 1)."""
+    return int(removed_block_count(n_blocks, sparsity))
 
 
 def cut(flat: np.ndarray, pruned: int) -> tuple[float, int]:

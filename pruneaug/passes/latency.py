@@ -10,6 +10,7 @@ analytical: where the chosen figure came from).
 from __future__ import annotations
 
 from pruneaug.cost_model.conv_shape import ConvShape
+from pruneaug.cost_model.model import SOURCES, Prediction
 from pruneaug.errors import CodegenError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import PrunableLayer
@@ -21,26 +22,46 @@ def _m(layer: PrunableLayer) -> int:
 
 
 def conv_shape(layer: PrunableLayer) -> ConvShape | None:
-    """A 2-D Conv layer's geometry as the artifact's kernels run it, None for other layers and for a Conv
+    """A Conv layer's geometry as the artifact's kernels run it, None for other layers and for a Conv
     whose input shape is unknown (the cost model then predicts its im2col matmul). As TVM's ONNX
     frontend imports it: a SAME_UPPER/SAME_LOWER conv is a pad op, then an unpadded conv of the padded
-    input (the pad op is outside the layer's cost, like the model's other ops)."""
-    if layer.conv is None or layer.input_shape is None or len(layer.input_shape) != 4:
+    input (the pad op is outside the layer's cost, like the model's other ops). A Conv1d is the 2-D
+    conv of one-row images that `codegen.relax_build` runs it as."""
+    if layer.conv is None or layer.input_shape is None or len(layer.input_shape) not in (3, 4):
         return None
-    n, c, h, w = layer.input_shape
-    pads = resolve_pads(layer.conv, (h, w))
+    n, c, *spatial = layer.input_shape
+    pads = resolve_pads(layer.conv, tuple(spatial))
     if layer.conv.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        n, c, h, w = n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]
-        pads = (0, 0, 0, 0)
-    return ConvShape(layer.shape[0], (n, c, h, w), layer.conv.kernel, layer.conv.strides, pads, layer.conv.dilations)
+        spatial = [size + pads[i] + pads[i + len(spatial)] for i, size in enumerate(spatial)]
+        pads = (0,) * len(pads)
+    kernel, strides, dilations = layer.conv.kernel, layer.conv.strides, layer.conv.dilations
+    if len(spatial) == 1:  # one-row images: H = 1, kernel 1 x k, no padding along H
+        spatial, kernel, strides, dilations = [1, *spatial], (1, *kernel), (1, *strides), (1, *dilations)
+        pads = (0, pads[0], 0, pads[1])
+    return ConvShape(layer.shape[0], (n, c, *spatial), kernel, strides, pads, dilations)
 
 
-def predict_layer(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float):
-    """The cost model's `Prediction` for one layer: a Conv from its own kernels' times, the rest as a matmul."""
+def predict_layer(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> Prediction:
+    """The cost model's `Prediction` for one layer: a Conv from its own kernels' times, the rest as a
+    matmul; a shared weight's, summed over its readers (its source the least sure of theirs)."""
+    predictions = [_predict_read(costs, read, block, sparsity) for read in layer.reads()]
+    if len(predictions) == 1:
+        return predictions[0]
+    least_sure = max((p.source for p in predictions), key=SOURCES.index)
+    return Prediction(sum(p.seconds for p in predictions), least_sure)
+
+
+def _predict_read(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> Prediction:
     conv = conv_shape(layer)
     if conv is not None:
         return costs.predict_conv(conv, block, sparsity)
     return costs.predict(layer.shape[0], layer.shape[1], _m(layer), block, sparsity)
+
+
+def _read_key(layer: PrunableLayer):
+    """What one read's prediction depends on besides (block, sparsity)."""
+    conv = conv_shape(layer)
+    return conv.key if conv is not None else (layer.shape, _m(layer))
 
 
 def layer_latency(costs):
@@ -53,8 +74,7 @@ def layer_latency(costs):
     known: dict[tuple, float] = {}
 
     def latency(layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> float:
-        conv = conv_shape(layer)
-        key = (conv.key if conv is not None else (layer.shape, _m(layer)), tuple(block), sparsity)
+        key = (tuple(_read_key(read) for read in layer.reads()), tuple(block), sparsity)
         if key not in known:
             known[key] = float(predict_layer(costs, layer, block, sparsity).seconds)
         return known[key]
@@ -65,7 +85,7 @@ def layer_latency(costs):
 def measured_shapes(layers) -> tuple[set[tuple[int, int, int]], set[ConvShape]]:
     """What the cost model times for these layers: (out, in, m) of the matmul-like ones, the Convs' geometries."""
     shapes, convs = set(), set()
-    for layer in layers:
+    for layer in (read for layer in layers for read in layer.reads()):
         conv = conv_shape(layer)
         if conv is not None:
             convs.add(conv)
