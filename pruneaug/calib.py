@@ -58,17 +58,47 @@ def load_dataset(path: str | os.PathLike, model: onnx.ModelProto, option: str = 
         raise CalibrationError(f"{where}: no array for model input(s) {', '.join(missing)} (has {', '.join(sorted(arrays)) or 'none'})")
     if extra:
         raise CalibrationError(f"{where}: array(s) {', '.join(extra)} match no model input (inputs: {', '.join(sorted(expected))})")
+    fixed = fixed_batch(model)
     batch = None
     for value in inputs:
         array = arrays[value.name]
-        _check_input(where, value, array)
+        _check_input(where, value, array, fixed)
         batch = batch if batch is not None else array.shape[0] if array.ndim else None
+        if fixed is not None and array.shape[0] != batch:  # (each a multiple of the fixed batch: _check_input)
+            raise CalibrationError(f"{where}: input {value.name!r} has {array.shape[0]} rows on axis 0, "
+                                   f"input {inputs[0].name!r} {batch}: every input needs as many")
     if labels is not None and batch is not None and labels.shape[:1] != (batch,):
         raise CalibrationError(f"{where}: 'labels' has {labels.shape[0] if labels.ndim else 0} rows, inputs have {batch}")
     return Dataset(arrays, labels, str(path))
 
 
-def _check_input(where: str, value: onnx.ValueInfoProto, array: np.ndarray) -> None:
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """B where every input's first dimension is the same static B, and so is every output's that declares a
+    shape (a model exported without a dynamic batch axis: torch.onnx.export's default), else None.
+
+    Such a model takes any multiple of B samples, run in chunks of B (`ort_run.batches`) whose outputs are
+    concatenated, so data need not hold exactly B. Where the first axes differ (inputs of different static
+    sizes, or an output whose first axis is dynamic or another size: an input fed transposed, [features,
+    batch]) axis 0 is no batch axis and no chunking could serve it: the data needs exactly the inputs' shapes.
+    """
+    firsts = set()
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        firsts.add(dims[0].dim_value)
+    if not firsts:
+        return None
+    for value in model.graph.output:
+        if value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            firsts.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0)
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _check_input(where: str, value: onnx.ValueInfoProto, array: np.ndarray, fixed: int | None = None) -> None:
+    """The array's type and shape against the model input's; with a `fixed` batch (`fixed_batch`), axis 0 may
+    hold any positive multiple of it."""
     tensor_type = value.type.tensor_type
     want_dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
     if array.dtype != want_dtype:
@@ -78,7 +108,13 @@ def _check_input(where: str, value: onnx.ValueInfoProto, array: np.ndarray) -> N
     dims = tensor_type.shape.dim
     if array.ndim != len(dims):
         raise CalibrationError(f"{where}: input {value.name!r} has shape {array.shape}, the model wants rank {len(dims)}")
+    if fixed is not None and (array.shape[0] == 0 or array.shape[0] % fixed):
+        raise CalibrationError(f"{where}: input {value.name!r} has {array.shape[0]} rows on axis 0; the model has a "
+                               f"fixed batch of {fixed}, so axis 0 must be a positive multiple of {fixed} (or export "
+                               f"the model with a dynamic batch axis)")
     for axis, dim in enumerate(dims):
+        if fixed is not None and axis == 0:
+            continue
         if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != array.shape[axis]:
             want = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
             raise CalibrationError(f"{where}: input {value.name!r} has shape {array.shape}, the model wants {want}")

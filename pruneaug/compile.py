@@ -73,7 +73,7 @@ class Request:
     metric: str
     reconstruct: bool
     measure: str | None  # None: time kernels locally where the target runs here (x86; cuda with a GPU), else predict
-    batch: int
+    batch: int | None  # None: 1, or the model's own fixed batch
     artifact: bool
 
     @property
@@ -90,14 +90,14 @@ def compile_model(
     pruner: str = "magnitude",
     calib: str | os.PathLike | None = None,
     eval: str | os.PathLike | None = None,  # noqa: A002 - named as the CLI's --eval
-    budget: float | str = 0.01,
-    metric: str = "top1",
+    budget: float | str | None = None,
+    metric: str | None = None,
     blocks: str = opt.DEFAULT_BLOCKS,
     sparsities: str = opt.DEFAULT_SPARSITIES,
     reconstruct: bool = False,
     measure: str | None = None,
     keep_sparsity: bool = False,
-    batch: int = 1,
+    batch: int | None = None,
     artifact: bool = True,
 ) -> CompileResult:
     """Prune `model` for `target`; write pruned.onnx, masks.npz, plan.json, the artifact and the report into `out`.
@@ -105,7 +105,8 @@ def compile_model(
     The plan comes from `block` and `sparsity` (every prunable layer the same), from `keep_sparsity`
     (each layer's structure read off its zeros, nothing more pruned), or, with neither, from the
     search: per layer the block shape and sparsity of least predicted latency whose validated
-    metric loss on `eval` stays within `budget`.
+    metric loss on `eval` stays within `budget` (default `options.DEFAULT_BUDGET`) in `metric` (default
+    top1).
     """
     request = check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric,
                             measure, batch, artifact, reconstruct)
@@ -129,6 +130,12 @@ def compile_model(
     if request.searching:
         eval_data = _search_data(eval_data, calib_data, request.metric, notes)
         calib_data = calib_data or eval_data
+    else:
+        unused = [option for option, value in (("--eval", eval), ("--budget", budget), ("--metric", metric))
+                  if value is not None]
+        if unused:
+            notes.append(f"{' and '.join(unused)} not used: the plan is {'read off the model' if request.keep_sparsity else 'given'}, "
+                         "so nothing is searched or validated")
 
     shapes = deploy_shapes(source, calib_data or eval_data, request.batch)
     ir = lift(source, shapes)
@@ -204,12 +211,13 @@ def check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pr
         fixed = BlockSpec.parse(block, opt.parse_sparsity(sparsity))
     if not (measure in (None, "local", "none") or str(measure).startswith("rpc://")):
         raise OptionError(f"--measure {measure!r}: expected local, none or rpc://HOST:PORT/KEY")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise OptionError(f"--batch {batch!r}: must be a positive integer")
     return Request(
         target=target, fixed=fixed, keep_sparsity=bool(keep_sparsity), blocks=opt.parse_blocks(blocks),
         sparsities=opt.parse_sparsities(sparsities), pruner=opt.check_choice("--pruner", pruner, opt.PRUNERS),
-        budget=opt.parse_budget(budget), metric=opt.check_choice("--metric", metric, opt.METRICS),
+        budget=opt.parse_budget(opt.DEFAULT_BUDGET if budget is None else budget),
+        metric=opt.check_choice("--metric", opt.METRICS[0] if metric is None else metric, opt.METRICS),
         reconstruct=bool(reconstruct), measure=measure, batch=batch, artifact=bool(artifact),
     )
 
@@ -227,11 +235,12 @@ def _search_data(eval_data: Dataset | None, calib_data: Dataset | None, metric: 
     return eval_data
 
 
-def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int) -> dict[str, list[int]]:
+def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int | None) -> dict[str, list[int]]:
     """The static input shapes the plan is costed and the artifact compiled for.
 
-    Axis 0 of a dynamic input is the batch (`--batch`); its other dynamic axes take the data's sizes
-    (a sequence length, ...), or 1 without data.
+    Axis 0 of a dynamic input is the batch (`--batch`, default 1); its other dynamic axes take the data's
+    sizes (a sequence length, ...), or 1 without data. A `batch` other than an input's fixed one is an
+    OptionError: the artifact cannot be compiled for it, and costing the plan at it would mislead.
     """
     shapes = {}
     for value in graph_inputs(model):
@@ -239,9 +248,12 @@ def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int) -> d
         shape = []
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
+                if axis == 0 and batch is not None and batch != dim.dim_value:
+                    raise OptionError(f"--batch {batch}: the model's input {value.name!r} has a fixed batch of "
+                                      f"{dim.dim_value}; export it with a dynamic batch axis to compile it for another")
                 shape.append(dim.dim_value)
             elif axis == 0:
-                shape.append(batch)
+                shape.append(batch or 1)
             else:
                 shape.append(int(seen[axis]) if seen is not None else 1)
         shapes[value.name] = shape
@@ -287,13 +299,14 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     started = time.perf_counter()
     supported = latency.block_supported(profile)
     kernels_measured = 0
+    # the dense run on the eval data first: bad labels stop the compile before any kernel is timed
+    validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric, labels_file=eval_data.path)
     if costs.runner is not None:
         shapes, convs = latency.measured_shapes(scored.layers())
         # a few densities per block shape; the fitted model answers the rest of the grid
         kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)],
                                       convs=convs)
     layer_latency = latency.layer_latency(costs)
-    validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric)
     model_key = sensitivity_store.model_digest(scored)
     # per-block probes: no consistent gain, 2.7x the runs
     ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache, model_key=model_key)
@@ -459,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="out", help="output folder (default: out)")
     parser.add_argument("--calib", help=".npz of calibration inputs keyed by the model's input names")
     parser.add_argument("--eval", help=".npz of evaluation inputs (and 'labels') the search validates on")
-    parser.add_argument("--budget", default="0.01", help="largest metric loss the pruned model may have (default 0.01)")
-    parser.add_argument("--metric", default="top1", help="top1 (accuracy drop), cosine (1 - similarity), relerr")
+    parser.add_argument("--budget", help=f"largest metric loss the pruned model may have (default {opt.DEFAULT_BUDGET})")
+    parser.add_argument("--metric", help=f"{', '.join(opt.METRICS)} (default {opt.METRICS[0]}): top1 (accuracy drop), "
+                                         "cosine (1 - similarity), relerr")
     parser.add_argument("--blocks", default=opt.DEFAULT_BLOCKS, help=f"block shapes to consider ({opt.DEFAULT_BLOCKS})")
     parser.add_argument("--sparsities", default=opt.DEFAULT_SPARSITIES,
                         help=f"sparsity grid, START:STOP:STEP or a list ({opt.DEFAULT_SPARSITIES})")
@@ -470,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measure", help="kernel latencies: local (default for x86, and for cuda on a machine with a "
                                           "GPU), none (predict only; default for arm64, and for cuda without a GPU), "
                                           "rpc://HOST:PORT/KEY (a device behind a TVM RPC tracker)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size the artifact is compiled for (default 1)")
+    parser.add_argument("--batch", type=int, help="batch size the artifact is compiled for (default 1, or the "
+                                                   "model's own fixed batch)")
     parser.add_argument("--block", help="fixed plan: this block shape ROWSxCOLS for every prunable layer")
     parser.add_argument("--sparsity", help="fixed plan: this share of blocks removed in every layer, in [0, 1)")
     parser.add_argument("--keep-sparsity", action="store_true",
@@ -491,10 +506,11 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.__class__ = _Parser
+    caught: list[warnings.WarningMessage] = []
     try:
         args = parser.parse_args(argv)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             result = compile_model(
                 args.model, target=args.target, out=args.out, block=args.block, sparsity=args.sparsity,
                 pruner=args.pruner, calib=args.calib, eval=args.eval, budget=args.budget, metric=args.metric,
@@ -502,15 +518,29 @@ def main(argv: list[str] | None = None) -> int:
                 keep_sparsity=args.keep_sparsity, batch=args.batch, artifact=not args.no_artifact,
             )
     except (PruneaugError, _ArgumentError) as err:
+        _print_warnings(_own_warnings(caught))
         print(f"pruneaug: error: {err}", file=sys.stderr)
         return 2
-    for note in result.warnings:
-        print(f"pruneaug: warning: {note}", file=sys.stderr)
+    _print_warnings([*result.warnings, *(w for w in _own_warnings(caught) if w not in result.warnings)])
     totals = result.plan["totals"]
     written = [p.name for p in (result.pruned_model, result.masks, result.plan_file, result.report, result.artifact) if p]
-    print(f"pruned {totals['prunable_layers']} layers to {totals['weight_sparsity']:.1%} weight sparsity for "
+    print(f"pruned {totals['pruned_layers']} of {totals['prunable_layers']} prunable layers to "
+          f"{totals['weight_sparsity']:.1%} weight sparsity for "
           f"{result.plan['target']}; wrote {', '.join(written)} to {result.out_dir}")
     return 0
+
+
+def _own_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of the warnings pruneaug itself raised (a noisy machine, a cache set aside, a device
+    lost), each once: the libraries' own (deprecations and the like) say nothing to the user."""
+    package = Path(__file__).resolve().parent
+    own = [str(w.message) for w in caught if Path(w.filename).resolve().is_relative_to(package)]
+    return list(dict.fromkeys(own))
+
+
+def _print_warnings(messages: list[str]) -> None:
+    for message in messages:
+        print(f"pruneaug: warning: {message}", file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

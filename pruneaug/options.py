@@ -12,6 +12,7 @@ from pruneaug.ir.layer import BlockSpec
 
 DEFAULT_BLOCKS = "1x1,1x4,4x1,8x8,16x16,32x32"
 DEFAULT_SPARSITIES = "0:0.95:0.05"
+DEFAULT_BUDGET = 0.01  # largest metric loss: 1% top-1 accuracy by default
 PRUNERS = ("magnitude", "activation")
 METRICS = ("top1", "cosine", "relerr")
 

@@ -56,6 +56,8 @@ def layer_entry(ir: IRModel, node: str) -> dict[str, Any]:
         "sparsity": spec.sparsity,
         "blocks": grid[0] * grid[1],
         "nnz_blocks": nonzero_blocks,
+        # the share of blocks actually removed: `sparsity` of a few large blocks rounds to a whole count
+        "block_sparsity": 1.0 - nonzero_blocks / (grid[0] * grid[1]),
         "weight_sparsity": float(1.0 - np.count_nonzero(weight) / weight.size),
         "proxy_loss": data.get("proxy_loss"),
         "dense_latency_s": data.get("dense_latency_s"),
@@ -75,6 +77,7 @@ def build_plan(ir: IRModel, target: str, extra: dict[str, Any] | None = None) ->
         "layers": layers,
         "totals": {
             "prunable_layers": len(layers),
+            "pruned_layers": sum(entry["nnz_blocks"] < entry["blocks"] for entry in layers),
             "prunable_weights": weights,
             "weight_sparsity": zeros / weights if weights else 0.0,
         },

@@ -27,6 +27,14 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
+def _sparsity(entry: dict[str, Any]) -> str:
+    """The planned sparsity, and the share of blocks it removed where the rounding to whole blocks shows."""
+    actual = entry.get("block_sparsity")
+    if actual is None or f"{actual:.2f}" == f"{entry['sparsity']:.2f}":
+        return f"{entry['sparsity']:.2f}"
+    return f"{entry['sparsity']:.2f} ({actual:.2f} of its blocks)"
+
+
 def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
     rows = []
     for entry in plan["layers"]:
@@ -34,7 +42,7 @@ def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
         source = entry.get("latency_source") or "–"
         rows.append([
             entry["node"], entry["op_type"], f"{entry['shape'][0]}x{entry['shape'][1]}", str(entry["m"] or "?"),
-            f"{entry['block'][0]}x{entry['block'][1]}", f"{entry['sparsity']:.2f}", f"{entry['nnz_blocks']}/{entry['blocks']}",
+            f"{entry['block'][0]}x{entry['block'][1]}", _sparsity(entry), f"{entry['nnz_blocks']}/{entry['blocks']}",
             "–" if entry.get("proxy_loss") is None else f"{entry['proxy_loss']:.2e}",
             _us(entry.get("dense_latency_s")), _us(chosen), source,
             _ratio(entry.get("dense_latency_s"), chosen),
@@ -128,7 +136,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     totals = plan["totals"]
     search = plan.get("search")
     latency = plan.get("model_latency") or {}
-    summary = (f"Target `{plan['target']}`; {totals['prunable_layers']} prunable layers, "
+    summary = (f"Target `{plan['target']}`; {totals['prunable_layers']} prunable layers "
+               f"({totals.get('pruned_layers', totals['prunable_layers'])} of them pruned), "
                f"{totals['weight_sparsity']:.1%} of their weights pruned; pruner `{plan.get('pruner')}`.")
     if search:
         summary += (f" Budget {search['budget']:g} on `{search['metric']}`: validated loss "

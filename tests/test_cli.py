@@ -59,7 +59,7 @@ def test_fixed_plan_writes_consistent_outputs(tmp_path, capsys, name):
             assert np.array_equal(weights[entry["weight"]] != 0, mask)
             grid = block_grid(tuple(entry["shape"]), (8, 8))
             assert entry["blocks"] == grid[0] * grid[1]
-            assert entry["nnz_blocks"] == entry["blocks"] - int(np.floor(0.8 * entry["blocks"] + 0.5))
+            assert entry["nnz_blocks"] == entry["blocks"] - min(int(np.floor(0.8 * entry["blocks"] + 0.5)), entry["blocks"] - 1)
             assert entry["block"] == [8, 8] and entry["sparsity"] == 0.8
             canonical = ir.canonical_weight(entry["node"])
             assert canonical.shape == tuple(entry["shape"])
@@ -239,3 +239,42 @@ def test_api_raises_typed_errors(tmp_path):
     with pytest.raises(OptionError, match=r"--block '8y8'"):
         pruneaug.compile(zoo.mlp(), block="8y8", sparsity=0.5, out=tmp_path / "o", artifact=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_pruneaugs_own_warnings_reach_the_user(tmp_path, capsys, monkeypatch):
+    """A latency cache set aside as unreadable is said on stderr (the CLI once silenced every warning)."""
+    cache = tmp_path / "cache.sqlite"
+    cache.write_bytes(b"not a database" * 100)
+    monkeypatch.setenv("PRUNEAUG_CACHE", str(cache))
+    source = save(zoo.mlp(), tmp_path / "model.onnx")
+    code, stdout, stderr = run_cli(capsys, source, "--block", "4x4", "--sparsity", "0.5", "--measure", "none",
+                                   "--out", tmp_path / "o")
+    assert code == 0, stderr
+    assert stderr.count(f"pruneaug: warning: latency cache {cache} was unreadable") == 1
+    assert "pruned 3 of 3 prunable layers" in stdout
+
+
+def test_a_fixed_plan_says_which_search_options_it_did_not_use(tmp_path, capsys):
+    model = zoo.mlp()
+    source = save(model, tmp_path / "model.onnx")
+    np.savez(tmp_path / "eval.npz", **zoo.random_inputs(model, batch=8))
+    code, _, stderr = run_cli(capsys, source, "--block", "4x4", "--sparsity", "0.5", "--eval", tmp_path / "eval.npz",
+                              "--budget", "0.02", "--out", tmp_path / "o")
+    assert code == 0, stderr
+    assert "--eval and --budget not used: the plan is given, so nothing is searched or validated" in stderr
+    code, _, stderr = run_cli(capsys, source, "--block", "4x4", "--sparsity", "0.5", "--out", tmp_path / "p")
+    assert code == 0 and "not used" not in stderr
+
+
+def test_the_summary_counts_only_layers_that_lost_blocks(tmp_path, capsys):
+    """At 0.05 a layer of few large blocks loses none: it is prunable but not pruned, and its row says so."""
+    source = save(zoo.mlp(), tmp_path / "model.onnx")
+    code, stdout, stderr = run_cli(capsys, source, "--block", "32x32", "--sparsity", "0.05", "--out", tmp_path / "o")
+    assert code == 0, stderr
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    untouched = [e for e in plan["layers"] if e["nnz_blocks"] == e["blocks"]]
+    assert untouched and all(e["block_sparsity"] == 0.0 for e in untouched)
+    pruned = len(plan["layers"]) - len(untouched)
+    assert plan["totals"]["pruned_layers"] == pruned
+    assert f"pruned {pruned} of {len(plan['layers'])} prunable layers" in stdout
+    assert "0.05 (0.00 of its blocks)" in (tmp_path / "o" / "report.md").read_text()

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from pruneaug.calib import fixed_batch, graph_inputs
 from pruneaug.ir.onnx_io import PROTOBUF_LIMIT_BYTES, tensor_bytes
 
 
@@ -49,19 +50,35 @@ def make_session(model: onnx.ModelProto | os.PathLike, threads: int | None = Non
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def chunk_rows(model: onnx.ModelProto, batch_size: int) -> int | None:
+    """Rows of the data set per onnxruntime run of `model`: its fixed batch B where every input's first
+    dimension is that static B (`calib.fixed_batch`: the data holds a multiple of B, and onnxruntime takes
+    exactly B), `batch_size` where every input's first dimension is dynamic, else None (the whole set in
+    one run: the inputs' first axes are not one batch axis).
+
+    Importance, reconstruction, sensitivity probes and validation all slice through `batches`, so this is
+    the one place that decides it.
+    """
+    fixed = fixed_batch(model)
+    if fixed is not None:
+        return fixed
+    dynamic = all(v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+                  for v in graph_inputs(model))
+    return batch_size if dynamic else None
+
+
 def batches(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Slices of `inputs` along axis 0, where every input's first dimension is dynamic; else the whole set once."""
-    initializers = {t.name for t in model.graph.initializer}
-    dynamic = all(
-        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for v in model.graph.input if v.name not in initializers
-    )
+    """Slices of `inputs` along axis 0 of `chunk_rows(model, batch_size)` rows each; the whole set at once
+    where that is None or the set is no larger."""
+    rows = chunk_rows(model, batch_size)
     total = len(next(iter(inputs.values())))
-    if not dynamic or total <= batch_size:
+    if rows is None or total <= rows:
         yield dict(inputs)
         return
-    for start in range(0, total, batch_size):
-        yield {name: array[start:start + batch_size] for name, array in inputs.items()}
+    assert total % rows == 0 or fixed_batch(model) is None, \
+        f"{total} rows are no multiple of the model's fixed batch {rows}: calib.load_dataset checks the data"
+    for start in range(0, total, rows):
+        yield {name: array[start:start + rows] for name, array in inputs.items()}
 
 
 def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
