@@ -141,7 +141,10 @@ def compile_model(
     ir = lift(source, shapes)
     phases.lap("load")
     if not ir.prunable_nodes():
-        notes.append("the model has no prunable MatMul/Gemm/Conv node: nothing was pruned")
+        reasons = sorted(set(ir.kept_dense.values()))
+        notes.append("the model has no prunable MatMul/Gemm/Conv node: nothing was pruned" + (
+            f" ({len(ir.kept_dense)} kept dense: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})"
+            if reasons else ""))
     costs = cost_model(profile, measure_mode)
     extra: dict[str, Any] = {
         "pruner": "keep-sparsity" if request.keep_sparsity else request.pruner,

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 GATE_RTOL = 1e-4  # float32 sums taken in another order differ by far less
+HALF_RTOL = 1e-2  # a half-precision output: one rounding is ~5e-4 of it, and its sums round at every step
 
 
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -23,6 +24,10 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 
 def close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
+    """Within `rtol` (`relative_error`), or within `HALF_RTOL` for a half-precision output: TVM and
+    onnxruntime round a float16 model's sums differently (1.5e-3 apart on a small MLP)."""
+    if theirs.dtype in (np.float16, getattr(np, "bfloat16", np.float16)):
+        rtol = max(rtol, HALF_RTOL)
     return relative_error(ours, theirs) <= rtol
 
 

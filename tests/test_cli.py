@@ -278,3 +278,17 @@ def test_the_summary_counts_only_layers_that_lost_blocks(tmp_path, capsys):
     assert plan["totals"]["pruned_layers"] == pruned
     assert f"pruned {pruned} of {len(plan['layers'])} prunable layers" in stdout
     assert "0.05 (0.00 of its blocks)" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_the_report_lists_the_layers_kept_dense_and_why(tmp_path, capsys):
+    source = save(zoo.cnn(), tmp_path / "model.onnx")
+    code, _, stderr = run_cli(capsys, source, "--block", "4x4", "--sparsity", "0.5", "--out", tmp_path / "o")
+    assert code == 0, stderr
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in zoo.cnn().graph.node
+              if n.op_type == "Conv"}
+    assert plan["kept_dense"] == [{"node": name, "op_type": "Conv", "reason": f"group {group} (a depthwise or grouped conv)"}
+                                  for name, group in groups.items() if group > 1]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "## Layers kept dense" in report
+    assert all(f"| {e['node']} | Conv | {e['reason']} |" in report for e in plan["kept_dense"])

@@ -181,3 +181,32 @@ def test_a_gate_that_cannot_run_onnxruntime_leaves_the_other_outputs(tmp_path, m
     assert result.plan["artifact_error"] == ("the correctness gate could not run the artifact for x86: RuntimeError: "
                                              "onnxruntime fell over")
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("model.")) == []  # removed
+
+
+def test_a_float16_model_stays_dense_and_its_artifact_passes_the_half_precision_gate(tmp_path):
+    """The kernels are float32: a float16 model is compiled dense by TVM, whose float16 sums round otherwise
+    than onnxruntime's (1.5e-3 apart): its gate allows `gate.HALF_RTOL`, float32 outputs keep `GATE_RTOL`."""
+    from pruneaug.gate import GATE_RTOL, HALF_RTOL, close
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(np.float16), name)
+               for name, shape in (("w1", (64, 128)), ("w2", (128, 10)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", 10])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "half.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 64)).astype(np.float16))
+    result = pruneaug.compile(tmp_path / "half.onnx", block="4x4", sparsity=0.5, calib=tmp_path / "calib.npz",
+                              measure="none", out=tmp_path / "out")
+    assert result.artifact is not None and result.plan["layers"] == []
+    assert {e["reason"] for e in result.plan["kept_dense"]} == {
+        "its weight is float16; the block-sparse kernels are float32"}
+    x = rng.standard_normal((1, 64)).astype(np.float16)
+    got = pruneaug.load(result.artifact).run({"x": x})[0]
+    (want,) = ort_run.make_session(onnx.load(result.pruned_model)).run(None, {"x": x})
+    assert got.dtype == np.float16 and close(got, want, GATE_RTOL)
+    one_half_ulp_off = np.full(4, 1 + 2.0 ** -10)  # float16's next number after 1, ~10 GATE_RTOL away
+    assert not close(one_half_ulp_off.astype(np.float32), np.ones(4, np.float32), GATE_RTOL)
+    assert close(one_half_ulp_off.astype(np.float16), np.ones(4, np.float16), GATE_RTOL)
+    assert not close(np.float16(1 + 2 * HALF_RTOL) * np.ones(4, np.float16), np.ones(4, np.float16), GATE_RTOL)

@@ -86,14 +86,19 @@ def test_a_conv1d_is_prunable_and_costed_as_the_2d_conv_of_one_row_images():
     assert shape.matmul == (12, 30, layer.m)
 
 
-@pytest.mark.parametrize("op, x_shape, weight", [
-    ("Conv", [1, 2, 4, 5, 6], np.ones((4, 2, 3, 3, 3), np.float32)),  # 3-D conv: no kernel of ours
-    ("MatMul", [3, 8], np.ones((8, 4), np.float16)),  # the kernels are float32
-    ("MatMul", [3, 8], np.ones((8, 4), np.float64)),
-    ("Conv", [1, 2, 5, 5], np.ones((4, 2, 3, 3), np.float16)),
-], ids=["conv3d", "matmul fp16", "matmul fp64", "conv fp16"])
-def test_layers_our_kernels_cannot_run_stay_dense(op, x_shape, weight):
-    assert lift(_one_op(op, x_shape, weight)).prunable_nodes() == []
+@pytest.mark.parametrize("op, x_shape, weight, attrs, why", [
+    ("Conv", [1, 2, 4, 5, 6], np.ones((4, 2, 3, 3, 3), np.float32), {}, "its weight has rank 5 (a 3-D conv"),
+    ("MatMul", [3, 8], np.ones((8, 4), np.float16), {}, "its weight is float16; the block-sparse kernels are float32"),
+    ("MatMul", [3, 8], np.ones((8, 4), np.float64), {}, "its weight is double"),
+    ("MatMul", [2, 3, 8], np.ones((2, 8, 4), np.float32), {}, "its weight has rank 3 (the kernels take 2)"),
+    ("Conv", [1, 2, 5, 5], np.ones((4, 2, 3, 3), np.float16), {}, "its weight is float16"),
+    ("Conv", [1, 4, 5, 5], np.ones((4, 1, 3, 3), np.float32), {"group": 4}, "group 4 (a depthwise or grouped conv)"),
+    ("ConvTranspose", [1, 2, 5, 5], np.ones((2, 4, 3, 3), np.float32), {}, "no block-sparse kernel for ConvTranspose"),
+], ids=["conv3d", "matmul fp16", "matmul fp64", "batched matmul", "conv fp16", "depthwise", "conv transpose"])
+def test_layers_our_kernels_cannot_run_stay_dense_and_say_why(op, x_shape, weight, attrs, why):
+    ir = lift(_one_op(op, x_shape, weight, **attrs))
+    assert ir.prunable_nodes() == [] and list(ir.kept_dense) == ["op"]
+    assert ir.kept_dense["op"].startswith(why)
 
 
 def test_transformer_attention_matmuls_are_not_prunable():
@@ -109,6 +114,8 @@ def test_transformer_attention_matmuls_are_not_prunable():
         assert (node.name in ir.prunable_nodes()) == weight_like, node.name
     kinds = {ir.layer(n).layout.kind for n in ir.prunable_nodes()}
     assert kinds == {"transpose", "identity"}  # the weight reached through Transpose(W) keeps W as the view
+    assert set(ir.kept_dense.values()) == {"its operands are computed tensors (no constant weight)"}
+    assert len(ir.kept_dense) == sum(n.op_type == "MatMul" for n in model.graph.node) - len(ir.prunable_nodes())
 
 
 def test_shared_weight_is_one_layer_read_by_two_nodes():

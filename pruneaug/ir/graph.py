@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from pruneaug.ir.layer import BlockSpec, LayerRead, PrunableLayer
-from pruneaug.ir.prunable import WeightUse, weight_uses
+from pruneaug.ir.prunable import WeightUse, classify
 
 
 _SHAPE_TENSOR_MAX_ELEMENTS = 64
@@ -33,10 +33,12 @@ _SHAPE_TENSOR_MAX_ELEMENTS = 64
 class IRModel:
     """The graph, the prunable weights as arrays, and the ONNX model it came from (for everything else)."""
 
-    def __init__(self, source: onnx.ModelProto, graph: nx.DiGraph, weights: dict[str, np.ndarray]):
+    def __init__(self, source: onnx.ModelProto, graph: nx.DiGraph, weights: dict[str, np.ndarray],
+                 kept_dense: dict[str, str] | None = None):
         self.source = source  # never mutated; lowering copies it
         self.graph = graph
         self.weights = weights
+        self.kept_dense = kept_dense or {}  # MatMul/Gemm/Conv/ConvTranspose nodes not prunable -> why
 
     def prunable_nodes(self) -> list[str]:
         """Nodes that carry a layer, in ONNX graph order."""
@@ -71,7 +73,7 @@ class IRModel:
 
     def copy(self) -> "IRModel":
         """A copy a pass may change: node attributes and the weights dict are new, arrays shared until replaced."""
-        return IRModel(self.source, self.graph.copy(), dict(self.weights))
+        return IRModel(self.source, self.graph.copy(), dict(self.weights), self.kept_dense)
 
     def input_names(self) -> list[str]:
         initializers = {t.name for t in self.source.graph.initializer}
@@ -98,18 +100,21 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
             if tensor in producers and producers[tensor] != name:
                 graph.add_edge(producers[tensor], name, tensor=tensor)
 
-    uses = weight_uses(onnx_graph, names)
+    found = classify(onnx_graph, names)
+    kept_dense = {node: why for node, why in found.items() if isinstance(why, str)}
     shapes = _inferred_shapes(model, input_shapes or {})
     weights: dict[str, np.ndarray] = {}
     by_weight: dict[str, list[WeightUse]] = {}
-    for use in uses:
-        by_weight.setdefault(use.weight, []).append(use)
+    for use in found.values():
+        if isinstance(use, WeightUse):
+            by_weight.setdefault(use.weight, []).append(use)
     tensors = {t.name: t for t in onnx_graph.initializer}
     for weight, readers in by_weight.items():
         first = readers[0]
         if any(r.layout.canonical_shape != first.layout.canonical_shape or r.layout.kind != first.layout.kind
-               for r in readers):
-            continue  # readers disagree on the orientation: one mask cannot serve both views, keep it dense
+               for r in readers):  # one mask cannot serve both views
+            kept_dense.update({r.node: f"its weight {weight!r} is read in two orientations" for r in readers})
+            continue
         first_read, *other_reads = [
             LayerRead(_rows_per_inference(r, shapes), r.conv,
                       tuple(shapes[r.activation]) if r.conv and r.activation in shapes else None)
@@ -127,7 +132,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
         graph.nodes[first.node]["layer"] = layer
         graph.nodes[first.node]["block"] = BlockSpec(1, 1, 0.0)
         weights[weight] = numpy_helper.to_array(tensors[weight])
-    return IRModel(model, graph, weights)
+    return IRModel(model, graph, weights, kept_dense)
 
 
 def lower(ir: IRModel) -> onnx.ModelProto:

@@ -43,7 +43,14 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def weight_uses(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> list[WeightUse]:
     """Every node's reading of a prunable weight, in graph order; `names` are the nodes' names (default
-    their ONNX names).
+    their ONNX names)."""
+    return [use for use in classify(graph, names).values() if isinstance(use, WeightUse)]
+
+
+def classify(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> dict[str, WeightUse | str]:
+    """For each MatMul, Gemm, Conv and ConvTranspose node (by name, in graph order): the prunable weight
+    it reads, or why it stays dense (the report lists those: a user's layer left dense without a word
+    looks like a layer the tool overlooked).
 
     A weight is reached directly, through a Transpose of it, or through Identity nodes of either: an
     exporter that finds two layers' weights equal (torch's deep-copied encoder layers before training)
@@ -51,6 +58,7 @@ def weight_uses(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> l
     weight, pruned with one mask."""
     graph_inputs = {v.name for v in graph.input}
     constants = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+    overridable = {t.name for t in graph.initializer if t.name in graph_inputs}
     aliases: dict[str, str] = {}  # Identity output -> the initializer it passes on
     transposes: dict[str, tuple[str, list[int] | None]] = {}
     for node in graph.node:
@@ -63,37 +71,35 @@ def weight_uses(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> l
             transposes[node.output[0]] = (source, _attr(node, "perm", None))
         elif node.op_type == "Identity" and source in transposes:
             transposes[node.output[0]] = transposes[source]
-    uses = []
+    found: dict[str, WeightUse | str] = {}
     for name, node in zip(names or [n.name for n in graph.node], graph.node):
-        use = find_weight_use(node, name, constants, transposes, aliases)
-        if use is not None:
-            uses.append(use)
-    return uses
+        if node.domain in ("", "ai.onnx") and node.op_type in _MATCHERS:
+            node = _with_inputs(node, [aliases.get(t, t) for t in node.input])
+            found[name] = _MATCHERS[node.op_type](node, name, _Operands(constants, transposes, overridable))
+    return found
 
 
-def find_weight_use(
-    node: onnx.NodeProto,
-    name: str,
-    constants: dict[str, onnx.TensorProto],
-    transposes: dict[str, tuple[str, list[int] | None]],
-    aliases: dict[str, str] | None = None,
-) -> WeightUse | None:
-    """The prunable weight `node` reads, or None.
+@dataclass(frozen=True)
+class _Operands:
+    """What a node's operands may be: initializers (not graph inputs), Transposes of them, overridable ones."""
 
-    `constants` are the initializers that are not graph inputs; `transposes` maps a Transpose
-    node's output to its (input, perm); `aliases` an Identity's output to the initializer it passes on.
-    """
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if aliases:
-        node = _with_inputs(node, [aliases.get(t, t) for t in node.input])
-    if node.op_type == "MatMul" and len(node.input) == 2:
-        return _matmul_use(node, name, constants, transposes)
-    if node.op_type == "Gemm" and len(node.input) >= 2:
-        return _gemm_use(node, name, constants)
-    if node.op_type == "Conv" and len(node.input) >= 2:
-        return _conv_use(node, name, constants)
-    return None
+    constants: dict[str, onnx.TensorProto]
+    transposes: dict[str, tuple[str, list[int] | None]]
+    overridable: set[str]
+
+    def why_not_weight(self, operand: str, ranks: tuple[int, ...]) -> str:
+        """Why `operand` is no weight of ours: not a constant, or of a dtype or rank the kernels do not take."""
+        if operand in self.overridable:
+            return "its weight is also a graph input (overridable at run time)"
+        tensor = self.constants.get(operand)
+        if tensor is None:
+            return "its operands are computed tensors (no constant weight)"
+        if tensor.data_type != _KERNEL_TYPE:
+            return (f"its weight is {onnx.TensorProto.DataType.Name(tensor.data_type).lower()}; the block-sparse "
+                    "kernels are float32")
+        if len(tensor.dims) not in ranks:
+            return f"its weight has rank {len(tensor.dims)} (the kernels take {' or '.join(map(str, ranks))})"
+        return ""
 
 
 def _with_inputs(node: onnx.NodeProto, inputs: list[str]) -> onnx.NodeProto:
@@ -111,42 +117,51 @@ def _as_str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _float_2d(tensor: onnx.TensorProto | None) -> bool:
-    return tensor is not None and tensor.data_type == _KERNEL_TYPE and len(tensor.dims) == 2
-
-
-def _matmul_use(node, name, constants, transposes) -> WeightUse | None:
+def _matmul_use(node, name, operands: _Operands) -> WeightUse | str:
+    if len(node.input) != 2:
+        return "not a two-operand MatMul"
     activation, operand = node.input
-    if activation in constants:
-        return None
-    if _float_2d(constants.get(operand)):
-        tensor = constants[operand]
-        return WeightUse(name, "MatMul", operand, WeightLayout("transpose", tuple(tensor.dims)), activation, node.output[0])
-    if operand in transposes:
-        source, perm = transposes[operand]
-        if _float_2d(constants.get(source)) and perm in (None, [1, 0]):
-            tensor = constants[source]
-            return WeightUse(name, "MatMul", source, WeightLayout("identity", tuple(tensor.dims)), activation, node.output[0])
-    return None
+    if activation in operands.constants:
+        return "its constant is the first operand (W @ x)"
+    if operand in operands.transposes:
+        source, perm = operands.transposes[operand]
+        why = operands.why_not_weight(source, (2,)) or ("" if perm in (None, [1, 0]) else f"its weight is permuted {perm}")
+        layout = WeightLayout("identity", tuple(operands.constants[source].dims)) if not why else None
+        weight = source
+    else:
+        why = operands.why_not_weight(operand, (2,))
+        layout = WeightLayout("transpose", tuple(operands.constants[operand].dims)) if not why else None
+        weight = operand
+    return why or WeightUse(name, "MatMul", weight, layout, activation, node.output[0])
 
 
-def _gemm_use(node, name, constants) -> WeightUse | None:
+def _gemm_use(node, name, operands: _Operands) -> WeightUse | str:
+    if len(node.input) < 2:
+        return "a Gemm without B"
     activation, operand = node.input[0], node.input[1]
-    if activation in constants or not _float_2d(constants.get(operand)):
-        return None
+    if activation in operands.constants:
+        return "its constant is A, the first operand"
+    why = operands.why_not_weight(operand, (2,))
+    if why:
+        return why
     kind = "identity" if _attr(node, "transB", 0) else "transpose"
-    return WeightUse(name, "Gemm", operand, WeightLayout(kind, tuple(constants[operand].dims)), activation,
+    return WeightUse(name, "Gemm", operand, WeightLayout(kind, tuple(operands.constants[operand].dims)), activation,
                      node.output[0])
 
 
-def _conv_use(node, name, constants) -> WeightUse | None:
+def _conv_use(node, name, operands: _Operands) -> WeightUse | str:
+    if len(node.input) < 2:
+        return "a Conv without a weight"
     activation, operand = node.input[0], node.input[1]
-    tensor = constants.get(operand)
-    if (activation in constants or tensor is None or tensor.data_type != _KERNEL_TYPE
-            or len(tensor.dims) not in _CONV_WEIGHT_RANKS):
-        return None
-    if _attr(node, "group", 1) != 1:
-        return None
+    why = operands.why_not_weight(operand, _CONV_WEIGHT_RANKS)
+    if why:
+        return why.replace("(the kernels take 3 or 4)", "(a 3-D conv; the kernels take 1-D and 2-D convs)")
+    if activation in operands.constants:
+        return "its input is a constant"
+    group = _attr(node, "group", 1)
+    if group != 1:
+        return f"group {group} (a depthwise or grouped conv)"
+    tensor = operands.constants[operand]
     spatial = len(tensor.dims) - 2
     kernel = tuple(int(d) for d in tensor.dims[2:])
     geometry = ConvGeometry(
@@ -158,3 +173,10 @@ def _conv_use(node, name, constants) -> WeightUse | None:
     )
     return WeightUse(name, "Conv", operand, WeightLayout("conv", tuple(tensor.dims)), activation,
                      node.output[0], geometry)
+
+
+def _conv_transpose_use(node, name, operands: _Operands) -> str:
+    return "no block-sparse kernel for ConvTranspose"
+
+
+_MATCHERS = {"MatMul": _matmul_use, "Gemm": _gemm_use, "Conv": _conv_use, "ConvTranspose": _conv_transpose_use}
