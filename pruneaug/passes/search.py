@@ -36,8 +36,9 @@ slower. The answer is never worse for it: it picks among them all.)
 Cost on large models (BERT-base: 72 layers, 85M weights): every layer's options are computed once
 (`search_space`) and shared by the search and its baselines; masks come from removal orders
 memoised per (layer, block) (`blockmask.removal_order`); the baselines start their bisection at
-the proxy budget the search validated and get `BASELINE_VALIDATIONS` each, as does the calibrated
-pass. A `ValidationMemo`
+the proxy budget the search validated and get as many validations as the search, as does the
+calibrated pass (with half as many, the bundled encoder's unstructured baseline stopped at a plan
+predicted 1.2x slower than with as many: a goal ratio against it would flatter the search). A `ValidationMemo`
 (`sensitivity_store.validation_memo`: the latency cache) gives back the loss of a plan validated
 by an earlier compile of the same model and data; the bisection then goes the same way without the
 onnxruntime run (BERT-base: ~0.35 s of masking and ~0.2 s of onnxruntime per plan, 32 plans).
@@ -68,7 +69,6 @@ SharesFn = Callable[[IRModel, Mapping[str, Sequence[tuple[int, int]]], Sequence[
 DENSE_BLOCK = (1, 1)
 DEFAULT_BINS = 1000
 DEFAULT_MAX_VALIDATIONS = 8
-BASELINE_VALIDATIONS = 4
 # A warm-started bisection searches proxy budgets within this factor of its start, either way.
 WARM_START_SPAN = 16.0
 # The calibrated pass starts at 1 (each shape's knee) and looks within this factor of it.
@@ -405,14 +405,13 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     each of them was validated end to end, so picking among them costs nothing, and the answer is
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
     rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
-    budget the search validated, with `BASELINE_VALIDATIONS` each; then, where two or more shapes met
-    the budget alone, `calibrated` (`calibrated_search`) with as many. `shares`: where the proxy's energy
+    budget the search validated, with as many validations each as the search; then, where two or more
+    shapes met the budget alone, `calibrated` (`calibrated_search`) with as many. `shares`: where the proxy's energy
     shares come from (`search_space`); `memo` (in `options`): losses validated by earlier compiles.
     """
     pool = options.get("pool", DEFAULT_POOL)
     space = search_space(ir, latency, blocks, sparsities, supported, pool, shares=shares)
-    baseline_validations = min(BASELINE_VALIDATIONS, options.get("max_validations", BASELINE_VALIDATIONS))
-    most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) + baseline_validations * (len(blocks) + 1)
+    most = options.get("max_validations", DEFAULT_MAX_VALIDATIONS) * (len(blocks) + 2)
     with tqdm(total=most, desc="validating plans (at most)", unit="run", disable=None) as bar:
         def validate_counted(candidate: IRModel) -> float:
             bar.update()
@@ -420,12 +419,10 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
 
         searched = search_in(space, ir, validate_counted, budget, blocks, finish, **options)
         start = searched.proxy_budget if searched.met and searched.proxy_budget > 0 else None
-        results = baselines(space, ir, validate_counted, budget, blocks, finish, start,
-                            **{**options, "max_validations": baseline_validations})
+        results = baselines(space, ir, validate_counted, budget, blocks, finish, start, **options)
         knees = proxy_knees(results, blocks)
         if len(knees) > 1:  # one shape alone: its single-shape search has answered already
-            results["calibrated"] = calibrated_search(space, ir, validate_counted, budget, knees, finish,
-                                                      **{**options, "max_validations": baseline_validations})
+            results["calibrated"] = calibrated_search(space, ir, validate_counted, budget, knees, finish, **options)
     results["searched"] = searched
     candidates = [r for name, r in results.items() if r.met and name != "best single"]
     chosen = min(candidates, key=lambda r: r.predicted_latency_s)
