@@ -297,6 +297,18 @@ def test_both_readers_of_a_weight_behind_an_identity_run_the_sparse_kernel(x86, 
     assert_matches_onnxruntime(executable, model, zoo.random_inputs(model, batch=2))
 
 
+def test_weights_equal_in_value_are_all_served(x86):
+    """Layers emptied to all zeros (the bench's floor plan) hash alike: each still runs the sparse kernel."""
+    model = onnx.ModelProto()
+    model.CopyFrom(zoo.transformer_block())
+    sparse = {"q_proj.weight": (8, 8), "k_proj.weight": (8, 8), "v_proj.weight": (4, 4)}  # all [64, 64]
+    for init in model.graph.initializer:
+        if init.name in sparse:
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    executable = build_model(model, sparse, x86, {"x": [2, 16, 64]})
+    assert_matches_onnxruntime(executable, model, zoo.random_inputs(model, batch=2))
+
+
 def test_a_weight_planned_sparse_that_no_kernel_serves_is_an_error(x86):
     """A 3-D conv stays TVM's: its weight, if planned sparse, would run dense against the plan's figures."""
     model = single_conv([1, 2, 4, 5, 6], 4, (3, 3, 3))

@@ -83,7 +83,10 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
     mod = import_onnx(model, input_shapes)
     views = canonical_views(model, sparse_weights)
     mod = _fold_constants(mod)
-    rewriter = _LinearRewriter(target, {_key(w): (name, tuple(sparse_weights[name]), w) for name, w in views.items()})
+    by_value: dict[tuple, list[tuple[str, tuple[int, int], np.ndarray]]] = {}
+    for name, w in views.items():  # weights equal in value (all zero, say) are one kernel's to serve
+        by_value.setdefault(_key(w), []).append((name, tuple(sparse_weights[name]), w))
+    rewriter = _LinearRewriter(target, by_value)
     mod = rewriter.rewrite(mod)
     missing = sorted(set(sparse_weights) - rewriter.matched)
     if missing:  # the plan counts on their kernels: an artifact running them dense would belie it
@@ -278,7 +281,7 @@ class _LinearRewriter:
     """Replaces `matmul(x, const)` and group-1 `conv2d(x, const)` and `conv1d(x, const)` (a 2-D conv of
     one-row images) (with an optional `+ const` bias and an optional ReLU after it) by kernels."""
 
-    def __init__(self, target: TargetProfile, sparse: dict[tuple, tuple[str, tuple[int, int], np.ndarray]]):
+    def __init__(self, target: TargetProfile, sparse: dict[tuple, list[tuple[str, tuple[int, int], np.ndarray]]]):
         self.target = target
         self.sparse = sparse
         self.matched: set[str] = set()
@@ -331,10 +334,14 @@ class _LinearRewriter:
         return relax.call_tir(gv, [x, *consts], relax.TensorType(out_shape, "float32"))
 
     def _sparse_entry(self, w: np.ndarray):
-        entry = self.sparse.get(_key(w))
-        if entry is not None:
-            self.matched.add(entry[0])
-        return entry
+        """The (name, block, weight) of the sparse weight equal to `w`, or None. Weights equal in value
+        (a model's all-zero layers) are told apart by nothing the imported model keeps: the first one's
+        block serves them all, and all count as served."""
+        entries = self.sparse.get(_key(w))
+        if not entries:
+            return None
+        self.matched.update(name for name, _, _ in entries)
+        return entries[0]
 
     def _matmul(self, call, found: _Match):
         from tvm import relax

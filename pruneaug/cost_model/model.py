@@ -32,7 +32,6 @@ import numpy as np
 from tqdm import tqdm
 
 from pruneaug.codegen import schedule
-from pruneaug.codegen.schedule import runs_parallel
 from pruneaug.cost_model import analytical
 from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCache, Measurement, density_key, open_cache,
                                        record_key)
@@ -377,7 +376,7 @@ def _conv_runs_parallel(target: TargetProfile, conv: ConvShape, block: tuple[int
     """Whether the conv's kernel takes the thread pool at `density` (as `codegen.conv` decides it: its output
     pixels and the kept blocks of its im2col weight, which the stride-phase split keeps as they are)."""
     out, in_, pixels = conv.matmul
-    return runs_parallel(target, pixels, block, int(analytical.kept_blocks(out, in_, block, density)))
+    return schedule.runs_parallel(target, pixels, block, int(analytical.kept_blocks(out, in_, block, density)))
 
 
 def _conv_matmul_layout(target: TargetProfile, conv: ConvShape, block: tuple[int, int], density: float) -> str | None:
