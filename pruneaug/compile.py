@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_warnings([*result.warnings, *(w for w in _own_warnings(caught) if w not in result.warnings)])
     totals = result.plan["totals"]
-    written = [p.name for p in (result.pruned_model, result.masks, result.plan_file, result.report, result.artifact) if p]
+    written = [name for name in OUTPUT_FILES if (result.out_dir / name).is_file()]
+    written += [result.artifact.name] if result.artifact else []
     print(f"pruned {totals['pruned_layers']} of {totals['prunable_layers']} prunable layers to "
           f"{totals['weight_sparsity']:.1%} weight sparsity for "
           f"{result.plan['target']}; wrote {', '.join(written)} to {result.out_dir}")

@@ -252,6 +252,7 @@ def test_pruneaugs_own_warnings_reach_the_user(tmp_path, capsys, monkeypatch):
     assert code == 0, stderr
     assert stderr.count(f"pruneaug: warning: latency cache {cache} was unreadable") == 1
     assert "pruned 3 of 3 prunable layers" in stdout
+    assert "wrote pruned.onnx, masks.npz, plan.json, report.md, report.html to" in stdout  # every file, no artifact
 
 
 def test_a_fixed_plan_says_which_search_options_it_did_not_use(tmp_path, capsys):
