@@ -23,19 +23,22 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.max(np.abs(ours.astype(np.float64) - theirs), initial=0.0)) / scale
 
 
+def tolerance(reference: np.ndarray, rtol: float) -> float:
+    """The relative error allowed against `reference`: `rtol`, or `HALF_RTOL` for a half-precision output
+    (TVM and onnxruntime round a float16 model's sums differently: 1.5e-3 apart on a small MLP)."""
+    return max(rtol, HALF_RTOL) if reference.dtype == np.float16 else rtol
+
+
 def close(ours: np.ndarray, theirs: np.ndarray, rtol: float) -> bool:
-    """Within `rtol` (`relative_error`), or within `HALF_RTOL` for a half-precision output: TVM and
-    onnxruntime round a float16 model's sums differently (1.5e-3 apart on a small MLP)."""
-    if theirs.dtype in (np.float16, getattr(np, "bfloat16", np.float16)):
-        rtol = max(rtol, HALF_RTOL)
-    return relative_error(ours, theirs) <= rtol
+    """Within `tolerance(theirs, rtol)` (`relative_error`)."""
+    return relative_error(ours, theirs) <= tolerance(theirs, rtol)
 
 
 def output_mismatch(model: onnx.ModelProto, ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray],
                     rtol: float = GATE_RTOL) -> tuple[str, float] | None:
     """The first of `model`'s outputs where `ours` (the compiled model's outputs, in the graph's output
     order) differ from `theirs` (onnxruntime's on the same inputs, `onnxruntime_outputs`) by more than
-    `rtol`, with that relative error; None when all match."""
+    `rtol` (`tolerance`), with that relative error; None when all match."""
     for value, a, b in zip(model.graph.output, ours, theirs):
         if not close(a, b, rtol):  # (a NaN error is a mismatch)
             return value.name, relative_error(a, b)

@@ -202,6 +202,8 @@ def test_a_float16_model_stays_dense_and_its_artifact_passes_the_half_precision_
     assert result.artifact is not None and result.plan["layers"] == []
     assert {e["reason"] for e in result.plan["kept_dense"]} == {
         "its weight is float16; the block-sparse kernels are float32"}
+    checked = _check_artifact(tmp_path / "out", tmp_path / "calib.npz")
+    assert checked.returncode == 0 and "matches onnxruntime (rtol 0.01)" in checked.stdout, checked.stderr
     x = rng.standard_normal((1, 64)).astype(np.float16)
     got = pruneaug.load(result.artifact).run({"x": x})[0]
     (want,) = ort_run.make_session(onnx.load(result.pruned_model)).run(None, {"x": x})
@@ -210,3 +212,31 @@ def test_a_float16_model_stays_dense_and_its_artifact_passes_the_half_precision_
     assert not close(one_half_ulp_off.astype(np.float32), np.ones(4, np.float32), GATE_RTOL)
     assert close(one_half_ulp_off.astype(np.float16), np.ones(4, np.float16), GATE_RTOL)
     assert not close(np.float16(1 + 2 * HALF_RTOL) * np.ones(4, np.float16), np.ones(4, np.float16), GATE_RTOL)
+
+
+def _check_artifact(folder: Path, calib: Path):
+    """tools/check_artifact.py on a compile's output folder, as a deploying user runs it."""
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "check_artifact.py"
+    return subprocess.run([sys.executable, str(tool), str(folder), "--calib", str(calib), "--repeat", "5"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_artifact_passes_a_compiles_artifact_and_names_the_output_that_differs(tmp_path):
+    """The deployment check: the artifact against pruned.onnx in onnxruntime at the gate's tolerance."""
+    calib = EXAMPLES / "mlp" / "calib.npz"
+    result = pruneaug.compile(EXAMPLES / "mlp" / "model.onnx", block="4x4", sparsity=0.5, calib=calib,
+                              measure="none", out=tmp_path / "out")
+    checked = _check_artifact(tmp_path / "out", calib)
+    assert checked.returncode == 0 and "matches onnxruntime (rtol 0.0001)" in checked.stdout, checked.stderr
+    pruned = onnx.load(result.pruned_model)  # a pruned.onnx that no longer is what was compiled
+    weight = next(t for t in pruned.graph.initializer if t.name == result.plan["layers"][0]["weight"])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+    onnx.save(pruned, result.pruned_model)
+    checked = _check_artifact(tmp_path / "out", calib)
+    output = onnx.load(result.pruned_model).graph.output[0].name
+    assert checked.returncode != 0
+    assert f"output {output!r} differs from onnxruntime's: relative error" in checked.stderr
+    assert checked.stderr.rstrip().endswith("> 0.0001")
