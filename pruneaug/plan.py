@@ -81,7 +81,7 @@ def build_plan(ir: IRModel, target: str, extra: dict[str, Any] | None = None) ->
             "prunable_weights": weights,
             "weight_sparsity": zeros / weights if weights else 0.0,
         },
-        # the model's other MatMul/Gemm/Conv/ConvTranspose nodes, and why no kernel of ours prunes them
+        # the model's other linear nodes (`prunable.classify`), and why no kernel of ours prunes them
         "kept_dense": [{"node": node, "op_type": ir.graph.nodes[node]["proto"].op_type, "reason": why}
                        for node, why in ir.kept_dense.items()],
         "budget": None,

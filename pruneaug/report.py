@@ -165,8 +165,9 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
         sections.append(_threading_section(plan["threading"]))
     sections.append(("Layers", None, LAYER_HEADER, layer_rows(plan)))
     if plan.get("kept_dense"):
-        sections.append(("Layers kept dense", "MatMul, Gemm, Conv and ConvTranspose nodes that no block-sparse "
-                         "kernel serves: they run dense in the artifact, and the figures above leave them out.",
+        sections.append(("Layers kept dense", "MatMul, Gemm, Conv, ConvTranspose, recurrent and quantized nodes "
+                         "that no block-sparse kernel serves: they run dense in the artifact, and the figures above "
+                         "leave them out.",
                          ["node", "op", "why"], [[e["node"], e["op_type"], e["reason"]] for e in plan["kept_dense"]]))
     return sections
 

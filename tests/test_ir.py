@@ -94,7 +94,8 @@ def test_a_conv1d_is_prunable_and_costed_as_the_2d_conv_of_one_row_images():
     ("Conv", [1, 2, 5, 5], np.ones((4, 2, 3, 3), np.float16), {}, "its weight is float16"),
     ("Conv", [1, 4, 5, 5], np.ones((4, 1, 3, 3), np.float32), {"group": 4}, "group 4 (a depthwise or grouped conv)"),
     ("ConvTranspose", [1, 2, 5, 5], np.ones((2, 4, 3, 3), np.float32), {}, "no block-sparse kernel for ConvTranspose"),
-], ids=["conv3d", "matmul fp16", "matmul fp64", "batched matmul", "conv fp16", "depthwise", "conv transpose"])
+    ("GRU", [5, 1, 8], np.ones((1, 12, 8), np.float32), {"hidden_size": 4}, "no block-sparse kernel for GRU"),
+], ids=["conv3d", "matmul fp16", "matmul fp64", "batched matmul", "conv fp16", "depthwise", "conv transpose", "gru"])
 def test_layers_our_kernels_cannot_run_stay_dense_and_say_why(op, x_shape, weight, attrs, why):
     ir = lift(_one_op(op, x_shape, weight, **attrs))
     assert ir.prunable_nodes() == [] and list(ir.kept_dense) == ["op"]

@@ -38,7 +38,7 @@ class IRModel:
         self.source = source  # never mutated; lowering copies it
         self.graph = graph
         self.weights = weights
-        self.kept_dense = kept_dense or {}  # MatMul/Gemm/Conv/ConvTranspose nodes not prunable -> why
+        self.kept_dense = kept_dense or {}  # linear nodes not prunable (`prunable.classify`) -> why
 
     def prunable_nodes(self) -> list[str]:
         """Nodes that carry a layer, in ONNX graph order."""

@@ -9,7 +9,7 @@ dtypes and weights that are also graph inputs (overridable at run time) stay den
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -48,8 +48,8 @@ def weight_uses(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> l
 
 
 def classify(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> dict[str, WeightUse | str]:
-    """For each MatMul, Gemm, Conv and ConvTranspose node (by name, in graph order): the prunable weight
-    it reads, or why it stays dense (the report lists those: a user's layer left dense without a word
+    """For each MatMul, Gemm, Conv, ConvTranspose, recurrent and quantized linear node (by name, in graph
+    order): the prunable weight it reads, or why it stays dense (the report lists those: a user's layer left dense without a word
     looks like a layer the tool overlooked).
 
     A weight is reached directly, through a Transpose of it, or through Identity nodes of either: an
@@ -175,8 +175,15 @@ def _conv_use(node, name, operands: _Operands) -> WeightUse | str:
                      node.output[0], geometry)
 
 
-def _conv_transpose_use(node, name, operands: _Operands) -> str:
-    return "no block-sparse kernel for ConvTranspose"
+def _unserved(reason: str) -> Callable[..., str]:
+    """A matcher for an op that carries weights no kernel of ours runs: always dense, for `reason`."""
+    return lambda node, name, operands: reason
 
 
-_MATCHERS = {"MatMul": _matmul_use, "Gemm": _gemm_use, "Conv": _conv_use, "ConvTranspose": _conv_transpose_use}
+_MATCHERS: dict[str, Callable[..., WeightUse | str]] = {
+    "MatMul": _matmul_use, "Gemm": _gemm_use, "Conv": _conv_use,
+    "ConvTranspose": _unserved("no block-sparse kernel for ConvTranspose"),
+    **{op: _unserved(f"no block-sparse kernel for {op} (a recurrent layer)") for op in ("RNN", "GRU", "LSTM")},
+    **{op: _unserved(f"a quantized {op}: the block-sparse kernels are float32")
+       for op in ("QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger")},
+}
