@@ -446,6 +446,11 @@ def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelP
         return None
     finally:
         phases.lap("artifact")
+    if not deploy.runs_here(profile):  # the gate needs the target: say so, and how to run it there
+        extra["artifact_unchecked"] = (f"{artifact.name} is not checked against onnxruntime: {profile.name} does not run "
+                                       "on this machine; copy the output folder there and run "
+                                       "`python tools/check_artifact.py OUT --calib CALIB.npz`")
+        notes.append(extra["artifact_unchecked"])
     if deploy.times_here(profile):
         deploy.release_freed_memory()  # before the workers load their models
         # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again

@@ -155,6 +155,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
                          MODEL_HEADER, _model_rows(plan)))
     if plan.get("artifact_error"):
         sections.append(("Artifact", f"No compiled artifact: {plan['artifact_error']}", [], []))
+    elif plan.get("artifact_unchecked"):
+        sections.append(("Artifact", f"Written unchecked: {plan['artifact_unchecked']}.", [], []))
     if search:
         sections.append(("Plans compared (predicted latency of the prunable layers)", None,
                          ["plan", "latency", "speed-up vs dense", "validated loss", "meets budget"], _baseline_rows(plan)))

@@ -293,3 +293,17 @@ def test_the_report_lists_the_layers_kept_dense_and_why(tmp_path, capsys):
     report = (tmp_path / "o" / "report.md").read_text()
     assert "## Layers kept dense" in report
     assert all(f"| {e['node']} | Conv | {e['reason']} |" in report for e in plan["kept_dense"])
+
+
+def test_outputs_are_written_with_the_usual_file_mode(tmp_path):
+    """pruned.onnx was written 0600 (its temporary file's mode) while the other outputs were 0644."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        result = pruneaug.compile(save(zoo.mlp(), tmp_path / "model.onnx"), block="4x4", sparsity=0.5,
+                                  out=tmp_path / "o", artifact=False)
+    finally:
+        os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in result.out_dir.iterdir()} == {
+        name: 0o644 for name in ("pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html")}

@@ -59,6 +59,10 @@ def test_arm64_artifact_is_cross_compiled_or_an_object_tar(tmp_path):
     if result.artifact.suffix == ".so":
         assert result.artifact.read_bytes()[:4] == b"\x7fELF" and result.artifact.read_bytes()[18] == 183  # EM_AARCH64
     assert "model_latency" not in result.plan  # nothing measured that did not run here
+    unchecked = result.plan["artifact_unchecked"]  # and nothing gated: the user is told how to check it there
+    assert unchecked.startswith(f"{result.artifact.name} is not checked against onnxruntime: arm64")
+    assert "tools/check_artifact.py" in unchecked and unchecked in result.warnings
+    assert f"Written unchecked: {unchecked}" in result.report.read_text()
 
 
 def matmul_model(then_an_op_tvm_lacks: bool = False) -> onnx.ModelProto:

@@ -200,3 +200,14 @@ def test_a_tensor_of_an_unknown_type_is_the_checkers_to_name():
     assert onnx_io.tensor_bytes(model) == before - onnx.numpy_helper.to_array(zoo.mlp().graph.initializer[0]).nbytes
     with pytest.raises(ModelError, match="the model given: fails onnx.checker"):
         onnx_io.check_model(model, "the model given")
+
+
+def test_an_old_ir_model_lists_its_initializers_as_inputs_and_they_are_still_weights():
+    """Before IR version 4 every initializer had to be a graph input as well: that is no run-time override."""
+    model = _one_op("MatMul", [3, 8], np.ones((8, 4), np.float32))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [8, 4]))
+    model.ir_version = 3
+    assert lift(model).prunable_nodes() == ["op"]
+    model.ir_version = 7  # listed as an input in a newer model: the caller may feed another weight
+    ir = lift(model)
+    assert ir.prunable_nodes() == [] and ir.kept_dense == {"op": "its weight is also a graph input (overridable at run time)"}

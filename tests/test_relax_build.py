@@ -546,3 +546,16 @@ def test_a_reduction_runs_on_the_thread_pool_only_where_its_work_pays_for_it(x86
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inputs = {"x": np.random.default_rng(6).standard_normal(shape).astype(np.float32)}
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": list(shape)}), model, inputs)
+
+
+def test_unnamed_nodes_each_serve_their_own_sparse_weight(x86):
+    """onnx.helper and some converters leave node names empty: every such node is still told apart."""
+    rng = np.random.default_rng(6)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), name) for name in ("a", "b")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])], weights)
+    model = prune_blocks(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"a": (4, 4), "b": (4, 1)})
+    assert set(canonical_views(model, ["a", "b"])) == {"a", "b"}
+    inputs = {"x": rng.standard_normal((2, 16)).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {"a": (4, 4), "b": (4, 1)}, x86), model, inputs)

@@ -38,7 +38,10 @@ def main() -> None:
 
     artifacts = sorted(args.folder.glob("model.*.so"))
     if not artifacts:
-        sys.exit(f"check_artifact: {args.folder}: no model.<target>.so in it")
+        objects = sorted(args.folder.glob("model.*.tar"))
+        sys.exit(f"check_artifact: {args.folder}: no model.<target>.so in it" + (
+            f" ({objects[0].name} holds object files: link them into a .so with the target's compiler first)"
+            if objects else ""))
     pruned_file = args.folder / "pruned.onnx"
     pruned = onnx.load(pruned_file)
     calib = dict(np.load(args.calib)) if args.calib else None

@@ -236,13 +236,12 @@ def _static_input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[in
 
 def canonical_views(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
     """W[out, in] (DESIGN §2) of each named initializer, as the MatMul/Gemm/Conv that reads it sees it."""
-    input_names = {value.name for value in model.graph.input}
-    constants = {init.name: init for init in model.graph.initializer if init.name not in input_names}
+    constants = {init.name: init for init in model.graph.initializer}
     for name in names:
         if name not in constants:
             raise CodegenError(f"sparse weight {name!r} is not an initializer of the model")
     views = {}
-    for use in weight_uses(model.graph):
+    for use in weight_uses(model):
         if use.weight in names and use.weight not in views:
             stored = numpy_helper.to_array(constants[use.weight]).astype(np.float32)
             views[use.weight] = np.ascontiguousarray(use.layout.to_canonical(stored))

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from pruneaug.ir.layer import BlockSpec, LayerRead, PrunableLayer
-from pruneaug.ir.prunable import WeightUse, classify
+from pruneaug.ir.prunable import WeightUse, classify, unique_node_names
 
 
 _SHAPE_TENSOR_MAX_ELEMENTS = 64
@@ -88,7 +88,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
     """
     graph = nx.DiGraph()
     onnx_graph = model.graph
-    names = _unique_node_names(onnx_graph.node)
+    names = unique_node_names(onnx_graph.node)
     producers: dict[str, str] = {}
     for order, (name, node) in enumerate(zip(names, onnx_graph.node)):
         graph.add_node(name, proto=node, order=order)
@@ -100,7 +100,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
             if tensor in producers and producers[tensor] != name:
                 graph.add_edge(producers[tensor], name, tensor=tensor)
 
-    found = classify(onnx_graph, names)
+    found = classify(model)
     kept_dense = {node: why for node, why in found.items() if isinstance(why, str)}
     shapes = _inferred_shapes(model, input_shapes or {})
     weights: dict[str, np.ndarray] = {}
@@ -148,20 +148,6 @@ def lower(ir: IRModel) -> onnx.ModelProto:
             if not np.array_equal(array, numpy_helper.to_array(ir.source.graph.initializer[index])):
                 model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
     return model
-
-
-def _unique_node_names(nodes: Sequence[onnx.NodeProto]) -> list[str]:
-    """The nodes' names, with `op_type_index` for unnamed ones and a suffix for repeats (names need not be unique in ONNX)."""
-    seen: set[str] = set()
-    names = []
-    for index, node in enumerate(nodes):
-        base = node.name or f"{node.op_type}_{index}"
-        name, suffix = base, 1
-        while name in seen:
-            name, suffix = f"{base}__{suffix}", suffix + 1
-        seen.add(name)
-        names.append(name)
-    return names
 
 
 def _consumed_tensors(node: onnx.NodeProto) -> set[str]:

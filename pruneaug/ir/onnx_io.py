@@ -124,10 +124,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                             location=f"{path.name}.data", size_threshold=1024)
         else:
             onnx.save_model(model, tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved model reads like any file written
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -41,22 +41,42 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def weight_uses(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> list[WeightUse]:
-    """Every node's reading of a prunable weight, in graph order; `names` are the nodes' names (default
-    their ONNX names)."""
-    return [use for use in classify(graph, names).values() if isinstance(use, WeightUse)]
+# Before IR version 4 every initializer had to be listed among the graph inputs too: there, being listed
+# does not make a weight one the caller may override.
+_INITIALIZERS_APART_FROM_INPUTS_IR = 4
 
 
-def classify(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> dict[str, WeightUse | str]:
-    """For each MatMul, Gemm, Conv, ConvTranspose, recurrent and quantized linear node (by name, in graph
-    order): the prunable weight it reads, or why it stays dense (the report lists those: a user's layer left dense without a word
-    looks like a layer the tool overlooked).
+def unique_node_names(nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    """The nodes' names, with `op_type_index` for unnamed ones and a suffix for repeats (names need not
+    be unique in ONNX, and converters often leave them empty)."""
+    seen: set[str] = set()
+    names = []
+    for index, node in enumerate(nodes):
+        base = node.name or f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in seen:
+            name, suffix = f"{base}__{suffix}", suffix + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def weight_uses(model: onnx.ModelProto) -> list[WeightUse]:
+    """Every node's reading of a prunable weight, in graph order."""
+    return [use for use in classify(model).values() if isinstance(use, WeightUse)]
+
+
+def classify(model: onnx.ModelProto) -> dict[str, WeightUse | str]:
+    """For each MatMul, Gemm, Conv, ConvTranspose, recurrent and quantized linear node (by its
+    `unique_node_names` name, in graph order): the prunable weight it reads, or why it stays dense (the
+    report lists those: a user's layer left dense without a word looks like a layer the tool overlooked).
 
     A weight is reached directly, through a Transpose of it, or through Identity nodes of either: an
     exporter that finds two layers' weights equal (torch's deep-copied encoder layers before training)
     keeps one initializer and feeds the other layer an Identity of it, and that layer reads the same
     weight, pruned with one mask."""
-    graph_inputs = {v.name for v in graph.input}
+    graph = model.graph
+    graph_inputs = {v.name for v in graph.input} if model.ir_version >= _INITIALIZERS_APART_FROM_INPUTS_IR else set()
     constants = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
     overridable = {t.name for t in graph.initializer if t.name in graph_inputs}
     aliases: dict[str, str] = {}  # Identity output -> the initializer it passes on
@@ -72,7 +92,7 @@ def classify(graph: onnx.GraphProto, names: Sequence[str] | None = None) -> dict
         elif node.op_type == "Identity" and source in transposes:
             transposes[node.output[0]] = transposes[source]
     found: dict[str, WeightUse | str] = {}
-    for name, node in zip(names or [n.name for n in graph.node], graph.node):
+    for name, node in zip(unique_node_names(graph.node), graph.node):
         if node.domain in ("", "ai.onnx") and node.op_type in _MATCHERS:
             node = _with_inputs(node, [aliases.get(t, t) for t in node.input])
             found[name] = _MATCHERS[node.op_type](node, name, _Operands(constants, transposes, overridable))
