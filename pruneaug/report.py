@@ -58,13 +58,19 @@ def _baseline_rows(plan: dict[str, Any]) -> list[list[str]]:
     search = plan.get("search") or {}
     baselines = search.get("baselines") or {}
     rows = [[f"chosen (= {search.get('chosen_from', 'searched')})", _us(search.get("predicted_latency_s")),
-             _ratio(search.get("dense_latency_s"), search.get("predicted_latency_s")),
-             _metric(search.get("metric_loss")), "yes" if search.get("met") else "no"]]
+             _ratio(search.get("dense_latency_s"), search.get("predicted_latency_s")), *_validated(search)]]
     for name, figures in baselines.items():
         rows.append([name, _us(figures.get("predicted_latency_s")),
-                     _ratio(search.get("dense_latency_s"), figures.get("predicted_latency_s")),
-                     _metric(figures.get("metric_loss")), "yes" if figures.get("met") else "no"])
+                     _ratio(search.get("dense_latency_s"), figures.get("predicted_latency_s")), *_validated(figures)])
     return rows
+
+
+def _validated(figures: dict[str, Any]) -> list[str]:
+    """The validated loss and whether the budget was met; a search that met it with no pruned plan
+    returns the dense plan, whose loss (0) is not that search's answer."""
+    if figures.get("met"):
+        return [_metric(figures.get("metric_loss")), "yes"]
+    return ["–", "no (the dense plan is returned)"]
 
 
 PICK_HEADER = ["plan", "build", "predicted (prunable layers)", "measured median (whole model)", "p10", "p90", "kept"]
@@ -168,8 +174,7 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
     sections.append(("Layers", None, LAYER_HEADER, layer_rows(plan)))
     if plan.get("kept_dense"):
         sections.append(("Layers kept dense", "MatMul, Gemm, Conv, ConvTranspose, recurrent and quantized nodes "
-                         "that no block-sparse kernel serves: they run dense in the artifact, and the figures above "
-                         "leave them out.",
+                         "that no block-sparse kernel serves: they stay dense, and the figures above leave them out.",
                          ["node", "op", "why"], [[e["node"], e["op_type"], e["reason"]] for e in plan["kept_dense"]]))
     return sections
 

@@ -51,3 +51,18 @@ def test_recorded_plans_rebuild_into_the_models_they_name(tmp_path):
     assert all(np.array_equal(array, dense[name]) for name, array in weights(source).items())
     with pytest.raises(OptionError, match="needs its calibration inputs"):
         rebuild(source, {**plan, "pruner": "activation"}, search["layers"])
+
+
+def test_a_search_that_returned_the_dense_plan_shows_no_loss_of_its_own():
+    """A baseline whose search met the budget with no pruned plan returns the dense plan: its table row says
+    so instead of the dense plan's loss of 0 beside "no"."""
+    from pruneaug.report import _baseline_rows
+
+    plan = {"search": {"chosen_from": "searched", "predicted_latency_s": 2e-6, "dense_latency_s": 4e-6,
+                       "metric_loss": 0.004, "met": True,
+                       "baselines": {"single 32x32": {"predicted_latency_s": 4e-6, "metric_loss": 0.0, "met": False},
+                                     "unstructured": {"predicted_latency_s": 3e-6, "metric_loss": 0.008, "met": True}}}}
+    rows = {row[0]: row[3:] for row in _baseline_rows(plan)}
+    assert rows["chosen (= searched)"] == ["0.0040", "yes"]
+    assert rows["single 32x32"] == ["–", "no (the dense plan is returned)"]
+    assert rows["unstructured"] == ["0.0080", "yes"]

@@ -189,6 +189,19 @@ def test_a_memo_of_earlier_validations_gives_the_same_search_without_running_the
     assert all(np.array_equal(again_ir.weights[n], first_ir.weights[n]) for n in first_ir.weights)
 
 
+def test_a_search_that_meets_nothing_says_how_many_of_its_validations_were_recalled(mlp):
+    ir, _ = mlp
+    memo = _Memo()
+    never = lambda candidate: 1.0  # every pruned plan misses the budget
+    space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES)
+    cold = search_in(space, ir, never, 0.01, BLOCKS, memo=memo)
+    assert not cold.met and "recalled" not in cold.message
+    warm = search_in(space, ir, never, 0.01, BLOCKS, memo=memo)
+    assert warm.validations == 0 and warm.recalled == cold.validations
+    assert warm.message == (f"no pruned plan met the budget 0.01 in {warm.recalled} validation(s), {warm.recalled} of "
+                            "them recalled from the cache: the dense plan is returned")
+
+
 def test_baselines_use_fewer_choices(mlp):
     ir, validate = mlp
     results = baselines(search_space(ir, synthetic_latency, BLOCKS, SPARSITIES), ir, validate, 0.01, BLOCKS)

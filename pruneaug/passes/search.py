@@ -321,8 +321,9 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
     report.plan, report.metric_loss, report.met = plan, trial.metric_loss, plan is not dense  # a pruned plan met it
     report.predicted_latency_s, report.proxy_budget = trial.predicted_latency_s, trial.proxy_budget
     if not report.met:
+        recalled = f", {report.recalled} of them recalled from the cache" if report.recalled else ""
         report.message = (f"no pruned plan met the budget {budget:g} in {report.validations + report.recalled} "
-                          "validation(s): the dense plan is returned")
+                          f"validation(s){recalled}: the dense plan is returned")
     return report
 
 
