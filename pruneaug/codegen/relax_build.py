@@ -8,12 +8,12 @@ every linear layer reads `matmul(x, const)` or `conv2d`/`conv1d(x, const)`; rewr
 of our kernels (`pruneaug.codegen.bsr`): the block-sparse kernel where the constant is a weight named
 in `sparse_weights`, the dense kernel otherwise, a bias add and a ReLU after it fused in (a strided conv
 runs as a stride-1 conv over its input's stride phases, see `conv_lowering.StridePhases`); on CPUs,
-last-axis layer norms (with a residual add before one read inside it) and softmaxes become our vectorised
-kernels (`norm.py`, `softmax.py`); on every target, reshape pairs that cancel are dropped
-(`rewritten_model`); then TVM's usual legalize-and-fuse for the rest. TVM's CPU pipeline schedules nothing (an untuned model
-ran ~100x slower than onnxruntime), so every remaining PrimFunc gets a schedule: DLight's CPU GEMV
-and Reduction rules (other reductions) and two small rules below, one for a reduction with two
-operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
+last-axis layer norms (with a residual add before one read inside it) and softmaxes become our
+vectorised kernels (`norm.py`, `softmax.py`); on every target, reshape pairs that cancel are dropped
+(`rewritten_model`); then TVM's usual legalize-and-fuse for the rest. TVM's CPU pipeline schedules
+nothing (an untuned model ran ~100x slower than onnxruntime), so every remaining PrimFunc gets a
+schedule: DLight's CPU GEMV and Reduction rules (other reductions) and two small rules below, one for
+a reduction with two operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
 exp/erf/tanh become TVM's vectorisable fast versions (libm's are scalar calls). No tuning: compile
 time stays seconds. On CPUs the Relax function itself is lowered to native code (`_exec_mode`).
 CUDA uses TVM's own pipeline, which schedules with DLight's GPU rules and replays the inner kernels
@@ -481,11 +481,11 @@ def _layer_norm_rows(target: TargetProfile) -> _RowOp:
         if not (attrs.center and attrs.scale) or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]:
             return None
         key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
-        norm_of = [matched[gamma], matched[beta]]
+        scale_shift = [matched[gamma], matched[beta]]
         if added in matched and _static_shape(matched[x]) == shape == _static_shape(matched[other]):
-            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other]], norm_of
+            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other]], scale_shift
         source = matched[added] if added in matched else matched[plain]  # an add that broadcasts: TVM's, then ours
-        return key, norm.layer_norm_primfunc, "layer_norm", [source], norm_of
+        return key, norm.layer_norm_primfunc, "layer_norm", [source], scale_shift
 
     return _RowOp(pattern, kernel)
 
@@ -532,7 +532,8 @@ def _channel_bias(bias: np.ndarray | None, c_out: int, spatial: int = 2) -> np.n
     """A per-output-channel bias of a conv with `spatial` axes ([1, C, 1, 1] or [C, 1, 1] for 2-D,
     [1, C, 1] for 1-D) as a vector [C]; else None."""
     channel_axes = (c_out, *(1,) * spatial)
-    if bias is None or bias.size != c_out or bias.ndim < len(channel_axes) or bias.shape[-len(channel_axes):] != channel_axes:
+    if (bias is None or bias.size != c_out or bias.ndim < len(channel_axes)
+            or bias.shape[-len(channel_axes):] != channel_axes):
         return None
     return np.ascontiguousarray(bias.reshape(c_out), np.float32)
 

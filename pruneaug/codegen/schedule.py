@@ -161,19 +161,20 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
     pixvec the 1x1 conv on 56x56 1.1x faster. A row shorter than a register is one vector of the power
     of two lanes that covers it: on a 16-lane host the CNN's 8-pixel rows in 16-lane vectors did half
-        their FMAs on lanes past the row and stored it lane by lane.
+    their FMAs on lanes past the row and stored it lane by lane.
 
     On CUDA one thread per (output channel, pixel) ("cuda"), unless those `out_c x pixels` threads
     cannot give every SM `CUDA_WARPS_PER_SM` warps: then a warp per (block row, pixel) splits the
-    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels). `layout`
-    forces one of the target's two layouts.
+    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels): CUDA
+    needs `out_c`. `layout` forces one of the target's two layouts.
     """
     r, _ = block
     oh, ow = out_hw
     parallel = runs_parallel(target, pixels, block, nnz_blocks)
     if target.kind == "cuda":
+        assert layout is not None or out_c is not None, "the CUDA conv's layout depends on its output channels"
         if layout == "cuda_split" or (
-                layout is None and (out_c or 0) * pixels < CUDA_WARPS_PER_SM * CUDA_WARP * target.cores):
+                layout is None and out_c * pixels < CUDA_WARPS_PER_SM * CUDA_WARP * target.cores):
             return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
     lanes = target.simd_lanes

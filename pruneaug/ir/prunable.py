@@ -91,11 +91,12 @@ def classify(model: onnx.ModelProto) -> dict[str, WeightUse | str]:
             transposes[node.output[0]] = (source, _attr(node, "perm", None))
         elif node.op_type == "Identity" and source in transposes:
             transposes[node.output[0]] = transposes[source]
+    operands = _Operands(constants, transposes, overridable)
     found: dict[str, WeightUse | str] = {}
     for name, node in zip(unique_node_names(graph.node), graph.node):
         if node.domain in ("", "ai.onnx") and node.op_type in _MATCHERS:
             node = _with_inputs(node, [aliases.get(t, t) for t in node.input])
-            found[name] = _MATCHERS[node.op_type](node, name, _Operands(constants, transposes, overridable))
+            found[name] = _MATCHERS[node.op_type](node, name, operands)
     return found
 
 
@@ -107,8 +108,9 @@ class _Operands:
     transposes: dict[str, tuple[str, list[int] | None]]
     overridable: set[str]
 
-    def why_not_weight(self, operand: str, ranks: tuple[int, ...]) -> str:
-        """Why `operand` is no weight of ours: not a constant, or of a dtype or rank the kernels do not take."""
+    def why_not_weight(self, operand: str, ranks: tuple[int, ...], rank_note: str = "the kernels take {ranks}") -> str:
+        """Why `operand` is no weight of ours: not a constant, or of a dtype or rank the kernels do not take
+        (`rank_note` says why the rank is not, formatted with the `ranks` and the `spatial` axes it means)."""
         if operand in self.overridable:
             return "its weight is also a graph input (overridable at run time)"
         tensor = self.constants.get(operand)
@@ -118,7 +120,8 @@ class _Operands:
             return (f"its weight is {onnx.TensorProto.DataType.Name(tensor.data_type).lower()}; the block-sparse "
                     "kernels are float32")
         if len(tensor.dims) not in ranks:
-            return f"its weight has rank {len(tensor.dims)} (the kernels take {' or '.join(map(str, ranks))})"
+            note = rank_note.format(ranks=" or ".join(map(str, ranks)), spatial=len(tensor.dims) - 2)
+            return f"its weight has rank {len(tensor.dims)} ({note})"
         return ""
 
 
@@ -145,7 +148,8 @@ def _matmul_use(node, name, operands: _Operands) -> WeightUse | str:
         return "its constant is the first operand (W @ x)"
     if operand in operands.transposes:
         source, perm = operands.transposes[operand]
-        why = operands.why_not_weight(source, (2,)) or ("" if perm in (None, [1, 0]) else f"its weight is permuted {perm}")
+        why = (operands.why_not_weight(source, (2,))
+               or ("" if perm in (None, [1, 0]) else f"its weight is permuted {perm}"))
         layout = WeightLayout("identity", tuple(operands.constants[source].dims)) if not why else None
         weight = source
     else:
@@ -173,9 +177,10 @@ def _conv_use(node, name, operands: _Operands) -> WeightUse | str:
     if len(node.input) < 2:
         return "a Conv without a weight"
     activation, operand = node.input[0], node.input[1]
-    why = operands.why_not_weight(operand, _CONV_WEIGHT_RANKS)
+    why = operands.why_not_weight(operand, _CONV_WEIGHT_RANKS,
+                                  "a {spatial}-D conv; the kernels take 1-D and 2-D convs")
     if why:
-        return why.replace("(the kernels take 3 or 4)", "(a 3-D conv; the kernels take 1-D and 2-D convs)")
+        return why
     if activation in operands.constants:
         return "its input is a constant"
     group = _attr(node, "group", 1)

@@ -38,10 +38,10 @@ Cost on large models (BERT-base: 72 layers, 85M weights): every layer's options 
 memoised per (layer, block) (`blockmask.removal_order`); the baselines start their bisection at
 the proxy budget the search validated and get as many validations as the search, as does the
 calibrated pass (with half as many, the bundled encoder's unstructured baseline stopped at a plan
-predicted 1.2x slower than with as many: a goal ratio against it would flatter the search). A `ValidationMemo`
-(`sensitivity_store.validation_memo`: the latency cache) gives back the loss of a plan validated
-by an earlier compile of the same model and data; the bisection then goes the same way without the
-onnxruntime run (BERT-base: ~0.35 s of masking and ~0.2 s of onnxruntime per plan, 32 plans).
+predicted 1.2x slower than with as many: a goal ratio against it would flatter the search). A
+`ValidationMemo` (`sensitivity_store.validation_memo`: the latency cache) gives back the loss of a
+plan validated by an earlier compile of the same model and data; the bisection then goes the same
+way without the onnxruntime run (BERT-base: ~0.35 s of masking and ~0.2 s of onnxruntime per plan, 32 plans).
 """
 from __future__ import annotations
 
@@ -407,8 +407,8 @@ def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn,
     never slower than a baseline even where the metric moves in steps (top-1 on a few hundred eval
     rows) and the proxy's ranking of near-equal plans is noise. The baselines start at the proxy
     budget the search validated, with as many validations each as the search; then, where two or more
-    shapes met the budget alone, `calibrated` (`calibrated_search`) with as many. `shares`: where the proxy's energy
-    shares come from (`search_space`); `memo` (in `options`): losses validated by earlier compiles.
+    shapes met the budget alone, `calibrated` (`calibrated_search`) with as many. `shares`: where the
+    proxy's energy shares come from (`search_space`); `memo` (in `options`): losses validated by earlier compiles.
     """
     pool = options.get("pool", DEFAULT_POOL)
     space = search_space(ir, latency, blocks, sparsities, supported, pool, shares=shares)
