@@ -18,6 +18,7 @@ import hashlib
 import importlib.abc
 import json
 import sys
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,6 +100,11 @@ class LoadedModel:
         self._device = tvm.runtime.device(device, 0)
         library = tvm.runtime.load_module(str(path))
         self._vm = VirtualMachine(library, self._device)
+        # intermediate tensors allocated once, passed to every run after the inputs (codegen/workspace.py);
+        # runs share them, so they take turns
+        workspace = signature.get("workspace")
+        self._workspace = list(self._vm[workspace]()) if workspace else []
+        self._turn = threading.Lock()
         # one device buffer per input, filled in place on each run: allocating a tensor per call costs
         # more than the whole compiled function on a small model
         self._buffers = [tvm.runtime.empty(spec["shape"], spec["dtype"], self._device) for spec in self.inputs]
@@ -129,18 +135,20 @@ class LoadedModel:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The model's outputs, in the ONNX graph's output order."""
-        result = self._vm["main"](*self._arguments(inputs))
-        outputs = [result] if hasattr(result, "numpy") else list(result)
-        if self._host_views is not None:  # a copy: the VM reuses its output memory on the next run
-            return [np.from_dlpack(output).copy() for output in outputs]
-        return [output.numpy() for output in outputs]
+        with self._turn:
+            result = self._vm["main"](*self._arguments(inputs), *self._workspace)
+            outputs = [result] if hasattr(result, "numpy") else list(result)
+            if self._host_views is not None:  # a copy: the VM reuses its output memory on the next run
+                return [np.from_dlpack(output).copy() for output in outputs]
+            return [output.numpy() for output in outputs]
 
     def time_runs(self, inputs: Mapping[str, np.ndarray], repeat: int = 50) -> np.ndarray:
         """Seconds of each of `repeat` timed runs of the compiled function, after a warm-up run (TVM's
         timer; the inputs converted once, outside the runs)."""
-        arguments = self._arguments(inputs)
-        timer = self._vm.time_evaluator("main", self._device, number=1, repeat=repeat, min_repeat_ms=0)
-        return np.asarray(timer(*arguments).results, dtype=np.float64)
+        with self._turn:
+            arguments = self._arguments(inputs)
+            timer = self._vm.time_evaluator("main", self._device, number=1, repeat=repeat, min_repeat_ms=0)
+            return np.asarray(timer(*arguments, *self._workspace).results, dtype=np.float64)
 
     def benchmark(self, inputs: Mapping[str, np.ndarray], repeat: int = 50) -> dict[str, float]:
         """Seconds per run (median, 10th and 90th percentile of `repeat` timed runs, after a warm-up run)."""

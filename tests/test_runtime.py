@@ -130,6 +130,66 @@ def test_runs_in_a_row_see_their_own_inputs_and_keep_earlier_outputs(x86_artifac
     assert np.max(np.abs(third - kept)) <= 1e-6 * np.max(np.abs(kept))
 
 
+def test_cpu_artifacts_allocate_their_intermediates_once_and_runs_keep_their_outputs(x86_artifact, model, inputs):
+    """`main` takes the workspace's tensors after the inputs (codegen/workspace.py); the outputs are not
+    among them: a raw VM's second run leaves the first run's output tensor as it was."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    meta = json.loads(x86_artifact.with_name(x86_artifact.name + ".json").read_text())
+    assert meta["workspace"] == "workspace"
+    machine = VirtualMachine(tvm.runtime.load_module(str(x86_artifact)), tvm.cpu())
+    workspace = list(machine["workspace"]())
+    assert len(workspace) >= 1 and machine._get_function_arity("main") == len(inputs) + len(workspace)
+    others = {name: (array - 0.75).astype(array.dtype) for name, array in inputs.items()}
+    first = machine["main"](*(tvm.runtime.tensor(a) for a in inputs.values()), *workspace)
+    second = machine["main"](*(tvm.runtime.tensor(a) for a in others.values()), *workspace)
+    for got, feeds in ((first, inputs), (second, others)):
+        (expected,) = reference(model, feeds)
+        assert np.max(np.abs(got.numpy() - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_runs_from_several_threads_take_turns(x86_artifact, model, inputs):
+    """One loaded model's runs share its input buffers and workspace: runs from threads must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = load(x86_artifact)
+    feeds = [{name: (array + shift).astype(array.dtype) for name, array in inputs.items()} for shift in range(8)]
+    expected = [reference(model, feed)[0] for feed in feeds]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: loaded.run(feeds[i % 8])[0], range(64)))
+    for i, y in enumerate(got):
+        assert np.max(np.abs(y - expected[i % 8])) <= 1e-4 * np.max(np.abs(expected[i % 8]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build tools/arm64_harness.cc natively")
+def test_the_device_harness_runs_a_whole_model_with_its_workspace(x86_artifact, model, inputs, tmp_path):
+    """tools/arm64_harness.cc (what runs an arm64 artifact on a device without Python), built for this
+    machine and run on the x86 artifact: it allocates the workspace as `pruneaug.load` does."""
+    import subprocess
+
+    import tvm
+    import tvm_ffi
+
+    libs = [Path(tvm.__file__).parent / "lib", Path(tvm_ffi.__file__).parent / "lib"]
+    harness = tmp_path / "harness"
+    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{Path(tvm_ffi.__file__).parent / 'include'}",
+                    str(REPO / "tools" / "arm64_harness.cc"), "-o", str(harness),
+                    *(f"-L{lib}" for lib in libs), "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
+                    *(f"-Wl,-rpath,{lib}" for lib in libs)], check=True, capture_output=True)
+    (x,) = inputs.values()
+    (expected,) = reference(model, inputs)
+    x.tofile(tmp_path / "x.bin")
+    def spec(path: Path, shape) -> str:
+        return f"{path}:float32:{'x'.join(map(str, shape))}"
+
+    subprocess.run([str(harness), "--vm", str(x86_artifact), "1", spec(tmp_path / "x.bin", x.shape),
+                    spec(tmp_path / "y.bin", expected.shape)], check=True, capture_output=True)
+    y = np.fromfile(tmp_path / "y.bin", np.float32).reshape(expected.shape)
+    assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
 def run_in_fresh_process(artifact: Path, device: str, inputs: dict, tmp_path: Path) -> np.ndarray:
     """The artifact's first output, from `pruneaug.load` in a new Python whose `tvm` has no compiler library."""
     np.savez(tmp_path / "inputs.npz", **inputs)

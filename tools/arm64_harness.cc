@@ -152,6 +152,13 @@ void RunVirtualMachine(int argc, char** argv) {
   constexpr int64_t kPooledAllocator = 2;
   get(vm, "vm_initialization")(static_cast<int64_t>(kDLCPU), static_cast<int64_t>(0), kPooledAllocator);
   std::vector<tvm::ffi::AnyView> args(inputs.begin(), inputs.end());
+  // a pruneaug CPU artifact's `main` takes the intermediate tensors that `workspace` allocates after its
+  // inputs (pruneaug/codegen/workspace.py)
+  tvm::ffi::Array<tvm::ffi::Any> workspace;
+  if (tvm::ffi::Optional<tvm::ffi::Function> allocate = vm->GetFunction("workspace")) {
+    workspace = allocate.value()().cast<tvm::ffi::Array<tvm::ffi::Any>>();
+  }
+  for (const tvm::ffi::Any& tensor : workspace) args.push_back(tensor);
   tvm::ffi::Any result;
   get(vm, "main").CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
   size_t n_outputs = tensors.size() - n_inputs;

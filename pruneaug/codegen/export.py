@@ -28,6 +28,7 @@ from pathlib import Path
 
 import onnx
 
+from pruneaug.codegen.workspace import WORKSPACE_FUNCTION, has_workspace
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.runtime import cuda_source_key
@@ -59,6 +60,8 @@ def export_artifact(executable, target: TargetProfile, path_without_suffix, sign
     meta = {"schema": SIGNATURE_SCHEMA, "target": target.name, "kind": target.kind, **signature}
     if target.kind != "cuda":  # the pool its parallel kernels were built for (`runtime.load` checks it)
         meta["threads"] = target.cores
+    if has_workspace(target):  # `main` takes this function's tensors after the inputs
+        meta["workspace"] = WORKSPACE_FUNCTION
     if target.kind == "arm64":
         if shutil.which(CROSS_COMPILER):
             from tvm.support import cc

@@ -15,7 +15,8 @@ nothing (an untuned model ran ~100x slower than onnxruntime), so every remaining
 schedule: DLight's CPU GEMV and Reduction rules (other reductions) and two small rules below, one for
 a reduction with two operands (matmuls between activations, depthwise and grouped convs) and one for injective ops;
 exp/erf/tanh become TVM's vectorisable fast versions (libm's are scalar calls). No tuning: compile
-time stays seconds. On CPUs the Relax function itself is lowered to native code (`_exec_mode`).
+time stays seconds. On CPUs the Relax function itself is lowered to native code (`_exec_mode`), and
+its intermediate tensors are allocated once per loaded model, not per run (`workspace.py`).
 CUDA uses TVM's own pipeline, which schedules with DLight's GPU rules and replays the inner kernels
 as a CUDA graph (`_pass_context`).
 
@@ -40,6 +41,7 @@ from onnx import numpy_helper
 from pruneaug.codegen import bsr, conv_lowering, softmax
 from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
+from pruneaug.codegen.workspace import lift_workspace_pass
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
@@ -572,11 +574,17 @@ def _pipeline(target: TargetProfile):
                 + cpu.legalize_passes(tvm_target)
                 + [dlight.ApplyDefaultSchedule(*rules)]
                 + cpu.dataflow_lower_passes(tvm_target)
-                + cpu.finalize_passes(tvm_target)
+                + _with_workspace_lifted(cpu.finalize_passes(tvm_target))
             )
             return tvm.transform.Sequential(passes)(mod)
 
     return _run
+
+
+def _with_workspace_lifted(finalize: list) -> list:
+    """TVM's finalisation passes with `workspace.lift_workspace_pass` right after the memory planner."""
+    planner = next(i for i, p in enumerate(finalize) if p.info.name == "StaticPlanBlockMemory")
+    return [*finalize[:planner + 1], lift_workspace_pass(), *finalize[planner + 1:]]
 
 
 def _pass_context(target: TargetProfile) -> contextlib.AbstractContextManager:
