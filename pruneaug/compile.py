@@ -19,7 +19,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,7 @@ class Request:
     reconstruct: bool
     measure: str | None  # None: time kernels locally where the target runs here (x86; cuda with a GPU), else predict
     batch: int | None  # None: 1, or the model's own fixed batch
+    shapes: dict[str, list[int]]  # --shape: inputs compiled at these full shapes
     artifact: bool
 
     @property
@@ -99,6 +100,7 @@ def compile_model(
     keep_sparsity: bool = False,
     batch: int | None = None,
     artifact: bool = True,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> CompileResult:
     """Prune `model` for `target`; write pruned.onnx, masks.npz, plan.json, the artifact and the report into `out`.
 
@@ -106,10 +108,12 @@ def compile_model(
     (each layer's structure read off its zeros, nothing more pruned), or, with neither, from the
     search: per layer the block shape and sparsity of least predicted latency whose validated
     metric loss on `eval` stays within `budget` (default `options.DEFAULT_BUDGET`) in `metric` (default
-    top1).
+    top1). The plan is costed and the artifact compiled for one static shape per input: `shapes`
+    (`{name: [d, ...]}`, the CLI's --shape), else `batch` on axis 0 and the calibration data's sizes on
+    the other dynamic axes.
     """
     request = check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric,
-                            measure, batch, artifact, reconstruct)
+                            measure, batch, artifact, reconstruct, shapes)
     phases = PhaseClock()
     source, protected = _read_model(model)
     folder = OutputFolder(out, protected)
@@ -137,7 +141,7 @@ def compile_model(
             notes.append(f"{' and '.join(unused)} not used: the plan is {'read off the model' if request.keep_sparsity else 'given'}, "
                          "so nothing is searched or validated")
 
-    shapes = deploy_shapes(source, calib_data or eval_data, request.batch)
+    shapes = deploy_shapes(source, calib_data or eval_data, request.batch, request.shapes, notes)
     ir = lift(source, shapes)
     phases.lap("load")
     if not ir.prunable_nodes():
@@ -199,7 +203,7 @@ def compile_model(
 
 
 def check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pruner, budget, metric, measure, batch,
-                  artifact, reconstruct) -> Request:
+                  artifact, reconstruct, shapes=None) -> Request:
     """Every option checked before any file is read: a typo costs nothing."""
     from pruneaug.cost_model.targets import check_target_name
 
@@ -221,7 +225,8 @@ def check_request(target, block, sparsity, keep_sparsity, blocks, sparsities, pr
         sparsities=opt.parse_sparsities(sparsities), pruner=opt.check_choice("--pruner", pruner, opt.PRUNERS),
         budget=opt.parse_budget(opt.DEFAULT_BUDGET if budget is None else budget),
         metric=opt.check_choice("--metric", opt.METRICS[0] if metric is None else metric, opt.METRICS),
-        reconstruct=bool(reconstruct), measure=measure, batch=batch, artifact=bool(artifact),
+        reconstruct=bool(reconstruct), measure=measure, batch=batch, shapes=opt.parse_shapes(shapes),
+        artifact=bool(artifact),
     )
 
 
@@ -238,29 +243,63 @@ def _search_data(eval_data: Dataset | None, calib_data: Dataset | None, metric: 
     return eval_data
 
 
-def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int | None) -> dict[str, list[int]]:
+def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int | None,
+                  given: Mapping[str, Sequence[int]] | None = None, notes: list[str] | None = None
+                  ) -> dict[str, list[int]]:
     """The static input shapes the plan is costed and the artifact compiled for.
 
-    Axis 0 of a dynamic input is the batch (`--batch`, default 1); its other dynamic axes take the data's
-    sizes (a sequence length, ...), or 1 without data. A `batch` other than an input's fixed one is an
-    OptionError: the artifact cannot be compiled for it, and costing the plan at it would mislead.
+    An input named in `given` (--shape) takes that shape, which must keep the model's fixed sizes.
+    Otherwise axis 0 of a dynamic input is the batch (`--batch`, default 1) and its other dynamic axes
+    take the data's sizes (a sequence length, ...), or 1 without data; each size so taken is said in
+    `notes`, since the artifact runs at that size only. A `batch` other than an input's fixed one, or
+    than its --shape's, is an OptionError: the artifact cannot be compiled for it, and costing the plan
+    at it would mislead.
     """
+    given = given or {}
+    inputs = graph_inputs(model)
+    unknown = sorted(set(given) - {value.name for value in inputs})
+    if unknown:
+        raise OptionError(f"--shape {', '.join(unknown)}: not an input of the model (its inputs: "
+                          f"{', '.join(value.name for value in inputs)})")
     shapes = {}
-    for value in graph_inputs(model):
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        fixed = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None for dim in dims]
+        if value.name in given:
+            shapes[value.name] = _given_shape(value.name, given[value.name], fixed, batch)
+            continue
         seen = data.inputs[value.name].shape if data is not None else None
         shape = []
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                if axis == 0 and batch is not None and batch != dim.dim_value:
+        for axis, size in enumerate(fixed):
+            if size is not None:
+                if axis == 0 and batch is not None and batch != size:
                     raise OptionError(f"--batch {batch}: the model's input {value.name!r} has a fixed batch of "
-                                      f"{dim.dim_value}; export it with a dynamic batch axis to compile it for another")
-                shape.append(dim.dim_value)
+                                      f"{size}; export it with a dynamic batch axis to compile it for another")
+                shape.append(size)
             elif axis == 0:
                 shape.append(batch or 1)
             else:
                 shape.append(int(seen[axis]) if seen is not None else 1)
+                if notes is not None:
+                    source = f"as in {data.path}" if seen is not None else "with no data to size it"
+                    notes.append(f"input {value.name!r} axis {axis} ({dims[axis].dim_param or 'dynamic'}) is "
+                                 f"{shape[-1]} in the artifact, {source}; --shape {value.name}=DIMS compiles it "
+                                 "for another size")
         shapes[value.name] = shape
     return shapes
+
+
+def _given_shape(name: str, dims: Sequence[int], fixed: Sequence[int | None], batch: int | None) -> list[int]:
+    """An input's --shape, checked against the model's rank and fixed sizes and against --batch."""
+    text = f"--shape {name}={'x'.join(map(str, dims))}"
+    if len(dims) != len(fixed):
+        raise OptionError(f"{text}: the model's input {name!r} has {len(fixed)} axes, not {len(dims)}")
+    for axis, (size, want) in enumerate(zip(dims, fixed)):
+        if want is not None and size != want:
+            raise OptionError(f"{text}: axis {axis} of the model's input {name!r} is fixed at {want}")
+    if batch is not None and dims and dims[0] != batch:
+        raise OptionError(f"{text} and --batch {batch} disagree on the batch")
+    return list(dims)
 
 
 class PhaseClock:
@@ -494,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "rpc://HOST:PORT/KEY (a device behind a TVM RPC tracker)")
     parser.add_argument("--batch", type=int, help="batch size the artifact is compiled for (default 1, or the "
                                                    "model's own fixed batch)")
+    parser.add_argument("--shape", action="append", metavar="NAME=DIMS",
+                        help="an input's full shape for the artifact, e.g. input=1x128x768 (repeat per input; "
+                             "default: --batch on axis 0, the calibration data's sizes on other dynamic axes)")
     parser.add_argument("--block", help="fixed plan: this block shape ROWSxCOLS for every prunable layer")
     parser.add_argument("--sparsity", help="fixed plan: this share of blocks removed in every layer, in [0, 1)")
     parser.add_argument("--keep-sparsity", action="store_true",
@@ -524,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                 pruner=args.pruner, calib=args.calib, eval=args.eval, budget=args.budget, metric=args.metric,
                 blocks=args.blocks, sparsities=args.sparsities, reconstruct=args.reconstruct, measure=args.measure,
                 keep_sparsity=args.keep_sparsity, batch=args.batch, artifact=not args.no_artifact,
+                shapes=args.shape,
             )
     except (PruneaugError, _ArgumentError) as err:
         _print_warnings(_own_warnings(caught))

@@ -6,6 +6,7 @@ fail the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 
 from pruneaug.errors import OptionError
 from pruneaug.ir.layer import BlockSpec
@@ -80,3 +81,30 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
         raise OptionError(f"{option} {value!r}: expected one of {', '.join(choices)}")
     return value
 
+
+
+def parse_shapes(given: Mapping[str, Sequence[int]] | Iterable[str] | None) -> dict[str, list[int]]:
+    """`--shape NAME=DxDx...` (repeatable), or the API's `{name: [d, ...]}`: the full static shape an input
+    is compiled for. Whether the model's input takes it is checked against the model (`compile.deploy_shapes`)."""
+    if given is None:
+        return {}
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, Mapping):
+        pairs = {}
+        for text in given:
+            name, sep, dims = str(text).rpartition("=")
+            if not sep or not name:
+                raise OptionError(f"--shape {text!r}: expected NAME=DIMS, e.g. input=1x128x768")
+            try:
+                pairs[name] = [int(d) for d in dims.lower().split("x")]
+            except ValueError:
+                raise OptionError(f"--shape {text!r}: dimensions are positive integers joined by 'x'") from None
+        given = pairs
+    shapes = {}
+    for name, dims in given.items():
+        dims = list(dims)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise OptionError(f"--shape {name}={'x'.join(map(str, dims))}: dimensions are positive integers")
+        shapes[str(name)] = dims
+    return shapes
