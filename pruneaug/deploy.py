@@ -91,11 +91,20 @@ def sample_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     for value in graph_inputs(model):
         shape = tuple(shapes[value.name])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if calib is not None and calib[value.name].shape[1:] == shape[1:] and len(calib[value.name]) >= shape[0]:
-            inputs[value.name] = np.ascontiguousarray(calib[value.name][: shape[0]])
-        else:
-            inputs[value.name] = rng.standard_normal(shape).astype(dtype)
+        rows = calib_rows(calib, value.name, shape)
+        inputs[value.name] = rows if rows is not None else rng.standard_normal(shape).astype(dtype)
     return inputs
+
+
+def calib_rows(calib: Mapping[str, np.ndarray] | None, name: str, shape: Sequence[int]) -> np.ndarray | None:
+    """The first calibration rows of input `name` at `shape`, or None where the data has no such rows
+    (another sequence length, fewer rows than the batch, no data)."""
+    if calib is None or name not in calib:
+        return None
+    array = calib[name]
+    if array.shape[1:] != tuple(shape[1:]) or len(array) < shape[0]:
+        return None
+    return np.ascontiguousarray(array[: shape[0]])
 
 
 def sparse_weights(ir) -> dict[str, tuple[int, int]]:

@@ -235,6 +235,13 @@ def test_check_artifact_passes_a_compiles_artifact_and_names_the_output_that_dif
                               measure="none", out=tmp_path / "out")
     checked = _check_artifact(tmp_path / "out", calib)
     assert checked.returncode == 0 and "matches onnxruntime (rtol 0.0001)" in checked.stdout, checked.stderr
+    assert "random" not in checked.stderr
+    (name, rows), = np.load(calib).items()
+    np.savez(tmp_path / "other.npz", **{name: rows[:, :-1]})  # rows the artifact cannot take: said, then random
+    checked = _check_artifact(tmp_path / "out", tmp_path / "other.npz")
+    assert checked.returncode == 0 and "matches onnxruntime" in checked.stdout, checked.stderr
+    assert f"other.npz has no rows of {name} {result.plan['input_shapes'][name]}" in checked.stderr
+    assert "checking on seeded random values instead" in checked.stderr
     pruned = onnx.load(result.pruned_model)  # a pruned.onnx that no longer is what was compiled
     weight = next(t for t in pruned.graph.initializer if t.name == result.plan["layers"][0]["weight"])
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
