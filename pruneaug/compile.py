@@ -174,7 +174,8 @@ def compile_model(
     phases.lap("plan")
 
     with folder as staging, ThreadPoolExecutor(1, thread_name_prefix="pruneaug-write") as writer:
-        pruned = latency.annotate(pruned, costs)
+        pruned = latency.annotate(pruned, costs, dense_where_faster=not request.searching)
+        _say_layers_run_dense(pruned, notes)
         inputs = deploy.sample_inputs(source, shapes, calib_data.inputs if calib_data else None) \
             if request.artifact else None  # the artifacts' gate and timing
         gate_inputs = inputs if request.artifact and deploy.runs_here(profile) else None
@@ -241,6 +242,20 @@ def _search_data(eval_data: Dataset | None, calib_data: Dataset | None, metric: 
     if metric == "top1" and eval_data.labels is None:
         notes.append(f"{eval_data.path} has no 'labels': top1 is measured as agreement with the dense model's argmax")
     return eval_data
+
+
+def _say_layers_run_dense(ir: IRModel, notes: list[str]) -> None:
+    """A note naming the pruned layers that run dense (`latency.annotate`), with both predicted latencies."""
+    named = []
+    for node in ir.prunable_nodes():
+        data = ir.graph.nodes[node]
+        if data["block_sparse_latency_s"] is not None:
+            spec = data["block"]
+            named.append(f"{node} ({spec.rows}x{spec.cols} at {spec.sparsity:.2f}: block-sparse "
+                         f"{data['block_sparse_latency_s'] * 1e6:.1f} µs, dense {data['dense_latency_s'] * 1e6:.1f} µs)")
+    if named:
+        notes.append(f"{len(named)} pruned layer(s) run dense in the artifact, zeros kept, where the block-sparse "
+                     f"kernel is predicted no faster: {'; '.join(named)}")
 
 
 def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int | None,

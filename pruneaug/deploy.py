@@ -109,8 +109,8 @@ def calib_rows(calib: Mapping[str, np.ndarray] | None, name: str, shape: Sequenc
 
 def sparse_weights(ir) -> dict[str, tuple[int, int]]:
     """Weight name -> block shape of every layer the plan prunes: what `build_artifact` rewrites to BSR kernels."""
-    return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape
-            for n in ir.prunable_nodes() if ir.graph.nodes[n]["block"].sparsity > 0}
+    return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape for n in ir.prunable_nodes()
+            if ir.graph.nodes[n]["block"].sparsity > 0 and ir.graph.nodes[n].get("kernel") != "dense"}
 
 
 def plan_builder(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]],

@@ -63,6 +63,9 @@ def layer_entry(ir: IRModel, node: str) -> dict[str, Any]:
         "dense_latency_s": data.get("dense_latency_s"),
         "predicted_latency_s": data.get("predicted_latency_s"),
         "latency_source": data.get("latency_source"),
+        # the kernel the artifact runs it with: a given plan's pruned layer runs dense where that is faster
+        "kernel": data.get("kernel", "block-sparse" if spec.sparsity > 0 else "dense"),
+        "block_sparse_latency_s": data.get("block_sparse_latency_s"),
     }
 
 

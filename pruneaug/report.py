@@ -40,6 +40,8 @@ def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
     for entry in plan["layers"]:
         chosen = entry.get("predicted_latency_s")
         source = entry.get("latency_source") or "–"
+        if entry.get("block_sparse_latency_s") is not None:  # a pruned layer the artifact runs dense
+            source += f"; runs dense (block-sparse: {_us(entry['block_sparse_latency_s'])})"
         rows.append([
             entry["node"], entry["op_type"], f"{entry['shape'][0]}x{entry['shape'][1]}", str(entry["m"] or "?"),
             f"{entry['block'][0]}x{entry['block'][1]}", _sparsity(entry), f"{entry['nnz_blocks']}/{entry['blocks']}",

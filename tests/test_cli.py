@@ -111,6 +111,51 @@ def test_keep_sparsity_reads_the_plan_back(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_a_given_plans_layer_whose_sparse_kernel_is_slower_runs_dense_with_its_zeros(tmp_path):
+    """Random zeros read back as 1x1 blocks at 30%: the block-sparse kernel is predicted slower than dense
+    (measure none: the analytical model, the same on every machine), so the artifact runs that layer
+    dense; the zeros stay in pruned.onnx, and the plan, the report and a warning say so."""
+    model = zoo.mlp()
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        weight = numpy_helper.to_array(tensor)
+        if weight.ndim == 2:
+            tensor.CopyFrom(numpy_helper.from_array(np.where(rng.random(weight.shape) < 0.3, 0, weight)
+                                                    .astype(np.float32), tensor.name))
+    result = pruneaug.compile(save(model, tmp_path / "model.onnx"), keep_sparsity=True, measure="none",
+                              out=tmp_path / "o")
+    runs_dense = [layer for layer in result.plan["layers"] if layer["kernel"] == "dense"]
+    assert runs_dense, result.plan["layers"]
+    for layer in result.plan["layers"]:
+        assert layer["block"] == [1, 1] and 0.2 < layer["sparsity"] < 0.4
+        if layer["kernel"] == "dense":  # costed as it runs, with the slower kernel's figure beside it
+            assert layer["predicted_latency_s"] == layer["dense_latency_s"] < layer["block_sparse_latency_s"]
+        else:
+            assert layer["block_sparse_latency_s"] is None and layer["predicted_latency_s"] < layer["dense_latency_s"]
+    warning = next(w for w in result.warnings if "run dense in the artifact" in w)
+    assert all(f"{layer['node']} (1x1 at " in warning for layer in runs_dense)
+    assert "runs dense (block-sparse:" in (tmp_path / "o" / "report.md").read_text()
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(result.pruned_model).graph.initializer}
+    assert all(np.mean(pruned[layer["weight"]] == 0) > 0.2 for layer in runs_dense)  # zeros kept
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    (want,) = ort_run.make_session(onnx.load(result.pruned_model)).run(None, {"x": x})
+    (got,) = pruneaug.load(result.artifact).run({"x": x})
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    from pruneaug import deploy
+    from pruneaug.cost_model import cost_model
+    from pruneaug.cost_model.targets import resolve_target
+    from pruneaug.ir.layer import BlockSpec
+    from pruneaug.passes import blockmask, importance, latency
+
+    ir = importance.from_zeros(lift(model, {"x": [1, 64]}))
+    ir = blockmask.apply_masks(blockmask.assign_blocks(ir, {n: BlockSpec(1, 1, 0.3) for n in ir.prunable_nodes()}))
+    costs = cost_model(resolve_target("x86"), "none")
+    as_planned = deploy.sparse_weights(latency.annotate(ir, costs))
+    given = latency.annotate(ir, costs, dense_where_faster=True)
+    assert set(as_planned) == {layer["weight"] for layer in result.plan["layers"]}  # a search's plan: as planned
+    assert set(deploy.sparse_weights(given)) == set(as_planned) - {layer["weight"] for layer in runs_dense}
+
+
 def test_python_api_returns_a_result(tmp_path):
     result = pruneaug.compile(zoo.cnn(), target="arm64", block="4x4", sparsity=0.5, out=tmp_path / "o", artifact=False)
     assert result.plan_file.is_file() and result.pruned_model.is_file() and result.masks.is_file()

@@ -114,14 +114,28 @@ def block_supported(profile):
     return supported
 
 
-def annotate(ir: IRModel, costs) -> IRModel:
+def annotate(ir: IRModel, costs, dense_where_faster: bool = False) -> IRModel:
+    """Each layer's predicted latency with its planned kernel and with the dense one.
+
+    `dense_where_faster` (for a plan that was given, not searched): a pruned layer whose block-sparse
+    kernel is predicted no faster than the dense kernel runs dense (`kernel`: "dense"). Its zeros stay in
+    the weights (pruned.onnx, masks.npz); the artifact multiplies them with the faster of two kernels that
+    compute the same: random zeros of a fine-tuned model read back by --keep-sparsity as 1x1 blocks ran
+    slower than the dense model. A search never plans such a layer: dense has no proxy loss and runs
+    faster, so it dominates the option.
+    """
     result = ir.copy()
     for node in ir.prunable_nodes():
         layer = ir.layer(node)
         data = result.graph.nodes[node]
         spec = data["block"]
         chosen = predict_layer(costs, layer, spec.shape, min(spec.sparsity, 0.999))
-        data["dense_latency_s"] = float(predict_layer(costs, layer, (1, 1), 0.0).seconds)
+        dense = predict_layer(costs, layer, (1, 1), 0.0)
+        data["kernel"] = "block-sparse" if spec.sparsity > 0 else "dense"
+        data["block_sparse_latency_s"] = None
+        if dense_where_faster and spec.sparsity > 0 and chosen.seconds >= dense.seconds:
+            data["kernel"], data["block_sparse_latency_s"], chosen = "dense", float(chosen.seconds), dense
+        data["dense_latency_s"] = float(dense.seconds)
         data["predicted_latency_s"] = float(chosen.seconds)
         data["latency_source"] = chosen.source
     return result
