@@ -244,6 +244,9 @@ def _search_data(eval_data: Dataset | None, calib_data: Dataset | None, metric: 
     return eval_data
 
 
+SHOWN_LAYERS = 4  # layers a warning names before it refers to plan.json
+
+
 def _say_layers_run_dense(ir: IRModel, notes: list[str]) -> None:
     """A note naming the pruned layers that run dense (`latency.annotate`), with both predicted latencies."""
     named = []
@@ -254,8 +257,9 @@ def _say_layers_run_dense(ir: IRModel, notes: list[str]) -> None:
             named.append(f"{node} ({spec.rows}x{spec.cols} at {spec.sparsity:.2f}: block-sparse "
                          f"{data['block_sparse_latency_s'] * 1e6:.1f} µs, dense {data['dense_latency_s'] * 1e6:.1f} µs)")
     if named:
+        more = f"; and {len(named) - SHOWN_LAYERS} more (plan.json's 'kernel')" if len(named) > SHOWN_LAYERS else ""
         notes.append(f"{len(named)} pruned layer(s) run dense in the artifact, zeros kept, where the block-sparse "
-                     f"kernel is predicted no faster: {'; '.join(named)}")
+                     f"kernel is predicted no faster: {'; '.join(named[:SHOWN_LAYERS])}{more}")
 
 
 def deploy_shapes(model: onnx.ModelProto, data: Dataset | None, batch: int | None,

@@ -9,6 +9,16 @@ from pruneaug.passes import ort_run
 from pruneaug.passes.activations import resolve_pads
 
 
+def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
+    """A kernel's `activation` (`bsr.ACTIVATIONS`) applied to its linear result `y`."""
+    if activation == "relu":
+        return np.maximum(y, 0)
+    if activation == "relu6":
+        return np.clip(y, 0, 6)
+    assert activation is None, activation
+    return y
+
+
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """[N * out positions, Cin * prod(kernel)] rows in the canonical column order, by explicit loops."""
     rank = len(kernel)

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from devices import requires_cuda_gpu
+from reference import activate
 
 from pruneaug.codegen.bsr import bsr_conv2d_kernel, compile_kernel, kernel_arguments, random_bsr_weight
 from pruneaug.codegen.schedule import conv_schedule, kernel_schedule
@@ -62,8 +63,7 @@ def _check_conv(case, layout: str | None = None, activation: str | None = None, 
     kernel = bsr_conv2d_kernel(target, x_shape, weight, khw, strides, pads, dilations, bias,
                                activation=activation, layout=layout)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
-    if activation == "relu":
-        expected = np.maximum(expected, 0)
+    expected = activate(expected, activation)
     assert [int(d) for d in kernel.primfunc.params[-1].shape] == list(expected.shape)
     args = kernel_arguments(kernel, x, tvm.cpu())
     compile_kernel(kernel, target)[kernel.name](*args)
@@ -79,8 +79,9 @@ def test_bsr_conv_matches_onnxruntime(case, layout):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8], CASES[10]], ids=["1x1", "3x3", "8x8map", "ragged_h"])
-def test_relu_epilogue_matches_onnxruntime(case):
-    _check_conv(case, activation="relu")
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_activation_epilogues_match_onnxruntime(case, activation):
+    _check_conv(case, activation=activation)
 
 
 @pytest.mark.parametrize("out_hw,block,layout", [
@@ -190,8 +191,7 @@ def test_cuda_conv_matches_onnxruntime(case, activation, layout):
     kernel = bsr_conv2d_kernel(cuda, x_shape, weight, khw, strides, pads, dilations, bias, activation=activation,
                                layout=layout)
     expected = _ort_conv(x, weight.to_dense().reshape(out_c, x_shape[1], *khw), bias, strides, pads, dilations)
-    if activation == "relu":
-        expected = np.maximum(expected, 0)
+    expected = activate(expected, activation)
     args = kernel_arguments(kernel, x, tvm.cuda(0))
     compile_kernel(kernel, cuda)[kernel.name](*args)
     np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devices import requires_cuda_gpu
+from reference import activate
 
 from pruneaug.codegen.bsr import (
     BSRWeight,
@@ -49,8 +50,7 @@ def _check_matmul(m: int, out: int, in_: int, block, density: float, with_bias: 
     x = rng.standard_normal((m, in_)).astype(np.float32)
     y = _run(bsr_matmul_kernel(profile, m, weight, bias, activation=activation), x)
     expected = x @ weight.to_dense().T + (bias if with_bias else 0)
-    if activation == "relu":
-        expected = np.maximum(expected, 0)
+    expected = activate(expected, activation)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -112,8 +112,9 @@ def test_bsr_matmul_schedules(m, out, in_, block, density, with_bias):
     (33, 40, 30, (1, 1), True),       # mvec
     (19, 41, 29, (4, 1), False),      # mvec, ragged out tile
 ])
-def test_relu_epilogue_matches_numpy(m, out, in_, block, with_bias):
-    _check_matmul(m, out, in_, block, 0.5, with_bias, activation="relu")
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_activation_epilogues_match_numpy(m, out, in_, block, with_bias, activation):
+    _check_matmul(m, out, in_, block, 0.5, with_bias, activation=activation)
 
 
 @pytest.mark.parametrize("m,out,in_,activation", [
@@ -130,7 +131,7 @@ def test_dense_matmul_matches_numpy(m, out, in_, activation):
     assert kernel.constants[2].shape[1] - 1 == (2 if in_ > 1000 else 1)  # column chunks per block row
     y = _run(kernel, x)
     expected = x @ w.T + bias
-    np.testing.assert_allclose(y, np.maximum(expected, 0) if activation else expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, activate(expected, activation), rtol=1e-4, atol=1e-4)
 
 
 AVX2 = dataclasses.replace(X86, simd_bytes=32, l1_bytes=32 << 10)
@@ -170,7 +171,7 @@ def test_sparsities_of_one_shape_share_one_function_and_one_compiled_module(bloc
 
 def test_unknown_activation_is_a_codegen_error():
     with pytest.raises(CodegenError, match=r"activation 'tanh' is not supported by the block-sparse kernels "
-                                           r"\(known: None, 'relu'\)"):
+                                           r"\(known: None, 'relu', 'relu6'\)"):
         bsr_matmul_kernel(X86, 4, random_bsr_weight(8, 8, (4, 4), 0.5), activation="tanh")
 
 
@@ -321,7 +322,7 @@ def test_cuda_kernel_matches_numpy(block, activation, m, layout):
     args = kernel_arguments(kernel, x, tvm.cuda(0))
     module[kernel.name](*args)
     expected = x @ weight.to_dense().T + bias
-    np.testing.assert_allclose(args[-1].numpy(), np.maximum(expected, 0) if activation else expected,
+    np.testing.assert_allclose(args[-1].numpy(), activate(expected, activation),
                                rtol=1e-4, atol=1e-4)
 
 

@@ -183,18 +183,23 @@ def test_a_cuda_graph_replay_follows_new_inputs_in_new_tensors(tmp_path):
 
 
 def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: bool = False,
-                **attrs) -> onnx.ModelProto:
-    """x -> Conv (with bias) [-> Relu] -> y, weights seeded; y's shape inferred (the frontend wants it)."""
+                clip: tuple[float, float] | None = None, **attrs) -> onnx.ModelProto:
+    """x -> Conv (with bias) [-> Relu | -> Clip(lo, hi)] -> y, weights seeded; y's shape inferred (the
+    frontend wants it)."""
     rng = np.random.default_rng(1)
     weight = numpy_helper.from_array(rng.standard_normal((c_out, x_shape[1], *kernel)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b")
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if relu else "y"], name="conv",
+    after = relu or clip is not None
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if after else "y"], name="conv",
                               kernel_shape=list(kernel), **attrs)]
+    bounds = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in zip(("lo", "hi"), clip or ())]
     if relu:
         nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
+    elif clip is not None:
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip"))
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
-                              [y], [weight, bias])
+                              [y], [weight, bias, *bounds])
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
@@ -243,6 +248,28 @@ def test_relu_after_a_conv_is_fused_into_its_kernel(x86, monkeypatch, attrs):
     inputs = {"x": np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)}
     executable = build_model(model, {"w": (8, 8)}, x86)
     assert activations == ["relu"]
+    assert_matches_onnxruntime(executable, model, inputs)
+
+
+@pytest.mark.parametrize("clip, fused", [((0.0, 6.0), "relu6"), ((0.0, 5.0), None), ((-1.0, 6.0), None)])
+def test_relu6_after_a_conv_is_fused_into_its_kernel_and_other_clips_are_not(x86, monkeypatch, clip, fused):
+    """MobileNets' Clip(0, 6) is applied as the kernel stores its result; any other Clip stays TVM's,
+    after the kernel."""
+    activations = []
+    real = bsr.bsr_conv2d_kernel
+
+    def spy(*args, activation=None, **kwargs):
+        activations.append(activation)
+        return real(*args, activation=activation, **kwargs)
+
+    monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
+    model = prune_blocks(single_conv([1, 8, 8, 8], 16, (3, 3), clip=clip, pads=[1, 1, 1, 1]), {"w": (8, 8)},
+                         density=0.5)
+    inputs = {"x": 3 * np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)}
+    executable = build_model(model, {"w": (8, 8)}, x86)
+    assert activations == [fused]
+    expected = ort_outputs(model, inputs)[0]
+    assert expected.min() == clip[0] and expected.max() == clip[1]  # both bounds bite
     assert_matches_onnxruntime(executable, model, inputs)
 
 

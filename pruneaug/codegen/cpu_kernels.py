@@ -20,7 +20,7 @@ Parameters are `X, data, indices, <block pointers>, bias, Y`: `chunk_ptr[block_r
 for rowvec, `indptr[block_rows + 1]` for mvec.
 Accumulators are `global`-scope allocations under 1 KiB: TVM 0.27 turns those into stack
 arrays that LLVM keeps in registers, while a `local`-scope one becomes a heap workspace.
-An `activation` ("relu") is applied as the results are stored (`activation_epilogue`), so that a
+An `activation` ("relu", "relu6") is applied as the results are stored (`activation_epilogue`), so that a
 following ReLU costs no pass of its own over Y.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-ACTIVATIONS = (None, "relu")  # what the kernels can apply to their result as they store it
+ACTIVATIONS = (None, "relu", "relu6")  # what the kernels can apply to their result as they store it
 
 
 KERNEL_CACHE_SIZE = 256  # parsed kernels kept per builder: parsing TVMScript (~0.1 s) was most of a model's rewrite
@@ -54,6 +54,8 @@ def activation_epilogue(activation: str | None) -> Callable:
     assert activation in ACTIVATIONS, activation
     if activation == "relu":
         return lambda value: T.max(value, T.float32(0))
+    if activation == "relu6":  # Clip(0, 6): MobileNets'
+        return lambda value: T.min(T.max(value, T.float32(0)), T.float32(6))
     return lambda value: value
 
 

@@ -267,6 +267,29 @@ def _fold_constants(mod):
 # Rewriting linear layers into calls of our kernels
 
 
+def _activation_pattern(activation: str | None, linear) -> tuple[object, Callable[[dict], bool]]:
+    """The pattern of `activation` applied to `linear`, and a check of a match that the pattern alone cannot
+    express. ONNX's Clip reaches Relax as TVM's frontend emits it, `call_tir(minimum, (call_tir(maximum,
+    (y, lo)), hi))`: ReLU6 is that with lo = 0 and hi = 6 (the callees are named after their topi ops)."""
+    from tvm.relax.dpl import is_call_tir, is_const, is_op
+
+    if activation is None:
+        return linear, lambda matched: True
+    if activation == "relu":
+        return is_op("relax.nn.relu")(linear), lambda matched: True
+    assert activation == "relu6", activation
+    low, high = is_const(), is_const()
+    floor = is_call_tir("", (linear, low))
+    clip = is_call_tir("", (floor, high))
+
+    def is_relu6(matched) -> bool:
+        return all(matched[call].args[0].name_hint.startswith(name) and matched[bound].value.numpy().size == 1
+                   and float(matched[bound].value.numpy()) == value
+                   for call, name, bound, value in ((floor, "maximum", low, 0.0), (clip, "minimum", high, 6.0)))
+
+    return clip, is_relu6
+
+
 @dataclass
 class _Match:
     """One linear call found in the Relax graph: its input, weight constant, optional bias constant and the
@@ -299,13 +322,14 @@ class _LinearRewriter:
             x, weight, bias = wildcard(), is_const(), is_const()
             call = is_op(op)(x, weight)
             with_bias = is_op("relax.add")(call, bias) | is_op("relax.add")(bias, call)
-            # the longest pattern first: a ReLU after the layer is fused into its kernel's stores
-            for activation in ("relu", None):
+            # the longest pattern first: a ReLU or ReLU6 after the layer is fused into its kernel's stores
+            for activation in ("relu6", "relu", None):
                 for linear in (with_bias, call):
-                    pattern = is_op(f"relax.nn.{activation}")(linear) if activation else linear
+                    pattern, applies = _activation_pattern(activation, linear)
                     func = relax.dpl.rewrite_call(
                         pattern,
-                        lambda orig, m, c=call, a=activation: self._dispatch(orig, m, c, x, weight, bias, a, make),
+                        lambda orig, m, c=call, a=activation, ok=applies:
+                            self._dispatch(orig, m, c, x, weight, bias, a, make) if ok(m) else orig,
                         func,
                     )
         out = self._bb.get()
