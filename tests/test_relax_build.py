@@ -96,6 +96,26 @@ def test_transformer_block_on_3d_activations(x86):
     assert_matches_onnxruntime(ex, model, inputs)
 
 
+def test_main_allocates_no_intermediate_and_makes_no_view_of_one(x86):
+    """codegen/workspace.py: after TVM's CPU pipeline, main's intermediate tensors and the reshaped views of
+    them come from `workspace`; main allocates only its output and reshapes only its input."""
+    import re
+
+    from pruneaug.codegen.workspace import WORKSPACE_FUNCTION
+
+    blocks = {"q_proj.weight": (16, 16), "ffn.up.weight": (4, 1)}
+    model = prune_blocks(zoo.transformer_block(), blocks, density=0.4)
+    mod = relax_build.rewritten_model(model, blocks, x86, {"x": [2, 16, 64]})
+    with x86.tvm():
+        lowered = relax_build._pipeline(x86)(mod)
+    main, workspace = lowered["main"].script(), lowered[WORKSPACE_FUNCTION].script()
+    assert main.count("R.vm.alloc_storage(") == 1  # the output's
+    assert re.findall(r'"vm\.builtin\.reshape", (\w+),', main) == ["x"]
+    assert workspace.count("R.vm.alloc_storage(") >= 2 and workspace.count('"vm.builtin.reshape"') >= 2
+    inputs = zoo.random_inputs(model, batch=2)
+    assert_matches_onnxruntime(build_model(model, blocks, x86, {"x": [2, 16, 64]}), model, inputs)
+
+
 @pytest.mark.slow
 def test_cnn_convolutions(x86):
     # 1x1, 3x3 padded, strided, dilated and 1x3 sparse; depthwise and grouped stay dense (TVM's own conv).

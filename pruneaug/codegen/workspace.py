@@ -4,7 +4,8 @@ TVM's memory planner (`StaticPlanBlockMemory`) shares a few storages between a m
 tensors, but the compiled `main` still allocates those storages and creates a tensor object in them for
 every intermediate on every run: the bundled encoder's 35 such tensors cost about 3 us of its 12 us floor
 at batch 1, more than all of its layer norms. This pass moves those allocations into a function of their
-own, `WORKSPACE_FUNCTION`, which returns them; `main` takes them as parameters after the model's inputs.
+own, `WORKSPACE_FUNCTION`, which returns them (and the reshaped views of them that `main` reads, each
+also a runtime call per run before); `main` takes them as parameters after the model's inputs.
 `pruneaug.runtime.LoadedModel` calls it once at load and passes the tensors to every run, so two runs of
 one loaded model must not overlap (it holds a lock). The model's outputs are not planned storage: they
 stay fresh tensors on every run.
@@ -32,6 +33,7 @@ def lift_workspace_pass():
 
     ops = {name: ir.Op.get(f"relax.memory.{name}") for name in ("alloc_storage", "alloc_tensor", "kill_storage",
                                                                  "kill_tensor")}
+    ops["reshape"] = ir.Op.get("relax.reshape")
 
     def is_call(value, name: str) -> bool:
         return isinstance(value, relax.Call) and value.op.same_as(ops[name])
@@ -40,6 +42,17 @@ def lift_workspace_pass():
     def lift(mod, _ctx):
         main = mod["main"]
         storages, tensors, lifted, blocks, params = set(), [], [], [], []
+        in_workspace: dict = {}  # a var of main holding a workspace tensor -> that tensor's var in `workspace`
+
+        def take(binding, value) -> relax.VarBinding:
+            """`binding`'s tensor made in `workspace` (as `value`) and a parameter of main in its place."""
+            in_workspace[binding.var] = binding.var
+            tensors.append(binding.var)
+            lifted.append(relax.VarBinding(binding.var, value))
+            param = relax.Var(f"{binding.var.name}_workspace", binding.var.ty)
+            params.append(param)
+            return relax.VarBinding(binding.var, param)  # an alias: the planned code is unchanged
+
         for block in main.body.blocks:
             kept = []
             for binding in block.bindings:
@@ -48,13 +61,15 @@ def lift_workspace_pass():
                     storages.add(binding.var)
                     lifted.append(binding)
                 elif is_call(value, "alloc_tensor") and value.args[0] in storages:
-                    tensors.append(binding.var)
-                    lifted.append(binding)
-                    param = relax.Var(f"{binding.var.name}_workspace", binding.var.ty)
-                    params.append(param)
-                    kept.append(relax.VarBinding(binding.var, param))  # an alias: the planned code is unchanged
+                    kept.append(take(binding, value))
+                elif is_call(value, "reshape") and value.args[0] in in_workspace:
+                    # a view of a workspace tensor is made once too (each was a runtime call, ~0.1 us)
+                    kept.append(take(binding, relax.op.reshape(in_workspace[value.args[0]], value.args[1])))
+                elif isinstance(value, relax.Var) and value in in_workspace:
+                    in_workspace[binding.var] = in_workspace[value]
+                    kept.append(binding)
                 elif not ((is_call(value, "kill_storage") or is_call(value, "kill_tensor"))
-                          and (value.args[0] in storages or value.args[0] in tensors)):
+                          and (value.args[0] in storages or value.args[0] in in_workspace)):
                     kept.append(binding)
             blocks.append(relax.BindingBlock(kept))
         out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
