@@ -253,9 +253,9 @@ def _say_layers_run_dense(ir: IRModel, notes: list[str]) -> None:
     for node in ir.prunable_nodes():
         data = ir.graph.nodes[node]
         if data["block_sparse_latency_s"] is not None:
-            spec = data["block"]
-            named.append(f"{node} ({spec.rows}x{spec.cols} at {spec.sparsity:.2f}: block-sparse "
-                         f"{data['block_sparse_latency_s'] * 1e6:.1f} µs, dense {data['dense_latency_s'] * 1e6:.1f} µs)")
+            spec, sparse_us, dense_us = data["block"], data["block_sparse_latency_s"] * 1e6, data["dense_latency_s"] * 1e6
+            named.append(f"{node} ({spec.rows}x{spec.cols} at {spec.sparsity:.2f}: block-sparse {sparse_us:.1f} µs, "
+                         f"dense {dense_us:.1f} µs)")
     if named:
         more = f"; and {len(named) - SHOWN_LAYERS} more (plan.json's 'kernel')" if len(named) > SHOWN_LAYERS else ""
         notes.append(f"{len(named)} pruned layer(s) run dense in the artifact, zeros kept, where the block-sparse "

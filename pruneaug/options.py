@@ -82,7 +82,6 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-
 def parse_shapes(given: Mapping[str, Sequence[int]] | Iterable[str] | None) -> dict[str, list[int]]:
     """`--shape NAME=DxDx...` (repeatable), or the API's `{name: [d, ...]}`: the full static shape an input
     is compiled for. Whether the model's input takes it is checked against the model (`compile.deploy_shapes`)."""
