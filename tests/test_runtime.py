@@ -181,6 +181,7 @@ def test_the_device_harness_runs_a_whole_model_with_its_workspace(x86_artifact, 
     (x,) = inputs.values()
     (expected,) = reference(model, inputs)
     x.tofile(tmp_path / "x.bin")
+
     def spec(path: Path, shape) -> str:
         return f"{path}:float32:{'x'.join(map(str, shape))}"
 
