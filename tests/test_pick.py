@@ -106,15 +106,15 @@ def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
 
 @pytest.mark.parametrize("parallel_us, kept", [
     (20, "parallel"),
-    (40 / 1.16, "parallel"),
-    (40 / 1.12, "serial"),  # a small gain at batch 1 did not last: the serial build
+    (40 / 1.22, "parallel"),
+    (40 / 1.16, "serial"),  # a small gain at batch 1 did not last: the serial build
     (60, "serial"),
     # a spell in one timing: the median of all runs decides, not one timing's
     ((20, 60), "serial"),
     # the serial twin crashed: the parallel build
     (40, "parallel"),
 ])
-def test_the_parallel_build_ships_only_where_it_is_15_percent_faster(tmp_path, parallel_us, kept):
+def test_the_parallel_build_ships_only_where_it_is_20_percent_faster(tmp_path, parallel_us, kept):
     serial = [] if parallel_us == 40 else 40  # (no runs: crashed)
     got, _ = run_pick(tmp_path, {"ir-searched@2": parallel_us, "ir-searched@1": serial})
     assert got.name == "searched" and got.plans is None  # a given plan: no plans to pick among
