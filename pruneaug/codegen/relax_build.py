@@ -393,9 +393,8 @@ class _LinearRewriter:
 
     def _conv2d(self, call, found: _Match):
         attrs = call.attrs
-        x_shape = _static_shape(found.x)
-        if (x_shape is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
-                or found.weight.ndim != 4):
+        x_shape = _conv_input_shape(call, found, ("NCHW", "OIHW", "NCHW"))
+        if x_shape is None:
             return None
         return self._conv(found, tuple(x_shape), found.weight.shape[2:], attrs.groups, tuple(attrs.strides),
                           tuple(attrs.padding), tuple(attrs.dilation))
@@ -405,9 +404,8 @@ class _LinearRewriter:
         from tvm import relax
 
         attrs = call.attrs
-        x_shape = _static_shape(found.x)
-        if (x_shape is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCW", "OIW", "NCW")
-                or found.weight.ndim != 3):
+        x_shape = _conv_input_shape(call, found, ("NCW", "OIW", "NCW"))
+        if x_shape is None:
             return None
         n, c, length = x_shape
         (stride,), (begin, end), (dilation,) = attrs.strides, attrs.padding, attrs.dilation
@@ -534,6 +532,16 @@ def _softmax_rows(target: TargetProfile) -> _RowOp:
 
 
 _ROW_OPS: dict[str, Callable[[TargetProfile], _RowOp]] = {"layer_norm": _layer_norm_rows, "softmax": _softmax_rows}
+
+
+def _conv_input_shape(call, found: _Match, layouts: tuple[str, str, str]) -> list[int] | None:
+    """The conv's static input shape where it has our kernels' (data, kernel, out) `layouts` and a weight of
+    their rank; else None (the conv stays TVM's)."""
+    attrs = call.attrs
+    x_shape = _static_shape(found.x)
+    if x_shape is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != layouts:
+        return None
+    return x_shape if found.weight.ndim == len(layouts[1]) else None
 
 
 def _static_shape(expr) -> list[int] | None:
