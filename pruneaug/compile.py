@@ -35,7 +35,7 @@ from pruneaug.errors import CodegenError, OptionError, PruneaugError
 from pruneaug.ir.graph import IRModel, lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.ir.onnx_io import check_model, read_model, save_model
-from pruneaug.passes import blockmask, importance, latency, search, sensitivity_store
+from pruneaug.passes import blockmask, importance, latency, proxy, search, sensitivity_store
 from pruneaug.passes.reconstruct import reconstructor
 from pruneaug.passes.validate import make_validator
 from pruneaug.pick import Pick
@@ -373,9 +373,14 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache, model_key=model_key)
     memo = sensitivity_store.validation_memo(costs.cache, model_key, eval_data.inputs, eval_data.labels, request.metric,
                                              reconstructed_on=calib_data.inputs if finish else None)
+    # with a re-fit, the proxy cannot tell what it wins back: the options the DPs pick are measured
+    probe = proxy.SingleLayerProbe(ir, calib_data.inputs, finish) if finish is not None else None
+    stored_probe = sensitivity_store.stored_probe(costs.cache, model_key, calib_data.inputs, probe.losses) \
+        if probe else None
     chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,
                                                    request.sparsities, supported, finish,
-                                                   shares=sensitivity_store.cached_shares(costs.cache), memo=memo)
+                                                   shares=sensitivity_store.cached_shares(costs.cache),
+                                                   probe=stored_probe, memo=memo)
     report = results.pop("chosen")
     record = search_record(report, results, request.metric)
     record["chosen_from"] = next(name for name, result in results.items() if result is report)
@@ -383,6 +388,7 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
         record["message"] = results["searched"].message or "no pruned plan met the budget: the dense plan is returned"
         notes.append(record["message"])
     record.update(time_s=time.perf_counter() - started, kernels_measured=kernels_measured,
+                  layer_probes=probe.runs if probe else 0,
                   sensitivities="recalled from the cache" if recalled else "measured")
     return SearchOutcome(chosen, record, results, lambda report: search.report_ir(ir, report, finish))
 

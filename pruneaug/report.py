@@ -139,6 +139,11 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _probes(search: dict[str, Any]) -> str:
+    probes = search.get("layer_probes", 0)
+    return f", {probes} layer losses measured (one layer pruned and re-fitted alone)" if probes else ""
+
+
 def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], list[list[str]]]]:
     """(title, text, header, rows) of each section, shared by the Markdown and the HTML."""
     totals = plan["totals"]
@@ -151,7 +156,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, str | None, list[str], li
         summary += (f" Budget {search['budget']:g} on `{search['metric']}`: validated loss "
                     f"{_metric(search.get('metric_loss'))} ({search.get('validations_total', search['validations'])} "
                     f"onnxruntime validations in all, baselines included{_recalled(search)}); search "
-                    f"{search.get('time_s', 0):.1f} s, {search.get('kernels_measured', 0)} kernels measured.")
+                    f"{search.get('time_s', 0):.1f} s, {search.get('kernels_measured', 0)} kernels measured"
+                    f"{_probes(search)}.")
         if search.get("message"):
             summary += f" {search['message']}"
     sections = [("Summary", summary, [], [])]

@@ -8,8 +8,9 @@ import zoo
 from pruneaug.ir.graph import lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance, ort_run
-from pruneaug.passes.proxy import (PROBE_SHARES, Sensitivity, measure_sensitivities, probe_sparsity, proxy_loss,
-                                   proxy_losses, pruned_energy_shares, relative_sq_error)
+from pruneaug.passes.proxy import (PROBE_SHARES, Sensitivity, SingleLayerProbe, measure_sensitivities, probe_sparsity,
+                                   proxy_loss, proxy_losses, pruned_energy_shares, relative_sq_error)
+from pruneaug.passes.reconstruct import reconstructor
 
 SPARSITIES = [0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 0.95]
 
@@ -118,3 +119,21 @@ def test_block_scale_is_the_block_probe_error_over_the_curve(mlp):
         assert sensitivity.block_scales[(4, 4)] == pytest.approx(error / sensitivity(np.array([share]))[0], rel=1e-5)
         assert proxy_loss(scaled, node, (4, 4), sparsity) == pytest.approx(error, rel=1e-5)
         assert proxy_loss(scaled, node, (8, 2), 0.5) == pytest.approx(proxy_loss(ir, node, (8, 2), 0.5))
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_single_layer_probe_is_the_error_of_that_layer_alone_pruned_and_finished(mlp, refit):
+    model, calib, ir = mlp
+    finish = reconstructor(ir, calib) if refit else None
+    probe = SingleLayerProbe(ir, calib, finish)
+    dense = ort_run.run(model, calib)
+    node = ir.prunable_nodes()[1]
+    spec = BlockSpec(4, 4, 0.7)
+    pruned = blockmask.apply_masks(blockmask.assign_blocks(ir, {node: spec}))
+    pruned = finish(pruned) if finish else pruned
+    expected = relative_sq_error(dense, ort_run.run(lower(pruned), calib))
+    assert probe(node, spec) == pytest.approx(expected, rel=1e-5)
+    assert probe.losses(node, (4, 4), [0.7, 0.9]) == pytest.approx([expected, probe(node, BlockSpec(4, 4, 0.9))])
+    assert probe.runs == 4
+    if refit:  # the refit layer's own output changes least, and here so does the model's
+        assert expected < SingleLayerProbe(ir, calib)(node, spec)

@@ -15,8 +15,8 @@ from pruneaug.options import parse_sparsities
 from pruneaug.passes import importance
 from pruneaug.passes.proxy import measure_sensitivities, proxy_loss
 from pruneaug.passes.search import (DEFAULT_MAX_VALIDATIONS, Option, SearchReport, Trial, apply_plan, baselines,
-                                    calibrated, dense_option, knapsack, loss_bins, pareto_front, proxy_knees, search,
-                                    search_in, search_space, search_with_baselines)
+                                    calibrated, corrected, dense_option, knapsack, loss_bins, pareto_front, proxy_knees,
+                                    search, search_in, search_space, search_with_baselines)
 from pruneaug.passes.validate import make_validator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -316,3 +316,40 @@ def test_where_the_proxy_misjudges_one_shape_the_calibrated_pass_mixes_shapes_by
     assert results["chosen"].predicted_latency_s <= min(results[n].predicted_latency_s for n in ("searched", "calibrated"))
     for node, option in calibrated_search.plan.items():  # in the proxy's units, as plan.json reports them
         assert option.proxy_loss == pytest.approx(proxy_loss(ir, node, option.block, option.sparsity) if option.sparsity else 0)
+
+
+def test_a_probed_space_plans_on_measured_losses_of_the_options_its_plans_pick(mlp):
+    ir, validate = mlp
+    calls = []
+
+    def probe(node, block, sparsities):
+        calls.append((node, block, *sparsities))
+        harmful = block == (4, 4)  # the proxy is wrong about 4x4: every 4x4 option ruins the model
+        return [1e9 if harmful else proxy_loss(ir, node, block, s) / 2 for s in sparsities]
+
+    space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES, probe=probe)
+    report = search_in(space, ir, validate, 0.01, BLOCKS)
+    assert len(calls) == len(set(calls))  # each option measured once
+    assert report.met and report.validations <= DEFAULT_MAX_VALIDATIONS
+    for node, option in report.plan.items():
+        if option.sparsity > 0:
+            assert (node, option.block, option.sparsity) in calls and option.block != (4, 4)
+            assert option.proxy_loss == pytest.approx(proxy_loss(ir, node, option.block, option.sparsity) / 2)
+    # a probed layer and block's other options are scaled as its probes were
+    node, block, _ = next(call for call in calls if call[1] == (8, 8))
+    for option in space.block_options(node, block):
+        assert option.proxy_loss == pytest.approx(proxy_loss(ir, node, block, option.sparsity) / 2)
+    # searches sharing the space reuse its measurements, and a space's `current` probes no more
+    search_in(space, ir, validate, 0.01, [(1, 1), (8, 8)])
+    assert len(calls) == len(set(calls))
+    current = space.current()
+    assert current.probe is None and current.fronts(BLOCKS) == space.fronts(BLOCKS)
+
+
+def test_unprobed_options_take_the_ratio_of_their_nearest_probes():
+    estimates = ((0.2, 0.0), (0.4, 1.0), (0.6, 2.0), (0.8, 4.0), (0.9, 5.0))
+    options = [Option((4, 4), s, 1.0 - s, loss) for s, loss in estimates]
+    losses = [o.proxy_loss for o in corrected(options, {0.4: 3.0, 0.8: 4.0})]
+    # ratios 3 at 0.4 and 1 at 0.8: 2 at 0.6, 1 beyond 0.8, and 0 stays 0
+    assert losses == pytest.approx([0.0, 3.0, 4.0, 4.0, 5.0])
+    assert [o.latency_s for o in corrected(options, {0.4: 3.0})] == [o.latency_s for o in options]

@@ -159,3 +159,24 @@ def test_a_damaged_validation_record_is_validated_again(setting):
     for key, in cache._execute("SELECT key FROM records WHERE kind=?", (sensitivity_store.VALIDATION_KIND,)):
         cache.put_record(sensitivity_store.VALIDATION_KIND, key, "not a loss")
     assert memo.recall(_plan(ir, 0.5)) is None
+
+
+def test_a_layer_probe_is_measured_once_per_model_and_calibration_data(setting):
+    ir, calib, cache = setting
+    key = sensitivity_store.model_digest(ir)
+    node = ir.prunable_nodes()[0]
+    calls = []
+
+    def probe(name, block, sparsities):
+        calls.append((name, block, *sparsities))
+        return [0.25 * s for s in sparsities]
+
+    stored = sensitivity_store.stored_probe(cache, key, calib, probe)
+    assert stored(node, (4, 4), [0.5, 0.75]) == [0.125, 0.1875] and len(calls) == 2
+    again = sensitivity_store.stored_probe(cache, key, calib, probe)
+    assert again(node, (4, 4), [0.75, 0.5, 0.25]) == [0.1875, 0.125, 0.0625]
+    assert calls[2:] == [(node, (4, 4), 0.25)]  # only the new one was measured
+    sensitivity_store.stored_probe(cache, key, {k: v + 1 for k, v in calib.items()}, probe)(node, (4, 4), [0.5])
+    sensitivity_store.stored_probe(cache, "another model", calib, probe)(node, (4, 4), [0.5])
+    again(node, (8, 8), [0.5])
+    assert calls[3:] == [(node, (4, 4), 0.5)] * 2 + [(node, (8, 8), 0.5)]

@@ -201,6 +201,7 @@ def test_cli_searches_a_batch_1_model_on_16_samples(tmp_path, capsys, extra):
     assert code == 0, err
     plan = json.loads((out / "plan.json").read_text())
     assert plan["input_shapes"] == {"x": [1, 64]} and plan["totals"]["weight_sparsity"] > 0.2
+    assert (plan["search"]["layer_probes"] > 0) == ("--reconstruct" in extra)  # re-fit losses measured, not guessed
     loss = plan["search"]["metric_loss"]
     assert 0 < loss <= 0.05
     x = samples(model, seed=2)

@@ -34,7 +34,7 @@ reads every sparsity off one cumulative sum of the block energies in removal ord
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,6 +149,40 @@ class Sensitivity:
         return curve * self.block_scales.get(block, 1.0)
 
 
+class SingleLayerProbe:
+    """The model's squared relative output error on the calibration set with one layer alone pruned.
+
+    One onnxruntime session with the prunable weights as inputs serves every probe; the dense outputs
+    are computed once. `finish` (the search's, e.g. reconstruction) runs on the probed model as it
+    runs on every plan the search validates, so a probe measures what that layer costs in the
+    model that ships.
+    """
+
+    def __init__(self, ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
+                 finish: Callable[[IRModel], IRModel] | None = None, pool: str = DEFAULT_POOL, batch_size: int = 256):
+        self.ir, self.finish, self.pool = ir, finish, pool
+        self._run = ort_run.WeightFedRunner(lower(ir), {ir.layer(n).weight for n in ir.prunable_nodes()}, calib_inputs,
+                                            batch_size).run
+        self._dense = self._run({})
+        self.runs = 0  # onnxruntime passes over the calibration set, the dense one not counted
+
+    def __call__(self, node: str, spec: BlockSpec) -> float:
+        layer = self.ir.layer(node)
+        mask = layer_mask(self.ir.graph.nodes[node]["importance"], spec, self.pool)
+        weight = self.ir.masked_weight(node, mask)
+        if self.finish is not None:
+            probed = self.ir.copy()
+            probed.graph.nodes[node].update(block=spec, mask=mask)
+            probed.weights[layer.weight] = weight
+            weight = self.finish(probed).weights[layer.weight]
+        self.runs += 1
+        return relative_sq_error(self._dense, self._run({layer.weight: weight}))
+
+    def losses(self, node: str, block: tuple[int, int], sparsities: Sequence[float]) -> list[float]:
+        """The error at each sparsity of `block` (a `search.ProbeFn`)."""
+        return [self(node, BlockSpec(*block, sparsity)) for sparsity in sparsities]
+
+
 def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                           probe_shares: Sequence[float] = PROBE_SHARES, probe_block: tuple[int, int] = PROBE_BLOCK,
                           blocks: Sequence[tuple[int, int]] = (), pool: str = DEFAULT_POOL,
@@ -163,16 +197,7 @@ def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
     fits the layer gets one more probe, at the middle share, for its scale. onnxruntime runs of the
     calibration set: one for the dense model, then (len(probe_shares) + len(blocks)) per layer.
     """
-    run = ort_run.WeightFedRunner(lower(ir), {ir.layer(n).weight for n in ir.prunable_nodes()}, calib_inputs,
-                                 batch_size).run
-
-    def probe_error(node: str, spec: BlockSpec) -> float:
-        """The model's squared relative output error with `node` alone pruned as `spec` says."""
-        layer = ir.layer(node)
-        mask = layer_mask(ir.graph.nodes[node]["importance"], spec, pool)
-        return relative_sq_error(dense, run({layer.weight: ir.masked_weight(node, mask)}))
-
-    dense = run({})
+    probe_error = SingleLayerProbe(ir, calib_inputs, pool=pool, batch_size=batch_size)
     result = ir.copy()
     for node in tqdm(ir.prunable_nodes(), desc="probing layer sensitivities", unit="layer", disable=None):
         importance = ir.graph.nodes[node]["importance"]

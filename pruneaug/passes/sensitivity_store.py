@@ -21,6 +21,9 @@ metric loss under a digest of the plan and of everything its pruned model and th
 (the model digest above, the eval data and labels, the metric, the pool, the reconstruction's
 calibration data, the IR, pruning, reconstruction and validation code, the onnxruntime version).
 Compiling again for another budget or target re-runs only the plans not validated before.
+
+`stored_probe(...)` keeps the search's single-layer probes (`proxy.SingleLayerProbe`, with
+`--reconstruct`) the same way, under the model digest, the calibration inputs and the code they run.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from pruneaug.passes import blockmask, ort_run, proxy, reconstruct, search, vali
 RECORD_KIND = "sensitivity"
 SHARES_KIND = "energy shares"
 VALIDATION_KIND = "validation"
+PROBE_KIND = "layer probe"
 
 
 def model_digest(ir: IRModel) -> str:
@@ -207,3 +211,25 @@ def validation_memo(cache, model_key: str, eval_inputs: Mapping[str, np.ndarray]
             yield from _array_parts(name, reconstructed_on[name])
 
     return _StoredValidations(cache, record_key(parts()))
+
+
+def stored_probe(cache, model_key: str, calib_inputs: Mapping[str, np.ndarray], probe: search.ProbeFn,
+                 pool: str = blockmask.DEFAULT_POOL) -> search.ProbeFn:
+    """`probe` (the search's, re-fitting what it prunes: `proxy.SingleLayerProbe`) with each loss kept in
+    `cache`: a later compile of this model (`model_key`) on these calibration inputs measures it no more."""
+
+    def parts():
+        for module in (blockmask, proxy, reconstruct, ort_run, graph, layer, prunable, weights):
+            yield Path(module.__file__).read_bytes()
+        yield from (onnxruntime.__version__, json.dumps({"pool": pool, "finish": "reconstruct"}), model_key)
+        for name in sorted(calib_inputs):
+            yield from _array_parts(name, calib_inputs[name])
+
+    context = record_key(parts())
+
+    def losses(node: str, block: tuple[int, int], sparsities: Sequence[float]) -> list[float]:
+        return [_remembered(cache, PROBE_KIND, record_key([context, json.dumps([node, list(block), sparsity])]), float,
+                            lambda sparsity=sparsity: probe(node, block, [sparsity])[0], repr)[0]
+                for sparsity in sparsities]
+
+    return losses
