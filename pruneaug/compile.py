@@ -373,8 +373,7 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     ir, recalled = sensitivity_store.sensitivities(scored, calib_data.inputs, costs.cache, model_key=model_key)
     memo = sensitivity_store.validation_memo(costs.cache, model_key, eval_data.inputs, eval_data.labels, request.metric,
                                              reconstructed_on=calib_data.inputs if finish else None)
-    # with a re-fit, the proxy cannot tell what it wins back: the options the DPs pick are measured
-    probe = proxy.SingleLayerProbe(ir, calib_data.inputs, finish) if finish is not None else None
+    probe = proxy.refit_probe(ir, calib_data.inputs, finish)
     stored_probe = sensitivity_store.stored_probe(costs.cache, model_key, calib_data.inputs, probe.losses) \
         if probe else None
     chosen, results = search.search_with_baselines(ir, layer_latency, validate, request.budget, request.blocks,

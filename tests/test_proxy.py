@@ -9,7 +9,7 @@ from pruneaug.ir.graph import lift, lower
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance, ort_run
 from pruneaug.passes.proxy import (PROBE_SHARES, Sensitivity, SingleLayerProbe, measure_sensitivities, probe_sparsity,
-                                   proxy_loss, proxy_losses, pruned_energy_shares, relative_sq_error)
+                                   proxy_loss, proxy_losses, pruned_energy_shares, refit_probe, relative_sq_error)
 from pruneaug.passes.reconstruct import reconstructor
 
 SPARSITIES = [0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 0.95]
@@ -125,6 +125,7 @@ def test_block_scale_is_the_block_probe_error_over_the_curve(mlp):
 def test_a_single_layer_probe_is_the_error_of_that_layer_alone_pruned_and_finished(mlp, refit):
     model, calib, ir = mlp
     finish = reconstructor(ir, calib) if refit else None
+    assert (refit_probe(ir, calib, finish) is not None) == refit  # the search probes only where a re-fit follows
     probe = SingleLayerProbe(ir, calib, finish)
     dense = ort_run.run(model, calib)
     node = ir.prunable_nodes()[1]

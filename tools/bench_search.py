@@ -36,7 +36,7 @@ from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import PrunableLayer
 from pruneaug.options import DEFAULT_BLOCKS, DEFAULT_SPARSITIES, parse_blocks, parse_sparsities
 from pruneaug.passes import importance
-from pruneaug.passes.proxy import measure_sensitivities
+from pruneaug.passes.proxy import measure_sensitivities, refit_probe
 from pruneaug.passes.reconstruct import reconstructor
 from pruneaug.passes.search import search, search_with_baselines
 from pruneaug.passes.validate import make_validator
@@ -108,18 +108,21 @@ def main() -> None:
             ir = measure_sensitivities(scored, calib, blocks=blocks if args.block_scales else ())
             for rebuild in (False, True):
                 finish = reconstructor(ir, calib) if rebuild else None
+                probe = refit_probe(ir, calib, finish)
+                probe = probe.losses if probe else None
                 shape_sets = [(f"{r}x{c}", [(r, c)]) for r, c in blocks] if args.latency == "weights" \
                     else [("all", blocks), ("1x1", [(1, 1)])]
                 for label, shapes in shape_sets:
                     start = time.perf_counter()
-                    pruned, report = search(ir, latency, validate, args.budget, shapes, sparsities, finish=finish)
+                    pruned, report = search(ir, latency, validate, args.budget, shapes, sparsities, finish=finish,
+                                            probe=probe)
                     seconds = time.perf_counter() - start
                     reached[example, pruner, label, rebuild] = sparsity = weight_sparsity(pruned)
                     print(f"| {example} | {pruner} | {'yes' if rebuild else 'no'} | {label} | {report.metric_loss:.4f} | "
                           f"{report.validations} | {sparsity:.3f} | {report.speedup:.2f}x | {seconds:.1f} |")
                 if args.baselines:
                     _, results = search_with_baselines(ir, latency, validate, args.budget, blocks, sparsities,
-                                                       finish=finish)
+                                                       finish=finish, probe=probe)
                     extra.append((example, pruner, rebuild, results))
     if args.latency == "weights":
         print("\n| example | pruner | block | sparsity without reconstruction | with | sparsity ratio (goal >= 1.5x) "

@@ -183,6 +183,15 @@ class SingleLayerProbe:
         return [self(node, BlockSpec(*block, sparsity)) for sparsity in sparsities]
 
 
+def refit_probe(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
+                finish: Callable[[IRModel], IRModel] | None) -> SingleLayerProbe | None:
+    """The search's probe where `finish` re-fits what pruning leaves (`--reconstruct`), else None: the proxy
+    measures plain pruning and cannot tell what a re-fit wins back, so the options the search's plans
+    pick are measured instead (`search.SearchSpace.probe_plan`); without one the proxy tracks the
+    search's measured losses as well as probing every option would (bundled encoder)."""
+    return SingleLayerProbe(ir, calib_inputs, finish) if finish is not None else None
+
+
 def measure_sensitivities(ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                           probe_shares: Sequence[float] = PROBE_SHARES, probe_block: tuple[int, int] = PROBE_BLOCK,
                           blocks: Sequence[tuple[int, int]] = (), pool: str = DEFAULT_POOL,

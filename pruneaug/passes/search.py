@@ -296,9 +296,9 @@ def _totals(plan: Mapping[str, Option]) -> tuple[float, float]:
 def search(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float, blocks: Sequence[tuple[int, int]],
            sparsities: Sequence[float], supported: SupportedFn | None = None, finish: FinishFn | None = None,
            bins: int = DEFAULT_BINS, max_validations: int = DEFAULT_MAX_VALIDATIONS,
-           pool: str = DEFAULT_POOL) -> tuple[IRModel, SearchReport]:
+           pool: str = DEFAULT_POOL, probe: ProbeFn | None = None) -> tuple[IRModel, SearchReport]:
     """The fastest plan whose validated metric loss is within `budget` (see the module docstring)."""
-    space = search_space(ir, latency, blocks, sparsities, supported, pool)
+    space = search_space(ir, latency, blocks, sparsities, supported, pool, probe=probe)
     report = search_in(space, ir, validate, budget, blocks, finish, bins, max_validations, pool)
     return report_ir(ir, report, finish, pool), report
 
