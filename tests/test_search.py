@@ -285,8 +285,8 @@ def test_the_calibrated_space_counts_each_shapes_loss_in_its_knees_and_leaves_ou
     assert scaled.dense == space.dense and scaled.nodes == space.nodes
     for node in space.nodes:
         assert set(scaled.options[node]) == set(space.options[node]) & set(knees)
-        for block, options in scaled.options[node].items():
-            for raw, option in zip(space.options[node][block], options):
+        for block in scaled.options[node]:
+            for raw, option in zip(space.options[node][block], scaled.block_options(node, block)):
                 assert option.proxy_loss == pytest.approx(raw.proxy_loss / knees[block])
                 assert (option.block, option.sparsity, option.latency_s) == (raw.block, raw.sparsity, raw.latency_s)
 
@@ -344,6 +344,13 @@ def test_a_probed_space_plans_on_measured_losses_of_the_options_its_plans_pick(m
     assert len(calls) == len(set(calls))
     current = space.current()
     assert current.probe is None and current.fronts(BLOCKS) == space.fronts(BLOCKS)
+    # the calibrated pass's view plans on the same probes, in its units, and what it probes the space keeps
+    view = calibrated(space, {(8, 8): 2.0})
+    for in_view, in_space in zip(view.block_options(node, block), space.block_options(node, block)):
+        assert in_view.proxy_loss == pytest.approx(in_space.proxy_loss / 2)
+    unprobed = next(s for s in SPARSITIES if s > 0 and (node, block, s) not in calls)
+    view.probe_plan({node: Option(block, unprobed, 0.0, 0.0)})
+    assert space.probed[node, block][unprobed] == pytest.approx(proxy_loss(ir, node, block, unprobed) / 2)
 
 
 def test_unprobed_options_take_the_ratio_of_their_nearest_probes():

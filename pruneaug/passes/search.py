@@ -169,16 +169,19 @@ class SearchSpace:
     options: Mapping[str, Mapping[tuple[int, int], tuple[Option, ...]]]  # node -> usable block -> one per sparsity
     probe: ProbeFn | None = None
     probed: dict[tuple[str, tuple[int, int]], dict[float, float]] = field(default_factory=dict)  # -> sparsity -> loss
+    units: Mapping[tuple[int, int], float] = field(default_factory=dict)  # block -> the loss it counts as 1 (`calibrated`)
 
     def usable(self, blocks: Sequence[tuple[int, int]]) -> bool:
         """Some layer can use one of `blocks`."""
         return any(block in self.options[node] for node in self.nodes for block in blocks)
 
     def block_options(self, node: str, block: tuple[int, int]) -> tuple[Option, ...]:
-        """The node's options with `block` (none where it cannot use it), corrected by its probes."""
+        """The node's options with `block` (none where it cannot use it), corrected by its probes, in `units`."""
         options = self.options[node].get(block, ())
         measured = self.probed.get((node, block))
-        return corrected(options, measured) if measured else options
+        options = corrected(options, measured) if measured else options
+        unit = self.units.get(block)
+        return tuple(replace(o, proxy_loss=o.proxy_loss / unit) for o in options) if unit else options
 
     def fronts(self, blocks: Sequence[tuple[int, int]]) -> list[list[Option]]:
         """Per layer, the Pareto front of dense and its options with `blocks` (dense may be dominated by a zero-loss option)."""
@@ -195,7 +198,7 @@ class SearchSpace:
         return bool(new)
 
     def current(self) -> "SearchSpace":
-        """The space with its corrected losses in place of the proxy's, probing no more."""
+        """The space with its corrected losses (in its units) in place of the proxy's, probing no more."""
         options = {node: {block: self.block_options(node, block) for block in per_block}
                    for node, per_block in self.options.items()}
         return SearchSpace(self.nodes, self.dense, options)
@@ -435,9 +438,9 @@ def calibrated_search(space: SearchSpace, ir: IRModel, validate: ValidateFn, bud
                       **options) -> SearchReport:
     """`search_in` over the shapes of `knees` with the proxy in knee units (`calibrated`), bisecting from 1
     within CALIBRATED_SPAN; the answer's options carry their proxy losses in the proxy's own units."""
-    measured = space.current()
-    report = search_in(calibrated(measured, knees), ir, validate, budget, list(knees), finish, start=1.0,
+    report = search_in(calibrated(space, knees), ir, validate, budget, list(knees), finish, start=1.0,
                        span=CALIBRATED_SPAN, **options)
+    measured = space.current()  # (with what the calibrated pass probed)
     raw = {(node, o.block, o.sparsity): o for node in measured.nodes for by_sparsity in measured.options[node].values()
            for o in by_sparsity}
     report.plan = {node: raw.get((node, o.block, o.sparsity), o) for node, o in report.plan.items()}
@@ -452,11 +455,11 @@ def calibrated(space: SearchSpace, knees: Mapping[tuple[int, int], float]) -> Se
     which 16x16 everywhere missed it), so a DP over all shapes in raw proxy units mixes in the
     shapes it underrates and misses the budget where a single shape meets it. In knee units a
     plan's summed loss says what share of the tolerable loss each layer spends, whichever its shape.
+    The view shares `space`'s probes: what either measures, both plan on.
     """
-    options = {node: {block: tuple(replace(o, proxy_loss=o.proxy_loss / knees[block]) for o in by_sparsity)
-                      for block, by_sparsity in per_block.items() if block in knees}
+    options = {node: {block: by_sparsity for block, by_sparsity in per_block.items() if block in knees}
                for node, per_block in space.options.items()}
-    return replace(space, options=options)
+    return replace(space, options=options, units=dict(knees))
 
 
 def search_with_baselines(ir: IRModel, latency: LatencyFn, validate: ValidateFn, budget: float,
