@@ -353,6 +353,29 @@ def test_a_probed_space_plans_on_measured_losses_of_the_options_its_plans_pick(m
     assert space.probed[node, block][unprobed] == pytest.approx(proxy_loss(ir, node, block, unprobed) / 2)
 
 
+def test_an_option_whose_probe_measures_no_finite_loss_is_never_planned(mlp):
+    ir, validate = mlp
+    broken = set()
+
+    def probe(node, block, sparsities):
+        if block == (8, 8) and sparsities[0] >= 0.5:  # e.g. the pruned model's outputs overflow
+            broken.add((node, sparsities[0]))
+            return [float("nan")]
+        return [proxy_loss(ir, node, block, s) for s in sparsities]
+
+    space = search_space(ir, synthetic_latency, BLOCKS, SPARSITIES, probe=probe)
+    report = search_in(space, ir, validate, 0.01, BLOCKS)
+    assert broken and report.met and report.validations > 0
+    for trial in report.history:
+        assert np.isfinite(trial.proxy_loss)
+    assert all((node, o.sparsity) not in broken or o.block != (8, 8) for node, o in report.plan.items())
+    fronts = dict(zip(space.nodes, space.fronts(BLOCKS)))
+    for node, sparsity in broken:  # kept as infinite, and out of the fronts
+        option = next(o for o in space.block_options(node, (8, 8)) if o.sparsity == sparsity)
+        assert option.proxy_loss == float("inf")
+        assert all((o.block, o.sparsity) != ((8, 8), sparsity) for o in fronts[node])
+
+
 def test_unprobed_options_take_the_ratio_of_their_nearest_probes():
     estimates = ((0.2, 0.0), (0.4, 1.0), (0.6, 2.0), (0.8, 4.0), (0.9, 5.0))
     options = [Option((4, 4), s, 1.0 - s, loss) for s, loss in estimates]
@@ -360,3 +383,6 @@ def test_unprobed_options_take_the_ratio_of_their_nearest_probes():
     # ratios 3 at 0.4 and 1 at 0.8: 2 at 0.6, 1 beyond 0.8, and 0 stays 0
     assert losses == pytest.approx([0.0, 3.0, 4.0, 4.0, 5.0])
     assert [o.latency_s for o in corrected(options, {0.4: 3.0})] == [o.latency_s for o in options]
+    # an infinite measurement is kept, but scales none of its neighbours
+    losses = [o.proxy_loss for o in corrected(options, {0.8: float("inf")})]
+    assert losses == [0.0, 1.0, 2.0, float("inf"), 5.0]

@@ -184,8 +184,10 @@ class SearchSpace:
         return tuple(replace(o, proxy_loss=o.proxy_loss / unit) for o in options) if unit else options
 
     def fronts(self, blocks: Sequence[tuple[int, int]]) -> list[list[Option]]:
-        """Per layer, the Pareto front of dense and its options with `blocks` (dense may be dominated by a zero-loss option)."""
-        return [pareto_front([self.dense[node], *(o for b in blocks for o in self.block_options(node, b))])
+        """Per layer, the Pareto front of dense and its options with `blocks` (dense may be dominated by a
+        zero-loss option); an option whose probe measured no finite loss is left out."""
+        return [pareto_front([self.dense[node], *(o for b in blocks for o in self.block_options(node, b)
+                                                  if math.isfinite(o.proxy_loss))])
                 for node in self.nodes]
 
     def probe_plan(self, plan: Mapping[str, Option]) -> bool:
@@ -193,8 +195,8 @@ class SearchSpace:
         new = [(node, o) for node, o in plan.items() if self.probe is not None and o.sparsity > 0
                and o.sparsity not in self.probed.get((node, o.block), {})]
         for node, option in new:
-            loss = self.probe(node, option.block, [option.sparsity])[0]
-            self.probed.setdefault((node, option.block), {})[option.sparsity] = float(loss)
+            loss = float(self.probe(node, option.block, [option.sparsity])[0])
+            self.probed.setdefault((node, option.block), {})[option.sparsity] = loss if math.isfinite(loss) else math.inf
         return bool(new)
 
     def current(self) -> "SearchSpace":
@@ -213,7 +215,9 @@ def corrected(options: Sequence[Option], measured: Mapping[float, float]) -> tup
     so a probe says much about its neighbours; left alone, an unprobed neighbour the proxy underrates
     would draw the DP to it, one probe at a time."""
     estimated = {o.sparsity: o.proxy_loss for o in options}
-    points = sorted(measured)
+    points = sorted(s for s, loss in measured.items() if math.isfinite(loss))  # (an infinite one scales nothing)
+    if not points:
+        return tuple(replace(o, proxy_loss=measured.get(o.sparsity, o.proxy_loss)) for o in options)
     ratios = [measured[s] / estimated[s] if estimated[s] > 0 else 1.0 for s in points]
     return tuple(replace(o, proxy_loss=measured.get(o.sparsity,
                                                      o.proxy_loss * float(np.interp(o.sparsity, points, ratios))))
