@@ -58,9 +58,9 @@ PICK_MIN_GAIN = 1.05
 # fast, ran 0.70-0.86x as fast (the second vCPU's spells; at 1.16x, over the 1.15 this was, one shipped and ran 36 us
 # against 27 us for a serial plan predicted 5% faster); at batch 32 the CNN's read 1.24-1.6x faster
 PARALLEL_MIN_GAIN = 1.2
-# ... and only if the p90 of its runs is no slower than its twin's: at batch 8 the encoder's parallel builds ran a median
-# 109 us against 134 us serial in the pick, but their p90 was 250 us against 137 us; shipped, one ran 244 us beside
-# the other plans in the bench (the same second-core spells, in more of its runs)
+# ... and only if the p90 of its runs is no slower than its twin's: at batch 8 the encoder's parallel builds ran a
+# median 109 us against 134 us serial in the pick, but their p90 was 250 us against 137 us; shipped, one ran 244 us
+# beside the other plans in the bench (the same second-core spells, in more of its runs)
 PICK_TIMINGS = 2  # side-by-side timings of all the builds, their runs pooled
 PICK_ROUNDS = 20  # rounds per timing; each runs every build PICK_RUNS times
 PICK_RUNS = 10

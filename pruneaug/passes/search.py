@@ -169,7 +169,8 @@ class SearchSpace:
     options: Mapping[str, Mapping[tuple[int, int], tuple[Option, ...]]]  # node -> usable block -> one per sparsity
     probe: ProbeFn | None = None
     probed: dict[tuple[str, tuple[int, int]], dict[float, float]] = field(default_factory=dict)  # -> sparsity -> loss
-    units: Mapping[tuple[int, int], float] = field(default_factory=dict)  # block -> the loss it counts as 1 (`calibrated`)
+    # block -> the loss it counts as 1 (`calibrated`)
+    units: Mapping[tuple[int, int], float] = field(default_factory=dict)
 
     def usable(self, blocks: Sequence[tuple[int, int]]) -> bool:
         """Some layer can use one of `blocks`."""
@@ -196,7 +197,8 @@ class SearchSpace:
                and o.sparsity not in self.probed.get((node, o.block), {})]
         for node, option in new:
             loss = float(self.probe(node, option.block, [option.sparsity])[0])
-            self.probed.setdefault((node, option.block), {})[option.sparsity] = loss if math.isfinite(loss) else math.inf
+            measured = self.probed.setdefault((node, option.block), {})
+            measured[option.sparsity] = loss if math.isfinite(loss) else math.inf
         return bool(new)
 
     def current(self) -> "SearchSpace":
