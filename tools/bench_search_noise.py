@@ -8,8 +8,10 @@ plans, and so the plans the bisection validates, move with them. Where the proxy
 validated metric, that is the difference between a plan at 79% and one at 90% sparsity (the
 bundled encoder with `--reconstruct`, session 18). Each run here is `search.search_with_baselines`
 as the compile calls it (its validations included, on the example's eval.npz), with every option's
-predicted latency (`tools/bench_search.py`'s `--latency`, the x86 cost model by default) times
-exp(noise * N(0, 1)), seeded per run and option. Columns: what the compile would have chosen, its
+latency times exp(noise * N(0, 1)), seeded per run and option. The latency is the compile's by
+default (`--latency measured`: the x86 cost model calibrated by this machine's kernels, measured into
+the cache as a compile does, at the shapes a compile at `--batch` costs), or one of
+`tools/bench_search.py`'s (`x86`, the cost model without measurements; `synthetic`; `weights`). Columns: what the compile would have chosen, its
 nominal weight sparsity, its prunable layers' predicted latency without the noise (what it would
 really cost), its validated loss, the same latency for the unstructured and best single-shape
 baselines, the onnxruntime validations, the options probed (`--reconstruct`; measured once per
@@ -30,9 +32,11 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import EXAMPLES, latency_fn  # noqa: E402
 
+from pruneaug.calib import load_dataset  # noqa: E402
+from pruneaug.compile import deploy_shapes  # noqa: E402
 from pruneaug.ir.graph import lift  # noqa: E402
 from pruneaug.options import DEFAULT_BLOCKS, DEFAULT_SPARSITIES, parse_blocks, parse_sparsities  # noqa: E402
-from pruneaug.passes import importance  # noqa: E402
+from pruneaug.passes import importance, latency as layer_costs  # noqa: E402
 from pruneaug.passes.proxy import measure_sensitivities, refit_probe  # noqa: E402
 from pruneaug.passes.reconstruct import reconstructor  # noqa: E402
 from pruneaug.passes.search import search_with_baselines  # noqa: E402
@@ -49,6 +53,18 @@ def noisy(latency, noise: float, seed: int):
         return latency(layer, block, sparsity) * float(np.exp(noise * draw))
 
     return perturbed
+
+
+def measured_latency(ir, blocks):
+    """The compile's latency on the host: the x86 cost model with this machine's kernels measured (or cached)."""
+    from pruneaug.cost_model import cost_model
+    from pruneaug.cost_model.targets import resolve_target
+
+    profile = resolve_target("x86")
+    costs = cost_model(profile, "local")
+    shapes, convs = layer_costs.measured_shapes(ir.layers())
+    costs.fill(shapes, blocks=[b for b in blocks if layer_costs.target_serves(profile, b)], convs=convs)
+    return layer_costs.layer_latency(costs)
 
 
 def memoised(probe):
@@ -76,21 +92,24 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--pruner", default="magnitude", choices=("magnitude", "activation"))
     parser.add_argument("--reconstruct", action="store_true")
     parser.add_argument("--no-probe", action="store_true", help="with --reconstruct: plan on the proxy alone")
-    parser.add_argument("--latency", default="x86", help="as tools/bench_search.py's")
+    parser.add_argument("--latency", default="measured", help="measured (the compile's), or as tools/bench_search.py's")
+    parser.add_argument("--batch", type=int, default=None, help="as the compile's --batch")
     args = parser.parse_args(argv)
 
     folder = EXAMPLES / args.example
     model = onnx.load(folder / "model.onnx")
-    calib, evaluation = dict(np.load(folder / "calib.npz")), dict(np.load(folder / "eval.npz"))
+    calib_data = load_dataset(folder / "calib.npz", model, "--calib")
+    calib, evaluation = calib_data.inputs, dict(np.load(folder / "eval.npz"))
     labels = evaluation.pop("labels", None)
-    dense = lift(model)
+    shapes = deploy_shapes(model, calib_data, args.batch, None, [])
+    dense = lift(model, shapes)
     validate = make_validator(dense, evaluation, labels, args.metric)
     ir = measure_sensitivities(importance.by_pruner(dense, args.pruner, calib), calib)
     finish = reconstructor(ir, calib) if args.reconstruct else None
     probe = None if args.no_probe else refit_probe(ir, calib, finish)
     ask = memoised(probe.losses) if probe else None
     blocks, sparsities = parse_blocks(DEFAULT_BLOCKS), parse_sparsities(DEFAULT_SPARSITIES)
-    latency = latency_fn(args.latency)
+    latency = measured_latency(ir, blocks) if args.latency == "measured" else latency_fn(args.latency)
     sizes = {node: int(np.prod(ir.layer(node).shape)) for node in ir.prunable_nodes()}
 
     def sparsity_of(plan) -> float:
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     print(f"{args.example}, {args.pruner}{', reconstructed' if finish else ''}"
           f"{', probed' if ask else ''}; budget {args.budget} on {args.metric}; latency {args.latency} predicted, "
-          f"noise sigma {args.noise}\n")
+          f"noise sigma {args.noise}, input shapes {shapes}\n")
     print("| run | chosen | weight sparsity (nominal) | predicted µs | validated loss | unstructured µs | "
           "best single µs | validations | options probed | search s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
