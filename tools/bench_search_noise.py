@@ -11,9 +11,9 @@ as the compile calls it (its validations included, on the example's eval.npz), w
 latency times exp(noise * N(0, 1)), seeded per run and option. The latency is the compile's by
 default (`--latency measured`: the x86 cost model calibrated by this machine's kernels, measured into
 the cache as a compile does, at the shapes a compile at `--batch` costs), or one of
-`tools/bench_search.py`'s (`x86`, the cost model without measurements; `synthetic`; `weights`). Columns: what the compile would have chosen, its
-nominal weight sparsity, its prunable layers' predicted latency without the noise (what it would
-really cost), its validated loss, the same latency for the unstructured and best single-shape
+`tools/bench_search.py`'s (`x86`, the cost model without measurements; `synthetic`; `weights`).
+Columns: what the compile would have chosen, its nominal weight sparsity, its prunable layers'
+predicted latency without the noise (what it would really cost), its validated loss, the same latency for the unstructured and best single-shape
 baselines, the onnxruntime validations, the options probed (`--reconstruct`; measured once per
 process and shared by the runs, so the count is what each run's search asked for), the search's
 seconds. The last line gives the median and range of the chosen plans' latency.
