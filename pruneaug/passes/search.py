@@ -30,8 +30,10 @@ encoder, 16x16 at 50% lost ~0 after the re-fit where the proxy said 0.01, and 95
 it said). There the space `probe`s: every option a DP plan picks is measured first (that layer alone
 pruned and re-fitted, one onnxruntime run of the calibration set), and the DP plans again on the
 measurements until its plan stands on them (`SearchSpace.probe_plan`, `corrected`). On the bundled
-encoder with reconstruction, over 9 searches with 10% noise on the latencies, the chosen plan's
-predicted latency ranged 6.5-8.4 us (without probes, over 16: 5.6-13.6 us, median 10.2) for 16-184 probes.
+encoder with reconstruction, over 12 searches with 10% noise on the latencies
+(`tools/bench_search_noise.py --example encoder --reconstruct [--no-probe]`), the chosen plan's
+prunable layers were predicted at a median 7.2 us, 6.2-8.1 us (without probes 9.7 us, 7.9-11.6 us),
+for 183-213 probes and 12-21 s of search (11-12 s without).
 
 `baselines` reruns the same search with fewer choices: unstructured only (1x1), one block shape
 for every layer (each shape of `blocks` tried; per-layer sparsities still by the DP), and dense.
