@@ -5,7 +5,8 @@
 
 `compile` and `load` are imported on first use, so `python -m pruneaug.compile` and a
 runtime-only deployment (which needs `load` alone) import nothing they do not use. Importing
-pruneaug sizes TVM's thread pool to the physical cores, unless TVM_NUM_THREADS is set (`pool`).
+pruneaug sizes TVM's thread pool to the physical cores and leaves its threads unpinned, unless
+TVM_NUM_THREADS / TVM_BIND_THREADS are set (`pool`).
 """
 from __future__ import annotations
 

@@ -8,6 +8,13 @@ encoder's 512x128 kernel at m=16 took 18 µs so against 10 µs built serial and 
 and its whole model 1.6x as long as its all-serial build. So `import pruneaug` sets TVM_NUM_THREADS,
 where the user has not, to the physical cores this process may run on (`physical_cores`), before
 pruneaug starts the pool; `pool_threads` is what the pool then holds, whoever sized it.
+
+It also sets TVM_BIND_THREADS=0 where the user has not: TVM otherwise pins each worker thread to
+one core, and on a shared VM a pinned worker cannot leave a vCPU the host is slowing. The bundled
+CNN's artifact at batch 32 (its parallel build), in 20 fresh processes each: pinned, 4 ran at
+131-190 µs (and in other runs single processes at 168 and 263 µs) and the rest at 110-123 µs;
+unpinned, all ran at 109-120 µs (its serial build: 168 µs). A slow process stayed slow for its
+whole life, so a pick or a benchmark that met one misjudged the build.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import os
 from pathlib import Path
 
 THREADS_VARIABLE = "TVM_NUM_THREADS"
+BIND_VARIABLE = "TVM_BIND_THREADS"
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 
 
@@ -30,9 +38,12 @@ def physical_cores(cpus: set[int] | None = None, topology: Path = CPU_TOPOLOGY) 
 
 
 def size_pool_by_default() -> None:
-    """TVM_NUM_THREADS = `physical_cores()`, unless it is set (it must be, before TVM's pool starts, to count)."""
+    """TVM_NUM_THREADS = `physical_cores()` and TVM_BIND_THREADS = 0 (threads not pinned), each unless it is
+    set (they must be, before TVM's pool starts, to count)."""
     if not os.environ.get(THREADS_VARIABLE):
         os.environ[THREADS_VARIABLE] = str(physical_cores())
+    if not os.environ.get(BIND_VARIABLE):
+        os.environ[BIND_VARIABLE] = "0"
 
 
 def pool_threads() -> int:

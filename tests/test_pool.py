@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from fresh_python import run_python
 from pruneaug.pool import physical_cores
 
@@ -51,3 +52,27 @@ def test_physical_cores_count_hyper_threads_of_one_core_once(tmp_path):
     assert physical_cores({0, 1, 2, 3}, tmp_path) == 2
     assert physical_cores({0, 2, 4}, tmp_path) == 2
     assert physical_cores({0, 1, 7}, tmp_path) == 3  # cpu7's topology is unreadable: every CPU counts
+
+
+AFFINITY = """
+import glob, json, tvm
+{before}
+tvm.get_global_func("runtime.config_threadpool")(1, 0)  # (re)starts the pool, binding its threads as told
+allowed = set()
+for status in glob.glob("/proc/self/task/*/status"):
+    allowed |= {{line.split()[1] for line in open(status) if line.startswith("Cpus_allowed_list")}}
+print(json.dumps(sorted(allowed)))
+"""
+
+
+def _thread_cpus(before: str, **env: str) -> list[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"} | {"TVM_NUM_THREADS": "2"} | env
+    return json.loads(run_python(AFFINITY.format(before=before), env=environment))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin a thread away from")
+def test_importing_pruneaug_leaves_the_pools_threads_unpinned_unless_the_user_says():
+    everywhere = _thread_cpus("import pruneaug")
+    assert len(everywhere) == 1  # every thread may run on every CPU of the process
+    assert len(_thread_cpus("")) == 2  # TVM alone pins its worker to one core
+    assert len(_thread_cpus("import pruneaug", TVM_BIND_THREADS="1")) == 2
