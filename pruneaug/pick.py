@@ -61,7 +61,7 @@ PICK_MIN_GAIN = 1.05
 PARALLEL_MIN_GAIN = 1.2
 # ... and only if the (trimmed) mean of its runs is faster too: at batch 8 the encoder's parallel builds ran a median
 # 109 us against 134 us serial in the pick, but their p90 was 250 us against 137 us; shipped, one ran 244 us beside
-# the other plans in the bench (the same second-core spells, in more of its runs)
+# the other plans in the bench (a pool thread pinned to a slowed vCPU, which `pool` now leaves unpinned)
 TRIM_SHARE = 0.02
 PICK_TIMINGS = 2  # side-by-side timings of all the builds, their runs pooled
 PICK_ROUNDS = 20  # rounds per timing; each runs every build PICK_RUNS times

@@ -335,7 +335,7 @@ def search_in(space: SearchSpace, ir: IRModel, validate: ValidateFn, budget: flo
     if nodes and not space.usable(blocks):
         labels = ",".join(f"{r}x{c}" for r, c in blocks)
         raise OptionError(f"--blocks {labels}: no prunable layer can use any of these block shapes")
-    losses = [o.proxy_loss for front in fronts for o in front if o.proxy_loss > 0]
+    losses = [o.proxy_loss for front in fronts for o in front if o.proxy_loss > 0]  # (the proxy's, before probes)
     if not losses:
         report.message = "nothing to prune: no layer has a sparse option that is faster than dense"
         return report
