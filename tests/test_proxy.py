@@ -127,6 +127,7 @@ def test_a_single_layer_probe_is_the_error_of_that_layer_alone_pruned_and_finish
     finish = reconstructor(ir, calib) if refit else None
     assert (refit_probe(ir, calib, finish) is not None) == refit  # the search probes only where a re-fit follows
     probe = SingleLayerProbe(ir, calib, finish)
+    assert "_session" not in vars(probe)  # no onnxruntime session until the first probe
     dense = ort_run.run(model, calib)
     node = ir.prunable_nodes()[1]
     spec = BlockSpec(4, 4, 0.7)

@@ -34,6 +34,7 @@ reads every sparsity off one cumulative sum of the block energies in removal ord
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -153,7 +154,8 @@ class SingleLayerProbe:
     """The model's squared relative output error on the calibration set with one layer alone pruned.
 
     One onnxruntime session with the prunable weights as inputs serves every probe; the dense outputs
-    are computed once. `finish` (the search's, e.g. reconstruction) runs on the probed model as it
+    are computed once, with the session, at the first probe (a compile whose probes the cache holds
+    never builds it). `finish` (the search's, e.g. reconstruction) runs on the probed model as it
     runs on every plan the search validates, so a probe measures what that layer costs in the
     model that ships.
     """
@@ -161,10 +163,15 @@ class SingleLayerProbe:
     def __init__(self, ir: IRModel, calib_inputs: Mapping[str, np.ndarray],
                  finish: Callable[[IRModel], IRModel] | None = None, pool: str = DEFAULT_POOL, batch_size: int = 256):
         self.ir, self.finish, self.pool = ir, finish, pool
-        self._run = ort_run.WeightFedRunner(lower(ir), {ir.layer(n).weight for n in ir.prunable_nodes()}, calib_inputs,
-                                            batch_size).run
-        self._dense = self._run({})
+        self._calib_inputs, self._batch_size = calib_inputs, batch_size
         self.runs = 0  # onnxruntime passes over the calibration set, the dense one not counted
+
+    @functools.cached_property
+    def _session(self) -> tuple[Callable[[Mapping[str, np.ndarray]], list[np.ndarray]], list[np.ndarray]]:
+        """(run with some weights replaced, the dense outputs)."""
+        weights = {self.ir.layer(n).weight for n in self.ir.prunable_nodes()}
+        run = ort_run.WeightFedRunner(lower(self.ir), weights, self._calib_inputs, self._batch_size).run
+        return run, run({})
 
     def __call__(self, node: str, spec: BlockSpec) -> float:
         layer = self.ir.layer(node)
@@ -175,8 +182,9 @@ class SingleLayerProbe:
             probed.graph.nodes[node].update(block=spec, mask=mask)
             probed.weights[layer.weight] = weight
             weight = self.finish(probed).weights[layer.weight]
+        run, dense = self._session
         self.runs += 1
-        return relative_sq_error(self._dense, self._run({layer.weight: weight}))
+        return relative_sq_error(dense, run({layer.weight: weight}))
 
     def losses(self, node: str, block: tuple[int, int], sparsities: Sequence[float]) -> list[float]:
         """The error at each sparsity of `block` (a `search.ProbeFn`)."""
