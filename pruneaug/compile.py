@@ -359,14 +359,9 @@ def _search(scored: IRModel, profile, costs, request: Request, calib_data: Datas
     """The per-layer search and its baselines: the chosen IR and plan.json's `search` record."""
     started = time.perf_counter()
     supported = latency.block_supported(profile)
-    kernels_measured = 0
     # the dense run on the eval data first: bad labels stop the compile before any kernel is timed
     validate = make_validator(scored, eval_data.inputs, eval_data.labels, request.metric, labels_file=eval_data.path)
-    if costs.runner is not None:
-        shapes, convs = latency.measured_shapes(scored.layers())
-        # a few densities per block shape; the fitted model answers the rest of the grid
-        kernels_measured = costs.fill(shapes, blocks=[b for b in request.blocks if latency.target_serves(profile, b)],
-                                      convs=convs)
+    kernels_measured = latency.measure_search_kernels(costs, profile, scored.layers(), request.blocks)
     layer_latency = latency.layer_latency(costs)
     model_key = sensitivity_store.model_digest(scored)
     # per-block probes: no consistent gain, 2.7x the runs

@@ -25,6 +25,7 @@ from pruneaug.calib import graph_inputs
 from pruneaug.errors import CodegenError, PruneaugError
 from pruneaug.gate import GATE_RTOL
 from pruneaug.ir.onnx_io import save_model
+from pruneaug.passes.latency import runs_block_sparse
 from pruneaug.pool import pool_threads
 from pruneaug.timing import Competitor, time_interleaved
 
@@ -110,7 +111,7 @@ def calib_rows(calib: Mapping[str, np.ndarray] | None, name: str, shape: Sequenc
 def sparse_weights(ir) -> dict[str, tuple[int, int]]:
     """Weight name -> block shape of every layer the plan prunes: what `build_artifact` rewrites to BSR kernels."""
     return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape for n in ir.prunable_nodes()
-            if ir.graph.nodes[n]["block"].sparsity > 0 and ir.graph.nodes[n].get("kernel") != "dense"}
+            if runs_block_sparse(ir.graph.nodes[n])}
 
 
 def plan_builder(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]],

@@ -23,6 +23,7 @@ from pruneaug.errors import OptionError
 from pruneaug.ir.graph import IRModel, lift
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes.blockmask import apply_masks, assign_blocks, block_grid, block_scores, prunes_any
+from pruneaug.passes.latency import runs_block_sparse
 
 SCHEMA_VERSION = 1
 
@@ -64,7 +65,7 @@ def layer_entry(ir: IRModel, node: str) -> dict[str, Any]:
         "predicted_latency_s": data.get("predicted_latency_s"),
         "latency_source": data.get("latency_source"),
         # the kernel the artifact runs it with: a given plan's pruned layer runs dense where that is faster
-        "kernel": data.get("kernel", "block-sparse" if spec.sparsity > 0 else "dense"),
+        "kernel": "block-sparse" if runs_block_sparse(data) else "dense",
         "block_sparse_latency_s": data.get("block_sparse_latency_s"),
     }
 

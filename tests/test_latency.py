@@ -56,3 +56,34 @@ def test_a_weight_read_through_an_identity_is_one_layer_costed_once_per_reader()
     costs = CountingCosts()
     assert latency.layer_latency(costs)(layer, (4, 4), 0.5) == pytest.approx(8 * 16 * (2 + 6) * 0.5e-9)
     assert latency.measured_shapes([layer])[0] == {(8, 16, 2), (8, 16, 6)}
+
+
+def test_a_search_times_its_layers_kernels_only_where_the_cost_model_measures():
+    from pruneaug.cost_model.targets import resolve_target
+
+    ir = lift(zoo.transformer_block(), {"x": [2, 16, 64]})
+    filled = []
+
+    class Measuring:
+        runner = object()
+
+        def fill(self, shapes, blocks, convs):
+            filled.append((shapes, blocks, convs))
+            return 7
+
+    profile = resolve_target("x86")
+    blocks = [(1, 1), (16, 16), (512, 512)]
+    assert latency.measure_search_kernels(SimpleNamespace(runner=None), profile, ir.layers(), blocks) == 0
+    assert not filled  # a cost model that only predicts times nothing
+    assert latency.measure_search_kernels(Measuring(), profile, ir.layers(), blocks) == 7
+    [(shapes, served, convs)] = filled
+    assert (shapes, convs) == latency.measured_shapes(ir.layers())
+    assert served == [b for b in blocks if latency.target_serves(profile, b)]
+
+
+@pytest.mark.parametrize("sparsity, kernel, block_sparse", [
+    (0.0, None, False), (0.5, None, True), (0.5, "block-sparse", True), (0.5, "dense", False),
+])
+def test_a_layer_runs_block_sparse_where_pruned_unless_annotated_to_run_dense(sparsity, kernel, block_sparse):
+    data = {"block": BlockSpec(4, 4, sparsity), **({"kernel": kernel} if kernel else {})}
+    assert latency.runs_block_sparse(data) == block_sparse

@@ -62,8 +62,7 @@ def measured_latency(ir, blocks):
 
     profile = resolve_target("x86")
     costs = cost_model(profile, "local")
-    shapes, convs = layer_costs.measured_shapes(ir.layers())
-    costs.fill(shapes, blocks=[b for b in blocks if layer_costs.target_serves(profile, b)], convs=convs)
+    layer_costs.measure_search_kernels(costs, profile, ir.layers(), blocks)
     return layer_costs.layer_latency(costs)
 
 

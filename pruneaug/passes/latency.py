@@ -94,6 +94,16 @@ def measured_shapes(layers) -> tuple[set[tuple[int, int, int]], set[ConvShape]]:
     return shapes, convs
 
 
+def measure_search_kernels(costs, profile, layers, blocks) -> int:
+    """Time the kernels a search of `layers` over `blocks` needs into `costs` (where it measures, `costs.runner`):
+    a few densities per block shape the target serves, the fitted model answering the rest of the grid.
+    Returns how many were timed (0 where `costs` only predicts, or the cache held them)."""
+    if costs.runner is None:
+        return 0
+    shapes, convs = measured_shapes(layers)
+    return costs.fill(shapes, blocks=[b for b in blocks if target_serves(profile, b)], convs=convs)
+
+
 def target_serves(profile, block: tuple[int, int]) -> bool:
     """Whether the target's kernels can serve `block` (whatever the layer)."""
     from pruneaug.codegen.bsr import check_block_supported
@@ -112,6 +122,12 @@ def block_supported(profile):
         return target_serves(profile, block)
 
     return supported
+
+
+def runs_block_sparse(data) -> bool:
+    """Whether the artifact runs a prunable node (its graph attributes) with a block-sparse kernel: it is
+    pruned, and `annotate` did not find the dense kernel faster."""
+    return data["block"].sparsity > 0 and data.get("kernel") != "dense"
 
 
 def annotate(ir: IRModel, costs, dense_where_faster: bool = False) -> IRModel:
