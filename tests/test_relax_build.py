@@ -3,6 +3,7 @@ outputs against onnxruntime, and the errors a user can meet."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx
@@ -485,6 +486,52 @@ def test_a_loop_nests_register_tile_covers_its_columns_and_as_many_rows_as_regis
     rows, cols = tile
     assert f"T.unroll({rows})" in script and f"T.vectorized({cols})" in script
     assert rows * -(-cols // (simd_bytes // 4)) <= relax_build.TILE_VECTORS
+
+
+@pytest.mark.parametrize("rows", [37, 197, 64])
+def test_a_matmul_between_activations_is_padded_to_whole_vectors_and_writes_only_its_output(x86, rows):
+    """A 197-token attention's 197 columns ran one lane at a time, 20x slower than onnxruntime: the loop
+    nest is padded to whole vectors (`_tile_padding`), and the copy out of the padded result writes no
+    element past the output (TVM 0.27 inlined that copy without its bounds)."""
+    import tvm
+    from tvm import te
+
+    heads, depth = 2, 16
+    a, b = te.placeholder((heads, rows, depth), name="a"), te.placeholder((heads, depth, rows), name="b")
+    k = te.reduce_axis((0, depth), name="k")
+    y = te.compute((heads, rows, rows), lambda h, i, j: te.sum(a[h, i, k] * b[h, k, j], axis=k), name="y")
+    scheduled = relax_build._LoopNestRule(x86).apply(te.create_prim_func([a, b, y]), None, False)
+    assert ("b_pad" in scheduled.mod.script()) == (rows != 64)
+    widths = {int(w) for w in re.findall(r"T\.vectorized\((\d+)\)", scheduled.mod.script())}
+    assert any(w % (x86.simd_bytes // 4) == 0 for w in widths), widths  # whole registers
+
+    rng = np.random.default_rng(6)
+    a_np = rng.standard_normal((heads, rows, depth)).astype(np.float32)
+    b_np = rng.standard_normal((heads, depth, rows)).astype(np.float32)
+    kernel = tvm.compile(scheduled.mod, target=x86.tvm())
+    guarded = tvm.runtime.tensor(np.full(heads * rows * rows + 4096, 7.0, np.float32))
+    kernel(tvm.runtime.tensor(a_np), tvm.runtime.tensor(b_np), guarded._create_view((heads, rows, rows)))
+    out = guarded.numpy()
+    np.testing.assert_allclose(out[: heads * rows * rows].reshape(heads, rows, rows), a_np @ b_np, rtol=1e-4,
+                               atol=1e-4)
+    assert np.all(out[heads * rows * rows:] == 7.0)
+
+
+def test_attention_over_an_odd_number_of_tokens_matches_onnxruntime(x86):
+    """Scaled scores, softmax and the weighted sum over 37 tokens: both matmuls padded, in a whole model."""
+    rng = np.random.default_rng(7)
+    tokens, depth = 37, 16
+    inits = [numpy_helper.from_array(np.float32(0.25), "scale")]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]), helper.make_node("Mul", ["scores", "scale"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "k"], ["y"])]
+    shape = [2, tokens, depth]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+                                                   for name in ("q", "k")],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name in ("q", "k")}
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"q": shape, "k": shape}), model, inputs)
 
 
 def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:

@@ -9,6 +9,7 @@
     python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
     python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
+    python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -265,6 +266,47 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
                  rounds, number, threads)
 
 
+# heads, tokens, head width: the bundled encoder's; tokens that no vector width divides well (50, 100), BERT's
+# 128; ViT-B's 197 (a prime)
+ATTENTION_SHAPES = [(4, 16, 16), (12, 50, 64), (12, 100, 64), (12, 128, 64), (12, 197, 64)]
+
+
+def bench_attention(target, rounds: int, number: int, threads: int) -> None:
+    """Attention's two matmuls between activations (scores Q K^T and the weighted sum P V) as the artifacts'
+    pipeline schedules them (`relax_build._LoopNestRule`), against the same schedule without its padding to
+    whole vectors and tiles (`_tile_factors`) and onnxruntime's MatMul, both operands inputs."""
+    from unittest import mock
+
+    from onnx import TensorProto, helper
+    from tvm import relax
+
+    from pruneaug.codegen import relax_build
+
+    print(f"\n## Attention matmuls, x86 host, {threads} threads: the artifacts' schedule, the same unpadded, "
+          "onnxruntime")
+    print("| product | heads x tokens x width | ours µs | unpadded µs | ort µs | unpadded/ours | ort/ours |")
+    print("|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for heads, tokens, width in ATTENTION_SHAPES:
+        for product, shapes in (("Q K^T", ((heads, tokens, width), (heads, width, tokens))),
+                                ("P V", ((heads, tokens, tokens), (heads, tokens, width)))):
+            a, b = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
+            ours = relax_op_kernel(target, relax.op.matmul, [a, b])
+            with mock.patch.object(relax_build, "_tile_factors", lambda rows, cols, lanes: (1, 1)):
+                unpadded = relax_op_kernel(target, relax.op.matmul, [a, b])
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["a", "b"], ["y"])], "matmul",
+                [helper.make_tensor_value_info(name, TensorProto.FLOAT, v.shape) for name, v in (("a", a), ("b", b))],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+            session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
+            calls = {"ours": ours, "unpadded": unpadded,
+                     "ort": lambda s=session, a=a, b=b: s.run(None, {"a": a, "b": b})}
+            t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+            print(f"| {product} | {heads}x{tokens}x{width} | {t['ours'] * 1e6:.1f} | {t['unpadded'] * 1e6:.1f} "
+                  f"| {t['ort'] * 1e6:.1f} | {t['unpadded'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |",
+                  flush=True)
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -358,7 +400,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax"], default="all",
+    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax", "attention"],
+                        default="all",
                         help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
@@ -392,6 +435,8 @@ def main() -> None:
         bench_norm(target, args.rounds, args.number, args.threads)
     if args.part in ("all", "softmax"):
         bench_softmax(target, args.rounds, args.number, args.threads)
+    if args.part in ("all", "attention"):
+        bench_attention(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":

@@ -715,7 +715,7 @@ class _LoopNestRule(_CPURule):
     2.2 µs in 8x8 tiles, 2.4 µs in 4x8 and 3.4 µs in 4x4 (half-register vectors on a 16-lane host).
     """
 
-    def schedule(self, sch) -> bool:
+    def schedule(self, sch, padded: bool = False) -> bool:
         from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 
         infos = _blocks(sch, inline=False)
@@ -734,6 +734,9 @@ class _LoopNestRule(_CPURule):
         if len({region.source for region in sch.get(main.block_rv).reads}) < 2:
             return False  # a plain reduction (layer norm, pooling): DLight's Reduction rule takes it
         loops = sch.get_loops(main.block_rv)[-len(kinds) :]
+        factors = _tile_padding([int(sch.get(loop).extent) for loop in loops], n_spatial, self.lanes)
+        if factors is not None and not padded and _try(sch.pad_einsum, main.block_rv, factors):
+            return self.schedule(sch, padded=True)
         spatial, reduce_loops = loops[:n_spatial], loops[n_spatial:]
         rows, cols = spatial[-2], spatial[-1]
         col_tile = largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, *_vector_widths(self.lanes)))
@@ -744,10 +747,10 @@ class _LoopNestRule(_CPURule):
         sch.reorder(*spatial[:-2], row_out, col_out, *reduce_loops, row_in, col_in)
         # "global" scope: TVM 0.27 makes a small one a stack array; a "local" one a heap workspace.
         accumulator = sch.cache_write(main.block_rv, 0, "global")
-        # The epilogue (bias, relu) applied as the tile leaves its accumulator, not in a pass of its own.
-        epilogues = [
-            info.block_rv for info in infos[reductions[0] + 1 :] if not _try(sch.reverse_compute_inline, info.block_rv)
-        ]
+        # The epilogue (bias, relu) applied as the tile leaves its accumulator, not in a pass of its own; but
+        # not the copy out of a padded result: TVM 0.27 inlines it without its bounds (writes past the output).
+        epilogues = [info.block_rv for info in infos[reductions[0] + 1 :]
+                     if padded or not _try(sch.reverse_compute_inline, info.block_rv)]
         sch.reverse_compute_at(accumulator, col_out, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(accumulator)[-1])
         sch.unroll(row_in)
@@ -768,6 +771,39 @@ class _LoopNestRule(_CPURule):
             _vectorize_innermost(sch, sch.get_loops(epilogue)[-1], self.lanes)
         sch.decompose_reduction(main.block_rv, reduce_loops[0])
         return True
+
+
+def _tile_padding(extents: list[int], n_spatial: int, lanes: int) -> list[int] | None:
+    """`pad_einsum`'s factors (one per block iter) that round the last two spatial axes of a loop nest up to
+    its register tile (`_tile_factors`), or None where none is needed. Only an einsum-shaped block can be
+    padded so (a matmul between activations; not a conv, whose input index is a sum): the zero rows and
+    columns cost a copy of each operand and of the result."""
+    row_factor, col_factor = _tile_factors(extents[n_spatial - 2], extents[n_spatial - 1], lanes)
+    if row_factor == col_factor == 1:
+        return None
+    factors = [1] * len(extents)
+    factors[n_spatial - 2], factors[n_spatial - 1] = row_factor, col_factor
+    return factors
+
+
+def _tile_factors(rows: int, cols: int, lanes: int) -> tuple[int, int]:
+    """What the rows and columns of a loop nest's output are best rounded up to a multiple of (1: left as
+    they are): columns to whole vectors, rows to the register tile's height (`_LoopNestRule`), wherever
+    that takes fewer tiles than the largest tile dividing them. A 197-token attention's 197 columns ran
+    one lane at a time, 20x slower than onnxruntime; 50 and 100 tokens in 2- and 4-lane vectors, 5x and
+    2x slower."""
+    widths = _vector_widths(lanes)
+    col_factor = _fewer_tiles_factor(cols, min(lanes, 1 << max(cols - 1, 1).bit_length()), widths)
+    padded_cols = -(-cols // col_factor) * col_factor
+    vectors = -(-largest_divisor(padded_cols, (2 * lanes, *widths)) // lanes)
+    heights = [t for t in (8, 4, 2) if t * vectors <= TILE_VECTORS]
+    return _fewer_tiles_factor(rows, heights[0], heights), col_factor
+
+
+def _fewer_tiles_factor(extent: int, tile: int, dividing: Sequence[int]) -> int:
+    """`tile` if rounding `extent` up to its multiple takes fewer tiles than the largest of `dividing` that
+    divides it, else 1."""
+    return tile if -(-extent // tile) < extent // largest_divisor(extent, dividing) else 1
 
 
 def _fill_then_copy(sch, pad, outer, lanes: int) -> None:
