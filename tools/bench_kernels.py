@@ -10,6 +10,7 @@
     python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
+    python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -182,7 +183,7 @@ NORM_SHAPES = [(16, 128), (512, 128), (128, 768), (2048, 768)]  # rows x columns
 
 def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Callable | None = None
                     ) -> Callable[[], object]:
-    """The one PrimFunc that `main(*inputs) = op(*inputs)` (`op` makes the Relax call on the inputs' variables)
+    """The one PrimFunc that `main(*inputs) = op(*inputs)` (`op` makes the Relax calls on the inputs' variables)
     becomes with the pipeline the artifacts use (DLight's CPU rules for TVM's own ops), after
     `rewrite(mod, target)` where given; compiled alone and called on the inputs.
 
@@ -196,7 +197,8 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     builder = relax.BlockBuilder()
     variables = [relax.Var(f"x{i}", relax.TensorType(list(a.shape), "float32")) for i, a in enumerate(inputs)]
     with builder.function("main", variables):
-        y = builder.emit(op(*variables))
+        with builder.dataflow():  # as TVM's ONNX frontend emits them: FuseOps fuses within dataflow blocks only
+            y = builder.emit_output(op(*variables))
         builder.emit_func_output(y)
     mod = builder.get() if rewrite is None else rewrite(builder.get(), target)
     with target.tvm():
@@ -307,6 +309,47 @@ def bench_attention(target, rounds: int, number: int, threads: int) -> None:
                   flush=True)
 
 
+# channels, map height and width, stride: the bundled CNN's; MobileNetV2's depthwise convs at 224 pixels
+DEPTHWISE_SHAPES = [(64, 8, 8, 1), (144, 56, 56, 1), (192, 28, 28, 1), (576, 14, 14, 1), (960, 7, 7, 1),
+                    (144, 56, 56, 2)]
+
+
+def bench_depthwise(target, rounds: int, number: int, threads: int) -> None:
+    """3x3 depthwise convs (bias and ReLU fused) as the artifacts' pipeline builds them: widened to whole
+    register tiles and sliced back (`relax_build._widen_grouped_convs`), against the same conv not widened
+    and onnxruntime's."""
+    from tvm import relax
+
+    from pruneaug.codegen.relax_build import _vector_lanes, _widen_grouped_convs
+
+    print(f"\n## Depthwise 3x3 conv + bias + ReLU, x86 host, {threads} threads: widened to whole tiles or not, "
+          "onnxruntime")
+    print("| channels x map, stride | ours µs | not widened µs | ort µs | not widened/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+
+    def widened(mod, t):
+        return _widen_grouped_convs(mod, _vector_lanes(t))
+
+    rng = np.random.default_rng(0)
+    for channels, height, width, stride in DEPTHWISE_SHAPES:
+        x = rng.standard_normal((1, channels, height, width)).astype(np.float32)
+        w = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(channels).astype(np.float32)
+
+        def op(v, w, b, stride=stride, groups=channels):
+            return relax.op.nn.relu(relax.op.add(relax.op.nn.conv2d(v, w, stride, 1, groups=groups), b))
+
+        session = ort_session(one_node_model("Conv", x.shape, w, b, pads=[1, 1, 1, 1], strides=[stride, stride],
+                                             group=channels), threads)
+        inputs = [x, w, b.reshape(1, channels, 1, 1)]
+        calls = {"ours": relax_op_kernel(target, op, inputs, widened),
+                 "narrow": relax_op_kernel(target, op, inputs),
+                 "ort": lambda s=session, x=x: s.run(None, {"x": x})}
+        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+        print(f"| {channels}x{height}x{width}, {stride} | {t['ours'] * 1e6:.1f} | {t['narrow'] * 1e6:.1f} "
+              f"| {t['ort'] * 1e6:.1f} | {t['narrow'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -400,7 +443,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax", "attention"],
+    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax", "attention",
+                                                   "depthwise"],
                         default="all",
                         help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
@@ -437,6 +481,8 @@ def main() -> None:
         bench_softmax(target, args.rounds, args.number, args.threads)
     if args.part in ("all", "attention"):
         bench_attention(target, args.rounds, args.number, args.threads)
+    if args.part in ("all", "depthwise"):
+        bench_depthwise(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":
