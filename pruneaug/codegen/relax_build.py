@@ -550,7 +550,8 @@ def _widen_grouped_convs(mod, lanes: int):
     def widen(orig, matched):
         call = matched[pattern]
         attrs, shape = call.attrs, _static_shape(call)
-        if (not _is_grouped_conv(call) or shape is None or len(shape) != 4 or [int(v) for v in attrs.strides] != [1, 1]
+        if (not _is_grouped_conv(call) or shape is None or len(shape) != 4
+                or [int(v) for v in attrs.strides] != [1, 1]
                 or (attrs.data_layout, attrs.out_layout) != ("NCHW", "NCHW")):
             return orig
         rows, cols = shape[2:]
