@@ -488,6 +488,18 @@ def test_a_loop_nests_register_tile_covers_its_columns_and_as_many_rows_as_regis
     assert rows * -(-cols // (simd_bytes // 4)) <= relax_build.TILE_VECTORS
 
 
+def run_guarded(kernel, inputs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+    """`kernel(*inputs, out)` with `out` the front of a larger buffer: fails if the kernel writes past `out`."""
+    import tvm
+
+    size = int(np.prod(out_shape))
+    guarded = tvm.runtime.tensor(np.full(size + 4096, 7.0, np.float32))
+    kernel(*(tvm.runtime.tensor(v) for v in inputs), guarded._create_view(out_shape))
+    written = guarded.numpy()
+    assert np.all(written[size:] == 7.0), "wrote past its output"
+    return written[:size].reshape(out_shape)
+
+
 @pytest.mark.parametrize("rows", [37, 197, 64])
 def test_a_matmul_between_activations_is_padded_to_whole_vectors_and_writes_only_its_output(x86, rows):
     """A 197-token attention's 197 columns ran one lane at a time, 20x slower than onnxruntime: the loop
@@ -510,18 +522,6 @@ def test_a_matmul_between_activations_is_padded_to_whole_vectors_and_writes_only
     b_np = rng.standard_normal((heads, depth, rows)).astype(np.float32)
     out = run_guarded(tvm.compile(scheduled.mod, target=x86.tvm()), [a_np, b_np], (heads, rows, rows))
     np.testing.assert_allclose(out, a_np @ b_np, rtol=1e-4, atol=1e-4)
-
-
-def run_guarded(kernel, inputs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-    """`kernel(*inputs, out)` with `out` the front of a larger buffer: fails if the kernel writes past `out`."""
-    import tvm
-
-    size = int(np.prod(out_shape))
-    guarded = tvm.runtime.tensor(np.full(size + 4096, 7.0, np.float32))
-    kernel(*(tvm.runtime.tensor(v) for v in inputs), guarded._create_view(out_shape))
-    written = guarded.numpy()
-    assert np.all(written[size:] == 7.0), "wrote past its output"
-    return written[:size].reshape(out_shape)
 
 
 def test_a_loop_nest_followed_by_a_slice_writes_only_the_slice(x86):

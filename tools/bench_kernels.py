@@ -435,6 +435,9 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -443,10 +446,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="two blocks, 90%% only, few rounds")
     parser.add_argument("--baked", action="store_true", help="only: pattern baked in vs runtime index arrays")
-    parser.add_argument("--part", choices=["all", "matmul", "conv", "parallel", "norm", "softmax", "attention",
-                                                   "depthwise"],
-                        default="all",
-                        help="which tables to run")
+    parser.add_argument("--part", choices=PARTS, default="all", help="which tables to run")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
