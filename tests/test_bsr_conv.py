@@ -84,23 +84,27 @@ def test_activation_epilogues_match_onnxruntime(case, activation):
     _check_conv(case, activation=activation)
 
 
-@pytest.mark.parametrize("out_hw,block,layout", [
+@pytest.mark.parametrize("out_hw,block,layout,simd_bytes", [(*case, 32)[:4] for case in [  # 32: AVX2
     ((8, 8), (8, 8), "chanvec"),     # a row is one AVX2 vector: vectorise over the block's channels
     ((14, 14), (16, 16), "chanvec"),
     ((56, 56), (16, 16), "chanvec"),
     ((8, 8), (4, 4), "pixvec"),      # the block's rows do not fill a vector
     ((1, 3136), (8, 8), "pixvec"),   # 1x1 conv flattened to one long row
     ((1, 196), (8, 8), "chanvec"),   # ... to one short row (14x14)
-])
-def test_short_rows_are_vectorised_over_channels(out_hw, block, layout):
-    """On AVX2 (8 lanes); the kernel is built with the schedule's tiles (the cost model reads the same)."""
-    avx2 = dataclasses.replace(resolve_target("x86"), simd_bytes=32)
-    schedule = conv_schedule(avx2, out_hw, block, pixels=1 << 20, nnz_blocks=1 << 10)
+    ((1, 3136), (16, 16), "chanvec", 64),  # AVX-512: any flattened row over channels
+    ((1, 3136), (8, 8), "pixvec", 64),     # ... unless the block's rows do not fill a vector
+]])
+def test_short_rows_are_vectorised_over_channels(out_hw, block, layout, simd_bytes):
+    """On AVX2 (8 lanes) unless given; the kernel is built with the schedule's tiles (the cost model reads
+    the same)."""
+    host = dataclasses.replace(resolve_target("x86"), simd_bytes=simd_bytes)
+    schedule = conv_schedule(host, out_hw, block, pixels=1 << 20, nnz_blocks=1 << 10)
     assert schedule.layout == layout
+    lanes = simd_bytes // 4
     if layout == "chanvec":
-        assert schedule.tiles["tile_h"] * schedule.tiles["tile_w"] * -(-block[0] // 8) <= 8
+        assert schedule.tiles["tile_h"] * schedule.tiles["tile_w"] * -(-block[0] // lanes) <= 8
         weight = random_bsr_weight(block[0] * 2, 4 * 9, block, 0.5)
-        kernel = bsr_conv2d_kernel(avx2, (1, 4, out_hw[0] + 2, out_hw[1] + 2), weight, (3, 3), (1, 1),
+        kernel = bsr_conv2d_kernel(host, (1, 4, out_hw[0] + 2, out_hw[1] + 2), weight, (3, 3), (1, 1),
                                    (0, 0, 0, 0), (1, 1))
         acc = re.search(r"acc = T.alloc_buffer\(\((\d+), (\d+), (\d+)\)", kernel.primfunc.script()).groups()
         assert tuple(int(d) for d in acc) == (schedule.tiles["tile_h"], schedule.tiles["tile_w"], block[0])

@@ -11,6 +11,7 @@
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
     python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
+    python tools/bench_kernels.py --part dense   # the dense kernels in 16x32 blocks or 32x16
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -350,6 +351,57 @@ def bench_depthwise(target, rounds: int, number: int, threads: int) -> None:
               f"| {t['ort'] * 1e6:.1f} | {t['narrow'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
 
 
+DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in
+DENSE_CONVS = [  # name, x_shape, Cout, kernel, pads: ResNet's 3x3 convs, a bottleneck's 1x1 convs
+    ("3x3 64->64 56x56", (1, 64, 56, 56), 64, (3, 3), (1, 1, 1, 1)),
+    ("3x3 128->128 28x28", (1, 128, 28, 28), 128, (3, 3), (1, 1, 1, 1)),
+    ("3x3 256->256 14x14", (1, 256, 14, 14), 256, (3, 3), (1, 1, 1, 1)),
+    ("3x3 512->512 7x7", (1, 512, 7, 7), 512, (3, 3), (1, 1, 1, 1)),
+    ("1x1 256->64 56x56", (1, 256, 56, 56), 64, (1, 1), (0, 0, 0, 0)),
+    ("1x1 64->256 56x56", (1, 64, 56, 56), 256, (1, 1), (0, 0, 0, 0)),
+]
+
+
+WIDE_DENSE_BLOCK = (32, 16)  # two AVX-512 vectors of rows: each weight load serves half as many pixels' FMAs
+
+
+def bench_dense(target, rounds: int, number: int, threads: int) -> None:
+    """The dense kernels (the BSR kernel with every block kept) in `schedule.DENSE_BLOCK` against 32x16
+    blocks, and onnxruntime. 32x16 ran ResNet's 3x3 convs 1.13-1.2x faster on 56x56 to 14x14 maps (1.05x
+    slower on 7x7) and a 768x3072 matmul 1.2-1.6x faster at m=1, but MobileNetV2 at 224 pixels, dense,
+    1.58x slower as a whole (its 16 to 32 output channels fill a 32-row block by half or two thirds), so the
+    dense kernel keeps 16x32."""
+    from pruneaug.codegen.bsr import bsr_conv2d_kernel, bsr_matmul_kernel, to_bsr
+    from pruneaug.codegen.schedule import DENSE_BLOCK
+
+    ours, other = DENSE_BLOCK, WIDE_DENSE_BLOCK
+    print(f"\n## Dense kernels, x86 host, {threads} threads: {ours[0]}x{ours[1]} blocks (the dense kernel's), "
+          f"{other[0]}x{other[1]}, onnxruntime")
+    print("| layer | ours µs | other µs | ort µs | other/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    cases = []
+    for m, out, in_ in DENSE_MATMULS:
+        x, w = rng.standard_normal((m, in_)).astype(np.float32), rng.standard_normal((out, in_)).astype(np.float32)
+        cases.append((f"matmul m={m} {out}x{in_}", x, {block: bsr_matmul_kernel(target, m, to_bsr(w, block))
+                                                       for block in (ours, other)},
+                      one_node_model("MatMul", x.shape, np.ascontiguousarray(w.T))))
+    for label, x_shape, out_c, khw, pads in DENSE_CONVS:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal((out_c, x_shape[1] * khw[0] * khw[1])).astype(np.float32)
+        kernels = {block: bsr_conv2d_kernel(target, x_shape, to_bsr(w, block), khw, (1, 1), pads, (1, 1))
+                   for block in (ours, other)}
+        cases.append((f"conv {label}", x, kernels,
+                      one_node_model("Conv", x_shape, w.reshape(out_c, x_shape[1], *khw), pads=list(pads))))
+    for label, x, kernels, model in cases:
+        session = ort_session(model, threads)
+        calls = {"ours": tvm_call(kernels[ours], target, x), "other": tvm_call(kernels[other], target, x),
+                 "ort": lambda s=session, x=x: s.run(None, {"x": x})}
+        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+        print(f"| {label} | {t['ours'] * 1e6:.1f} | {t['other'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+              f"| {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -435,7 +487,7 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "dense"]
 
 
 def main() -> None:
@@ -483,6 +535,8 @@ def main() -> None:
         bench_attention(target, args.rounds, args.number, args.threads)
     if args.part in ("all", "depthwise"):
         bench_depthwise(target, args.rounds, args.number, args.threads)
+    if args.part in ("all", "dense"):
+        bench_dense(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":

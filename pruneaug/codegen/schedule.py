@@ -35,7 +35,8 @@ CUDA_SPLIT_MAX_M = 16  # up to this m a warp splits each block row's columns (`c
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
 PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output rows x tile vectors)
-CHANVEC_MAX_ROW_VECTORS = 32  # a flattened 1x1 conv row of at most this many vectors: vectorised over channels
+CHANVEC_MAX_ROW_VECTORS = 32  # on AVX2, a flattened 1x1 conv row of at most this many vectors: over channels
+CHANVEC_ANY_ROW_LANES = 16  # from this many lanes (AVX-512) every flattened 1x1 conv: over channels
 PARALLEL_MIN_LANE_MACS = 1 << 17  # SIMD-lane multiply-adds from which a CPU kernel runs on all cores (`runs_parallel`)
 
 
@@ -159,7 +160,9 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     accumulators a row's vectors and the block's rows leave free go to `tile_h` output rows). On AVX2
     at 90% (`tools/bench_kernels.py --part conv`, 1 thread) chanvec ran 3x3 convs 1.25-1.6x faster
     than pixvec with 16x16 blocks from 7x7 to 56x56 maps and a 1x1 conv on 14x14 1.2x faster;
-    pixvec the 1x1 conv on 56x56 1.1x faster. A row shorter than a register is one vector of the power
+    pixvec the 1x1 conv on 56x56 1.1x faster. On AVX-512 (2 threads) chanvec ran 1x1 convs on 28x28 and
+    56x56 maps 1.2-2.2x faster than pixvec with 16x16 to 32x32 blocks at densities 0.2-1 (alike at 0.1),
+    so there every flattened 1x1 conv is chanvec. A row shorter than a register is one vector of the power
     of two lanes that covers it: on a 16-lane host the CNN's 8-pixel rows in 16-lane vectors did half
     their FMAs on lanes past the row and stored it lane by lane.
 
@@ -181,7 +184,7 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     row_vectors = -(-ow // lanes)
     vector = min(lanes, 1 << max(ow - 1, 0).bit_length())  # pixvec's: a short row in part of a register
     if layout is None:
-        short_row = row_vectors <= CHANVEC_MAX_ROW_VECTORS
+        short_row = row_vectors <= CHANVEC_MAX_ROW_VECTORS or lanes >= CHANVEC_ANY_ROW_LANES
         layout = "chanvec" if r >= lanes and (oh > 1 or short_row) else "pixvec"
     if layout == "chanvec":
         cap = max(1, ACCUMULATOR_VECTORS // -(-r // lanes))
