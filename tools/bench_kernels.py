@@ -352,14 +352,9 @@ def bench_depthwise(target, rounds: int, number: int, threads: int) -> None:
 
 
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in
-DENSE_CONVS = [  # name, x_shape, Cout, kernel, pads: ResNet's 3x3 convs, a bottleneck's 1x1 convs
-    ("3x3 64->64 56x56", (1, 64, 56, 56), 64, (3, 3), (1, 1, 1, 1)),
-    ("3x3 128->128 28x28", (1, 128, 28, 28), 128, (3, 3), (1, 1, 1, 1)),
-    ("3x3 256->256 14x14", (1, 256, 14, 14), 256, (3, 3), (1, 1, 1, 1)),
-    ("3x3 512->512 7x7", (1, 512, 7, 7), 512, (3, 3), (1, 1, 1, 1)),
-    ("1x1 256->64 56x56", (1, 256, 56, 56), 64, (1, 1), (0, 0, 0, 0)),
-    ("1x1 64->256 56x56", (1, 64, 56, 56), 256, (1, 1), (0, 0, 0, 0)),
-]
+DENSE_CONVS = [*CONVS,  # and the rest of ResNet's 3x3 convs and a bottleneck's 1x1 convs
+               ("3x3 128->128 28x28", (1, 128, 28, 28), 128, (3, 3), (1, 1, 1, 1)),
+               ("1x1 64->256 56x56", (1, 64, 56, 56), 256, (1, 1), (0, 0, 0, 0))]
 
 
 WIDE_DENSE_BLOCK = (32, 16)  # two AVX-512 vectors of rows: each weight load serves half as many pixels' FMAs
