@@ -520,18 +520,11 @@ def main() -> None:
         bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
-    if args.part in ("all", "parallel"):
-        bench_parallel(target, args.rounds, args.number, args.threads)
-    if args.part in ("all", "norm"):
-        bench_norm(target, args.rounds, args.number, args.threads)
-    if args.part in ("all", "softmax"):
-        bench_softmax(target, args.rounds, args.number, args.threads)
-    if args.part in ("all", "attention"):
-        bench_attention(target, args.rounds, args.number, args.threads)
-    if args.part in ("all", "depthwise"):
-        bench_depthwise(target, args.rounds, args.number, args.threads)
-    if args.part in ("all", "dense"):
-        bench_dense(target, args.rounds, args.number, args.threads)
+    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "attention": bench_attention,
+              "depthwise": bench_depthwise, "dense": bench_dense}  # the parts that take only the timing settings
+    for part, table in tables.items():
+        if args.part in ("all", part):
+            table(target, args.rounds, args.number, args.threads)
 
 
 if __name__ == "__main__":
