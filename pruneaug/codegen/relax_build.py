@@ -785,9 +785,8 @@ class _LoopNestRule(_CPURule):
             return self.schedule(sch, padded=True)
         spatial, reduce_loops = loops[:n_spatial], loops[n_spatial:]
         rows, cols = spatial[-2], spatial[-1]
-        col_tile = largest_divisor(int(sch.get(cols).extent), (2 * self.lanes, *_vector_widths(self.lanes)))
-        vectors = -(-col_tile // self.lanes)
-        row_tile = largest_divisor(int(sch.get(rows).extent), [t for t in (8, 4, 2) if t * vectors <= TILE_VECTORS])
+        col_tile = _column_tile(int(sch.get(cols).extent), self.lanes)
+        row_tile = largest_divisor(int(sch.get(rows).extent), _tile_heights(col_tile, self.lanes))
         row_out, row_in = sch.split(rows, [None, row_tile])
         col_out, col_in = sch.split(cols, [None, col_tile])
         sch.reorder(*spatial[:-2], row_out, col_out, *reduce_loops, row_in, col_in)
@@ -845,12 +844,19 @@ def _tile_factors(rows: int, cols: int, lanes: int) -> tuple[int, int]:
     that takes fewer tiles than the largest tile dividing them. A 197-token attention's 197 columns ran
     one lane at a time, 20x slower than onnxruntime; 50 and 100 tokens in 2- and 4-lane vectors, 5x and
     2x slower."""
-    widths = _vector_widths(lanes)
-    col_factor = _fewer_tiles_factor(cols, min(lanes, 1 << max(cols - 1, 1).bit_length()), widths)
-    padded_cols = -(-cols // col_factor) * col_factor
-    vectors = -(-largest_divisor(padded_cols, (2 * lanes, *widths)) // lanes)
-    heights = [t for t in (8, 4, 2) if t * vectors <= TILE_VECTORS]
+    col_factor = _fewer_tiles_factor(cols, min(lanes, 1 << max(cols - 1, 1).bit_length()), _vector_widths(lanes))
+    heights = _tile_heights(_column_tile(-(-cols // col_factor) * col_factor, lanes), lanes)
     return _fewer_tiles_factor(rows, heights[0], heights), col_factor
+
+
+def _column_tile(cols: int, lanes: int) -> int:
+    """The register tile's width along a loop nest's columns: up to two vectors, the widest that divides them."""
+    return largest_divisor(cols, (2 * lanes, *_vector_widths(lanes)))
+
+
+def _tile_heights(col_tile: int, lanes: int) -> list[int]:
+    """The register tile's heights, tallest first, that keep a tile `col_tile` wide within TILE_VECTORS."""
+    return [t for t in (8, 4, 2) if t * -(-col_tile // lanes) <= TILE_VECTORS]
 
 
 def _fewer_tiles_factor(extent: int, tile: int, dividing: Sequence[int]) -> int:
