@@ -184,8 +184,8 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     row_vectors = -(-ow // lanes)
     vector = min(lanes, 1 << max(ow - 1, 0).bit_length())  # pixvec's: a short row in part of a register
     if layout is None:
-        short_row = row_vectors <= CHANVEC_MAX_ROW_VECTORS or lanes >= CHANVEC_ANY_ROW_LANES
-        layout = "chanvec" if r >= lanes and (oh > 1 or short_row) else "pixvec"
+        row_over_channels = row_vectors <= CHANVEC_MAX_ROW_VECTORS or lanes >= CHANVEC_ANY_ROW_LANES
+        layout = "chanvec" if r >= lanes and (oh > 1 or row_over_channels) else "pixvec"
     if layout == "chanvec":
         cap = max(1, ACCUMULATOR_VECTORS // -(-r // lanes))
         tile_h, tile_w = _pixel_patch(oh, ow, cap)
