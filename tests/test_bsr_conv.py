@@ -174,10 +174,25 @@ def test_conv_builds_for_cuda(layout):
     assert "conv_cuda" in source and "max(" in source  # the ReLU epilogue
 
 
-@pytest.mark.parametrize("out_c,pixels,layout", [(64, 64, "cuda_split"), (64, 32 * 64, "cuda"), (8, 4096, "cuda_split")])
-def test_cuda_conv_splits_columns_over_a_warp_where_its_threads_cannot_fill_the_gpu(out_c, pixels, layout):
+def test_cuda_split_conv_reads_each_im2col_entry_once_for_all_rows_of_its_block():
+    # emitted inside the sum over the block's rows, the bounds-checked read came out r times per column
+    cuda = resolve_target("cuda:sm_90")
+    weight = random_bsr_weight(64, 32 * 9, (16, 32), 1.0)
+    kernel = bsr_conv2d_kernel(cuda, (1, 32, 8, 8), weight, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), layout="cuda_split")
+    executable = tvm.compile(tvm.IRModule({kernel.name: kernel.primfunc}), target=cuda.tvm())
+    assert executable.mod.imports[0].inspect_source("cuda").count("X_ptr[") == 1
+
+
+@pytest.mark.parametrize("out_c,pixels,block,kernel_hw,layout", [
+    (64, 64, (1, 1), (3, 3), "cuda_split"), (8, 4096, (1, 1), (3, 3), "cuda_split"),  # too few threads to fill it
+    (64, 32 * 64, (1, 1), (3, 3), "cuda"), (64, 32 * 64, (4, 4), (3, 3), "cuda_split"),  # rows sharing a gather
+    (64, 3136, (16, 16), (1, 1), "cuda"), (64, 3136, (32, 32), (1, 1), "cuda_split"),  # a 1x1 conv gathers nothing
+])
+def test_cuda_conv_splits_columns_over_a_warp_where_threads_cannot_fill_the_gpu_or_blocks_share_reads(
+        out_c, pixels, block, kernel_hw, layout):
     # one thread per (output channel, pixel) gives an H100's 132 SMs 8 warps each from 33792 threads
-    assert conv_schedule(resolve_target("cuda:sm_90"), (8, 8), (16, 16), pixels, 40, out_c=out_c).layout == layout
+    cuda = resolve_target("cuda:sm_90")
+    assert conv_schedule(cuda, (8, 8), block, pixels, 40, out_c=out_c, kernel_hw=kernel_hw).layout == layout
 
 
 @requires_cuda_gpu

@@ -293,9 +293,11 @@ def test_arm64_kernel_compiles_to_object_code(tmp_path):
     assert (tmp_path / "k.so").read_bytes()[:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("m,layout", [(1, "cuda_split"), (16, "cuda_split"), (17, "cuda"), (128, "cuda")])
-def test_cuda_matmul_splits_columns_over_a_warp_only_where_m_cannot_fill_one(m, layout):
-    assert kernel_schedule(resolve_target("cuda"), m, 256, 256, (16, 16), 100).layout == layout
+@pytest.mark.parametrize("m,block,layout", [(1, (1, 1), "cuda_split"), (16, (4, 4), "cuda_split"),
+                                            (17, (4, 4), "cuda"), (17, (8, 8), "cuda_split"),
+                                            (128, (16, 16), "cuda_split"), (129, (16, 16), "cuda")])
+def test_cuda_matmul_splits_columns_over_a_warp_where_m_cannot_fill_one_or_blocks_are_tall(m, block, layout):
+    assert kernel_schedule(resolve_target("cuda"), m, 256, 256, block, 100).layout == layout
 
 
 def test_cuda_kernel_builds_source():

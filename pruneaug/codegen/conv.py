@@ -245,7 +245,7 @@ def bsr_conv2d(target: TargetProfile, x_shape, weight: BSRWeight, kernel_hw, str
     bias_padded = padded_bias(bias, out_c, weight.block_rows * weight.block[0])
     pixels = n * geo.out_h * geo.out_w  # the rows of the im2col product, as the cost model counts them
     schedule = conv_schedule(target, (geo.out_h, geo.out_w), weight.block, pixels, weight.nnz_blocks,
-                             layout=layout, out_c=out_c)
+                             layout=layout, out_c=out_c, kernel_hw=tuple(kernel_hw))
     if target.kind == "cuda":
         build = cuda_kernels.bsr_conv2d_split if schedule.layout == "cuda_split" else cuda_kernels.bsr_conv2d
         func = build(tuple(x_shape), out_c, geo.y_hw, weight.block, kernel_hw, strides, pads, dilations,

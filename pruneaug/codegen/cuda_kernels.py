@@ -80,12 +80,15 @@ def _split_row(block: tuple[int, int], lanes: int, out: int, activation: str | N
         acc = T.alloc_buffer((r,), "float32", scope="local")
         shares = T.alloc_buffer((lanes * pitch,), "float32", scope="shared")
         total = T.alloc_buffer((1,), "float32", scope="local")
+        x = T.alloc_buffer((1,), "float32", scope="local")
         for rr in T.unroll(r):
             acc[rr] = T.float32(0)
         for step in range(((indptr[i + 1] - indptr[i]) * c - t + lanes - 1) // lanes):
+            # read once per column: written inside the sum, a conv's bounds-checked im2col read was
+            # emitted once per output row (r branches and loads) and nvcc merged none of them
+            x[0] = x_at(X, row, indices[indptr[i] + (step * lanes + t) // c] * c + (step * lanes + t) % c)
             for rr in T.unroll(r):
-                acc[rr] = acc[rr] + data[indptr[i] + (step * lanes + t) // c, rr, (step * lanes + t) % c] * x_at(
-                    X, row, indices[indptr[i] + (step * lanes + t) // c] * c + (step * lanes + t) % c)
+                acc[rr] = acc[rr] + data[indptr[i] + (step * lanes + t) // c, rr, (step * lanes + t) % c] * x[0]
         for rr in T.unroll(r):
             shares[t * pitch + rr] = acc[rr]
         T.tvm_storage_sync("shared")

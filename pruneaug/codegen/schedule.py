@@ -31,7 +31,16 @@ CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs i
 CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
 CUDA_SPLIT_MAX_M = 16  # up to this m a warp splits each block row's columns (`cuda_kernels.bsr_matmul_split`):
 # on an H100 it ran faster than threads along m in all 40 cases at m=1 (1.15-16x) and 38 of 40 at m=16
-# (BERT-base shapes, 1x1-32x32, 50% and 90%; `tools/bench_cuda.py --m 1 16`); m=17-127 is unmeasured
+# (BERT-base shapes, 1x1-32x32, 50% and 90%; `tools/bench_cuda.py --m 1 16`)
+CUDA_SPLIT_MIN_ROWS = 8  # ... and up to CUDA_SPLIT_TALL_MAX_M for blocks of at least this many rows: at m=32
+# and 128 the split ran 8x8 to 32x32 blocks faster in 27 of 30 cases (up to 4.4x), 4x4 in 5 of 8 at m=32
+# and 1x1 in 2 of 8 (threads along m read each weight once for m_per_thread rows; `--m 32 128`)
+CUDA_SPLIT_TALL_MAX_M = 128  # the largest m measured; above it threads along m reuse weights over more rows
+CUDA_CONV_SPLIT_MIN_ROWS = 4  # a conv that gathers im2col entries (kernel over 1x1) splits from 4-row blocks on:
+# the split reads an entry once for all r rows of its block, threads along (channel, pixel) once per row;
+# on an H100 it ran 3x3 convs on 8x8 maps at batch 32 and 56x56 at batch 1 faster in 15 of 16 cases with
+# 4x4 to 32x32 blocks (up to 5.5x) and slower with 1x1 blocks; a 1x1 conv (256->64, 56x56) from 32x32
+# blocks on (`tools/bench_cuda.py --part conv`)
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
 PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output rows x tile vectors)
@@ -103,12 +112,14 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     they are used only with enough kept blocks per row and chunk; with m tiles of 1-2 rows (blocks of
     32 rows on AVX2) they also keep a block row's weights in L1 instead; an mvec m tile of a power-of-two
     number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8). On CUDA threads along
-    m ("cuda"), or for m up to `CUDA_SPLIT_MAX_M` a warp per block row and row of X splitting the
-    block row's columns ("cuda_split"); `layout` forces one of the two (benchmarks compare them).
+    m ("cuda"), or for m up to `CUDA_SPLIT_MAX_M` (and up to `CUDA_SPLIT_TALL_MAX_M` for blocks of at
+    least `CUDA_SPLIT_MIN_ROWS` rows) a warp per block row and row of X splitting the block row's
+    columns ("cuda_split"); `layout` forces one of the two (benchmarks compare them).
     """
     r, _ = block
     if target.kind == "cuda":
-        if layout == "cuda_split" or (layout is None and m <= CUDA_SPLIT_MAX_M):
+        split = m <= CUDA_SPLIT_MAX_M or (r >= CUDA_SPLIT_MIN_ROWS and m <= CUDA_SPLIT_TALL_MAX_M)
+        if layout == "cuda_split" or (layout is None and split):
             return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return _cuda_matmul_schedule(target, m, out, r)
     lanes = target.simd_lanes
@@ -146,7 +157,8 @@ def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Sc
 
 
 def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[int, int], pixels: int,
-                  nnz_blocks: int, layout: str | None = None, out_c: int | None = None) -> Schedule:
+                  nnz_blocks: int, layout: str | None = None, out_c: int | None = None,
+                  kernel_hw: tuple[int, int] | None = None) -> Schedule:
     """The schedule of a group-1 conv whose output rows are `out_hw` (a 1x1 stride-1 unpadded conv is
     one row of all pixels) with `r x c` blocks, `nnz_blocks` of them kept, over `pixels` output pixels
     (all images): those decide, as for its im2col matmul, whether it runs on the thread pool
@@ -167,17 +179,22 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
     their FMAs on lanes past the row and stored it lane by lane.
 
     On CUDA one thread per (output channel, pixel) ("cuda"), unless those `out_c x pixels` threads
-    cannot give every SM `CUDA_WARPS_PER_SM` warps: then a warp per (block row, pixel) splits the
-    block row's columns ("cuda_split"; the CNN's convs at batch 1, 64 channels x 64 pixels): CUDA
-    needs `out_c`. `layout` forces one of the target's two layouts.
+    cannot give every SM `CUDA_WARPS_PER_SM` warps (the CNN's convs at batch 1, 64 channels x 64
+    pixels), or the blocks have `CUDA_CONV_SPLIT_MIN_ROWS` rows or more (a warp's worth for a 1x1
+    conv, which gathers nothing): then a warp per (block row, pixel) splits the block row's columns
+    ("cuda_split"). CUDA needs `out_c` and `kernel_hw`. `layout` forces one of the target's two layouts.
     """
     r, _ = block
     oh, ow = out_hw
     parallel = runs_parallel(target, pixels, block, nnz_blocks)
     if target.kind == "cuda":
-        assert layout is not None or out_c is not None, "the CUDA conv's layout depends on its output channels"
-        if layout == "cuda_split" or (
-                layout is None and out_c * pixels < CUDA_WARPS_PER_SM * CUDA_WARP * target.cores):
+        assert layout is not None or (out_c is not None and kernel_hw is not None), \
+            "the CUDA conv's layout depends on its output channels and kernel size"
+        if layout is None:
+            fills_gpu = out_c * pixels >= CUDA_WARPS_PER_SM * CUDA_WARP * target.cores
+            split_rows = CUDA_WARP if tuple(kernel_hw) == (1, 1) else CUDA_CONV_SPLIT_MIN_ROWS
+            layout = "cuda" if fills_gpu and r < split_rows else "cuda_split"
+        if layout == "cuda_split":
             return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
     lanes = target.simd_lanes
