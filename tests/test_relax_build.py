@@ -155,6 +155,18 @@ CUDA_CASES = {  # model, its sparse weights, its input shapes: every layer kind 
 }
 
 
+def test_cuda_short_reductions_run_serially_in_one_thread_per_output():
+    # DLight split a 3x3 depthwise conv's 9 terms over a 256-thread block per output; a reduction
+    # over 64 terms (a grouped conv's 16 channels x 3x3 here is 144) keeps DLight's cross-thread sum
+    model, blocks, shapes = cuda_case("cnn")
+    source = "".join(cuda_sources(build_model(model, blocks, resolve_target("cuda"), shapes).mod))
+    kernels = dict(re.findall(r'__global__ void __launch_bounds__\(\d+\) (\w+)\(.*?\)\s*\{(.*?)\n\}', source, re.S))
+    serial_3x3 = [body for body in kernels.values()
+                  if "for (int ax4 = 0; ax4 < 3; ++ax4)" in body and "__shared__" not in body]
+    assert serial_3x3, "no serial 3x3 reduction among the CUDA kernels"
+    assert any("__shared__" in body for name, body in kernels.items() if not name.startswith(("bsr_", "dense_")))
+
+
 def cuda_case(name: str):
     make, blocks, shapes = CUDA_CASES[name]
     model = prune_blocks(make(), blocks, density=0.5)

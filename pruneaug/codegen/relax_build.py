@@ -625,7 +625,8 @@ def _channel_bias(bias: np.ndarray | None, c_out: int, spatial: int = 2) -> np.n
 def _pipeline(target: TargetProfile):
     """TVM's Relax pipeline for the target; on CPUs with schedules applied to every PrimFunc after fusion.
 
-    TVM's CUDA pipeline already schedules with DLight's GPU rules; its CPU pipeline schedules nothing.
+    TVM's CUDA pipeline already schedules with DLight's GPU rules (`_cuda_pipeline` puts one rule
+    before them); its CPU pipeline schedules nothing.
     """
     import tvm
     from tvm import relax
@@ -633,7 +634,7 @@ def _pipeline(target: TargetProfile):
     from tvm.s_tir import dlight
 
     if target.kind == "cuda":
-        return "default"
+        return _cuda_pipeline(target)
     tvm_target = target.tvm()
     rules = [
         dlight.cpu.GEMV(),
@@ -657,6 +658,64 @@ def _pipeline(target: TargetProfile):
             return tvm.transform.Sequential(passes)(mod)
 
     return _run
+
+
+SERIAL_REDUCTION_MAX = 32  # CUDA: reductions up to this length per output run serially in one thread
+
+
+def _cuda_pipeline(target: TargetProfile):
+    """TVM's CUDA pipeline with `_SmallReductionRule` scheduling before its DLight rules, which skip
+    what is scheduled already. The last of TVM's legalize passes is its DLight schedule."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight
+
+    tvm_target = target.tvm()
+
+    @tvm.transform.module_pass(opt_level=0, name="PruneaugCUDAPipeline")
+    def _run(mod, _ctx):
+        with tvm_target:
+            legalize = cuda.legalize_passes(tvm_target)
+            passes = (
+                cuda.library_dispatch_passes(tvm_target)
+                + legalize[:-1]
+                + [dlight.ApplyDefaultSchedule(_SmallReductionRule(dlight.gpu.Fallback())), legalize[-1]]
+                + cuda.dataflow_lower_passes(tvm_target)
+                + cuda.finalize_passes(tvm_target)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _run
+
+
+class _SmallReductionRule:
+    """DLight's GPU Fallback (one thread per output, its reduction serial) for functions with one
+    reduction, at most `SERIAL_REDUCTION_MAX` long. DLight's reduction rules give each output a
+    thread block that splits its reduction across 256 threads: a 3x3 depthwise conv then ran 9 of
+    each block's 256 threads (the CNN's 64-channel 8x8 one at batch 32: 113 µs on an H100). Chained
+    reductions (softmax, layer norm) stay DLight's: Fallback would launch a kernel per reduction."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = _blocks(sch, inline=False) or []
+        lengths = [_reduction_length(sch.get(info.block_rv)) for info in infos if "R" in info.dom_kind()]
+        if len(lengths) != 1 or lengths[0] > SERIAL_REDUCTION_MAX:
+            return None
+        return self.rule.apply(func, target, tunable)
+
+
+def _reduction_length(block) -> int:
+    """How many terms each output of `block` adds up: the product of its reduction axes' extents."""
+    from tvm import tirx
+
+    return math.prod(int(v.dom.extent) for v in block.iter_vars if v.iter_type == tirx.IterVar.CommReduce)
 
 
 def _with_workspace_lifted(finalize: list) -> list:
