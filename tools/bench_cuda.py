@@ -1,6 +1,6 @@
 """Block-sparse CUDA kernels against cuBLAS dense (through torch), torch's own BSR product and TVM dense.
 
-    python tools/bench_cuda.py [--target cuda:sm_90] [--m 1 16 128 2048] [--rounds 20] [--number 50]
+    python tools/bench_cuda.py [--target cuda:sm_90] [--part matmul conv] [--m 1 16 128 2048] [--rounds 20] [--number 50]
 
 Needs a CUDA GPU, TVM with its compiler (the kernels are built here) and torch (`pip install -e
 ".[train]"`). On a GPU users would run the dense layer with cuBLAS, so torch's float32 `x @ W.T`
@@ -9,7 +9,9 @@ device's own timer: TVM's `time_evaluator` for TVM's kernels, CUDA events for to
 per sample; a row's competitors take turns round by round and a figure is the median over rounds.
 Ratios are cuBLAS / competitor (higher is better). Both layouts of our matmul are timed, threads
 along m ("along m") and a warp splitting each block row's columns ("split"); "ours" is the one
-`schedule.kernel_schedule` picks. Prints Markdown tables.
+`schedule.kernel_schedule` picks. The conv part does the same against cuDNN's float32 conv (torch),
+with the layout `schedule.conv_schedule` picks ("along m": a thread per output channel and pixel).
+Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -122,12 +124,60 @@ def bench_matmul(target, ms: list[int], rounds: int, number: int) -> None:
                           f"| {t['cublas'] / ours:.2f}x | {torch_ratio} |", flush=True)
 
 
+CONV_CASES = [  # (x shape N,C,H,W, out channels, kernel, stride, pad): the bundled CNN's 3x3s, ResNet-style ones
+    ((1, 32, 8, 8), 64, 3, 1, 1), ((1, 64, 8, 8), 64, 3, 2, 1), ((32, 32, 8, 8), 64, 3, 1, 1),
+    ((32, 64, 8, 8), 64, 3, 2, 1), ((1, 64, 56, 56), 64, 3, 1, 1), ((1, 256, 56, 56), 64, 1, 1, 0),
+]
+
+
+def bench_conv(target, rounds: int, number: int) -> None:
+    """Our conv in both CUDA layouts against cuDNN's float32 conv (torch) and our dense conv."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight, to_bsr
+    from pruneaug.codegen.schedule import DENSE_BLOCK, conv_schedule
+
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"\n## Conv on {torch.cuda.get_device_name(0)}, target {target.name}, float32; "
+          f"median of {rounds} rounds of {number} calls, GPU time")
+    print("| x (NCHW) | out | kernel, stride | sparsity | block | along m µs | split µs | ours | cuDNN µs "
+          "| our dense µs | cuDNN/ours |")
+    print("|---|---|---|---|---|---:|---:|---|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for x_shape, out_c, k, stride, pad in CONV_CASES:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        cols = x_shape[1] * k * k
+        geometry = ((k, k), (stride, stride), (pad, pad, pad, pad), (1, 1))
+        out_hw = ((x_shape[2] + 2 * pad - k) // stride + 1, (x_shape[3] + 2 * pad - k) // stride + 1)
+
+        def ours(weight, layout=None):
+            return tvm_timer(bsr_conv2d_kernel(target, x_shape, weight, *geometry, layout=layout), target, x, number)
+
+        x_gpu = torch.from_numpy(x).cuda()
+        dense_w = rng.standard_normal((out_c, cols)).astype(np.float32)
+        w_gpu = torch.from_numpy(dense_w.reshape(out_c, x_shape[1], k, k)).cuda()
+        base = {"cudnn": torch_timer(lambda: F.conv2d(x_gpu, w_gpu, stride=stride, padding=pad), number),
+                "dense": ours(to_bsr(dense_w, DENSE_BLOCK))}
+        for density in DENSITIES:
+            for block in BLOCKS:
+                weight = random_bsr_weight(out_c, cols, block, density, seed=1)
+                t = median_per_call({**{layout: ours(weight, layout) for layout in LAYOUTS}, **base}, rounds)
+                picked = conv_schedule(target, out_hw, block, x_shape[0] * out_hw[0] * out_hw[1], weight.nnz_blocks,
+                                       out_c=out_c, kernel_hw=(k, k)).layout
+                print(f"| {'x'.join(map(str, x_shape))} | {out_c} | {k}x{k}, {stride} | {1 - density:.0%} "
+                      f"| {block[0]}x{block[1]} | {t['cuda'] * 1e6:.1f} | {t['cuda_split'] * 1e6:.1f} "
+                      f"| {LAYOUTS[picked]} | {t['cudnn'] * 1e6:.1f} | {t['dense'] * 1e6:.1f} "
+                      f"| {t['cudnn'] / t[picked]:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cuda:sm_90")
     parser.add_argument("--m", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--number", type=int, default=50)
+    parser.add_argument("--part", nargs="+", choices=["matmul", "conv"], default=["matmul", "conv"])
     args = parser.parse_args()
 
     from pruneaug.cost_model.targets import resolve_target
@@ -135,7 +185,11 @@ def main() -> None:
 
     if not has_cuda_gpu():
         sys.exit("bench_cuda: no CUDA GPU here (or TVM's runtime was built without CUDA)")
-    bench_matmul(resolve_target(args.target), args.m, args.rounds, args.number)
+    target = resolve_target(args.target)
+    if "matmul" in args.part:
+        bench_matmul(target, args.m, args.rounds, args.number)
+    if "conv" in args.part:
+        bench_conv(target, args.rounds, args.number)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The GPU tools of tools/: without a GPU they refuse with one line; with one (and onnx2torch) the
+whole-model bench times a real artifact after checking it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tool_module import TOOLS, load_tool
+
+import zoo
+from devices import requires_cuda_gpu
+from pruneaug.runtime import has_cuda_gpu
+
+
+@pytest.mark.skipif(has_cuda_gpu(), reason="this machine has a CUDA GPU: the tools run")
+@pytest.mark.parametrize("tool,args", [("bench_cuda", ["--part", "conv"]),
+                                       ("bench_cuda_model", ["--dense", "model.onnx", "out"]),
+                                       ("profile_cuda", ["out"])])
+def test_a_gpu_tool_without_a_gpu_says_so_and_fails(tool, args):
+    result = subprocess.run([sys.executable, str(TOOLS / f"{tool}.py"), *args], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tool}: no CUDA GPU here (or TVM's runtime was built without CUDA)")
+
+
+def test_relative_error_is_the_l2_norm_of_the_difference_over_the_reference():
+    bench = load_tool("bench_cuda_model")
+    want = np.array([3.0, 4.0], np.float32)
+    assert bench.relative_error(np.array([3.0, 4.5], np.float32), want) == pytest.approx(0.1)
+
+
+@requires_cuda_gpu
+def test_the_whole_model_bench_checks_then_times_a_cuda_artifact(tmp_path):
+    pytest.importorskip("onnx2torch")
+    import onnx
+
+    from pruneaug.codegen.export import export_artifact, model_signature
+    from pruneaug.codegen.relax_build import build_model
+    from pruneaug.cost_model.targets import resolve_target
+
+    model, shapes = zoo.mlp(), {"x": [1, 64]}
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(model, tmp_path / "pruned.onnx")
+    cuda = resolve_target("cuda")
+    export_artifact(build_model(model, {}, cuda, shapes), cuda, tmp_path / "model.cuda",
+                    model_signature(model, shapes))
+    (tmp_path / "plan.json").write_text(json.dumps({"totals": {"weight_sparsity": 0.0}}))
+    row = load_tool("bench_cuda_model").bench_folder(Path(tmp_path), tmp_path / "model.onnx", None, rounds=2, number=2)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "1x64" and float(cells[3]) > 0 and cells[6].endswith("x")
