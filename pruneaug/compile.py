@@ -41,6 +41,7 @@ from pruneaug.passes.validate import make_validator
 from pruneaug.pick import Pick
 from pruneaug.plan import build_plan, search_record
 from pruneaug.report import write_report
+from pruneaug.runtime import device_for
 
 OUTPUT_FILES = ("pruned.onnx", "masks.npz", "plan.json", "report.md", "report.html", "pareto.png")
 
@@ -181,7 +182,7 @@ def compile_model(
         gate_inputs = inputs if request.artifact and deploy.runs_here(profile) else None
         written = _write_pruned(pruned, staging, writer, gate_inputs)
         picked = None
-        if request.artifact and deploy.times_here(profile):
+        if request.artifact and deploy.picks_here(profile):
             picked = _measured_pick(outcome, pruned, written, profile, shapes, inputs, request.metric, staging, notes)
             if isinstance(picked, Pick) and picked.ir is not pruned:
                 written.file.result()
@@ -512,7 +513,8 @@ def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelP
     if deploy.times_here(profile):
         deploy.release_freed_memory()  # before the workers load their models
         # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
-        extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs)
+        extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs,
+                                                              device=device_for(profile.kind))
         phases.lap("whole-model timing")
         for competitor, error in extra["model_latency"].get("errors", {}).items():
             notes.append(f"whole-model timing of {competitor} failed: {error}")

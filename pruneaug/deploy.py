@@ -2,9 +2,9 @@
 
 The correctness gate runs the exported artifact wherever its code runs here (the host; CUDA on a
 machine with a GPU): it must match pruned.onnx in onnxruntime on the calibration inputs, else a
-CodegenError names the first layer that differs. Whole-model latencies against onnxruntime are
-measured for the host target only, each runtime in its own process (`pruneaug.timing` says why);
-for other targets the report gives the cost model's predictions.
+CodegenError names the first layer that differs. Whole-model latencies are
+measured wherever the artifact runs, against onnxruntime on the CPU, each runtime in its own process
+(`pruneaug.timing` says why); for other targets the report gives the cost model's predictions.
 """
 from __future__ import annotations
 
@@ -77,11 +77,18 @@ def runs_here(profile) -> bool:
     return profile.kind == "x86" or (profile.kind == "cuda" and has_cuda_gpu())
 
 
-def times_here(profile) -> bool:
-    """Whether whole-model timing against onnxruntime means something here: on the host CPU, where
-    onnxruntime's CPU session is what users would run instead. (A GPU artifact against onnxruntime
-    on the CPU would not be a fair comparison.)"""
+def picks_here(profile) -> bool:
+    """Whether the compile picks between plans and thread layouts by timing their artifacts here: on
+    the host CPU, whose thread pool the parallel and serial builds differ in (`pruneaug.pick`)."""
     return profile.kind == "x86"
+
+
+def times_here(profile) -> bool:
+    """Whether the whole model is timed here: wherever its artifact runs (`runs_here`). On the host,
+    against onnxruntime's CPU session, what users would run instead; for CUDA on this machine's GPU,
+    with onnxruntime's CPU figures beside it for reference only (no GPU onnxruntime is assumed, and
+    a GPU artifact against a CPU session is no fair comparison: the report says so)."""
+    return runs_here(profile)
 
 
 def sample_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
@@ -172,13 +179,16 @@ def _on_disk(model: onnx.ModelProto | Path, where: Path) -> Path:
     return Path(model)
 
 
+GPU_NOTE = (" (the artifact on its GPU, inputs copied in and outputs out on each run; onnxruntime on the CPU, "
+            "for reference: not the baseline a GPU user would pick, so its speed-ups say little)")
 LATENCY_KEYS = {"onnxruntime_dense_s": "onnxruntime", "onnxruntime_pruned_s": "onnxruntime", "tvm_pruned_s": "artifact"}
 
 
 def measure_model_latency(dense_model: onnx.ModelProto | Path, pruned_model: onnx.ModelProto | Path, artifact: Path,
                           inputs: Mapping[str, np.ndarray], repeat: int = BENCH_REPEAT,
-                          runs_per_round: int = RUNS_PER_ROUND) -> dict:
-    """Whole-model latency of onnxruntime (dense and pruned models) and of the artifact, for plan.json.
+                          runs_per_round: int = RUNS_PER_ROUND, device: str = "cpu") -> dict:
+    """Whole-model latency of onnxruntime (dense and pruned models) and of the artifact (built for
+    `device`; its worker loads it there), for plan.json.
 
     Each runs in its own process, interleaved (`pruneaug.timing`), with the host's thread count; a
     model given as a file is read from there (a compile has both on disk already), one given in
@@ -199,9 +209,9 @@ def measure_model_latency(dense_model: onnx.ModelProto | Path, pruned_model: onn
         p10_s={key: timings[key].p10_s for key in LATENCY_KEYS},
         p90_s={key: timings[key].p90_s for key in LATENCY_KEYS},
         repeat=run.repeat, rounds=run.rounds, runs_per_round=run.runs, threads=threads,
-        load_average=list(run.load_average),
-        note=f"input shapes {', '.join(f'{k}{list(v.shape)}' for k, v in inputs.items())}; measured on this host, "
-             f"{run.method()}",
+        load_average=list(run.load_average), device=device,
+        note=f"input shapes {', '.join(f'{k}{list(v.shape)}' for k, v in inputs.items())}; measured on this host"
+             f"{GPU_NOTE if device == 'cuda' else ''}, {run.method()}",
     )
     errors = {key: timings[key].error.removeprefix(f"{key}: ") for key in LATENCY_KEYS if timings[key].error}
     if errors:

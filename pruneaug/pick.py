@@ -31,7 +31,7 @@ had to agree went wrong both ways: a spell in one of them kept the CNN at batch 
 That cost is paid only where it is small: the chosen plan's artifact is built first, and the rest only
 if that build took at most PICK_BUILD_BUDGET_S. A BERT-base artifact takes 18-25 s to build; it keeps
 the predicted choice's parallel build, and plan.json says why. Where the artifact's code cannot run
-here, or nothing is timed here (`deploy.times_here`), the compile does not call this.
+here, or its thread layouts do not differ (`deploy.picks_here`: CPU targets), the compile does not call this.
 """
 from __future__ import annotations
 

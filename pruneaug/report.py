@@ -123,8 +123,11 @@ def _model_rows(plan: dict[str, Any]) -> list[list[str]]:
     latency = plan.get("model_latency") or {}
     base = latency.get("onnxruntime_dense_s")
     errors = latency.get("errors") or {}
+    on_gpu = latency.get("device") == "cuda"  # onnxruntime ran on the CPU beside it: for reference only
     rows = []
     for key, label in MODEL_LATENCY_LABELS.items():
+        if on_gpu:
+            label += " on the GPU" if key == "tvm_pruned_s" else " on the CPU"
         if key in errors:
             rows.append([label, f"measurement failed: {errors[key]}", "–", "–", "–"])
         elif latency.get(key):

@@ -167,20 +167,36 @@ class LoadedModel:
         }
 
 
-def load(path, device: str = "cpu") -> LoadedModel:
-    """Load an artifact (`.so`) written by `pruneaug.codegen.export.export_artifact` onto `device`."""
+def read_signature(path: Path) -> dict:
+    """The sidecar `.json` written beside an artifact: its inputs, outputs, target and kernels."""
+    sidecar = path.with_name(path.name + ".json")
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{sidecar}: missing or unreadable ({err}); it is written beside the artifact") from err
+
+
+def artifact_device(path) -> str:
+    """The `load` device of the artifact at `path`, read off its sidecar."""
+    return device_for(read_signature(_artifact_file(path)).get("kind", ""))
+
+
+def _artifact_file(path) -> Path:
+    """`path` as an artifact that loads: an existing `.so`."""
     path = Path(path)
-    if device not in _DEVICES:
-        raise OptionError(f"device {device!r}: expected one of {', '.join(_DEVICES)}")
     if not path.is_file():
         raise ModelError(f"{path}: no such artifact")
     if path.suffix != ".so":
         raise ModelError(f"{path}: only a .so loads; link a .tar's object files into a .so on the device first")
-    sidecar = path.with_name(path.name + ".json")
-    try:
-        signature = json.loads(sidecar.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{sidecar}: missing or unreadable ({err}); it is written beside the artifact") from err
+    return path
+
+
+def load(path, device: str = "cpu") -> LoadedModel:
+    """Load an artifact (`.so`) written by `pruneaug.codegen.export.export_artifact` onto `device`."""
+    if device not in _DEVICES:
+        raise OptionError(f"device {device!r}: expected one of {', '.join(_DEVICES)}")
+    path = _artifact_file(path)
+    signature = read_signature(path)
     built_for = device_for(signature.get("kind", ""))
     if device != built_for:
         raise OptionError(f"{path} was compiled for {signature.get('target')}: load it with device={built_for!r}")

@@ -363,9 +363,9 @@ def _timed_run(kind: str, path: Path, threads: int, inputs: dict[str, np.ndarray
             raise ModelError(f"{path}: no such model")
         session = make_session(path, threads, spinning=False)  # read by onnxruntime itself: a compile checked it
         return _wall_clock(lambda: session.run(None, inputs))
-    from pruneaug.runtime import load
+    from pruneaug.runtime import artifact_device, load
 
-    model = load(path)
+    model = load(path, artifact_device(path))
     if kind == "artifact-vm":  # TVM's own timer around the compiled function; conversions stay outside
         return lambda: model.benchmark(inputs, repeat=1)["median"]
     return _wall_clock(lambda: model.run(inputs))

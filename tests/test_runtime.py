@@ -301,6 +301,17 @@ def test_cuda_artifact_runs(cuda_artifact, model, inputs):
     assert np.max(np.abs(y - expected)) <= 1e-4 * np.max(np.abs(expected))
 
 
+@requires_cuda_gpu
+def test_a_cuda_artifact_is_timed_on_its_gpu_beside_onnxruntime_on_the_cpu(cuda_artifact, model, inputs):
+    from pruneaug import deploy
+
+    latency = deploy.measure_model_latency(model, model, cuda_artifact, inputs, repeat=4, runs_per_round=2,
+                                           device="cuda")
+    assert "errors" not in latency and latency["device"] == "cuda"
+    assert latency["tvm_pruned_s"] > 0 and latency["onnxruntime_dense_s"] > 0
+    assert deploy.GPU_NOTE in latency["note"]
+
+
 @pytest.mark.slow
 @requires_cuda_gpu
 def test_cuda_artifact_loads_in_a_fresh_process_without_the_compiler(cuda_artifact, model, inputs, tmp_path):

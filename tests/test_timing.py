@@ -164,6 +164,29 @@ def test_a_failed_artifact_measurement_is_recorded_and_reported(tmp_path):
     assert "| pruneaug artifact (TVM, block-sparse) | measurement failed: ModelError:" in report
 
 
+def test_a_gpu_artifacts_timing_says_onnxruntime_ran_on_the_cpu_for_reference_only():
+    latency = {"onnxruntime_dense_s": 4e-4, "onnxruntime_pruned_s": 3e-4, "tvm_pruned_s": 3e-5, "repeat": 50,
+               "threads": 2, "device": "cuda", "note": f"measured on this host{deploy.GPU_NOTE}"}
+    plan = {"target": "cuda:sm_90", "layers": [], "model_latency": latency,
+            "totals": {"prunable_layers": 0, "prunable_weights": 0, "weight_sparsity": 0.0}}
+    report = render_markdown(plan, pareto=False)
+    assert "| onnxruntime, dense model on the CPU | 400.0 µs |" in report
+    assert "| pruneaug artifact (TVM, block-sparse) on the GPU | 30.0 µs |" in report
+    assert "not the baseline a GPU user would pick" in report
+
+
+def test_the_whole_model_is_timed_wherever_its_artifact_runs_and_picked_only_on_the_host(monkeypatch):
+    from pruneaug import runtime
+    from pruneaug.cost_model.targets import resolve_target
+
+    for has_gpu in (False, True):
+        monkeypatch.setattr(runtime, "has_cuda_gpu", lambda: has_gpu)
+        assert deploy.times_here(resolve_target("cuda")) == has_gpu
+        assert not deploy.picks_here(resolve_target("cuda"))
+    assert deploy.times_here(resolve_target("x86")) and deploy.picks_here(resolve_target("x86"))
+    assert not deploy.times_here(resolve_target("arm64"))
+
+
 def test_models_on_disk_are_timed_from_their_own_files(models, tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(deploy, "save_model", lambda model, path: saved.append(path))

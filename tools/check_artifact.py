@@ -12,7 +12,6 @@ machine's CPU for reference. Exits non-zero on a mismatch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def main() -> None:
     from pruneaug.errors import PruneaugError
     from pruneaug.gate import GATE_RTOL, output_mismatch, tolerance
     from pruneaug.passes.ort_run import make_session
-    from pruneaug.runtime import device_for, load
+    from pruneaug.runtime import device_for, load, read_signature
 
     artifacts = sorted(args.folder.glob("model.*.so"))
     if not artifacts:
@@ -46,7 +45,10 @@ def main() -> None:
     pruned = onnx.load(pruned_file)
     calib = dict(np.load(args.calib)) if args.calib else None
     for artifact in artifacts:
-        signature = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+        try:
+            signature = read_signature(artifact)
+        except PruneaugError as err:
+            sys.exit(f"check_artifact: {err}")
         shapes = {value["name"]: value["shape"] for value in signature["inputs"]}
         inputs = sample_inputs(pruned, shapes, calib)
         unsized = [name for name, shape in shapes.items()
