@@ -164,13 +164,14 @@ def test_interpolation_keeps_to_the_timed_points_that_run_the_way_the_query_does
     assert one_serial.predict_conv(conv1, (4, 4), 1 - 0.09).seconds == pytest.approx(3e-6)  # below it: its time
 
 
-@pytest.mark.parametrize("batch, block, layout", [(1, (8, 8), "cuda_split"), (64, (4, 4), "cuda_split"),
+@pytest.mark.parametrize("batch, block, layout", [(1, (8, 8), "cuda_split"), (64, (16, 16), "cuda_split"),
                                                   (64, (1, 4), "cuda")])
 def test_an_untimed_cuda_conv_is_costed_in_the_layout_its_kernel_takes(tmp_path, batch, block, layout):
     """At batch 1 the CNN's 3x3 conv (64 channels x 64 pixels) cannot fill a GPU with a thread per output,
-    and at batch 64 its 4x4 blocks share each im2col read over 4 rows: its kernel splits each block row's
+    and at batch 64 its 16x16 blocks share each im2col read over 16 rows: its kernel splits each block row's
     columns over a warp (`bsr_conv2d_split`), where at batch 64 its im2col matmul (m = 4096) would thread
-    along m. Untimed, the conv is costed as the split product of its pixels."""
+    along m. Untimed, the conv is costed as the split product of its pixels; with 1x4 blocks at batch 64
+    it runs, and is costed as, a thread per output channel and pixel."""
     from pruneaug.cost_model import analytical
 
     gpu = resolve_target("cuda:sm_90")
@@ -182,12 +183,14 @@ def test_an_untimed_cuda_conv_is_costed_in_the_layout_its_kernel_takes(tmp_path,
                          kernel_hw=conv.kernel).layout == layout  # what codegen builds
     model = CostModel(gpu, cache=LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1"))
     params, _ = model.params(block)
+    # a thread per (output channel, pixel) is costed as such, not as the matmul's threads along m
+    costed_as = {"cuda": analytical.CUDA_CONV_LAYOUT}.get(layout, layout)
     expected = analytical.latency_from_features(params, analytical.features(gpu, out, in_, pixels, block, density,
-                                                                            layout))
+                                                                            costed_as))
     assert model.predict_conv(conv, block, 1 - density).seconds == pytest.approx(float(expected))
-    along_m = analytical.latency_from_features(params, analytical.features(gpu, out, in_, pixels, block, density,
-                                                                          "cuda"))
-    assert (float(expected) < float(along_m)) == (layout == "cuda_split")
+    threads = analytical.latency_from_features(params, analytical.features(gpu, out, in_, pixels, block, density,
+                                                                          analytical.CUDA_CONV_LAYOUT))
+    assert (float(expected) < float(threads)) == (layout == "cuda_split")
 
 
 @pytest.mark.parametrize("conv", [ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),

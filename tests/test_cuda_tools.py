@@ -52,3 +52,21 @@ def test_the_whole_model_bench_checks_then_times_a_cuda_artifact(tmp_path):
     row = load_tool("bench_cuda_model").bench_folder(Path(tmp_path), tmp_path / "model.onnx", None, rounds=2, number=2)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1] == "1x64" and float(cells[3]) > 0 and cells[6].endswith("x")
+
+
+def test_the_cuda_cost_model_predicts_held_out_h100_kernel_times():
+    # the shipped H100 times (tools/data/bench_cuda_h100.md): the CUDA defaults were fitted to the
+    # other half of them, and must keep predicting this half (the throughput terms before: 26%, 57%)
+    from pruneaug.cost_model import analytical
+    from pruneaug.cost_model.targets import resolve_target
+
+    fit = load_tool("fit_cuda_cost_model")
+    matmuls, convs = fit.read_tables(TOOLS / "data" / "bench_cuda_h100.md")
+    held_out = [p for p in matmuls if not p[-1]]
+    assert (len(matmuls), len(held_out), len(convs)) == (368, 168, 120)
+    gpu = resolve_target("cuda:sm_90")
+    predicted = analytical.latency_from_features(analytical.default_params(gpu), fit.features(gpu, held_out))
+    measured = np.array([p[6] for p in held_out])
+    assert np.mean(abs(predicted / measured - 1) <= 0.25) >= 0.6
+    faster = [(predicted[i] < predicted[i + 1]) == (measured[i] < measured[i + 1]) for i in range(0, len(measured), 2)]
+    assert np.mean(faster) >= 0.9

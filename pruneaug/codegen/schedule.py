@@ -143,6 +143,12 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes, "parallel": parallel})
 
 
+def cuda_conv_tiles(r: int) -> dict[str, int]:
+    """`cuda_kernels.bsr_conv2d`'s tiles: a thread block of `CUDA_THREADS_PER_BLOCK` threads, `r`
+    output channels (a block's rows) by `px_tile` pixels."""
+    return {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)}
+
+
 def _cuda_matmul_schedule(target: TargetProfile, m: int, out: int, r: int) -> Schedule:
     """`cuda_kernels.bsr_matmul`'s tiles: a warp of threads along m per thread block, each thread with
     as many rows of X (1, 2 or 4) as keeps `CUDA_WARPS_PER_SM` warps per SM busy and its `r` outputs
@@ -196,7 +202,7 @@ def conv_schedule(target: TargetProfile, out_hw: tuple[int, int], block: tuple[i
             layout = "cuda" if fills_gpu and r < split_rows else "cuda_split"
         if layout == "cuda_split":
             return Schedule("cuda_split", {"lanes": CUDA_WARP})
-        return Schedule("cuda", {"px_tile": max(1, CUDA_THREADS_PER_BLOCK // r)})
+        return Schedule("cuda", cuda_conv_tiles(r))
     lanes = target.simd_lanes
     row_vectors = -(-ow // lanes)
     vector = min(lanes, 1 << max(ow - 1, 0).bit_length())  # pixvec's: a short row in part of a register

@@ -49,6 +49,11 @@ of the reads (a smooth capacity miss; USABLE leaves room for what else lives the
 The dense kernel is codegen's BSR kernel with every `schedule.DENSE_BLOCK` block kept, so
 `dense_latency` is that with its own fitted parameters.
 
+On CUDA the kernels are small enough to be bound by latency rather than by the SMs' throughput, so
+the compute slots hold the terms of the threads' dependent chains instead (`_CUDA_SLOTS`: steps of
+a thread, of a lane, and their turns at an SM's issue slots), and the CUDA defaults are fitted to an
+H100's kernel times (`CUDA_CYCLES`) rather than taken from a datasheet.
+
 The eleven parameters (`Params`) come from the target's hardware figures by default and are fitted by
 least squares (`fit`) to measured kernel times per (target, block shape) wherever measurements
 exist. Features are computed once per distinct layer and broadcast like numpy arrays, so that a
@@ -103,8 +108,21 @@ FEATURE_NAMES = ("call", "launches", "flops", "visits", "row_tiles", "outs", "in
                  "conflict_lines", "bytes")
 
 
+# CUDA parameters in cycles at the profile's clock (`t_call` in seconds: the launch, host side), fitted
+# by `tools/fit_cuda_cost_model.py` to 260 kernel times of an H100 (tools/data/bench_cuda_h100.md:
+# matmuls of two BERT-base weight shapes and stride-1 3x3 convs, both layouts). Held out: the other
+# two weight shapes' 168 matmul times 67% within 25% (39% within 10%), the faster layout predicted
+# in 95% of their rows; the stride-2 and 1x1 convs' 60 times 63% within 25% (a 1x1 conv's threads
+# along channels and pixels ran up to 5x faster than predicted: it gathers nothing). The throughput
+# terms these replace had 26% of those matmul times within 25% and the faster layout in 57%.
+CUDA_CALL_S = 3.55e-6
+CUDA_CYCLES = {"t_launch": 119.0, "t_flop": 44.8, "t_block": 247.0, "t_row": 16.0, "t_out": 96.3, "t_in": 3.18,
+               "t_l2": 1.75, "t_l3": 18.1, "t_conflict": 2.1e-3}
+
+
 def default_params(target: TargetProfile, dense: bool = False) -> Params:
     """Parameters from the target's datasheet figures: what is assumed before anything is measured.
+    On CUDA, the terms fitted to an H100's kernels (`CUDA_CYCLES`), scaled to the profile's clock.
 
     Sparse kernels are assumed to reach half of the per-core fp32 peak (index indirection, short
     inner loops), dense ones 70%; a block visit costs about 12 cycles of bookkeeping, a row tile 40,
@@ -114,6 +132,9 @@ def default_params(target: TargetProfile, dense: bool = False) -> Params:
     gflops, gbps = hardware_peaks(target)
     per_core_flops = gflops * 1e9 / target.cores
     freq_hz = (target.freq_ghz or 2.0) * 1e9
+    if target.kind == "cuda":  # the same kernels dense and sparse (every DENSE_BLOCK kept): one set
+        return Params(t_call=CUDA_CALL_S, **{name: cycles / freq_hz for name, cycles in CUDA_CYCLES.items()},
+                      t_byte=1.0 / (gbps * 1e9))
     efficiency = 0.7 if dense else 0.5
     return Params(
         t_call=target.call_overhead_s,
@@ -231,31 +252,69 @@ def _mvec_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[
 
 def _cuda_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
                 tiles: dict[str, int]) -> list[float]:
-    """Thread blocks of one block row and `m_tile` rows of m (`cuda_kernels.bsr_matmul`), spread over
-    the SMs; no cache terms (the fit has had no GPU to see them on)."""
+    """Thread blocks of one block row and `m_tile` rows of m (`cuda_kernels.bsr_matmul`). A GPU kernel
+    this small is bound by latency, not by the SMs' throughput, so the compute slots hold the terms
+    of its threads' dependent chains (`_CUDA_SLOTS`): a thread walks its block row's kept columns one
+    by one (`steps`), each step an index load, `m_per_thread` loads of X and `r * m_per_thread` FMAs."""
     r, c = block
-    m_tile = tiles["m_threads"] * tiles["m_per_thread"]
-    m_tiles = -(-m // m_tile)
-    block_rows = -(-out // r)
-    rows = min(-(-block_rows // target.cores), block_rows)
-    blocks = nnzb * rows / block_rows
-    m_pad = m_tiles * m_tile
-    return [1.0, 2.0 * r * c * m_pad * blocks, blocks * m_tiles, rows * m_tiles, r * m_pad * rows, 0.0, 0.0, 0.0, 0.0]
+    m_per_thread = tiles["m_per_thread"]
+    thread_blocks = -(-out // r) * -(-m // (tiles["m_threads"] * m_per_thread))
+    steps = nnzb / -(-out // r) * c
+    # the 32 threads of a warp read 32 rows of X: a sector each
+    sectors = thread_blocks * steps * m_per_thread * tiles["m_threads"]
+    return _cuda_slots(thread_blocks / target.cores, along_m=steps, chain_fmas=steps * r * m_per_thread,
+                       sectors=sectors)
 
 
 def _cuda_split_terms(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
                       tiles: dict[str, int]) -> list[float]:
-    """Thread blocks of one block row and one row of m (`cuda_kernels.bsr_matmul_split`), spread over
-    the SMs, each lane going over its share of the row's kept columns; no cache terms, as above."""
+    """Thread blocks of one block row and one row of m (`cuda_kernels.bsr_matmul_split`, and
+    `bsr_conv2d_split` over a conv's pixels): each lane goes over every `lanes`-th kept column of its
+    block row (`steps` of one X load and `r` FMAs), then the lanes' sums meet in shared memory; the
+    thread blocks an SM holds (`turns`) take turns at its issue slots. Terms as in `_cuda_terms`."""
     r, c = block
     block_rows = -(-out // r)
-    rows = min(-(-block_rows * m // target.cores), block_rows * m)
-    blocks = nnzb * rows / block_rows
-    return [1.0, 2.0 * r * c * blocks, blocks * c / tiles["lanes"], rows, r * rows, 0.0, 0.0, 0.0, 0.0]
+    thread_blocks = block_rows * m
+    steps = -(-(nnzb / block_rows * c) // tiles["lanes"])
+    turns = -(-thread_blocks // target.cores)
+    sectors = thread_blocks * steps * tiles["lanes"] * _F32 / 32  # a warp's consecutive columns: whole sectors
+    return _cuda_slots(thread_blocks / target.cores, split=(steps, turns * steps, turns * steps * r),
+                       chain_fmas=steps * r, sectors=sectors)
 
 
-_TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms, "cuda_split": _cuda_split_terms}
+def _cuda_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, block: tuple[int, int], nnzb: int,
+                     tiles: dict[str, int]) -> list[float]:
+    """A conv's thread per (output channel, pixel) (`cuda_kernels.bsr_conv2d`), `r x px_tile` of them
+    per thread block: each walks its block row's kept columns, one bounds-checked im2col read and one
+    FMA a step (`_CUDA_SLOTS`' conv terms), its thread block's warps taking turns with the others an
+    SM holds."""
+    r, c = block
+    block_rows = -(-out // r)
+    thread_blocks = block_rows * -(-pixels // tiles["px_tile"])
+    steps = nnzb / block_rows * c
+    warps = -(-r * tiles["px_tile"] // 32)
+    turns = -(-thread_blocks // target.cores)
+    return _cuda_slots(thread_blocks / target.cores, conv=(steps, turns * warps * steps), chain_fmas=steps)
+
+
+_CUDA_SLOTS = ("launches: thread blocks per SM", "flops: matmul along m, a thread's steps",
+               "visits: conv, a thread's steps", "row_tiles: conv, its warps' steps in turns",
+               "outs: split, a lane's steps", "ins: split, steps in turns", "l2_bytes: split, FMAs in turns",
+               "l3_bytes: a thread's FMAs", "conflict_lines: 32-byte sectors of X read")
+
+
+def _cuda_slots(blocks_per_sm: float, along_m: float = 0.0, conv: tuple = (0.0, 0.0), split: tuple = (0.0, 0.0, 0.0),
+                chain_fmas: float = 0.0, sectors: float = 0.0) -> list[float]:
+    """The feature slots after `call` of a CUDA layout's terms, in `_CUDA_SLOTS`' order: each layout's
+    chain terms have slots (and so fitted costs) of their own."""
+    return [float(blocks_per_sm), float(along_m), *map(float, conv), *map(float, split), float(chain_fmas),
+            float(sectors)]
+
+
+_TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms, "cuda_split": _cuda_split_terms,
+          "cuda_conv": _cuda_conv_terms}
 MATMUL_LAYOUTS = frozenset(_TERMS)  # the layouts `features` can cost
+CUDA_CONV_LAYOUT = "cuda_conv"  # the conv kernel's "cuda" layout (`schedule.conv_schedule`), costed as such
 
 
 _MEMO: dict[tuple, list[float]] = {}  # feature rows by (target's identity and caches, layer): a model's
@@ -276,8 +335,11 @@ def _layer_features(target: TargetProfile, identity: tuple, out: int, in_: int, 
 def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tuple[int, int], nnzb: int,
                    layout: str | None) -> list[float]:
     """The feature row of one layer, worked out from its kernel schedule."""
-    sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb, layout)
     r, c = block
+    if layout == CUDA_CONV_LAYOUT:
+        sched = schedule.Schedule(layout, schedule.cuda_conv_tiles(r))
+    else:
+        sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb, layout)
     block_rows = -(-out // r)
     bytes_moved = _F32 * nnzb * r * c + _INDEX_BYTES * (nnzb + block_rows + 1) + _F32 * m * (in_ + out)
     return [1.0, *_TERMS[sched.layout](target, out, in_, m, block, nnzb, sched.tiles), float(bytes_moved)]
