@@ -293,11 +293,10 @@ def test_arm64_kernel_compiles_to_object_code(tmp_path):
     assert (tmp_path / "k.so").read_bytes()[:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("m,block,layout", [(1, (1, 1), "cuda_split"), (16, (4, 4), "cuda_split"),
-                                            (17, (4, 4), "cuda"), (17, (8, 8), "cuda_split"),
-                                            (128, (16, 16), "cuda_split"), (129, (16, 16), "cuda")])
-def test_cuda_matmul_splits_columns_over_a_warp_where_m_cannot_fill_one_or_blocks_are_tall(m, block, layout):
-    assert kernel_schedule(resolve_target("cuda"), m, 256, 256, block, 100).layout == layout
+@pytest.mark.parametrize("m,layout", [(1, "cuda_split"), (129, "cuda"), (2048, "cuda")])
+def test_cuda_matmul_splits_columns_over_a_warp_at_m_1_and_threads_along_m_past_the_measured_range(m, layout):
+    # (between them the cost model picks: test_cuda_tools checks its picks against an H100's times)
+    assert kernel_schedule(resolve_target("cuda"), m, 256, 256, (16, 16), 100).layout == layout
 
 
 def test_cuda_kernel_builds_source():

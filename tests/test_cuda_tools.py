@@ -70,3 +70,20 @@ def test_the_cuda_cost_model_predicts_held_out_h100_kernel_times():
     assert np.mean(abs(predicted / measured - 1) <= 0.25) >= 0.6
     faster = [(predicted[i] < predicted[i + 1]) == (measured[i] < measured[i + 1]) for i in range(0, len(measured), 2)]
     assert np.mean(faster) >= 0.9
+
+
+def test_the_cuda_matmul_layout_picked_is_the_faster_on_an_h100():
+    # every matmul row of the shipped H100 times, both layouts timed: the pick (`schedule.kernel_schedule`)
+    # must be the faster in most rows and cost little where it is not
+    from pruneaug.codegen.schedule import kernel_schedule
+    from pruneaug.cost_model import analytical
+    from pruneaug.cost_model.targets import resolve_target
+
+    matmuls, _ = load_tool("fit_cuda_cost_model").read_tables(TOOLS / "data" / "bench_cuda_h100.md")
+    gpu = resolve_target("cuda:sm_90")
+    slowdowns = []
+    for along_m, split in zip(matmuls[::2], matmuls[1::2]):
+        out, in_, m, block, density = along_m[:5]
+        picked = kernel_schedule(gpu, m, out, in_, block, int(analytical.kept_blocks(out, in_, block, density))).layout
+        slowdowns.append((along_m if picked == "cuda" else split)[6] / min(along_m[6], split[6]))
+    assert np.mean(np.array(slowdowns) == 1.0) >= 0.85 and np.exp(np.mean(np.log(slowdowns))) <= 1.06

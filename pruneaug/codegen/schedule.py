@@ -29,18 +29,14 @@ CUDA_THREADS_PER_BLOCK = 256  # conv: threads of a block, (block row, pixel) eac
 CUDA_WARP = 32
 CUDA_ACCUMULATORS = 32  # float registers a matmul thread may hold its outputs in (64: 16x16 ran 1.2-1.3x slower)
 CUDA_WARPS_PER_SM = 8  # fewer left the SMs waiting on loads (H100, m=128: 4 per SM ran 1.1-1.2x slower)
-CUDA_SPLIT_MAX_M = 16  # up to this m a warp splits each block row's columns (`cuda_kernels.bsr_matmul_split`):
-# on an H100 it ran faster than threads along m in all 40 cases at m=1 (1.15-16x) and 38 of 40 at m=16
-# (BERT-base shapes, 1x1-32x32, 50% and 90%; `tools/bench_cuda.py --m 1 16`)
-CUDA_SPLIT_MIN_ROWS = 8  # ... and up to CUDA_SPLIT_TALL_MAX_M for blocks of at least this many rows: at m=32
-# and 128 the split ran 8x8 to 32x32 blocks faster in 27 of 30 cases (up to 4.4x), 4x4 in 5 of 8 at m=32
-# and 1x1 in 2 of 8 (threads along m read each weight once for m_per_thread rows; `--m 32 128`)
-CUDA_SPLIT_TALL_MAX_M = 128  # the largest m measured; above it threads along m reuse weights over more rows
+CUDA_SPLIT_MAX_M = 128  # the largest m whose layout is the cost model's pick (the largest measured); above it
+# threads along m, which reuse each weight load over more rows
 CUDA_CONV_SPLIT_MIN_ROWS = 4  # a conv that gathers im2col entries (kernel over 1x1) splits from 4-row blocks on:
 # the split reads an entry once for all r rows of its block, threads along (channel, pixel) once per row;
 # on an H100 it ran 3x3 convs on 8x8 maps at batch 32 and 56x56 at batch 1 faster in 15 of 16 cases with
 # 4x4 to 32x32 blocks (up to 5.5x) and slower with 1x1 blocks; a 1x1 conv (256->64, 56x56) from 32x32
-# blocks on (`tools/bench_cuda.py --part conv`)
+# blocks on (`tools/bench_cuda.py --part conv`). (The CUDA cost model picks the faster conv layout less
+# often than this rule on those times: it does not see that a 1x1 conv gathers nothing.)
 ACCUMULATOR_VECTORS = 8  # register tile of the rowvec and chanvec layouts, in SIMD registers
 PIXVEC_TILE_VECTORS = 4  # vectors of pixels per accumulator row of the pixvec conv
 PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output rows x tile vectors)
@@ -112,14 +108,14 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     they are used only with enough kept blocks per row and chunk; with m tiles of 1-2 rows (blocks of
     32 rows on AVX2) they also keep a block row's weights in L1 instead; an mvec m tile of a power-of-two
     number of vectors (a tile of 5 vectors, m=40, ran 4x slower than one of 8). On CUDA threads along
-    m ("cuda"), or for m up to `CUDA_SPLIT_MAX_M` (and up to `CUDA_SPLIT_TALL_MAX_M` for blocks of at
-    least `CUDA_SPLIT_MIN_ROWS` rows) a warp per block row and row of X splitting the block row's
-    columns ("cuda_split"); `layout` forces one of the two (benchmarks compare them).
+    m ("cuda") or a warp per block row and row of X splitting the block row's columns ("cuda_split"),
+    whichever `_faster_cuda_layout` picks; `layout` forces one of the two (benchmarks compare them).
     """
     r, _ = block
     if target.kind == "cuda":
-        split = m <= CUDA_SPLIT_MAX_M or (r >= CUDA_SPLIT_MIN_ROWS and m <= CUDA_SPLIT_TALL_MAX_M)
-        if layout == "cuda_split" or (layout is None and split):
+        if layout is None:
+            layout = _faster_cuda_layout(target, m, out, in_, block, nnz_blocks)
+        if layout == "cuda_split":
             return Schedule("cuda_split", {"lanes": CUDA_WARP})
         return _cuda_matmul_schedule(target, m, out, r)
     lanes = target.simd_lanes
@@ -141,6 +137,24 @@ def kernel_schedule(target: TargetProfile, m: int, out: int, in_: int, block: tu
     # at least 8 (the kernel stages X in 8-row strips: 4-lane NEON with m = 4..7 would otherwise get 4)
     m_tile = max(8, min(64 // row_group, lanes * 2 ** (-(-m // lanes) - 1).bit_length()))
     return Schedule("mvec", {"row_group": row_group, "m_tile": m_tile, "out_tile": 2 * lanes, "parallel": parallel})
+
+
+def _faster_cuda_layout(target: TargetProfile, m: int, out: int, in_: int, block: tuple[int, int],
+                        nnz_blocks: int) -> str:
+    """The CUDA matmul layout the cost model's defaults, fitted to an H100's kernels, predict faster, up
+    to m = `CUDA_SPLIT_MAX_M`; threads along m above it. On that H100's times for the weight shapes
+    the fit did not see, it picked the faster layout in 95% of the rows, 1.02x slower than always
+    the faster one (geometric mean); a rule by m and block rows had picked it in 79%, 1.22x slower
+    (and up to 6x), `tools/fit_cuda_cost_model.py`."""
+    if m > CUDA_SPLIT_MAX_M:
+        return "cuda"
+    from pruneaug.cost_model import analytical  # (at call time: the cost model imports this module)
+
+    params = analytical.default_params(target)
+    density = nnz_blocks / (-(-out // block[0]) * -(-in_ // block[1]))
+    seconds = {layout: float(analytical.latency_from_features(
+        params, analytical.features(target, out, in_, m, block, density, layout))) for layout in ("cuda", "cuda_split")}
+    return min(seconds, key=seconds.get)
 
 
 def cuda_conv_tiles(r: int) -> dict[str, int]:
