@@ -19,30 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def event_timer(call: Callable[[], object], number: int) -> Callable[[], float]:
-    """Seconds per call of a torch CUDA call, from CUDA events around `number` calls."""
-    import torch
-
-    def sample() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(number):
-            call()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / number
-
-    return sample
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cuda import median_per_call, torch_timer  # noqa: E402
 
 
 def torch_dense(dense_file: Path, inputs: dict[str, np.ndarray]):
@@ -89,10 +73,10 @@ def bench_folder(folder: Path, dense_file: Path, calib: dict | None, rounds: int
     from pruneaug.deploy import sample_inputs
     from pruneaug.gate import GATE_RTOL, output_mismatch
     from pruneaug.passes.ort_run import make_session
-    from pruneaug.runtime import load
+    from pruneaug.runtime import load, read_signature
 
     artifact = folder / "model.cuda.so"
-    signature = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    signature = read_signature(artifact)
     pruned_file = folder / "pruned.onnx"
     pruned = onnx.load(pruned_file)
     inputs = sample_inputs(pruned, {value["name"]: value["shape"] for value in signature["inputs"]}, calib)
@@ -104,19 +88,11 @@ def bench_folder(folder: Path, dense_file: Path, calib: dict | None, rounds: int
     eager, replay, torch_out = torch_dense(dense_file, inputs)
     torch_error = relative_error(torch_out, make_session(dense_file).run(None, inputs)[0])
 
-    timers = {"ours": lambda: float(np.median(model.time_runs(inputs, number))),
-              "eager": event_timer(eager, number)}
-    if replay is not None:
-        timers["graph"] = event_timer(replay, number)
-    for timer in timers.values():
-        timer()
-    samples: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer())
-    t = {name: statistics.median(values) for name, values in samples.items()}
-    graph_ratio = f"{t['graph'] / t['ours']:.2f}x" if "graph" in t else "n/a"
-    graph = f"{t['graph'] * 1e6:.1f}" if "graph" in t else "n/a"
+    t = median_per_call({"ours": lambda: float(np.median(model.time_runs(inputs, number))),
+                         "eager": torch_timer(eager, number),
+                         "graph": torch_timer(replay, number) if replay is not None else None}, rounds)
+    graph_ratio = f"{t['graph'] / t['ours']:.2f}x" if t["graph"] else "n/a"
+    graph = f"{t['graph'] * 1e6:.1f}" if t["graph"] else "n/a"
     graph = f"{graph} | {t['eager'] / t['ours']:.2f}x | {graph_ratio}"
     plan = json.loads((folder / "plan.json").read_text())
     batch = "x".join(str(d) for d in signature["inputs"][0]["shape"])

@@ -9,7 +9,6 @@ per run, and a Markdown table of the kernels and runtime calls that take the mos
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ def profile_folder(folder: Path, calib: dict | None, runs: int, top: int) -> Non
     import torch
 
     from pruneaug.deploy import sample_inputs
-    from pruneaug.runtime import load
+    from pruneaug.runtime import load, read_signature
 
     artifact = folder / "model.cuda.so"
-    signature = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    signature = read_signature(artifact)
     inputs = sample_inputs(onnx.load(folder / "pruned.onnx"),
                            {value["name"]: value["shape"] for value in signature["inputs"]}, calib)
     model = load(artifact, "cuda")
