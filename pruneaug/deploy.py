@@ -2,9 +2,9 @@
 
 The correctness gate runs the exported artifact wherever its code runs here (the host; CUDA on a
 machine with a GPU): it must match pruned.onnx in onnxruntime on the calibration inputs, else a
-CodegenError names the first layer that differs. Whole-model latencies are
-measured wherever the artifact runs, against onnxruntime on the CPU, each runtime in its own process
-(`pruneaug.timing` says why); for other targets the report gives the cost model's predictions.
+CodegenError names the first layer that differs. Whole-model latencies are measured wherever the
+artifact runs, against onnxruntime on the CPU, each runtime in its own process (`pruneaug.timing`
+says why); for other targets the report gives the cost model's predictions.
 """
 from __future__ import annotations
 

@@ -156,8 +156,8 @@ CUDA_CASES = {  # model, its sparse weights, its input shapes: every layer kind 
 
 
 def test_cuda_short_reductions_run_serially_in_one_thread_per_output():
-    # DLight split a 3x3 depthwise conv's 9 terms over a 256-thread block per output; a reduction
-    # over 64 terms (a grouped conv's 16 channels x 3x3 here is 144) keeps DLight's cross-thread sum
+    # DLight split a 3x3 depthwise conv's 9 terms over a 256-thread block per output; a longer
+    # reduction (the grouped conv's 16 channels x 3x3 = 144 terms) keeps DLight's cross-thread sum
     model, blocks, shapes = cuda_case("cnn")
     source = "".join(cuda_sources(build_model(model, blocks, resolve_target("cuda"), shapes).mod))
     kernels = dict(re.findall(r'__global__ void __launch_bounds__\(\d+\) (\w+)\(.*?\)\s*\{(.*?)\n\}', source, re.S))

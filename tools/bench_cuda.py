@@ -1,6 +1,7 @@
 """Block-sparse CUDA kernels against cuBLAS dense (through torch), torch's own BSR product and TVM dense.
 
-    python tools/bench_cuda.py [--target cuda:sm_90] [--part matmul conv] [--m 1 16 128 2048] [--rounds 20] [--number 50]
+    python tools/bench_cuda.py [--target cuda:sm_90] [--part matmul conv] [--m 1 16 128 2048] [--rounds 20]
+        [--number 50]
 
 Needs a CUDA GPU, TVM with its compiler (the kernels are built here) and torch (`pip install -e
 ".[train]"`). On a GPU users would run the dense layer with cuBLAS, so torch's float32 `x @ W.T`

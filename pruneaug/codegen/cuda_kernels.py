@@ -4,7 +4,8 @@ Plain CUDA-core kernels: no tensor cores yet. The layouts and tiles are `schedul
 and `schedule.conv_schedule`'s: threads along m (`bsr_matmul`) or along (output channel, pixel)
 (`bsr_conv2d`), or a warp per block row and row of the product splitting the block row's kept
 columns (`bsr_matmul_split`, `bsr_conv2d_split`): where those threads cannot fill the GPU (small m,
-small maps at small batches) or a block's rows share each read of the input. Parameters: `X, data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y`.
+small maps at small batches) or a block's rows share each read of the input.
+Parameters: `X, data[nnzb, r, c], indices, indptr, bias[block_rows * r], Y`.
 """
 from __future__ import annotations
 

@@ -297,16 +297,15 @@ def _cuda_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, blo
     return _cuda_slots(thread_blocks / target.cores, conv=(steps, turns * warps * steps), chain_fmas=steps)
 
 
-_CUDA_SLOTS = ("launches: thread blocks per SM", "flops: matmul along m, a thread's steps",
-               "visits: conv, a thread's steps", "row_tiles: conv, its warps' steps in turns",
-               "outs: split, a lane's steps", "ins: split, steps in turns", "l2_bytes: split, FMAs in turns",
-               "l3_bytes: a thread's FMAs", "conflict_lines: 32-byte sectors of X read")
-
-
+# `_CUDA_SLOTS`: what the feature slots after `call` hold on CUDA (their parameters are named for the
+# CPU terms): launches - thread blocks per SM; flops - a matmul thread's steps along m; visits - a conv
+# thread's steps; row_tiles - a conv's warps' steps in turns; outs - a split lane's steps; ins - split
+# steps in turns; l2_bytes - split FMAs in turns; l3_bytes - a thread's FMAs; conflict_lines - 32-byte
+# sectors of X read.
 def _cuda_slots(blocks_per_sm: float, along_m: float = 0.0, conv: tuple = (0.0, 0.0), split: tuple = (0.0, 0.0, 0.0),
                 chain_fmas: float = 0.0, sectors: float = 0.0) -> list[float]:
-    """The feature slots after `call` of a CUDA layout's terms, in `_CUDA_SLOTS`' order: each layout's
-    chain terms have slots (and so fitted costs) of their own."""
+    """The feature slots after `call` of a CUDA layout's terms, in `_CUDA_SLOTS`' order (above): each
+    layout's chain terms have slots (and so fitted costs) of their own."""
     return [float(blocks_per_sm), float(along_m), *map(float, conv), *map(float, split), float(chain_fmas),
             float(sectors)]
 
