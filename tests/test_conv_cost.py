@@ -193,6 +193,25 @@ def test_an_untimed_cuda_conv_is_costed_in_the_layout_its_kernel_takes(tmp_path,
     assert (float(expected) < float(threads)) == (layout == "cuda_split")
 
 
+def test_an_untimed_cuda_1x1_conv_is_costed_without_a_gather():
+    # its im2col matrix is X: a thread's step is a plain load, as in the matmul (the gather's cost had
+    # put a 256->64 1x1 conv on 56x56 maps up to 5x slower than it ran on an H100)
+    from pruneaug.cost_model import analytical
+    from pruneaug.cost_model import model as model_module
+
+    gpu = resolve_target("cuda:sm_90")
+    pointwise = ConvShape(64, (1, 256, 56, 56), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+    padded = ConvShape(64, (1, 256, 56, 56), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    assert model_module._conv_matmul_layout(gpu, pointwise, (4, 4), 0.1) == analytical.CUDA_POINTWISE_CONV_LAYOUT
+    assert model_module._conv_matmul_layout(gpu, padded, (1, 1), 0.1) == analytical.CUDA_CONV_LAYOUT
+    params = analytical.default_params(gpu)
+    out, in_, pixels = pointwise.matmul
+    plain, gathered = (float(analytical.latency_from_features(params, analytical.features(
+        gpu, out, in_, pixels, (4, 4), 0.1, layout)))
+        for layout in (analytical.CUDA_POINTWISE_CONV_LAYOUT, analytical.CUDA_CONV_LAYOUT))
+    assert plain < gathered
+
+
 @pytest.mark.parametrize("conv", [ConvShape(64, (1, 32, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
                                   ConvShape(64, (1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))],
                          ids=["stride 1", "stride 2 (phase split)"])

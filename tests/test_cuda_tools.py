@@ -70,6 +70,11 @@ def test_the_cuda_cost_model_predicts_held_out_h100_kernel_times():
     assert np.mean(abs(predicted / measured - 1) <= 0.25) >= 0.6
     faster = [(predicted[i] < predicted[i + 1]) == (measured[i] < measured[i + 1]) for i in range(0, len(measured), 2)]
     assert np.mean(faster) >= 0.9
+    # the convs it did not see: stride 2, and a 1x1 conv whose threads read X itself (no gather)
+    held_out_convs = [p for p in convs if not p[-1]]
+    assert {p[5] for p in held_out_convs} == {"cuda_conv", "cuda_conv_1x1", "cuda_split"}
+    predicted = analytical.latency_from_features(analytical.default_params(gpu), fit.features(gpu, held_out_convs))
+    assert np.mean(abs(predicted / np.array([p[6] for p in held_out_convs]) - 1) <= 0.25) >= 0.6
 
 
 def test_the_cuda_matmul_layout_picked_is_the_faster_on_an_h100():

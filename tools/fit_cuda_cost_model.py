@@ -28,10 +28,8 @@ LAYOUT_COLUMNS = {"cuda": 4, "cuda_split": 5}  # the "along m" and "split" colum
 
 def read_tables(path: Path) -> tuple[list[tuple], list[tuple]]:
     """(matmul points, conv points), each (out, in, m, block, density, layout, seconds, train)."""
-    from pruneaug.cost_model.analytical import CUDA_CONV_LAYOUT
+    from pruneaug.cost_model.analytical import CUDA_CONV_LAYOUT, CUDA_POINTWISE_CONV_LAYOUT
     from pruneaug.cost_model.conv_shape import ConvShape
-
-    CONV_LAYOUTS = {"cuda": CUDA_CONV_LAYOUT}  # the conv's own threads, not the matmul's along m
 
     matmuls, convs = [], []
     for line in path.read_text().splitlines():
@@ -45,7 +43,9 @@ def read_tables(path: Path) -> tuple[list[tuple], list[tuple]]:
             k, stride = (int(v) for v in cells[2].replace("x", ",").split(",")[1:])
             pad = (k - 1) // 2
             out, in_, pixels = ConvShape(int(cells[1]), x_shape, (k, k), (stride, stride), (pad,) * 4, (1, 1)).matmul
-            convs += [(out, in_, pixels, block, density, CONV_LAYOUTS.get(layout, layout),
+            # the conv's own threads, not the matmul's along m (a 1x1 unpadded conv's read X as it is)
+            threads = CUDA_POINTWISE_CONV_LAYOUT if k == 1 and pad == 0 else CUDA_CONV_LAYOUT
+            convs += [(out, in_, pixels, block, density, threads if layout == "cuda" else layout,
                        float(cells[col + 1]) * 1e-6, x_shape in TRAIN_CONVS) for layout, col in LAYOUT_COLUMNS.items()]
         else:
             out, in_ = (int(v) for v in cells[1].split("x"))

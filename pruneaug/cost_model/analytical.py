@@ -112,9 +112,9 @@ FEATURE_NAMES = ("call", "launches", "flops", "visits", "row_tiles", "outs", "in
 # by `tools/fit_cuda_cost_model.py` to 260 kernel times of an H100 (tools/data/bench_cuda_h100.md:
 # matmuls of two BERT-base weight shapes and stride-1 3x3 convs, both layouts). Held out: the other
 # two weight shapes' 168 matmul times 67% within 25% (39% within 10%), the faster layout predicted
-# in 95% of their rows; the stride-2 and 1x1 convs' 60 times 63% within 25% (a 1x1 conv's threads
-# along channels and pixels ran up to 5x faster than predicted: it gathers nothing). The throughput
-# terms these replace had 26% of those matmul times within 25% and the faster layout in 57%.
+# in 95% of their rows; the stride-2 and 1x1 convs' 60 times 72% within 25% (the faster layout: 97%).
+# The throughput terms these replace had 26% of those matmul times within 25% and the faster layout
+# in 57%.
 CUDA_CALL_S = 3.55e-6
 CUDA_CYCLES = {"t_launch": 119.0, "t_flop": 44.8, "t_block": 247.0, "t_row": 16.0, "t_out": 96.3, "t_in": 3.18,
                "t_l2": 1.75, "t_l3": 18.1, "t_conflict": 2.1e-3}
@@ -283,18 +283,27 @@ def _cuda_split_terms(target: TargetProfile, out: int, in_: int, m: int, block: 
 
 
 def _cuda_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, block: tuple[int, int], nnzb: int,
-                     tiles: dict[str, int]) -> list[float]:
+                     tiles: dict[str, int], gathers: bool = True) -> list[float]:
     """A conv's thread per (output channel, pixel) (`cuda_kernels.bsr_conv2d`), `r x px_tile` of them
     per thread block: each walks its block row's kept columns, one bounds-checked im2col read and one
     FMA a step (`_CUDA_SLOTS`' conv terms), its thread block's warps taking turns with the others an
-    SM holds."""
+    SM holds. A conv that `gathers` nothing (1x1, unpadded: its im2col matrix is X) reads a plain
+    load a step, as a matmul's thread does (the gather's step cost had put it up to 5x too slow)."""
     r, c = block
     block_rows = -(-out // r)
     thread_blocks = block_rows * -(-pixels // tiles["px_tile"])
     steps = nnzb / block_rows * c
     warps = -(-r * tiles["px_tile"] // 32)
     turns = -(-thread_blocks // target.cores)
+    if not gathers:  # its steps cost what a matmul thread's and a split lane's plain steps do
+        return _cuda_slots(thread_blocks / target.cores, along_m=steps, split=(0.0, turns * warps * steps, 0.0),
+                           chain_fmas=steps)
     return _cuda_slots(thread_blocks / target.cores, conv=(steps, turns * warps * steps), chain_fmas=steps)
+
+
+def _cuda_pointwise_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, block: tuple[int, int],
+                               nnzb: int, tiles: dict[str, int]) -> list[float]:
+    return _cuda_conv_terms(target, out, in_, pixels, block, nnzb, tiles, gathers=False)
 
 
 # `_CUDA_SLOTS`: what the feature slots after `call` hold on CUDA (their parameters are named for the
@@ -311,9 +320,10 @@ def _cuda_slots(blocks_per_sm: float, along_m: float = 0.0, conv: tuple = (0.0, 
 
 
 _TERMS = {"rowvec": _rowvec_terms, "mvec": _mvec_terms, "cuda": _cuda_terms, "cuda_split": _cuda_split_terms,
-          "cuda_conv": _cuda_conv_terms}
+          "cuda_conv": _cuda_conv_terms, "cuda_conv_1x1": _cuda_pointwise_conv_terms}
 MATMUL_LAYOUTS = frozenset(_TERMS)  # the layouts `features` can cost
 CUDA_CONV_LAYOUT = "cuda_conv"  # the conv kernel's "cuda" layout (`schedule.conv_schedule`), costed as such
+CUDA_POINTWISE_CONV_LAYOUT = "cuda_conv_1x1"  # ... for a conv whose im2col matrix is X itself
 
 
 _MEMO: dict[tuple, list[float]] = {}  # feature rows by (target's identity and caches, layer): a model's
@@ -335,7 +345,7 @@ def _work_features(target: TargetProfile, out: int, in_: int, m: int, block: tup
                    layout: str | None) -> list[float]:
     """The feature row of one layer, worked out from its kernel schedule."""
     r, c = block
-    if layout == CUDA_CONV_LAYOUT:
+    if layout in (CUDA_CONV_LAYOUT, CUDA_POINTWISE_CONV_LAYOUT):
         sched = schedule.Schedule(layout, schedule.cuda_conv_tiles(r))
     else:
         sched = schedule.kernel_schedule(target, m, out, in_, block, nnzb, layout)

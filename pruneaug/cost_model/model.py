@@ -387,7 +387,8 @@ def _conv_matmul_layout(target: TargetProfile, conv: ConvShape, block: tuple[int
     kept = int(analytical.kept_blocks(out, in_, block, density))
     own = schedule.conv_schedule(target, conv.out_hw, block, pixels, kept, out_c=out, kernel_hw=conv.kernel).layout
     if own == "cuda":  # a thread per (output channel, pixel): not the matmul's threads along m
-        return analytical.CUDA_CONV_LAYOUT
+        pointwise = tuple(conv.kernel) == (1, 1) and not any(conv.pads)
+        return analytical.CUDA_POINTWISE_CONV_LAYOUT if pointwise else analytical.CUDA_CONV_LAYOUT
     as_matmul = schedule.kernel_schedule(target, pixels, out, in_, block, kept).layout
     return own if own in analytical.MATMUL_LAYOUTS and own != as_matmul else None
 
