@@ -303,6 +303,7 @@ def _cuda_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, blo
 
 def _cuda_pointwise_conv_terms(target: TargetProfile, out: int, in_: int, pixels: int, block: tuple[int, int],
                                nnzb: int, tiles: dict[str, int]) -> list[float]:
+    """`_cuda_conv_terms` of a conv that gathers nothing: a layout of its own, so that its features keep apart."""
     return _cuda_conv_terms(target, out, in_, pixels, block, nnzb, tiles, gathers=False)
 
 
