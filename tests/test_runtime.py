@@ -13,6 +13,7 @@ import pytest
 
 from devices import requires_cuda_gpu
 from fresh_python import run_python
+from tool_module import load_tool
 
 import zoo
 from pruneaug.codegen.export import export_artifact, model_signature
@@ -47,22 +48,6 @@ def x86_artifact(model, tmp_path_factory):
 
 def reference(model, inputs):
     return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
-
-
-def runtime_only_tvm(root: Path) -> Path:
-    """A copy of the installed `tvm` package (symlinks) without lib/libtvm_compiler.so, under `root`."""
-    import tvm
-
-    source = Path(tvm.__file__).parent
-    package = root / "tvm"
-    (package / "lib").mkdir(parents=True)
-    for entry in source.iterdir():
-        if entry.name != "lib":
-            (package / entry.name).symlink_to(entry)
-    for entry in (source / "lib").iterdir():
-        if entry.name != "libtvm_compiler.so":
-            (package / "lib" / entry.name).symlink_to(entry)
-    return root
 
 
 def test_artifact_and_sidecar(x86_artifact):
@@ -203,7 +188,8 @@ def run_in_fresh_process(artifact: Path, device: str, inputs: dict, tmp_path: Pa
         f"np.save({str(tmp_path / 'y.npy')!r}, model.run(inputs)[0])\n"
         "assert 'tvm.relax' not in sys.modules and 'onnx' not in sys.modules\n"
     )
-    path = os.pathsep.join(filter(None, [str(runtime_only_tvm(tmp_path / "site")), str(REPO),
+    site = load_tool("runtime_bundle").copy_runtime_tvm(tmp_path / "site", link=True)
+    path = os.pathsep.join(filter(None, [str(site), str(REPO),
                                          os.environ.get("PYTHONPATH")]))  # tvm_ffi may live on the old path
     run_python(script, env={**os.environ, "PYTHONPATH": path})
     return np.load(tmp_path / "y.npy")
