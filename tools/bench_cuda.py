@@ -138,6 +138,7 @@ def bench_conv(target, rounds: int, number: int) -> None:
 
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight, to_bsr
     from pruneaug.codegen.schedule import DENSE_BLOCK, conv_schedule
+    from pruneaug.cost_model.conv_shape import ConvShape
 
     torch.backends.cudnn.allow_tf32 = False
     print(f"\n## Conv on {torch.cuda.get_device_name(0)}, target {target.name}, float32; "
@@ -148,9 +149,9 @@ def bench_conv(target, rounds: int, number: int) -> None:
     rng = np.random.default_rng(0)
     for x_shape, out_c, k, stride, pad in CONV_CASES:
         x = rng.standard_normal(x_shape).astype(np.float32)
-        cols = x_shape[1] * k * k
         geometry = ((k, k), (stride, stride), (pad, pad, pad, pad), (1, 1))
-        out_hw = ((x_shape[2] + 2 * pad - k) // stride + 1, (x_shape[3] + 2 * pad - k) // stride + 1)
+        conv = ConvShape(out_c, x_shape, *geometry)
+        _, cols, pixels = conv.matmul
 
         def ours(weight, layout=None):
             return tvm_timer(bsr_conv2d_kernel(target, x_shape, weight, *geometry, layout=layout), target, x, number)
@@ -164,8 +165,8 @@ def bench_conv(target, rounds: int, number: int) -> None:
             for block in BLOCKS:
                 weight = random_bsr_weight(out_c, cols, block, density, seed=1)
                 t = median_per_call({**{layout: ours(weight, layout) for layout in LAYOUTS}, **base}, rounds)
-                picked = conv_schedule(target, out_hw, block, x_shape[0] * out_hw[0] * out_hw[1], weight.nnz_blocks,
-                                       out_c=out_c, kernel_hw=(k, k)).layout
+                picked = conv_schedule(target, conv.out_hw, block, pixels, weight.nnz_blocks, out_c=out_c,
+                                       kernel_hw=conv.kernel).layout
                 print(f"| {'x'.join(map(str, x_shape))} | {out_c} | {k}x{k}, {stride} | {1 - density:.0%} "
                       f"| {block[0]}x{block[1]} | {t['cuda'] * 1e6:.1f} | {t['cuda_split'] * 1e6:.1f} "
                       f"| {LAYOUTS[picked]} | {t['cudnn'] * 1e6:.1f} | {t['dense'] * 1e6:.1f} "
