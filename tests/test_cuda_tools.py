@@ -27,12 +27,6 @@ def test_a_gpu_tool_without_a_gpu_says_so_and_fails(tool, args):
         f"{tool}: no CUDA GPU here (or TVM's runtime was built without CUDA)")
 
 
-def test_relative_error_is_the_l2_norm_of_the_difference_over_the_reference():
-    bench = load_tool("bench_cuda_model")
-    want = np.array([3.0, 4.0], np.float32)
-    assert bench.relative_error(np.array([3.0, 4.5], np.float32), want) == pytest.approx(0.1)
-
-
 @requires_cuda_gpu
 def test_the_whole_model_bench_checks_then_times_a_cuda_artifact(tmp_path):
     pytest.importorskip("onnx2torch")

@@ -11,9 +11,10 @@ to torch by onnx2torch and run by cuBLAS/cuDNN in float32 (TF32 off: the same ar
 "torch eager" as it comes, and "torch graph" with its launches captured in a CUDA graph, which takes
 the per-op launch cost out and is the stronger competitor (our artifacts replay a CUDA graph too).
 Before timing, each artifact's output is checked against `pruned.onnx` in onnxruntime with the
-compile's gate tolerance, and torch's against the dense model in onnxruntime. Every figure is the
-median over rounds of GPU time per call (CUDA events around `number` calls; TVM's time evaluator for
-ours), the competitors taking turns round by round. Ratios are baseline / ours (higher is better).
+compile's gate tolerance, and torch's against the dense model in onnxruntime (the gate's relative
+error, `gate.relative_error`). Every figure is the median over rounds of GPU time per call (CUDA
+events around `number` calls; TVM's time evaluator for ours), the competitors taking turns round by
+round. Ratios are baseline / ours (higher is better).
 """
 from __future__ import annotations
 
@@ -62,17 +63,12 @@ def torch_dense(dense_file: Path, inputs: dict[str, np.ndarray]):
     return eager, graph.replay, first.cpu().numpy()
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want.astype(np.float64)), 1e-30))
-
-
 def bench_folder(folder: Path, dense_file: Path, calib: dict | None, rounds: int, number: int) -> str:
     """One table row: the artifact in `folder` against the dense model in torch, eager and graph."""
     import onnx
 
     from pruneaug.deploy import sample_inputs
-    from pruneaug.gate import GATE_RTOL, output_mismatch
-    from pruneaug.passes.ort_run import make_session
+    from pruneaug.gate import GATE_RTOL, onnxruntime_outputs, output_mismatch, relative_error
     from pruneaug.runtime import load, read_signature
 
     artifact = folder / "model.cuda.so"
@@ -81,12 +77,12 @@ def bench_folder(folder: Path, dense_file: Path, calib: dict | None, rounds: int
     pruned = onnx.load(pruned_file)
     inputs = sample_inputs(pruned, {value["name"]: value["shape"] for value in signature["inputs"]}, calib)
     model = load(artifact, "cuda")
-    expected = make_session(pruned_file).run(None, inputs)
+    expected = onnxruntime_outputs(pruned_file, inputs)
     mismatch = output_mismatch(pruned, model.run(inputs), expected, GATE_RTOL)
     if mismatch is not None:
         return f"| {folder.name} | output {mismatch[0]!r} differs from onnxruntime's ({mismatch[1]:.2e}): not timed |"
     eager, replay, torch_out = torch_dense(dense_file, inputs)
-    torch_error = relative_error(torch_out, make_session(dense_file).run(None, inputs)[0])
+    torch_error = relative_error(torch_out, onnxruntime_outputs(dense_file, inputs)[0])
 
     t = median_per_call({"ours": lambda: float(np.median(model.time_runs(inputs, number))),
                          "eager": torch_timer(eager, number),
