@@ -510,7 +510,7 @@ def _build_artifact(pruned: IRModel, written: _Written, dense_model: onnx.ModelP
                                        "on this machine; copy the output folder there and run "
                                        "`python tools/check_artifact.py OUT --calib CALIB.npz`")
         notes.append(extra["artifact_unchecked"])
-    if deploy.times_here(profile):
+    else:  # timed where it runs: a CUDA artifact on this GPU, onnxruntime's CPU figures for reference only
         deploy.release_freed_memory()  # before the workers load their models
         # the dense model's own file (when it has one) and the pruned.onnx just written: nothing saved again
         extra["model_latency"] = deploy.measure_model_latency(dense_model, written.file.result(), artifact, inputs,

@@ -70,8 +70,10 @@ def release_freed_memory() -> None:
 
 
 def runs_here(profile) -> bool:
-    """Whether `profile`'s code runs on this machine, so that the gate can run the artifact: the host
-    target always, CUDA where a GPU is present (arm64 is only ever emulated, in the tests)."""
+    """Whether `profile`'s code runs on this machine, so that the gate can run the artifact and the
+    whole model be timed: the host target always, CUDA where a GPU is present (arm64 is only ever
+    emulated, in the tests). A CUDA artifact's onnxruntime competitors run on the CPU beside it, for
+    reference only: a GPU artifact against a CPU session is no fair comparison (the report says so)."""
     from pruneaug.runtime import has_cuda_gpu
 
     return profile.kind == "x86" or (profile.kind == "cuda" and has_cuda_gpu())
@@ -81,14 +83,6 @@ def picks_here(profile) -> bool:
     """Whether the compile picks between plans and thread layouts by timing their artifacts here: on
     the host CPU, whose thread pool the parallel and serial builds differ in (`pruneaug.pick`)."""
     return profile.kind == "x86"
-
-
-def times_here(profile) -> bool:
-    """Whether the whole model is timed here: wherever its artifact runs (`runs_here`). On the host,
-    against onnxruntime's CPU session, what users would run instead; for CUDA on this machine's GPU,
-    with onnxruntime's CPU figures beside it for reference only (no GPU onnxruntime is assumed, and
-    a GPU artifact against a CPU session is no fair comparison: the report says so)."""
-    return runs_here(profile)
 
 
 def sample_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],

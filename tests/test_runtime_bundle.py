@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import tarfile
 import zipfile
 
@@ -26,7 +27,7 @@ def test_a_bundle_runs_an_artifact_where_tvm_has_no_compiler(tmp_path):
     host = resolve_target("x86")
     artifact = export_artifact(build_model(model, {"fc1.weight": (8, 8)}, host, shapes), host,
                                tmp_path / "model.x86", model_signature(model, shapes))
-    archive = bundle.build(tmp_path / "bundle", f"{os.sys.version_info.major}.{os.sys.version_info.minor}", None)
+    archive = bundle.build(tmp_path / "bundle", f"{sys.version_info.major}.{sys.version_info.minor}", None)
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert "tvm/lib/libtvm_runtime.so" in names and "tvm_ffi/__init__.py" in names and "pruneaug/runtime.py" in names

@@ -181,10 +181,10 @@ def test_the_whole_model_is_timed_wherever_its_artifact_runs_and_picked_only_on_
 
     for has_gpu in (False, True):
         monkeypatch.setattr(runtime, "has_cuda_gpu", lambda: has_gpu)
-        assert deploy.times_here(resolve_target("cuda")) == has_gpu
+        assert deploy.runs_here(resolve_target("cuda")) == has_gpu
         assert not deploy.picks_here(resolve_target("cuda"))
-    assert deploy.times_here(resolve_target("x86")) and deploy.picks_here(resolve_target("x86"))
-    assert not deploy.times_here(resolve_target("arm64"))
+    assert deploy.runs_here(resolve_target("x86")) and deploy.picks_here(resolve_target("x86"))
+    assert not deploy.runs_here(resolve_target("arm64"))
 
 
 def test_models_on_disk_are_timed_from_their_own_files(models, tmp_path, monkeypatch):
