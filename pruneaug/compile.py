@@ -174,6 +174,10 @@ def compile_model(
             pruned = finish(pruned) if finish else pruned
     phases.lap("plan")
 
+    if outcome is None:  # a given plan: its dense layers' kernels timed as a search times them
+        latency.measure_dense_kernels(costs, [pruned.layer(node) for node in pruned.prunable_nodes()
+                                              if pruned.graph.nodes[node]["block"].sparsity == 0])
+        phases.lap("dense kernels")
     with folder as staging, ThreadPoolExecutor(1, thread_name_prefix="pruneaug-write") as writer:
         pruned = latency.annotate(pruned, costs, dense_where_faster=not request.searching)
         _say_layers_run_dense(pruned, notes)
@@ -183,7 +187,8 @@ def compile_model(
         written = _write_pruned(pruned, staging, writer, gate_inputs)
         picked = None
         if request.artifact and deploy.picks_here(profile):
-            picked = _measured_pick(outcome, pruned, written, profile, shapes, inputs, request.metric, staging, notes)
+            picked = _measured_pick(outcome, pruned, written, profile, costs, shapes, inputs, request.metric, staging,
+                                    notes)
             if isinstance(picked, Pick) and picked.ir is not pruned:
                 written.file.result()
                 pruned = latency.annotate(picked.ir, costs)
@@ -430,7 +435,7 @@ def _write_pruned(pruned: IRModel, staging: Path, writer: ThreadPoolExecutor,
     return _Written(pruned_model, file, expected)
 
 
-def _measured_pick(outcome: SearchOutcome | None, chosen: IRModel, written: _Written, profile,
+def _measured_pick(outcome: SearchOutcome | None, chosen: IRModel, written: _Written, profile, costs,
                    shapes: dict[str, list[int]], inputs: dict[str, np.ndarray], metric: str, staging: Path,
                    notes: list[str]) -> Pick | CodegenError:
     """`pick.measured_pick` of the artifact that ships, among the search's near-equal validated plans
@@ -445,9 +450,13 @@ def _measured_pick(outcome: SearchOutcome | None, chosen: IRModel, written: _Wri
     from pruneaug.codegen.export import move_artifact
 
     def build(ir: IRModel, build_profile, stem: Path) -> Path:
-        # the chosen plan is lowered already, and its gate's reference computed beside the build
-        model, expected = (written.model, written.reference) if ir is chosen else (lower(ir), None)
-        return deploy.plan_builder(model, deploy.sparse_weights(ir), shapes, inputs, expected)(build_profile, stem)
+        # the chosen plan is lowered already, and its gate's reference computed beside the build; another
+        # runs its dense layers in the chosen plan's dense kernels (`latency.annotate`)
+        if ir is chosen:
+            model, expected, kernels = written.model, written.reference, deploy.sparse_weights(ir)
+        else:
+            model, expected, kernels = lower(ir), None, deploy.sparse_weights(latency.annotate(ir, costs))
+        return deploy.plan_builder(model, kernels, shapes, inputs, expected)(build_profile, stem)
 
     record = outcome.record if outcome else None
     builds = staging / "builds"

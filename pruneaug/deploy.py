@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from pruneaug.calib import graph_inputs
+from pruneaug.codegen.schedule import DENSE_BLOCK
 from pruneaug.errors import CodegenError, PruneaugError
 from pruneaug.gate import GATE_RTOL
 from pruneaug.ir.onnx_io import save_model
@@ -110,9 +111,16 @@ def calib_rows(calib: Mapping[str, np.ndarray] | None, name: str, shape: Sequenc
 
 
 def sparse_weights(ir) -> dict[str, tuple[int, int]]:
-    """Weight name -> block shape of every layer the plan prunes: what `build_artifact` rewrites to BSR kernels."""
-    return {ir.layer(n).weight: ir.graph.nodes[n]["block"].shape for n in ir.prunable_nodes()
-            if runs_block_sparse(ir.graph.nodes[n])}
+    """Weight name -> block shape of every layer `build_artifact` runs in a BSR kernel of a block shape of its
+    own: the pruned layers, and the dense ones whose dense kernel `latency.annotate` builds in another block
+    shape than the default (`dense_block`: every block kept). The rest run in the default dense kernel."""
+    blocks = {}
+    for node in ir.prunable_nodes():
+        data = ir.graph.nodes[node]
+        block = data["block"].shape if runs_block_sparse(data) else tuple(data.get("dense_block", DENSE_BLOCK))
+        if runs_block_sparse(data) or block != DENSE_BLOCK:
+            blocks[ir.layer(node).weight] = block
+    return blocks
 
 
 def plan_builder(pruned_model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[int, int]],

@@ -66,6 +66,9 @@ def layer_entry(ir: IRModel, node: str) -> dict[str, Any]:
         "latency_source": data.get("latency_source"),
         # the kernel the artifact runs it with: a given plan's pruned layer runs dense where that is faster
         "kernel": "block-sparse" if runs_block_sparse(data) else "dense",
+        # the block shape the layer's dense kernel is built in (every block kept): its dense figures' and,
+        # where it runs dense, the artifact's
+        "dense_block": list(data["dense_block"]) if "dense_block" in data else None,
         "block_sparse_latency_s": data.get("block_sparse_latency_s"),
     }
 

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from pruneaug.codegen.schedule import DENSE_BLOCK
 from pruneaug.pick import BUILDS
 
 REPORT_FILES = ("report.md", "report.html", "pareto.png")
@@ -35,6 +36,13 @@ def _sparsity(entry: dict[str, Any]) -> str:
     return f"{entry['sparsity']:.2f} ({actual:.2f} of its blocks)"
 
 
+def _dense_latency(entry: dict[str, Any]) -> str:
+    """The layer's dense kernel time, with its block shape where that is not the default's (`schedule.dense_blocks`)."""
+    block = entry.get("dense_block")
+    shape = f" ({block[0]}x{block[1]} kernel)" if block and tuple(block) != DENSE_BLOCK else ""
+    return _us(entry.get("dense_latency_s")) + shape
+
+
 def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
     rows = []
     for entry in plan["layers"]:
@@ -46,7 +54,7 @@ def layer_rows(plan: dict[str, Any]) -> list[list[str]]:
             entry["node"], entry["op_type"], f"{entry['shape'][0]}x{entry['shape'][1]}", str(entry["m"] or "?"),
             f"{entry['block'][0]}x{entry['block'][1]}", _sparsity(entry), f"{entry['nnz_blocks']}/{entry['blocks']}",
             "–" if entry.get("proxy_loss") is None else f"{entry['proxy_loss']:.2e}",
-            _us(entry.get("dense_latency_s")), _us(chosen), source,
+            _dense_latency(entry), _us(chosen), source,
             _ratio(entry.get("dense_latency_s"), chosen),
         ])
     return rows

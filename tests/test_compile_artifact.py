@@ -251,3 +251,37 @@ def test_check_artifact_passes_a_compiles_artifact_and_names_the_output_that_dif
     assert checked.returncode != 0
     assert f"output {output!r} differs from onnxruntime's: relative error" in checked.stderr
     assert checked.stderr.rstrip().endswith("> 0.0001")
+
+
+
+def test_dense_layers_run_in_the_block_shape_their_kernels_measured_faster(tmp_path, monkeypatch):
+    """32x16 dense kernels in the cache at a fifth of the default's time, for two of the MLP's three layers:
+    the plan records them, codegen builds those two in 32x16 blocks (every block kept) and the third in the
+    default's, and the artifact matches onnxruntime."""
+    import zoo
+    from pruneaug.codegen import bsr, schedule
+    from pruneaug.cost_model.cache import DENSE_BLOCK, Measurement, open_cache
+    from pruneaug.cost_model.measured import running_profile
+
+    wide = schedule.WIDE_DENSE_BLOCK
+    faster = {(128, 64, 1), (10, 96, 1)}  # fc1 and fc3 (out, in, m); fc2 (96, 128) keeps the default
+    rows = [Measurement(*shape, DENSE_BLOCK, 1.0, 10e-6) for shape in [*faster, (96, 128, 1)]]
+    rows += [Measurement(*shape, wide, 1.0, 2e-6 if shape in faster else 9.9e-6) for shape in [*faster, (96, 128, 1)]]
+    open_cache().put_many(running_profile(resolve_target("x86")).cache_key, rows)
+    built = []
+    to_bsr = bsr.to_bsr
+    monkeypatch.setattr(bsr, "to_bsr", lambda w, block: built.append((w.shape, tuple(block))) or to_bsr(w, block))
+    result = pruneaug.compile(zoo.mlp(), sparsity=0.0, block="4x4", measure="none", out=tmp_path / "o")
+    by_shape = {tuple(layer["shape"]): layer for layer in result.plan["layers"]}
+    assert {shape: tuple(layer["dense_block"]) for shape, layer in by_shape.items()} == {
+        (128, 64): wide, (96, 128): schedule.DENSE_BLOCK, (10, 96): wide}
+    assert by_shape[(128, 64)]["dense_latency_s"] == pytest.approx(2e-6)
+    assert by_shape[(96, 128)]["dense_latency_s"] == pytest.approx(10e-6)
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert report.count("µs (32x16 kernel)") == 2 and "(16x32 kernel)" not in report
+    assert {(shape, block) for shape, block in built} >= {((128, 64), wide), ((96, 128), schedule.DENSE_BLOCK),
+                                                          ((10, 96), wide)}
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    (want,) = ort_run.make_session(onnx.load(result.pruned_model)).run(None, {"x": x})
+    (got,) = pruneaug.load(result.artifact).run({"x": x})
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -216,4 +216,5 @@ def test_convs_are_costed_by_their_own_measured_kernels(tmp_path):
         assert entry["latency_source"] == predicted.source and predicted.source in ("measured", "fitted")
         assert entry["predicted_latency_s"] == pytest.approx(predicted.seconds)
         assert entry["dense_latency_s"] == pytest.approx(costs.predict_conv(conv, (8, 8), 0.0).seconds)
-    assert len(costs.cache.all_conv(costs.target.cache_key)) == 3 * (1 + 6)  # dense and the grid, per conv
+    # per conv: the dense kernel in each of its two block shapes, and the grid
+    assert len(costs.cache.all_conv(costs.target.cache_key)) == 3 * (2 + 6)

@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 import zoo
-from pruneaug.codegen import bsr, conv_lowering
+from pruneaug.codegen import bsr, conv_lowering, schedule
 from pruneaug.codegen.schedule import conv_schedule
 from pruneaug.cost_model import CostModel
 from pruneaug.cost_model.cache import DENSE_BLOCK, ConvMeasurement, LatencyCache
@@ -257,11 +257,23 @@ class _ConvRunner:
         return 1e-6
 
 
+def test_a_dense_conv_runs_in_the_block_shape_its_own_kernels_measured_faster(tmp_path):
+    wide = schedule.WIDE_DENSE_BLOCK
+    model = _model_with(tmp_path, [ConvMeasurement(STRIDED.key, DENSE_BLOCK, 1.0, 9e-6),
+                                   ConvMeasurement(STRIDED.key, wide, 1.0, 6e-6),
+                                   ConvMeasurement(STRIDED.key, wide, 0.5, 1e-6)])  # a 32x16 sparse time: not dense
+    assert {block: p.seconds for block, p in model.dense_conv_options(STRIDED).items()} == \
+        {schedule.DENSE_BLOCK: pytest.approx(9e-6), wide: pytest.approx(6e-6)}
+    assert model.predict_conv(STRIDED, (8, 8), 0.0).seconds == pytest.approx(6e-6)
+    unmeasured = dataclasses.replace(STRIDED, strides=(1, 1))  # nothing timed: the default's prediction alone
+    assert set(model.dense_conv_options(unmeasured)) == {schedule.DENSE_BLOCK}
+
+
 def test_fill_times_the_convs_grid_once(tmp_path):
     model = _model_with(tmp_path, [])
     model.runner = _ConvRunner()
     timed = model.fill([], blocks=[(8, 8), (1, 4)], densities=[0.2, 0.5], progress=False, convs=[STRIDED, STRIDED])
-    assert timed == 1 + 2 * 2 and model.runner.layers == []
+    assert timed == 2 + 2 * 2 and model.runner.layers == []  # the dense kernel in each of its block shapes
     assert sorted(model.runner.convs, key=str)[0] == (STRIDED, DENSE_BLOCK, 1.0)
     assert model.fill([], blocks=[(8, 8), (1, 4)], densities=[0.2, 0.5], progress=False, convs=[STRIDED]) == 0
     again = CostModel(X86, cache=LatencyCache(tmp_path / "c.sqlite", kernel_version="k1", conv_kernel_version="c1"))
@@ -325,6 +337,6 @@ def test_a_conv_timed_slower_than_a_denser_one_is_timed_again(tmp_path):
     model = _model_with(tmp_path, [])
     slow = (STRIDED, (8, 8), 0.2)  # read 3x slow once: slower than density 0.5 of the same block
     model.runner = _ConvRunner(slow_point=slow)
-    assert model.fill([], blocks=[(8, 8)], densities=[0.2, 0.5], progress=False, convs=[STRIDED]) == 3
-    assert model.runner.convs.count(slow) == 2 and len(model.runner.convs) == 4  # only the outlier again
+    assert model.fill([], blocks=[(8, 8)], densities=[0.2, 0.5], progress=False, convs=[STRIDED]) == 4
+    assert model.runner.convs.count(slow) == 2 and len(model.runner.convs) == 5  # only the outlier again
     assert model.predict_conv(STRIDED, (8, 8), 0.8).seconds == pytest.approx(1e-6 + 2e-6)  # the faster time kept

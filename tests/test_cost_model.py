@@ -373,10 +373,32 @@ def test_fill_measures_what_is_missing_and_retimes_outliers(tmp_path):
     model.runner = _ContendedRunner(A76, truth, slow)
     shapes = [(256, 256, 32), (256, 512, 32), (512, 256, 64), (512, 512, 64)]
     densities = [0.1, 0.25, 0.5, 0.75]
-    assert model.fill(shapes, blocks=[(8, 8)], densities=densities, progress=False) == 4 * (1 + 4)
+    # per shape: the dense kernel in each of its two block shapes, 8x8 at each density
+    assert model.fill(shapes, blocks=[(8, 8)], densities=densities, progress=False) == 4 * (2 + 4)
     assert model.runner.calls.count(slow) == 2  # the outlier was timed again, nothing else was
-    assert len(model.runner.calls) == 21
+    assert len(model.runner.calls) == 25
     expected = analytical.latency_from_features(truth, analytical.features(A76, *slow))
     assert model.cache.get(A76.cache_key, *slow) == pytest.approx(float(expected))
     assert model.missing(shapes, [(8, 8)], densities) == []
     assert model.fill(shapes, blocks=[(8, 8)], densities=densities, progress=False) == 0
+
+
+def test_the_dense_kernel_takes_its_other_block_shape_only_where_that_measured_clearly_faster():
+    """`schedule.dense_blocks`: a dense layer runs in 32x16 blocks where those measured at most
+    DENSE_SWITCH_GAIN of the default's time; unmeasured, or within noise of it, in the default's."""
+    wide = schedule.WIDE_DENSE_BLOCK
+    default = Measurement(768, 3072, 1, DENSE_BLOCK, 1.0, 10e-6)
+    for wide_seconds, expected in [(9.4e-6, (wide, 9.4e-6)), (9.7e-6, (schedule.DENSE_BLOCK, 10e-6)),
+                                   (None, (schedule.DENSE_BLOCK, 10e-6))]:
+        rows = [default] + ([Measurement(768, 3072, 1, wide, 1.0, wide_seconds)] if wide_seconds else [])
+        model = CostModel.from_measurements(A76, rows)
+        options = model.dense_options(768, 3072, 1)
+        assert set(options) == {schedule.DENSE_BLOCK} | ({wide} if wide_seconds else set())
+        block, prediction = model_module.faster_dense(options)
+        assert (block, prediction.seconds) == (expected[0], pytest.approx(expected[1]))
+        assert model.predict(768, 3072, 1, (8, 8), 0.0) == prediction  # sparsity 0 is that kernel
+    gpu = resolve_target("cuda:sm_90")  # one dense block shape on CUDA: a 32x16 time there is not used
+    model = CostModel.from_measurements(gpu, [Measurement(768, 3072, 1, DENSE_BLOCK, 1.0, 10e-6),
+                                              Measurement(768, 3072, 1, wide, 1.0, 1e-6)])
+    assert set(model.dense_options(768, 3072, 1)) == {schedule.DENSE_BLOCK}
+    assert model.predict(768, 3072, 1, (8, 8), 0.0).seconds == pytest.approx(10e-6)

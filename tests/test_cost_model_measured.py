@@ -177,8 +177,8 @@ def test_local_measurement_is_cached_and_never_repeated(tmp_path, monkeypatch):
     monkeypatch.setattr(again.runner, "time_layer", lambda out, in_, m, block, density: timed.append(block) or 1e-4)
     assert again.measure(*SHAPE, (8, 8), 0.5) == seconds
     assert again.predict(*SHAPE, (8, 8), 0.5).source == "measured"
-    assert again.fill([SHAPE], blocks=[(8, 8)], densities=[0.5], progress=False) == 1
-    assert timed == [(0, 0)]  # only the dense kernel was missing
+    assert again.fill([SHAPE], blocks=[(8, 8)], densities=[0.5], progress=False) == 2
+    assert timed == [(0, 0), (32, 16)]  # only the dense kernel was missing, in each of its block shapes
     assert again.predict(*SHAPE, (8, 8), 0.0) == Prediction(1e-4, "measured")
 
 
@@ -218,9 +218,9 @@ def test_rpc_measurement_is_cached_and_a_lost_device_falls_back(tmp_path, rpc_de
     rows = cache._execute("SELECT device FROM latency")
     assert rows == [(url,)]
     conv = ConvShape(8, (1, 4, 9, 9), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))  # a strided conv: two kernels each
-    assert model.fill([], blocks=[(4, 1)], densities=[0.5], progress=False, convs=[conv]) == 2
+    assert model.fill([], blocks=[(4, 1)], densities=[0.5], progress=False, convs=[conv]) == 3  # 2 dense, 4x1
     assert model.predict_conv(conv, (4, 1), 0.5).source == "measured"
-    assert cache._execute("SELECT device FROM conv_latency") == [(url,), (url,)]
+    assert cache._execute("SELECT device FROM conv_latency") == [(url,)] * 3
 
     server.terminate()  # the board goes away mid-way through filling the cache
     with pytest.warns(RuntimeWarning, match=f"device {url} stopped answering after 0 of"):
@@ -259,8 +259,8 @@ def test_a_fill_whose_samples_never_agree_warns_how_many_and_why(tmp_path, monke
     model = CostModel(host, measure="local", cache=LatencyCache(tmp_path / "c.sqlite"))
     monkeypatch.setattr(model.runner, "_bench", lambda kernel, x_shape, clock=None: _FakeBench(1e-3)
                         if x_shape == REFERENCE_X else _SpreadBench(1e-3))
-    # the layer's 8x8 kernel and its dense one
-    never_agreed = r"^2 kernels' samples never agreed within 5% \(a loaded or noisy machine\)"
+    # the layer's 8x8 kernel and its dense one in each of its two block shapes
+    never_agreed = r"^3 kernels' samples never agreed within 5% \(a loaded or noisy machine\)"
     with pytest.warns(RuntimeWarning, match=never_agreed):
-        assert model.fill([(64, 64, 16)], blocks=[(8, 8)], densities=[0.5], progress=False, recheck=False) == 2
-    assert model.runner.unsettled == 2
+        assert model.fill([(64, 64, 16)], blocks=[(8, 8)], densities=[0.5], progress=False, recheck=False) == 3
+    assert model.runner.unsettled == 3

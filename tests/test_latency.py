@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import zoo
+from pruneaug.codegen.schedule import DENSE_BLOCK, WIDE_DENSE_BLOCK
 from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance, latency
@@ -20,6 +22,9 @@ class CountingCosts:
     def predict(self, out, in_, m, block, sparsity):
         self.calls += 1
         return SimpleNamespace(seconds=out * in_ * m * (1 - sparsity) * 1e-9, source="analytical")
+
+    def dense_options(self, out, in_, m):
+        return {DENSE_BLOCK: self.predict(out, in_, m, DENSE_BLOCK, 0.0)}
 
 
 def test_layer_latency_asks_once_per_distinct_point():
@@ -87,3 +92,78 @@ def test_a_search_times_its_layers_kernels_only_where_the_cost_model_measures():
 def test_a_layer_runs_block_sparse_where_pruned_unless_annotated_to_run_dense(sparsity, kernel, block_sparse):
     data = {"block": BlockSpec(4, 4, sparsity), **({"kernel": kernel} if kernel else {})}
     assert latency.runs_block_sparse(data) == block_sparse
+
+
+class DenseChoiceCosts(CountingCosts):
+    """The dense kernel in 32x16 blocks takes `wide_share[m]` of the default's time at `m` rows."""
+
+    def __init__(self, wide_share):
+        super().__init__()
+        self.wide_share = wide_share
+
+    def dense_options(self, out, in_, m):
+        default = self.predict(out, in_, m, DENSE_BLOCK, 0.0)
+        wide = SimpleNamespace(seconds=default.seconds * self.wide_share[m], source="measured")
+        return {DENSE_BLOCK: default, WIDE_DENSE_BLOCK: wide}
+
+
+def test_a_shared_weight_runs_one_dense_kernel_the_faster_for_its_readers_together():
+    ir = lift(zoo.aliased_weight(), {"x": [2, 16], "z": [2, 3, 16]})
+    [node] = ir.prunable_nodes()
+    layer = ir.layer(node)  # read with m = 2 and m = 6: dense times 256 and 768 (x 1e-9)
+    # faster at m = 2 alone: 0.5 * 256 + 1.5 * 768 over 256 + 768 is slower together
+    block, prediction = latency.dense_kernel(DenseChoiceCosts({2: 0.5, 6: 1.5}), layer)
+    assert block == DENSE_BLOCK and prediction.seconds == pytest.approx(1024e-9)
+    block, prediction = latency.dense_kernel(DenseChoiceCosts({2: 1.5, 6: 0.5}), layer)
+    assert block == WIDE_DENSE_BLOCK and prediction.seconds == pytest.approx(1.5 * 256e-9 + 0.5 * 768e-9)
+    assert latency.predict_layer(DenseChoiceCosts({2: 1.5, 6: 0.5}), layer, (4, 4), 0.0) == prediction
+
+
+def test_dense_layers_in_another_block_shape_are_built_in_it_and_the_rest_as_before():
+    """`annotate` records each layer's dense kernel; `deploy.sparse_weights` hands codegen the pruned layers'
+    blocks and the dense layers' 32x16 where that is their kernel (the default dense kernel needs no entry)."""
+    from pruneaug import deploy
+
+    ir = importance.magnitude(lift(zoo.mlp(), {"x": [4, 64]}))
+    nodes = ir.prunable_nodes()
+    specs = {n: BlockSpec(4, 4, 0.75 if n == nodes[0] else 0.0) for n in nodes}
+    ir = blockmask.apply_masks(blockmask.assign_blocks(ir, specs))
+    annotated = latency.annotate(ir, DenseChoiceCosts({4: 0.5}))
+    assert all(annotated.graph.nodes[n]["dense_block"] == WIDE_DENSE_BLOCK for n in nodes)
+    assert all(annotated.graph.nodes[n]["dense_latency_s"] == pytest.approx(0.5 * np.prod(annotated.layer(n).shape)
+                                                                             * 4e-9) for n in nodes)
+    weights = [annotated.layer(n).weight for n in nodes]
+    assert deploy.sparse_weights(annotated) == {weights[0]: (4, 4), **{w: WIDE_DENSE_BLOCK for w in weights[1:]}}
+    default = latency.annotate(ir, DenseChoiceCosts({4: 1.0}))
+    assert deploy.sparse_weights(default) == {weights[0]: (4, 4)}
+    assert deploy.sparse_weights(ir) == {weights[0]: (4, 4)}  # not annotated: the default dense kernel
+
+
+def test_a_given_plans_dense_layers_have_their_dense_kernel_timed_in_each_block_shape(tmp_path):
+    from pruneaug.cost_model import CostModel
+    from pruneaug.cost_model.cache import DENSE_BLOCK as DENSE_KEY
+    from pruneaug.cost_model.cache import LatencyCache
+    from pruneaug.cost_model.targets import resolve_target
+
+    class Runner:
+        device = "fake"
+
+        def __init__(self):
+            self.calls = []
+
+        def time_layer(self, out, in_, m, block, density):
+            self.calls.append((out, in_, m, tuple(block), density))
+            return 1e-6 if tuple(block) == WIDE_DENSE_BLOCK else 2e-6
+
+    costs = CostModel(resolve_target("x86"), cache=LatencyCache(tmp_path / "c.sqlite"))
+    costs.runner = Runner()
+    layers = lift(zoo.mlp(), {"x": [4, 64]}).layers()
+    assert latency.measure_dense_kernels(costs, layers) == 2 * len(layers)
+    assert sorted(costs.runner.calls) == sorted((*layer.shape, 4, block, 1.0) for layer in layers
+                                                for block in (DENSE_KEY, WIDE_DENSE_BLOCK))
+    for layer in layers:
+        block, prediction = latency.dense_kernel(costs, layer)
+        assert (block, prediction.seconds, prediction.source) == (WIDE_DENSE_BLOCK, 1e-6, "measured")
+    assert latency.measure_dense_kernels(costs, layers) == 0  # cached
+    costs.runner = None
+    assert latency.measure_dense_kernels(costs, layers) == 0  # predicting only: nothing to time with

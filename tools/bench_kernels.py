@@ -357,17 +357,14 @@ DENSE_CONVS = [*CONVS,  # and the rest of ResNet's 3x3 convs and a bottleneck's 
                ("1x1 64->256 56x56", (1, 64, 56, 56), 256, (1, 1), (0, 0, 0, 0))]
 
 
-WIDE_DENSE_BLOCK = (32, 16)  # two AVX-512 vectors of rows: each weight load serves half as many pixels' FMAs
-
-
 def bench_dense(target, rounds: int, number: int, threads: int) -> None:
-    """The dense kernels (the BSR kernel with every block kept) in `schedule.DENSE_BLOCK` against 32x16
-    blocks, and onnxruntime. 32x16 ran ResNet's 3x3 convs 1.13-1.2x faster on 56x56 to 14x14 maps (1.05x
-    slower on 7x7) and a 768x3072 matmul 1.2-1.6x faster at m=1, but MobileNetV2 at 224 pixels, dense,
-    1.58x slower as a whole (its 16 to 32 output channels fill a 32-row block by half or two thirds), so the
-    dense kernel keeps 16x32."""
+    """The dense kernels (the BSR kernel with every block kept) in the default `schedule.DENSE_BLOCK` and in
+    `WIDE_DENSE_BLOCK`, and onnxruntime: the figures behind `schedule.dense_blocks`. 32x16 ran ResNet's 3x3
+    convs 1.13-1.2x faster on 56x56 to 14x14 maps (1.05x slower on 7x7) and a 768x3072 matmul 1.2-1.6x
+    faster at m=1, but MobileNetV2 at 224 pixels, dense, 1.58x slower as a whole, so neither serves every
+    layer."""
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, bsr_matmul_kernel, to_bsr
-    from pruneaug.codegen.schedule import DENSE_BLOCK
+    from pruneaug.codegen.schedule import DENSE_BLOCK, WIDE_DENSE_BLOCK
 
     ours, other = DENSE_BLOCK, WIDE_DENSE_BLOCK
     print(f"\n## Dense kernels, x86 host, {threads} threads: {ours[0]}x{ours[1]} blocks (the dense kernel's), "

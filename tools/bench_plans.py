@@ -70,9 +70,11 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     import pruneaug
     from pruneaug import deploy, pick
     from pruneaug.calib import load_dataset
+    from pruneaug.cost_model.model import cost_model
     from pruneaug.cost_model.targets import resolve_target
     from pruneaug.ir.graph import lower
     from pruneaug.ir.onnx_io import load_model
+    from pruneaug.passes import latency
     from pruneaug.plan import build_plan, rebuild
 
     result = pruneaug.compile(model, target=args.target, out=folder / "chosen", calib=calib, eval=evaluation,
@@ -82,6 +84,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
     source = load_model(model)
     calib_inputs = load_dataset(calib, source).inputs
     profile = resolve_target(args.target)
+    costs = cost_model(profile)  # the compile's measurements, read from the cache
     shapes = plan["input_shapes"]
     written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(result.pruned_model).graph.initializer}
     rebuilt = {t.name: onnx.numpy_helper.to_array(t) for t in lower(rebuild(source, plan, search["layers"],
@@ -103,7 +106,8 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
         if twin is not None:
             plans[name] = plans[twin]._replace(figures=figures, kernels=f"{plans[twin].kernels}, as {twin}")
             continue
-        pruned = rebuild(source, plan, figures["layers"], calib_inputs)
+        # its dense layers in the dense kernels the compile chose from the same measurements
+        pruned = latency.annotate(rebuild(source, plan, figures["layers"], calib_inputs), costs)
         pruned_model = lower(pruned)
         builder = deploy.plan_builder(pruned_model, deploy.sparse_weights(pruned), shapes, inputs)
         (folder / name).mkdir()

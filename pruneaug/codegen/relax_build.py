@@ -56,7 +56,8 @@ def build_model(
     target: TargetProfile,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tvm.runtime.Executable:
-    """Compile `model` for `target`; the initializers in `sparse_weights` run block-sparse with their (r, c) blocks.
+    """Compile `model` for `target`; the initializers in `sparse_weights` run in our BSR kernel with their (r, c)
+    blocks (a dense one too, every block kept), the other linear layers' in the dense kernel (`bsr.DENSE_BLOCK`).
 
     Raises CodegenError for a block shape the target cannot serve (before any compile), an op TVM's
     ONNX frontend cannot import (named), or a dynamic input dimension that `input_shapes` leaves open.
@@ -92,8 +93,8 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
     mod = rewriter.rewrite(mod)
     missing = sorted(set(sparse_weights) - rewriter.matched)
     if missing:  # the plan counts on their kernels: an artifact running them dense would belie it
-        raise CodegenError(f"weights planned block-sparse that no MatMul/Gemm/Conv of the imported model reads "
-                           f"as our kernels serve it (they would run dense): {', '.join(missing)}")
+        raise CodegenError(f"weights planned for our block-sparse kernels that no MatMul/Gemm/Conv of the imported "
+                           f"model reads as those kernels serve it (TVM would run them): {', '.join(missing)}")
     if target.kind != "cuda":
         mod = _rewrite_row_ops(mod, target)
         mod = _widen_grouped_convs(mod, _vector_lanes(target))

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # a runtime import would be circular: cost_model imports this module
     from pruneaug.cost_model.targets import TargetProfile
 
-DENSE_BLOCK = (16, 32)  # the dense kernel is the BSR kernel with every block of this shape kept
+DENSE_BLOCK = (16, 32)  # the dense kernel is the BSR kernel with every block of this shape kept, by default
+WIDE_DENSE_BLOCK = (32, 16)  # ... or of this one, where it measured faster for the layer (`dense_blocks`)
 MIN_BLOCKS_PER_CHUNK = 16  # kept blocks per block row and column chunk that pay for a chunk's pass over Y
 X_BYTES_IN_L2 = 256 * 1024  # the part of X a rowvec kernel keeps hot while all block rows go over it
 W_L1_SHARE = 8  # a block row's weights in one column chunk: at most this fraction of L1 (where m tiles are thin)
@@ -43,6 +44,15 @@ PIXVEC_MAX_ACCUMULATORS = 12  # pixvec accumulator registers (row group x output
 CHANVEC_MAX_ROW_VECTORS = 32  # on AVX2, a flattened 1x1 conv row of at most this many vectors: over channels
 CHANVEC_ANY_ROW_LANES = 16  # from this many lanes (AVX-512) every flattened 1x1 conv: over channels
 PARALLEL_MIN_LANE_MACS = 1 << 17  # SIMD-lane multiply-adds from which a CPU kernel runs on all cores (`runs_parallel`)
+
+
+def dense_blocks(target: TargetProfile) -> tuple[tuple[int, int], ...]:
+    """The block shapes a layer's dense kernel may be built in, the default first. No one shape suits every
+    layer on a CPU (`tools/bench_kernels.py --part dense`, AVX-512): 32x16 ran a 1x1 256->64 conv on a
+    56x56 map 1.5x faster, ResNet's 3x3 convs 1.1-1.2x and a 768x3072 matmul at m=1 1.3x, but MobileNetV2's
+    projections to 24 and 96 channels 1.2-1.3x slower; so each layer runs the one measured faster
+    (`cost_model.model.faster_dense`). CUDA's dense kernel keeps its one shape (the other is unmeasured there)."""
+    return (DENSE_BLOCK,) if target.kind == "cuda" else (DENSE_BLOCK, WIDE_DENSE_BLOCK)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -46,6 +46,8 @@ MIN_FIT_POINTS = 6  # fewer measurements than this for a block shape: stay analy
 RECHECK_ERROR = 0.25  # a new time this far from the fit is timed again
 FIT_RECORD = "fit"  # the cache's records of fitted parameters
 SOURCES = ("measured", "fitted", "analytical")
+DENSE_SWITCH_GAIN = 0.95  # a dense kernel in another block shape serves a layer where it measured at most this
+# share of the default's time: a few percent is run-to-run noise here, and a plan should not turn on it
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,17 @@ class CostModel:
     # --- predicting ---------------------------------------------------------------------------
 
     def predict(self, out: int, in_: int, m: int, block, sparsity: float, layout: str | None = None) -> Prediction:
-        """Seconds for one layer; sparsity 0 is the dense kernel. `layout` forces a matmul layout of the
-        target (`analytical.features`); a time measured in the layout the shape gets by itself is not used then."""
+        """Seconds for one layer; sparsity 0 is the dense kernel (in its faster block shape, `faster_dense`).
+        `layout` forces a matmul layout of the target (`analytical.features`); a time measured in the layout
+        the shape gets by itself is not used then."""
         _check_sparsity(sparsity)
+        if sparsity == 0 and layout is None:
+            return faster_dense(self.dense_options(out, in_, m))[1]
         block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
+        return self._predict_point(out, in_, m, block, density, layout)
+
+    def _predict_point(self, out: int, in_: int, m: int, block: tuple[int, int], density: float,
+                       layout: str | None = None) -> Prediction:
         hit = None if layout is not None else self._measured.get((out, in_, m, block, density_key(density)))
         if hit is not None:
             return Prediction(hit, "measured")
@@ -165,20 +174,46 @@ class CostModel:
         feats = analytical.features(self.target, out, in_, m, block, density, layout)
         return Prediction(float(analytical.latency_from_features(params, feats)), source)
 
+    def dense_options(self, out: int, in_: int, m: int) -> dict[tuple[int, int], Prediction]:
+        """The dense kernel's time in each block shape it may be built in (`schedule.dense_blocks`), keyed by
+        that shape: the default's as any kernel's, the others' where measured only (the analytical model
+        cannot tell such near twins apart)."""
+        return self._dense_options(self._predict_point(out, in_, m, DENSE_BLOCK, 1.0),
+                                   lambda block: self._measured.get((out, in_, m, block, density_key(1.0))))
+
+    def _dense_options(self, default: Prediction,
+                       measured: Callable[[tuple[int, int]], float | None]) -> dict[tuple[int, int], Prediction]:
+        options = {schedule.DENSE_BLOCK: default}
+        for block in schedule.dense_blocks(self.target)[1:]:
+            seconds = measured(block)
+            if seconds is not None:
+                options[block] = Prediction(seconds, "measured")
+        return options
+
     def predict_conv(self, conv: ConvShape, block, sparsity: float) -> Prediction:
         """Seconds of one Conv layer from its own kernels' times (`conv_shape`): `measured` at a timed
         density, `fitted` between timed densities (piecewise linear in the density: a conv kernel's
         work is its kept blocks; `_interpolate_conv`), else its im2col matmul's prediction (nothing of
         this conv timed: in the conv kernel's own layout where that is a matmul layout too, as CUDA's split
-        layout, which convs whose threads cannot fill the GPU take at far more than the matmul's 16 rows)."""
+        layout, which convs whose threads cannot fill the GPU take at far more than the matmul's 16 rows).
+        Sparsity 0 is the dense kernel in its faster block shape (`faster_dense`)."""
         _check_sparsity(sparsity)
-        block, density = (DENSE_BLOCK, 1.0) if sparsity == 0 else (as_block(block), 1.0 - sparsity)
+        if sparsity == 0:
+            return faster_dense(self.dense_conv_options(conv))[1]
+        return self._predict_conv_point(conv, as_block(block), 1.0 - sparsity)
+
+    def _predict_conv_point(self, conv: ConvShape, block: tuple[int, int], density: float) -> Prediction:
         timed = self._conv_measured.get((conv.key, block), {})
         if density_key(density) in timed:
             return Prediction(timed[density_key(density)], "measured")
         if len(timed) >= 2:
             return Prediction(self._interpolate_conv(conv, block, timed, density), "fitted")
-        return self.predict(*conv.matmul, block, sparsity, _conv_matmul_layout(self.target, conv, block, density))
+        return self._predict_point(*conv.matmul, block, density, _conv_matmul_layout(self.target, conv, block, density))
+
+    def dense_conv_options(self, conv: ConvShape) -> dict[tuple[int, int], Prediction]:
+        """`dense_options` of one Conv, from its own kernels' times."""
+        return self._dense_options(self._predict_conv_point(conv, DENSE_BLOCK, 1.0),
+                                   lambda block: self._conv_measured.get((conv.key, block), {}).get(density_key(1.0)))
 
     def _interpolate_conv(self, conv: ConvShape, block: tuple[int, int], timed: dict[float, float],
                           density: float) -> float:
@@ -249,7 +284,7 @@ class CostModel:
     def missing(self, shapes: Iterable[tuple[int, int, int]], blocks=DEFAULT_BLOCKS,
                 densities=DEFAULT_DENSITIES) -> list[tuple[int, int, int, tuple[int, int], float]]:
         """The (out, in, m, block, density) points of the grid (plus each dense kernel) not yet cached."""
-        points, grid = [], _grid(blocks, densities)
+        points, grid = [], _grid(self.target, blocks, densities)
         for out, in_, m in dict.fromkeys(tuple(s) for s in shapes):
             for block, density in grid:
                 if (out, in_, m, block, density_key(density)) not in self._measured:
@@ -259,7 +294,7 @@ class CostModel:
     def missing_convs(self, convs: Iterable[ConvShape], blocks=DEFAULT_BLOCKS,
                       densities=DEFAULT_DENSITIES) -> list[tuple[ConvShape, tuple[int, int], float]]:
         """The (conv, block, density) points of the grid (plus each dense conv) not yet cached."""
-        points, grid = [], _grid(blocks, densities)
+        points, grid = [], _grid(self.target, blocks, densities)
         for conv in dict.fromkeys(convs):
             for block, density in grid:
                 if density_key(density) not in self._conv_measured.get((conv.key, block), {}):
@@ -357,9 +392,22 @@ class CostModel:
         return suspects
 
 
-def _grid(blocks, densities) -> list[tuple[tuple[int, int], float]]:
-    """The (block, density) points `fill` times for a layer: the dense kernel, then every block at every density."""
-    return [(DENSE_BLOCK, 1.0)] + [(as_block(b), float(d)) for b in blocks for d in densities]
+def _grid(target: TargetProfile, blocks, densities) -> list[tuple[tuple[int, int], float]]:
+    """The (block, density) points `fill` times for a layer: the dense kernel in each of its block shapes
+    (`schedule.dense_blocks`; the default's key is block (0, 0), another's its shape at density 1), then
+    every block at every density."""
+    dense = [(DENSE_BLOCK, 1.0)] + [(block, 1.0) for block in schedule.dense_blocks(target)[1:]]
+    return list(dict.fromkeys(dense + [(as_block(b), float(d)) for b in blocks for d in densities]))
+
+
+def faster_dense(options: Mapping[tuple[int, int], Prediction]) -> tuple[tuple[int, int], Prediction]:
+    """The dense kernel's block shape for a layer and its time, from `dense_options` (summed over a shared
+    weight's readers): another shape than the default only where it took at most DENSE_SWITCH_GAIN of its time."""
+    default = options[schedule.DENSE_BLOCK]
+    block, fastest = min(options.items(), key=lambda item: item[1].seconds)
+    if fastest.seconds <= DENSE_SWITCH_GAIN * default.seconds:
+        return block, fastest
+    return schedule.DENSE_BLOCK, default
 
 
 def _matmul_label(point: tuple) -> str:

@@ -1,8 +1,9 @@
 """Latency annotations from the cost model, and the cost model as the search needs it.
 
 Needs: prunable nodes with `block`. Leaves on each: `dense_latency_s` (the layer run dense),
-`predicted_latency_s` (at its block and sparsity) and `latency_source` (measured, fitted or
-analytical: where the chosen figure came from).
+`predicted_latency_s` (at its block and sparsity), `latency_source` (measured, fitted or
+analytical: where the chosen figure came from), `kernel` ("block-sparse" or "dense": what the artifact
+runs it with) and `dense_block` (the block shape its dense kernel is built in).
 
     >>> annotate(ir, cost_model(resolve_target("x86"))).graph.nodes[node]["predicted_latency_s"]
     4.1e-05
@@ -10,7 +11,7 @@ analytical: where the chosen figure came from).
 from __future__ import annotations
 
 from pruneaug.cost_model.conv_shape import ConvShape
-from pruneaug.cost_model.model import SOURCES, Prediction
+from pruneaug.cost_model.model import SOURCES, Prediction, faster_dense
 from pruneaug.errors import CodegenError
 from pruneaug.ir.graph import IRModel
 from pruneaug.ir.layer import PrunableLayer
@@ -43,8 +44,23 @@ def conv_shape(layer: PrunableLayer) -> ConvShape | None:
 
 def predict_layer(costs, layer: PrunableLayer, block: tuple[int, int], sparsity: float) -> Prediction:
     """The cost model's `Prediction` for one layer: a Conv from its own kernels' times, the rest as a
-    matmul; a shared weight's, summed over its readers (its source the least sure of theirs)."""
-    predictions = [_predict_read(costs, read, block, sparsity) for read in layer.reads()]
+    matmul; a shared weight's, summed over its readers (its source the least sure of theirs). Sparsity 0
+    is the dense kernel in the block shape `dense_kernel` builds it in."""
+    if sparsity == 0:
+        return dense_kernel(costs, layer)[1]
+    return _summed([_predict_read(costs, read, block, sparsity) for read in layer.reads()])
+
+
+def dense_kernel(costs, layer: PrunableLayer) -> tuple[tuple[int, int], Prediction]:
+    """The block shape of the layer's dense kernel (`schedule.dense_blocks`) and its time: the faster where
+    measured (`faster_dense`), for all of a shared weight's readers together (the artifact builds one
+    kernel per weight)."""
+    per_read = [_dense_read(costs, read) for read in layer.reads()]
+    shared = [block for block in per_read[0] if all(block in options for options in per_read)]
+    return faster_dense({block: _summed([options[block] for options in per_read]) for block in shared})
+
+
+def _summed(predictions: list[Prediction]) -> Prediction:
     if len(predictions) == 1:
         return predictions[0]
     least_sure = max((p.source for p in predictions), key=SOURCES.index)
@@ -56,6 +72,13 @@ def _predict_read(costs, layer: PrunableLayer, block: tuple[int, int], sparsity:
     if conv is not None:
         return costs.predict_conv(conv, block, sparsity)
     return costs.predict(layer.shape[0], layer.shape[1], _m(layer), block, sparsity)
+
+
+def _dense_read(costs, layer: PrunableLayer) -> dict[tuple[int, int], Prediction]:
+    conv = conv_shape(layer)
+    if conv is not None:
+        return costs.dense_conv_options(conv)
+    return costs.dense_options(layer.shape[0], layer.shape[1], _m(layer))
 
 
 def _read_key(layer: PrunableLayer):
@@ -96,12 +119,23 @@ def measured_shapes(layers) -> tuple[set[tuple[int, int, int]], set[ConvShape]]:
 
 def measure_search_kernels(costs, profile, layers, blocks) -> int:
     """Time the kernels a search of `layers` over `blocks` needs into `costs` (where it measures, `costs.runner`):
-    a few densities per block shape the target serves, the fitted model answering the rest of the grid.
-    Returns how many were timed (0 where `costs` only predicts, or the cache held them)."""
+    the dense kernel in each of its block shapes, and a few densities per block shape the target serves, the
+    fitted model answering the rest of the grid. Returns how many were timed (0 where `costs` only predicts,
+    or the cache held them)."""
+    return _measure(costs, layers, [b for b in blocks if target_serves(profile, b)])
+
+
+def measure_dense_kernels(costs, layers) -> int:
+    """Time the dense kernel of each of `layers` in each of its block shapes (`schedule.dense_blocks`) into
+    `costs`, where it measures: what a given plan's dense layers need to run in the faster one."""
+    return _measure(costs, layers, [])
+
+
+def _measure(costs, layers, blocks) -> int:
     if costs.runner is None:
         return 0
     shapes, convs = measured_shapes(layers)
-    return costs.fill(shapes, blocks=[b for b in blocks if target_serves(profile, b)], convs=convs)
+    return costs.fill(shapes, blocks=blocks, convs=convs)
 
 
 def target_serves(profile, block: tuple[int, int]) -> bool:
@@ -146,7 +180,7 @@ def annotate(ir: IRModel, costs, dense_where_faster: bool = False) -> IRModel:
         data = result.graph.nodes[node]
         spec = data["block"]
         chosen = predict_layer(costs, layer, spec.shape, min(spec.sparsity, 0.999))
-        dense = predict_layer(costs, layer, (1, 1), 0.0)
+        data["dense_block"], dense = dense_kernel(costs, layer)
         data["kernel"] = "block-sparse" if spec.sparsity > 0 else "dense"
         data["block_sparse_latency_s"] = None
         if dense_where_faster and spec.sparsity > 0 and chosen.seconds >= dense.seconds:
