@@ -626,6 +626,32 @@ def test_stride_1_depthwise_convs_are_widened_to_whole_vectors_and_sliced_back(x
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": [1, 8, 14, 14]}), model, {"x": x})
 
 
+def test_a_small_padded_copy_is_made_for_several_channels_at_once_where_the_conv_reads_it_at_unit_stride(x86):
+    """`_pad_chunks`: a 64x8x8 depthwise conv pads 16 channels (6.4 KB) per iteration when it reads the copy
+    at consecutive columns, one channel per iteration when it reads it at stride 2; both match onnxruntime."""
+    from tvm import relax, s_tir, tirx
+
+    def pad_copy_loops(stride: int) -> list[int]:
+        builder = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType([1, 64, 8, 8], "float32"))
+        w = relax.const(np.ones((64, 1, 3, 3), np.float32))
+        with builder.function("main", [x]):
+            with builder.dataflow():
+                y = builder.emit_output(relax.op.nn.conv2d(x, w, stride, 1, groups=64))
+            builder.emit_func_output(y)
+        with x86.tvm():
+            mod = relax_build._pipeline(x86)(builder.get())
+        [func] = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+        sch = s_tir.Schedule(func)
+        return [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("pad_temp"))]
+
+    assert pad_copy_loops(1) == [4, 16, 8, 8]
+    assert pad_copy_loops(2) == [64, 1, 8, 8]
+    model = depthwise_chain_model(64, 8)  # stride 1, 2, 1
+    x = np.random.default_rng(11).standard_normal((1, 64, 8, 8)).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": [1, 64, 8, 8]}), model, {"x": x})
+
+
 def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
     """`LayerNormalization(x * 3 + 5, scale, bias)` over the axes from `axis` (a row far from zero: the
     two-pass variance must not cancel)."""
