@@ -117,8 +117,9 @@ def sparse_weights(ir) -> dict[str, tuple[int, int]]:
     blocks = {}
     for node in ir.prunable_nodes():
         data = ir.graph.nodes[node]
-        block = data["block"].shape if runs_block_sparse(data) else tuple(data.get("dense_block", DENSE_BLOCK))
-        if runs_block_sparse(data) or block != DENSE_BLOCK:
+        sparse = runs_block_sparse(data)
+        block = data["block"].shape if sparse else tuple(data.get("dense_block", DENSE_BLOCK))
+        if sparse or block != DENSE_BLOCK:
             blocks[ir.layer(node).weight] = block
     return blocks
 
