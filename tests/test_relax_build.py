@@ -242,6 +242,8 @@ def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: b
     ([2, 5, 10, 9], (3, 3), {"strides": [2, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),  # dilated taps, one phase
     ([2, 5, 10, 9], (1, 1), {"strides": [2, 2]}),
     ([1, 9, 61, 64], (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # a split big enough for the thread pool
+    ([1, 3, 5, 1], (1, 1), {"strides": [2, 2]}),  # one input column: phase 1 has none (its copy loops are empty)
+    ([1, 3, 5, 2], (3, 3), {"strides": [3, 3], "pads": [1, 1, 1, 1]}),
 ])
 def test_strided_conv_runs_over_stride_phases(x86, x_shape, kernel, attrs):
     # The stride-1 rewrite over the input's stride phases (`conv_lowering.StridePhases`), sparse and with
