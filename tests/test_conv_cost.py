@@ -3,6 +3,7 @@ cached under its whole geometry (`cost_model.conv_shape`), not by its im2col mat
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,22 @@ def test_the_phase_split_zeroes_then_copies_without_a_select_per_element():
     phases = conv_lowering.StridePhases((1, 8, 9, 11), (3, 3), (2, 3), (1, 2, 0, 1), (1, 1), [4, 4])
     script = phases.primfunc(2).script()
     assert "if_then_else" not in script and "T.vectorized" in script
+
+
+def test_the_phase_split_of_a_long_row_is_vectorised_in_pieces_and_computes_the_conv():
+    """A stride-2 Conv1d over 2000 samples: no vector wider than a piece's input columns (a row vectorised
+    whole took 14 s to compile), and the conv still matches numpy."""
+    conv = ConvShape(8, (1, 4, 1, 2000), (1, 3), (1, 2), (0, 1, 0, 1), (1, 1))
+    phases = conv_lowering.StridePhases(conv.x_shape, conv.kernel, conv.strides, conv.pads, conv.dilations,
+                                        [1, 1000])
+    widths = [int(w) for w in re.findall(r"T\.vectorized\((\d+)\)", phases.primfunc(2).script())]
+    assert widths and max(widths) <= 2 * conv_lowering.SPLIT_PIECE + 1
+    out, in_, _ = conv.matmul
+    w2d = bsr.random_bsr_weight(out, in_, (4, 1), 0.5, seed=4).to_dense()
+    calls = conv_lowering.conv_calls(X86, conv.x_shape, w2d, (4, 1), conv.kernel, conv.strides, conv.pads,
+                                     conv.dilations)
+    x = np.random.default_rng(5).standard_normal(conv.x_shape).astype(np.float32)
+    np.testing.assert_allclose(_run_calls(calls, x), _reference_conv(conv, x, w2d), rtol=1e-4, atol=1e-4)
 
 
 def test_a_split_on_the_thread_pool_computes_the_conv():

@@ -60,6 +60,9 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     return [ConvCall(bsr.Kernel(split, "stride_phases", []), x_shape), ConvCall(kernel, phases.shape)]
 
 
+SPLIT_PIECE = 16  # output columns a stride-phase split copies at a time: one vector of them per phase
+
+
 @dataclass(frozen=True)
 class StridePhases:
     """A strided conv as a stride-1 conv over the input's stride phases (space-to-depth).
@@ -118,9 +121,12 @@ class StridePhases:
         copied, vectorised by the width every phase column has inside X: one select per element, as
         this split was first written, took the CNN's 64x8x8 split 1.9 µs against 1.2 µs, and 1.3-1.9x
         the time on 28x28 to 112x112 inputs (a 1x1 stride-2 conv on a 2x8x16x16 input takes 0.9 µs
-        against 0.5 µs). Each input row is read once, whole, and every phase takes its columns from that
-        copy: read from X at the stride, each phase's 4 lanes were a scalar load and three inserts; the
-        CNN's split ran 1.35x faster (0.69 -> 0.51 µs), inputs from 14x14 to 224x224 as before (0.98-1.06x).
+        against 0.5 µs). The input columns a piece of SPLIT_PIECE output columns reads are read once,
+        whole, and every phase takes its columns from that copy: read from X at the stride, each phase's 4
+        lanes were a scalar load and three inserts. Old against new, side by side: the CNN's 64x8x8 split
+        1.27-1.32x faster, 56x56 to 224x224 inputs 1.14-1.27x, 256x14x14 1.0x, 128x28x28 0.93x (14-lane
+        pieces). In pieces, not whole rows: a row vectorised whole is a vector as wide as the row; a Conv1d's
+        2000-sample input took 14 s to compile so, and a 32000-sample one more than 100 s.
 
         (As Relax pad, reshape and transpose ops, TVM fuses them into one loop nest indexed by divisions.)"""
         import builtins
@@ -134,12 +140,12 @@ class StridePhases:
         outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
         fill = largest_divisor(hq * wq, (16, 8, 4, 2))
         inside = [_inside(left, px, sw, w, wq, builtins) for px in range(sw)]
-        row = min(end - first for first, end in inside)
-        # the input columns that every phase's first `row` columns read, copied once per input row (none
-        # where a phase has no column inside X: a loop vectorised over nothing does not compile)
+        row = min(end - first for first, end in inside)  # columns every phase has inside X
+        # Those are copied in pieces of `piece` columns: the input columns all phases' piece reads (`span`
+        # from `lo`), read once, whole, then each phase's columns taken from that copy; the rest one by one.
+        piece = max(min(row, SPLIT_PIECE), 1)
         lo = min(first * sw + px - left for px, (first, _) in enumerate(inside))
-        span = max((first + row - 1) * sw + px - left for px, (first, _) in enumerate(inside)) + 1 - lo if row else 0
-        vector = T.vectorized if row else T.serial
+        span = max((first + piece - 1) * sw + px - left for px, (first, _) in enumerate(inside)) + 1 - lo
 
         @T.prim_func(s_tir=True)
         def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
@@ -157,15 +163,18 @@ class StridePhases:
                     for py in T.serial(sh):
                         rows = T.meta_var(_inside(top, py, sh, h, hq, tirx))
                         for y in T.serial(rows[0], rows[1]):
-                            line = T.alloc_buffer((max(span, 1),), "float32", scope="local")
-                            for i in vector(span):
-                                line[i] = X[nc // c, nc % c, y * sh + py - top, lo + i]
+                            line = T.alloc_buffer((span,), "float32", scope="local")
+                            for x0 in T.serial(row // piece):
+                                for i in T.vectorized(span):
+                                    line[i] = X[nc // c, nc % c, y * sh + py - top, lo + x0 * piece * sw + i]
+                                for px in T.unroll(sw):
+                                    cols = T.meta_var(_inside(left, px, sw, w, wq, tirx))
+                                    for x in T.vectorized(piece):
+                                        P[nc // c, (py * sw + px) * c + nc % c, y, cols[0] + x0 * piece + x] = line[
+                                            (cols[0] + x) * sw + px - left - lo]
                             for px in T.unroll(sw):
                                 cols = T.meta_var(_inside(left, px, sw, w, wq, tirx))
-                                for x in vector(row):
-                                    P[nc // c, (py * sw + px) * c + nc % c, y, cols[0] + x] = line[
-                                        (cols[0] + x) * sw + px - left - lo]
-                                for x in T.serial(cols[0] + row, cols[1]):
+                                for x in T.serial(cols[0] + row // piece * piece, cols[1]):
                                     P[nc // c, (py * sw + px) * c + nc % c, y, x] = X[
                                         nc // c, nc % c, y * sh + py - top, x * sw + px - left]
 
