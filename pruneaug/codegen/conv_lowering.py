@@ -126,7 +126,7 @@ class StridePhases:
         lanes were a scalar load and three inserts. Old against new, side by side: the CNN's 64x8x8 split
         1.27-1.32x faster, 56x56 to 224x224 inputs 1.14-1.27x, 256x14x14 1.0x, 128x28x28 0.93x (14-lane
         pieces). In pieces, not whole rows: a row vectorised whole is a vector as wide as the row; a Conv1d's
-        2000-sample input took 14 s to compile so, and a 32000-sample one more than 100 s.
+        1000-sample input took 14 s to compile so, and a 16000-sample one more than 100 s.
 
         (As Relax pad, reshape and transpose ops, TVM fuses them into one loop nest indexed by divisions.)"""
         import builtins
