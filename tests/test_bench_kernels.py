@@ -1,4 +1,4 @@
-"""`tools/bench_kernels.py --part attention`, `--part depthwise` and `--part dense`: their tables."""
+"""`tools/bench_kernels.py --part attention`, `--part depthwise`, `--part padding` and `--part dense`: their tables."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +13,7 @@ HEADERS = ("product", "channels x map, stride", "layer")  # the tables' first co
 @pytest.mark.parametrize("table, shapes, shape, labels", [
     ("bench_attention", "ATTENTION_SHAPES", (2, 37, 16), [("Q K^T", "2x37x16"), ("P V", "2x37x16")]),
     ("bench_depthwise", "DEPTHWISE_SHAPES", (8, 14, 14, 1), [("8x14x14, 1",)]),
+    ("bench_padding", "PADDING_SHAPES", (16, 8, 8, 1), [("16x8x8, 1",)]),
     ("bench_dense", "DENSE_MATMULS", (4, 64, 32), [("matmul m=4 64x32",), ("conv 3x3 8->32 6x6",)]),
 ])
 def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys, table, shapes, shape, labels):

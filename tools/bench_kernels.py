@@ -11,6 +11,7 @@
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
     python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
+    python tools/bench_kernels.py --part padding   # depthwise convs: padded copies in chunks or per channel
     python tools/bench_kernels.py --part dense   # the dense kernels in 16x32 blocks or 32x16
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
@@ -313,26 +314,51 @@ def bench_attention(target, rounds: int, number: int, threads: int) -> None:
 # channels, map height and width, stride: the bundled CNN's; MobileNetV2's depthwise convs at 224 pixels
 DEPTHWISE_SHAPES = [(64, 8, 8, 1), (144, 56, 56, 1), (192, 28, 28, 1), (576, 14, 14, 1), (960, 7, 7, 1),
                     (144, 56, 56, 2)]
+# ... and small maps, whose padded copy per channel is under PAD_CHUNK_BYTES; a strided one (not chunked)
+PADDING_SHAPES = [(64, 8, 8, 1), (96, 4, 4, 1), (256, 14, 14, 1), (576, 14, 14, 1), (960, 7, 7, 1), (576, 14, 14, 2)]
 
 
 def bench_depthwise(target, rounds: int, number: int, threads: int) -> None:
     """3x3 depthwise convs (bias and ReLU fused) as the artifacts' pipeline builds them: widened to whole
     register tiles and sliced back (`relax_build._widen_grouped_convs`), against the same conv not widened
     and onnxruntime's."""
+    _depthwise_table(target, rounds, number, threads, DEPTHWISE_SHAPES, "widened to whole tiles or not",
+                     "not widened", lambda build: build(widen=False))
+
+
+def bench_padding(target, rounds: int, number: int, threads: int) -> None:
+    """3x3 depthwise convs as the artifacts' pipeline builds them: their padded input copied several
+    channels at a time where one channel's copy is small (`relax_build._pad_chunks`), against the same
+    conv padded one channel at a time (PAD_CHUNK_BYTES 0), and onnxruntime's."""
+    from unittest import mock
+
+    from pruneaug.codegen import relax_build
+
+    def per_channel(build):
+        with mock.patch.object(relax_build, "PAD_CHUNK_BYTES", 0):
+            return build(widen=True)
+
+    _depthwise_table(target, rounds, number, threads, PADDING_SHAPES, "padded copies in chunks or per channel",
+                     "per channel", per_channel)
+
+
+def _depthwise_table(target, rounds: int, number: int, threads: int, shapes, title: str, other: str,
+                     build_other: Callable) -> None:
+    """One table: per shape ours (the artifacts' pipeline), `build_other(build)` and onnxruntime, where
+    `build(widen)` makes the conv's kernel, widened (`relax_build._widen_grouped_convs`) or not."""
     from tvm import relax
 
     from pruneaug.codegen.relax_build import _vector_lanes, _widen_grouped_convs
 
-    print(f"\n## Depthwise 3x3 conv + bias + ReLU, x86 host, {threads} threads: widened to whole tiles or not, "
-          "onnxruntime")
-    print("| channels x map, stride | ours µs | not widened µs | ort µs | not widened/ours | ort/ours |")
+    print(f"\n## Depthwise 3x3 conv + bias + ReLU, x86 host, {threads} threads: {title}, onnxruntime")
+    print(f"| channels x map, stride | ours µs | {other} µs | ort µs | {other}/ours | ort/ours |")
     print("|---|---|---|---|---|---|")
 
     def widened(mod, t):
         return _widen_grouped_convs(mod, _vector_lanes(t))
 
     rng = np.random.default_rng(0)
-    for channels, height, width, stride in DEPTHWISE_SHAPES:
+    for channels, height, width, stride in shapes:
         x = rng.standard_normal((1, channels, height, width)).astype(np.float32)
         w = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
         b = rng.standard_normal(channels).astype(np.float32)
@@ -343,12 +369,15 @@ def bench_depthwise(target, rounds: int, number: int, threads: int) -> None:
         session = ort_session(one_node_model("Conv", x.shape, w, b, pads=[1, 1, 1, 1], strides=[stride, stride],
                                              group=channels), threads)
         inputs = [x, w, b.reshape(1, channels, 1, 1)]
-        calls = {"ours": relax_op_kernel(target, op, inputs, widened),
-                 "narrow": relax_op_kernel(target, op, inputs),
+
+        def build(widen: bool, op=op, inputs=inputs):
+            return relax_op_kernel(target, op, inputs, widened if widen else None)
+
+        calls = {"ours": build(widen=True), "other": build_other(build),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
         t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {channels}x{height}x{width}, {stride} | {t['ours'] * 1e6:.1f} | {t['narrow'] * 1e6:.1f} "
-              f"| {t['ort'] * 1e6:.1f} | {t['narrow'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+        print(f"| {channels}x{height}x{width}, {stride} | {t['ours'] * 1e6:.1f} | {t['other'] * 1e6:.1f} "
+              f"| {t['ort'] * 1e6:.1f} | {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
 
 
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in
@@ -479,7 +508,7 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "dense"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "padding", "dense"]
 
 
 def main() -> None:
@@ -517,8 +546,9 @@ def main() -> None:
         bench_matmul(target, args.m, args.rounds, args.number, args.threads, blocks, densities)
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
+    # the parts that take only the timing settings
     tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "attention": bench_attention,
-              "depthwise": bench_depthwise, "dense": bench_dense}  # the parts that take only the timing settings
+              "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense}
     for part, table in tables.items():
         if args.part in ("all", part):
             table(target, args.rounds, args.number, args.threads)
