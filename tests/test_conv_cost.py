@@ -72,10 +72,37 @@ def test_the_phase_split_uses_the_thread_pool_only_for_enough_work(x_shape, core
     assert ("T.parallel" in phases.primfunc(cores).script()) == parallel
 
 
-def test_the_phase_split_zeroes_then_copies_without_a_select_per_element():
+def test_the_phase_split_copies_without_a_select_per_element():
     phases = conv_lowering.StridePhases((1, 8, 9, 11), (3, 3), (2, 3), (1, 2, 0, 1), (1, 1), [4, 4])
     script = phases.primfunc(2).script()
     assert "if_then_else" not in script and "T.vectorized" in script
+
+
+@pytest.mark.parametrize("x_shape, kernel, strides, pads", [
+    ((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1)),  # the bundled CNN's
+    ((2, 3, 9, 11), (3, 3), (2, 3), (1, 2, 0, 1)),  # asymmetric pads and strides
+    ((1, 4, 7, 6), (1, 1), (2, 2), (0, 0, 0, 0)),  # no padding: every phase lies inside X
+    ((1, 2, 5, 40), (3, 3), (2, 2), (2, 2, 2, 2)),  # two padding rows and columns, a row longer than a piece
+])
+def test_the_phase_split_writes_every_element_of_the_phases(x_shape, kernel, strides, pads):
+    """P against numpy's, its buffer filled with NaN first: each phase is zeroed only where it lies outside X
+    (its rows above and below X, and its columns left and right of X in the rows inside), so an element
+    that neither that nor the copy writes would stay NaN."""
+    out_hw = [(size + pads[i] + pads[i + 2] - k) // s + 1 for i, (size, k, s) in enumerate(zip(x_shape[2:], kernel,
+                                                                                                  strides))]
+    phases = conv_lowering.StridePhases(x_shape, kernel, strides, pads, (1, 1), out_hw)
+    x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
+    module = tvm.compile(phases.primfunc(X86.cores), target=X86.tvm())
+    p = tvm.runtime.tensor(np.full(phases.shape, np.nan, np.float32))
+    module["main"](tvm.runtime.tensor(x), p)
+    (sh, sw), (hq, wq) = strides, phases.phase_hw
+    padded = np.zeros((x_shape[0], x_shape[1], hq * sh + sh, wq * sw + sw), np.float32)  # past Xp: zeros too
+    padded[:, :, pads[0]:pads[0] + x_shape[2], pads[1]:pads[1] + x_shape[3]] = x
+    cy, cx = phases.phase_counts  # every phase a tap reads: for 3x3 all sh * sw of them, for 1x1 one
+    assert (cy, cx) == ((1, 1) if kernel == (1, 1) else strides)
+    expected = np.concatenate([padded[:, :, py:py + hq * sh:sh, px:px + wq * sw:sw]
+                               for py in range(cy) for px in range(cx)], axis=1)
+    np.testing.assert_array_equal(p.numpy(), expected)
 
 
 def test_the_phase_split_of_a_long_row_is_vectorised_in_pieces_and_computes_the_conv():
@@ -91,6 +118,24 @@ def test_the_phase_split_of_a_long_row_is_vectorised_in_pieces_and_computes_the_
     calls = conv_lowering.conv_calls(X86, conv.x_shape, w2d, (4, 1), conv.kernel, conv.strides, conv.pads,
                                      conv.dilations)
     x = np.random.default_rng(5).standard_normal(conv.x_shape).astype(np.float32)
+    np.testing.assert_allclose(_run_calls(calls, x), _reference_conv(conv, x, w2d), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv, block, names", [
+    # unpadded, in the layout that loads X a scalar at a time: the conv reads X at the stride, no split
+    (ConvShape(64, (1, 16, 14, 13), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), (32, 32), ["bsr_conv2d"]),
+    (ConvShape(64, (2, 8, 11, 12), (3, 3), (2, 3), (0, 0, 0, 0), (2, 1)), (32, 32), ["bsr_conv2d"]),
+    # padded, or the layout that loads X as vectors along a row: the split first
+    (ConvShape(64, (1, 16, 14, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), (32, 32), ["stride_phases", "bsr_conv2d"]),
+    (ConvShape(64, (1, 16, 14, 13), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), (4, 1), ["stride_phases", "bsr_conv2d"]),
+])
+def test_a_strided_conv_reads_x_in_place_where_its_layout_loads_scalars(conv, block, names):
+    out, in_, _ = conv.matmul
+    w2d = bsr.random_bsr_weight(out, in_, block, 0.4, seed=6).to_dense()
+    calls = conv_lowering.conv_calls(X86, conv.x_shape, w2d, block, conv.kernel, conv.strides, conv.pads,
+                                     conv.dilations)
+    assert [c.kernel.name for c in calls] == names
+    x = np.random.default_rng(7).standard_normal(conv.x_shape).astype(np.float32)
     np.testing.assert_allclose(_run_calls(calls, x), _reference_conv(conv, x, w2d), rtol=1e-4, atol=1e-4)
 
 

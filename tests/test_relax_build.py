@@ -240,7 +240,9 @@ def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: b
     ([2, 5, 10, 9], (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # even padded size: phases fit exactly
     ([2, 5, 10, 9], (3, 3), {"strides": [3, 3], "pads": [1, 0, 2, 1]}),  # asymmetric pads; the phase grid crops a row
     ([2, 5, 10, 9], (3, 3), {"strides": [2, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),  # dilated taps, one phase
-    ([2, 5, 10, 9], (1, 1), {"strides": [2, 2]}),
+    ([2, 5, 10, 9], (1, 1), {"strides": [2, 2]}),  # one phase of the four: the only one a tap reads
+    ([2, 5, 10, 9], (2, 2), {"strides": [3, 3], "pads": [1, 1, 1, 1], "dilations": [2, 2]}),  # phases 0 and 2 of 3
+    ([2, 5, 10, 9], (3, 3), {"strides": [2, 2], "pads": [3, 3, 3, 3], "dilations": [3, 3]}),  # taps 0, 2 in phase 0
     ([1, 9, 61, 64], (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # a split big enough for the thread pool
     ([1, 3, 5, 1], (1, 1), {"strides": [2, 2]}),  # one input column: phase 1 has none (its copy loops are empty)
     ([1, 3, 5, 2], (3, 3), {"strides": [3, 3], "pads": [1, 1, 1, 1]}),
@@ -251,6 +253,15 @@ def test_strided_conv_runs_over_stride_phases(x86, x_shape, kernel, attrs):
     model = prune_blocks(single_conv(x_shape, 12, kernel, **attrs), {"w": (8, 8)}, density=0.5)
     inputs = {"x": np.random.default_rng(2).standard_normal(x_shape).astype(np.float32)}
     assert_matches_onnxruntime(build_model(model, {"w": (8, 8)}, x86), model, inputs)
+
+
+@pytest.mark.parametrize("kernel, attrs", [((1, 1), {"strides": [2, 2]}), ((3, 3), {"strides": [2, 3]})])
+def test_unpadded_strided_conv_in_wide_blocks_reads_its_input_at_the_stride(x86, kernel, attrs):
+    # 32x32 blocks: the layout that loads X a scalar at a time, which reads it in place at the stride
+    # (`conv_lowering._strided_in_place`), no phase split
+    model = prune_blocks(single_conv([2, 16, 14, 13], 64, kernel, **attrs), {"w": (32, 32)}, density=0.5)
+    inputs = {"x": np.random.default_rng(3).standard_normal([2, 16, 14, 13]).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {"w": (32, 32)}, x86), model, inputs)
 
 
 def test_sparse_layers_use_the_block_sparse_kernel(x86, monkeypatch):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pruneaug.codegen import bsr, conv
-from pruneaug.codegen.cpu_kernels import largest_divisor, outer_loop
+from pruneaug.codegen.cpu_kernels import outer_loop
+from pruneaug.codegen.schedule import conv_schedule
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.cost_model.targets import TargetProfile
 
@@ -41,9 +42,11 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     """The kernels for `Conv(X[x_shape], W)` with the canonical `w2d[Cout, C*kh*kw]` in `block`s (the
     zero blocks dropped; `bsr.DENSE_BLOCK` for the dense conv), pads ONNX-ordered (top, left, bottom,
     right): the conv kernel itself, or on CPUs for a strided conv the stride-phase split, then a
-    stride-1 conv over the phases (`StridePhases`)."""
+    stride-1 conv over the phases (`StridePhases`), unless the conv reads X in place at the stride
+    (`_strided_in_place`)."""
     x_shape = tuple(int(d) for d in x_shape)
-    if tuple(strides) == (1, 1) or target.kind == "cuda":  # the CUDA kernel reads strided inputs directly
+    if tuple(strides) == (1, 1) or target.kind == "cuda" or _strided_in_place(target, x_shape, block, kernel_hw,
+                                                                             strides, pads, dilations):
         kernel = bsr.bsr_conv2d_kernel(target, x_shape, bsr.to_bsr(w2d, block), tuple(kernel_hw), tuple(strides),
                                        tuple(pads), tuple(dilations), bias=bias, name=name, activation=activation)
         return [ConvCall(kernel, x_shape)]
@@ -60,6 +63,20 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     return [ConvCall(bsr.Kernel(split, "stride_phases", []), x_shape), ConvCall(kernel, phases.shape)]
 
 
+def _strided_in_place(target: TargetProfile, x_shape, block, kernel_hw, strides, pads, dilations) -> bool:
+    """Whether a strided conv reads X at the stride itself, with no phase split: where nothing is padded
+    (the conv reads X in place) and its layout loads X one scalar at a time ("chanvec"), so a strided
+    read costs what a contiguous one does. ResNet's 1x1 stride-2 shortcuts (56x56 to 14x14 inputs, 90%
+    in 16x16 and 32x32 blocks) ran 1.08-1.5x faster so than split into the one phase they read and then
+    convolved, and 1.65-2.7x faster than split into all four phases as before (56x56, 28x28; scratch A/Bs).
+    With a padded input the conv's own padded copy, a select per element, is no cheaper than the split."""
+    if any(pads):
+        return False
+    geo = conv.conv_geometry(x_shape, kernel_hw, strides, pads, dilations)
+    pixels = x_shape[0] * geo.out_h * geo.out_w
+    return conv_schedule(target, (geo.out_h, geo.out_w), block, pixels, 1).layout == "chanvec"
+
+
 SPLIT_PIECE = 16  # output columns a stride-phase split copies at a time: one vector of them per phase
 
 
@@ -69,13 +86,14 @@ class StridePhases:
 
     The conv kernel vectorises along an output row and reads the input at the stride: a strided
     vector load is a gather, which made a stride-2 3x3 conv ~5x slower per kept block than a stride-1
-    one. Split the padded input into its `sh * sw` phases `P[n, (py * sw + px) * C + c, y, x] =
-    Xp[n, c, y * sh + py, x * sw + px]`; tap `(dy, dx)` of channel `c` then reads phase `(dy*dh % sh,
-    dx*dw % sw)` at `(dy*dh // sh, dx*dw // sw)`, a stride-1 read. The kernel runs as a stride-1
-    unpadded conv of `kernel_hw` taps over P with the weight's columns kept in their order (the other
-    columns zero, so no extra blocks): only its column offsets, a kernel constant, are replaced by
-    where each original column lies in P. (A 1x1 strided conv reads one of the phases; the others are
-    copied for nothing.)
+    one. Split the padded input into its phases `Xp[n, c, y * sh + py, x * sw + px]`; tap `(dy, dx)` of
+    channel `c` then reads phase `(dy*dh % sh, dx*dw % sw)` at `(dy*dh // sh, dx*dw // sw)`, a stride-1
+    read. Only the phases some tap reads are made (`phase_counts`): a 1x1 strided conv reads one, and
+    copying all `sh * sw` made its split 40% of the layer's time on 56x56 maps (ResNet's downsampling
+    shortcuts). Phase `(iy, ix)` along the axes is `(iy*dh % sh, ix*dw % sw)`: `P[n, (iy * cx + ix) * C +
+    c, y, x]` for `cx` phases along x. The kernel runs as a stride-1 unpadded conv of `kernel_hw` taps
+    over P with the weight's columns kept in their order (the other columns zero, so no extra blocks):
+    only its column offsets, a kernel constant, are replaced by where each original column lies in P.
     """
 
     x_shape: tuple[int, int, int, int]
@@ -94,9 +112,16 @@ class StridePhases:
         return tuple(o + k - 1 for o, k in zip(self.out_hw, self.kernel_hw))
 
     @property
+    def phase_counts(self) -> tuple[int, int]:
+        """Phases along y and x that some tap reads: tap `d` reads phase `d*dil % stride`, which repeats
+        every `stride // gcd(dil, stride)` taps, so phase index `d` modulo that period serves tap `d`."""
+        return tuple(min(k, s // math.gcd(d, s)) for k, d, s in zip(self.original_hw, self.dilations, self.strides))
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
         n, c, _, _ = self.x_shape
-        return (n, self.strides[0] * self.strides[1] * c, *self.phase_hw)
+        cy, cx = self.phase_counts
+        return (n, cy * cx * c, *self.phase_hw)
 
     @property
     def columns(self) -> int:
@@ -107,9 +132,10 @@ class StridePhases:
         _, c, _, _ = self.x_shape
         (kh, kw), (sh, sw), (dh, dw) = self.original_hw, self.strides, self.dilations
         hq, wq = self.phase_hw
+        cy, cx = self.phase_counts
         j = np.arange(c * kh * kw)
         cin, dy, dx = j // (kh * kw), (j // kw) % kh, j % kw
-        channel = ((dy * dh % sh) * sw + dx * dw % sw) * c + cin
+        channel = ((dy % cy) * cx + dx % cx) * c + cin  # phase index = tap modulo the period (see phase_counts)
         offsets = np.zeros(length, np.int32)
         offsets[: len(j)] = channel * hq * wq + (dy * dh // sh) * wq + dx * dw // sw
         return offsets
@@ -117,8 +143,11 @@ class StridePhases:
     def primfunc(self, cores: int):
         """P from X[N, C, H, W], over images and channels in parallel where the copy is worth the thread
         pool (`threads.worth_parallel`: the CNN's 64x8x8 input split in parallel took 9.2 µs, twice its
-        stride-1 conv at 95% sparsity). Each phase is zeroed, then the rows of it that lie inside X are
-        copied, vectorised by the width every phase column has inside X: one select per element, as
+        stride-1 conv at 95% sparsity). The rows of each phase that lie inside X are copied, vectorised by
+        the width every phase column has inside X, and only what lies outside X is zeroed (the rows above
+        and below it, the columns left and right of it in the rows inside): zeroing every phase whole
+        first, a memset per phase, took 1.2-1.3x the time of the split on 28x28 to 224x224 inputs (scratch
+        A/B side by side, 2 threads; alike on 8x8 and 14x14 inputs). One select per element, as
         this split was first written, took the CNN's 64x8x8 split 1.9 µs against 1.2 µs, and 1.3-1.9x
         the time on 28x28 to 112x112 inputs (a 1x1 stride-2 conv on a 2x8x16x16 input takes 0.9 µs
         against 0.5 µs). The input columns a piece of SPLIT_PIECE output columns reads are read once,
@@ -135,17 +164,21 @@ class StridePhases:
         from tvm.script import tirx as T
 
         n, c, h, w = self.x_shape
-        (sh, sw), (hq, wq) = self.strides, self.phase_hw
+        (sh, sw), (dh, dw), (hq, wq) = self.strides, self.dilations, self.phase_hw
+        (cy, cx), phases_c = self.phase_counts, self.shape[1]
         top, left = self.pads[0], self.pads[1]
         outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
-        fill = largest_divisor(hq * wq, (16, 8, 4, 2))
-        inside = [_inside(left, px, sw, w, wq, builtins) for px in range(sw)]
+        read_px = [ix * dw % sw for ix in range(cx)]  # the x phases made, in P's order
+        inside = [_inside(left, px, sw, w, wq, builtins) for px in read_px]
         row = min(end - first for first, end in inside)  # columns every phase has inside X
         # Those are copied in pieces of `piece` columns: the input columns all phases' piece reads (`span`
         # from `lo`), read once, whole, then each phase's columns taken from that copy; the rest one by one.
         piece = max(min(row, SPLIT_PIECE), 1)
-        lo = min(first * sw + px - left for px, (first, _) in enumerate(inside))
-        span = max((first + piece - 1) * sw + px - left for px, (first, _) in enumerate(inside)) + 1 - lo
+        lo = min(first * sw + px - left for px, (first, _) in zip(read_px, inside))
+        span = max((first + piece - 1) * sw + px - left for px, (first, _) in zip(read_px, inside)) + 1 - lo
+
+        def channel(nc, iy, ix):  # P's channel of phase (iy, ix) of input channel nc % c
+            return (iy * cx + ix) * c + nc % c
 
         @T.prim_func(s_tir=True)
         def phases(X: T.Buffer((n, c, h, w), "float32"), P: T.Buffer(self.shape, "float32")):
@@ -153,30 +186,35 @@ class StridePhases:
             # TVM's analyses want a root block
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             with T.sblock("root"):
-                flat = T.decl_buffer((math.prod(self.shape),), "float32", data=P.data)
+                flat = T.decl_buffer((n * phases_c * hq * wq,), "float32", data=P.data)
                 for nc in outer(n * c):
-                    for py, px in T.grid(sh, sw):
-                        for i0 in T.serial(hq * wq // fill):
-                            for i1 in T.vectorized(fill):
-                                flat[((nc // c * sh * sw + py * sw + px) * c + nc % c) * hq * wq + i0 * fill + i1] = (
+                    for iy in T.serial(cy):
+                        rows = T.meta_var(_inside(top, iy * dh % sh, sh, h, hq, tirx))
+                        for ix in T.unroll(cx):  # the phase's rows outside X: two runs of whole rows
+                            for i in T.serial(rows[0] * wq):
+                                flat[(nc // c * phases_c + channel(nc, iy, ix)) * hq * wq + i] = T.float32(0)
+                            for i in T.serial((hq - rows[1]) * wq):
+                                flat[(nc // c * phases_c + channel(nc, iy, ix)) * hq * wq + rows[1] * wq + i] = (
                                     T.float32(0))
-                    for py in T.serial(sh):
-                        rows = T.meta_var(_inside(top, py, sh, h, hq, tirx))
                         for y in T.serial(rows[0], rows[1]):
                             line = T.alloc_buffer((span,), "float32", scope="local")
                             for x0 in T.serial(row // piece):
                                 for i in T.vectorized(span):
-                                    line[i] = X[nc // c, nc % c, y * sh + py - top, lo + x0 * piece * sw + i]
-                                for px in T.unroll(sw):
-                                    cols = T.meta_var(_inside(left, px, sw, w, wq, tirx))
+                                    line[i] = X[nc // c, nc % c, y * sh + iy * dh % sh - top, lo + x0 * piece * sw + i]
+                                for ix in T.unroll(cx):
+                                    cols = T.meta_var(_inside(left, ix * dw % sw, sw, w, wq, tirx))
                                     for x in T.vectorized(piece):
-                                        P[nc // c, (py * sw + px) * c + nc % c, y, cols[0] + x0 * piece + x] = line[
-                                            (cols[0] + x) * sw + px - left - lo]
-                            for px in T.unroll(sw):
-                                cols = T.meta_var(_inside(left, px, sw, w, wq, tirx))
+                                        P[nc // c, channel(nc, iy, ix), y, cols[0] + x0 * piece + x] = line[
+                                            (cols[0] + x) * sw + ix * dw % sw - left - lo]
+                            for ix in T.unroll(cx):
+                                cols = T.meta_var(_inside(left, ix * dw % sw, sw, w, wq, tirx))
                                 for x in T.serial(cols[0] + row // piece * piece, cols[1]):
-                                    P[nc // c, (py * sw + px) * c + nc % c, y, x] = X[
-                                        nc // c, nc % c, y * sh + py - top, x * sw + px - left]
+                                    P[nc // c, channel(nc, iy, ix), y, x] = X[
+                                        nc // c, nc % c, y * sh + iy * dh % sh - top, x * sw + ix * dw % sw - left]
+                                for x in T.serial(cols[0]):  # the row's columns outside X
+                                    P[nc // c, channel(nc, iy, ix), y, x] = T.float32(0)
+                                for x in T.serial(cols[1], wq):
+                                    P[nc // c, channel(nc, iy, ix), y, x] = T.float32(0)
 
         return phases
 
