@@ -1,4 +1,4 @@
-"""`tools/bench_kernels.py --part attention`, `--part depthwise`, `--part padding` and `--part dense`: their tables."""
+"""`tools/bench_kernels.py --part attention`, `depthwise`, `padding`, `dense` and `strided`: their tables."""
 from __future__ import annotations
 
 import pytest
@@ -31,3 +31,23 @@ def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys
             assert ratio.strip().endswith("x")
             assert (other - 0.05) / (ours + 0.05) - 0.01 <= float(ratio.strip()[:-1]) <= (other + 0.05) / max(
                 ours - 0.05, 1e-9) + 0.01
+
+
+def test_the_strided_table_times_the_split_and_the_conv_apart_and_adds_them(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "STRIDED_CONVS", [("3x3 8->16 10x10", (1, 8, 10, 10), 16, (3, 3), (1, 1, 1, 1))])
+    bench.bench_strided(resolve_target("x86"), rounds=2, number=1, threads=1)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 3x3")]
+    assert len(rows) == 1
+    label, split, conv, ours, ort, share, speedup = rows[0]
+    split, conv, ours, ort = float(split), float(conv), float(ours), float(ort)
+    assert label == "3x3 8->16 10x10" and min(split, conv, ort) > 0
+    assert abs(split + conv - ours) <= 0.15  # each printed to 0.1 µs
+
+    def between(printed: str, unit: str, top: float, bottom: float, scale: float) -> bool:
+        """The printed ratio against top/bottom's with both at most 0.05 µs off (printed to 0.1 µs)."""
+        assert printed.endswith(unit)
+        value = float(printed[:-1]) / scale
+        return (top - 0.05) / (bottom + 0.05) - 0.01 <= value <= (top + 0.05) / max(bottom - 0.05, 1e-9) + 0.01
+
+    assert between(share, "%", split, ours, 100) and between(speedup, "x", ort, ours, 1)

@@ -423,6 +423,45 @@ def bench_dense(target, rounds: int, number: int, threads: int) -> None:
               f"| {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
 
 
+STRIDED_CONVS = [  # name, x_shape, Cout, kernel, pads (stride 2): the bundled CNN's, ResNet's downsampling convs
+    ("3x3 64->64 8x8", (1, 64, 8, 8), 64, (3, 3), (1, 1, 1, 1)),
+    ("7x7 3->64 224x224", (1, 3, 224, 224), 64, (7, 7), (3, 3, 3, 3)),
+    ("3x3 64->128 56x56", (1, 64, 56, 56), 128, (3, 3), (1, 1, 1, 1)),
+    ("1x1 64->128 56x56", (1, 64, 56, 56), 128, (1, 1), (0, 0, 0, 0)),
+    ("3x3 128->256 28x28", (1, 128, 28, 28), 256, (3, 3), (1, 1, 1, 1)),
+    ("3x3 256->512 14x14", (1, 256, 14, 14), 512, (3, 3), (1, 1, 1, 1)),
+]
+STRIDED_BLOCK, STRIDED_DENSITY = (4, 1), 0.1
+
+
+def bench_strided(target, rounds: int, number: int, threads: int) -> None:
+    """Stride-2 convs as the artifact runs them on CPUs (`conv_lowering.conv_calls`): the stride-phase split,
+    then the stride-1 conv over the phases, each timed alone, against onnxruntime's dense conv; the split's
+    share of the two says what the split costs a strided layer."""
+    from pruneaug.codegen.bsr import random_bsr_weight
+    from pruneaug.codegen.conv_lowering import conv_calls
+
+    block, density = STRIDED_BLOCK, STRIDED_DENSITY
+    print(f"\n## Stride-2 convs, x86 host, {threads} threads: the phase split and the conv over the phases "
+          f"({block[0]}x{block[1]} blocks, {1 - density:.0%} sparse), onnxruntime dense")
+    print("| conv | split µs | conv µs | ours µs (both) | ort µs | split share | ort/ours |")
+    print("|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for label, x_shape, out_c, khw, pads in STRIDED_CONVS:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density, seed=1).to_dense()
+        split, conv = conv_calls(target, x_shape, weight, block, khw, (2, 2), pads, (1, 1))
+        phases = rng.standard_normal(split.out_shape).astype(np.float32)
+        session = ort_session(one_node_model("Conv", x_shape, weight.reshape(out_c, x_shape[1], *khw), pads=list(pads),
+                                             strides=[2, 2]), threads)
+        calls = {"split": tvm_call(split.kernel, target, x), "conv": tvm_call(conv.kernel, target, phases),
+                 "ort": lambda s=session, x=x: s.run(None, {"x": x})}
+        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+        ours = t["split"] + t["conv"]
+        print(f"| {label} | {t['split'] * 1e6:.1f} | {t['conv'] * 1e6:.1f} | {ours * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+              f"| {t['split'] / ours:.0%} | {t['ort'] / ours:.2f}x |", flush=True)
+
+
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:
     from pruneaug.codegen.bsr import bsr_conv2d_kernel, random_bsr_weight
     from pruneaug.codegen.conv import conv_geometry
@@ -508,7 +547,8 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "padding", "dense"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "padding", "dense",
+         "strided"]
 
 
 def main() -> None:
@@ -548,7 +588,7 @@ def main() -> None:
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
     tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "attention": bench_attention,
-              "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense}
+              "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense, "strided": bench_strided}
     for part, table in tables.items():
         if args.part in ("all", part):
             table(target, args.rounds, args.number, args.threads)
