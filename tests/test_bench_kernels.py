@@ -34,15 +34,16 @@ def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys
 
 
 def test_the_strided_table_times_the_split_and_the_conv_apart_and_adds_them(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "STRIDED_CONVS", [("3x3 8->16 10x10", (1, 8, 10, 10), 16, (3, 3), (1, 1, 1, 1))])
+    monkeypatch.setattr(bench, "STRIDED_CONVS", [("3x3 8->16 10x10", (1, 8, 10, 10), 32, (3, 3), (1, 1, 1, 1)),
+                                                 ("1x1 8->32 10x10", (1, 8, 10, 10), 32, (1, 1), (0, 0, 0, 0))])
+    monkeypatch.setattr(bench, "STRIDED_BLOCKS", [(4, 1), (32, 32)])
     bench.bench_strided(resolve_target("x86"), rounds=2, number=1, threads=1)
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| 3x3")]
-    assert len(rows) == 1
-    label, split, conv, ours, ort, share, speedup = rows[0]
-    split, conv, ours, ort = float(split), float(conv), float(ours), float(ort)
-    assert label == "3x3 8->16 10x10" and min(split, conv, ort) > 0
-    assert abs(split + conv - ours) <= 0.15  # each printed to 0.1 µs
+            if line.startswith(("| 3x3", "| 1x1"))]
+    # an unpadded strided conv in 32x32 blocks reads X in place (`conv_lowering._strided_in_place`)
+    assert [(row[0], row[1], row[2] == "in place") for row in rows] == [
+        ("3x3 8->16 10x10", "4x1", False), ("3x3 8->16 10x10", "32x32", False),
+        ("1x1 8->32 10x10", "4x1", False), ("1x1 8->32 10x10", "32x32", True)]
 
     def between(printed: str, unit: str, top: float, bottom: float, scale: float) -> bool:
         """The printed ratio against top/bottom's with both at most 0.05 µs off (printed to 0.1 µs)."""
@@ -50,4 +51,8 @@ def test_the_strided_table_times_the_split_and_the_conv_apart_and_adds_them(monk
         value = float(printed[:-1]) / scale
         return (top - 0.05) / (bottom + 0.05) - 0.01 <= value <= (top + 0.05) / max(bottom - 0.05, 1e-9) + 0.01
 
-    assert between(share, "%", split, ours, 100) and between(speedup, "x", ort, ours, 1)
+    for _, _, split, conv, ours, ort, share, speedup in rows:
+        split = 0.0 if split == "in place" else float(split)
+        conv, ours, ort = float(conv), float(ours), float(ort)
+        assert min(conv, ort) > 0 and abs(split + conv - ours) <= 0.15  # each printed to 0.1 µs
+        assert between(share, "%", split, ours, 100) and between(speedup, "x", ort, ours, 1)

@@ -32,6 +32,7 @@ pipeline makes of TVM's Relax op (`relax_op_kernel`); "ours" is what the artifac
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -429,37 +430,39 @@ STRIDED_CONVS = [  # name, x_shape, Cout, kernel, pads (stride 2): the bundled C
     ("3x3 64->128 56x56", (1, 64, 56, 56), 128, (3, 3), (1, 1, 1, 1)),
     ("1x1 64->128 56x56", (1, 64, 56, 56), 128, (1, 1), (0, 0, 0, 0)),
     ("3x3 128->256 28x28", (1, 128, 28, 28), 256, (3, 3), (1, 1, 1, 1)),
+    ("1x1 128->256 28x28", (1, 128, 28, 28), 256, (1, 1), (0, 0, 0, 0)),
     ("3x3 256->512 14x14", (1, 256, 14, 14), 512, (3, 3), (1, 1, 1, 1)),
 ]
-STRIDED_BLOCK, STRIDED_DENSITY = (4, 1), 0.1
+STRIDED_BLOCKS, STRIDED_DENSITY = [(4, 1), (16, 16)], 0.1
 
 
 def bench_strided(target, rounds: int, number: int, threads: int) -> None:
     """Stride-2 convs as the artifact runs them on CPUs (`conv_lowering.conv_calls`): the stride-phase split,
-    then the stride-1 conv over the phases, each timed alone, against onnxruntime's dense conv; the split's
-    share of the two says what the split costs a strided layer."""
+    then the stride-1 conv over the phases, each timed alone, or the conv alone where it reads X in place at
+    the stride; against onnxruntime's dense conv. The split's share says what the split costs a strided layer."""
     from pruneaug.codegen.bsr import random_bsr_weight
     from pruneaug.codegen.conv_lowering import conv_calls
 
-    block, density = STRIDED_BLOCK, STRIDED_DENSITY
     print(f"\n## Stride-2 convs, x86 host, {threads} threads: the phase split and the conv over the phases "
-          f"({block[0]}x{block[1]} blocks, {1 - density:.0%} sparse), onnxruntime dense")
-    print("| conv | split µs | conv µs | ours µs (both) | ort µs | split share | ort/ours |")
-    print("|---|---|---|---|---|---|---|")
+          f"({1 - STRIDED_DENSITY:.0%} sparse), onnxruntime dense")
+    print("| conv | block | split µs | conv µs | ours µs (both) | ort µs | split share | ort/ours |")
+    print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for label, x_shape, out_c, khw, pads in STRIDED_CONVS:
+    for (label, x_shape, out_c, khw, pads), block in itertools.product(STRIDED_CONVS, STRIDED_BLOCKS):
         x = rng.standard_normal(x_shape).astype(np.float32)
-        weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, density, seed=1).to_dense()
-        split, conv = conv_calls(target, x_shape, weight, block, khw, (2, 2), pads, (1, 1))
-        phases = rng.standard_normal(split.out_shape).astype(np.float32)
+        weight = random_bsr_weight(out_c, x_shape[1] * khw[0] * khw[1], block, STRIDED_DENSITY, seed=1).to_dense()
+        *split, conv = conv_calls(target, x_shape, weight, block, khw, (2, 2), pads, (1, 1))
         session = ort_session(one_node_model("Conv", x_shape, weight.reshape(out_c, x_shape[1], *khw), pads=list(pads),
                                              strides=[2, 2]), threads)
-        calls = {"split": tvm_call(split.kernel, target, x), "conv": tvm_call(conv.kernel, target, phases),
+        calls = {"conv": tvm_call(conv.kernel, target, rng.standard_normal(conv.x_shape).astype(np.float32)),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
+        if split:
+            calls["split"] = tvm_call(split[0].kernel, target, x)
         t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        ours = t["split"] + t["conv"]
-        print(f"| {label} | {t['split'] * 1e6:.1f} | {t['conv'] * 1e6:.1f} | {ours * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
-              f"| {t['split'] / ours:.0%} | {t['ort'] / ours:.2f}x |", flush=True)
+        ours = t.get("split", 0.0) + t["conv"]
+        split_us = f"{t['split'] * 1e6:.1f}" if split else "in place"
+        print(f"| {label} | {block[0]}x{block[1]} | {split_us} | {t['conv'] * 1e6:.1f} | {ours * 1e6:.1f} "
+              f"| {t['ort'] * 1e6:.1f} | {t.get('split', 0.0) / ours:.0%} | {t['ort'] / ours:.2f}x |", flush=True)
 
 
 def bench_conv(target, rounds: int, number: int, threads: int, blocks) -> None:

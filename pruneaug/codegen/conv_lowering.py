@@ -146,7 +146,7 @@ class StridePhases:
         stride-1 conv at 95% sparsity). The rows of each phase that lie inside X are copied, vectorised by
         the width every phase column has inside X, and only what lies outside X is zeroed (the rows above
         and below it, the columns left and right of it in the rows inside): zeroing every phase whole
-        first, a memset per phase, took 1.2-1.3x the time of the split on 28x28 to 224x224 inputs (scratch
+        first, a memset per phase, took 1.1-1.3x the time of the split on 28x28 to 224x224 inputs (scratch
         A/B side by side, 2 threads; alike on 8x8 and 14x14 inputs). One select per element, as
         this split was first written, took the CNN's 64x8x8 split 1.9 µs against 1.2 µs, and 1.3-1.9x
         the time on 28x28 to 112x112 inputs (a 1x1 stride-2 conv on a 2x8x16x16 input takes 0.9 µs
@@ -186,7 +186,7 @@ class StridePhases:
             # TVM's analyses want a root block
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             with T.sblock("root"):
-                flat = T.decl_buffer((n * phases_c * hq * wq,), "float32", data=P.data)
+                flat = T.decl_buffer((math.prod(self.shape),), "float32", data=P.data)
                 for nc in outer(n * c):
                     for iy in T.serial(cy):
                         rows = T.meta_var(_inside(top, iy * dh % sh, sh, h, hq, tirx))
