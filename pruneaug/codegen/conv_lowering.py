@@ -168,7 +168,13 @@ class StridePhases:
         (cy, cx), phases_c = self.phase_counts, self.shape[1]
         top, left = self.pads[0], self.pads[1]
         outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
-        read_px = [ix * dw % sw for ix in range(cx)]  # the x phases made, in P's order
+        def phase_y(iy):  # the phase (row offset in Xp) of P's iy-th phase along y; phase_x likewise
+            return iy * dh % sh
+
+        def phase_x(ix):
+            return ix * dw % sw
+
+        read_px = [phase_x(ix) for ix in range(cx)]  # the x phases made, in P's order
         inside = [_inside(left, px, sw, w, wq, builtins) for px in read_px]
         row = min(end - first for first, end in inside)  # columns every phase has inside X
         # Those are copied in pieces of `piece` columns: the input columns all phases' piece reads (`span`
@@ -189,7 +195,7 @@ class StridePhases:
                 flat = T.decl_buffer((math.prod(self.shape),), "float32", data=P.data)
                 for nc in outer(n * c):
                     for iy in T.serial(cy):
-                        rows = T.meta_var(_inside(top, iy * dh % sh, sh, h, hq, tirx))
+                        rows = T.meta_var(_inside(top, phase_y(iy), sh, h, hq, tirx))
                         for ix in T.unroll(cx):  # the phase's rows outside X: two runs of whole rows
                             for i in T.serial(rows[0] * wq):
                                 flat[(nc // c * phases_c + channel(nc, iy, ix)) * hq * wq + i] = T.float32(0)
@@ -200,17 +206,17 @@ class StridePhases:
                             line = T.alloc_buffer((span,), "float32", scope="local")
                             for x0 in T.serial(row // piece):
                                 for i in T.vectorized(span):
-                                    line[i] = X[nc // c, nc % c, y * sh + iy * dh % sh - top, lo + x0 * piece * sw + i]
+                                    line[i] = X[nc // c, nc % c, y * sh + phase_y(iy) - top, lo + x0 * piece * sw + i]
                                 for ix in T.unroll(cx):
-                                    cols = T.meta_var(_inside(left, ix * dw % sw, sw, w, wq, tirx))
+                                    cols = T.meta_var(_inside(left, phase_x(ix), sw, w, wq, tirx))
                                     for x in T.vectorized(piece):
                                         P[nc // c, channel(nc, iy, ix), y, cols[0] + x0 * piece + x] = line[
-                                            (cols[0] + x) * sw + ix * dw % sw - left - lo]
+                                            (cols[0] + x) * sw + phase_x(ix) - left - lo]
                             for ix in T.unroll(cx):
-                                cols = T.meta_var(_inside(left, ix * dw % sw, sw, w, wq, tirx))
+                                cols = T.meta_var(_inside(left, phase_x(ix), sw, w, wq, tirx))
                                 for x in T.serial(cols[0] + row // piece * piece, cols[1]):
                                     P[nc // c, channel(nc, iy, ix), y, x] = X[
-                                        nc // c, nc % c, y * sh + iy * dh % sh - top, x * sw + ix * dw % sw - left]
+                                        nc // c, nc % c, y * sh + phase_y(iy) - top, x * sw + phase_x(ix) - left]
                                 for x in T.serial(cols[0]):  # the row's columns outside X
                                     P[nc // c, channel(nc, iy, ix), y, x] = T.float32(0)
                                 for x in T.serial(cols[1], wq):
