@@ -1,4 +1,5 @@
-"""`tools/bench_kernels.py --part attention`, `depthwise`, `padding`, `dense` and `strided`: their tables."""
+"""`tools/bench_kernels.py --part attention`, `depthwise`, `padding`, `dense`, `norm`, `pool` and `strided`: their
+tables."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ from tool_module import load_tool
 from pruneaug.cost_model.targets import resolve_target
 
 bench = load_tool("bench_kernels")
-HEADERS = ("product", "channels x map, stride", "layer")  # the tables' first column
+HEADERS = ("product", "channels x map, stride", "layer", "rows x cols", "pool, channels x map")  # the tables' first column
 
 
 @pytest.mark.parametrize("table, shapes, shape, labels", [
@@ -15,6 +16,8 @@ HEADERS = ("product", "channels x map, stride", "layer")  # the tables' first co
     ("bench_depthwise", "DEPTHWISE_SHAPES", (8, 14, 14, 1), [("8x14x14, 1",)]),
     ("bench_padding", "PADDING_SHAPES", (16, 8, 8, 1), [("16x8x8, 1",)]),
     ("bench_dense", "DENSE_MATMULS", (4, 64, 32), [("matmul m=4 64x32",), ("conv 3x3 8->32 6x6",)]),
+    ("bench_norm", "NORM_SHAPES", (4, 37), [("4x37",)]),
+    ("bench_pool", "POOLS", ("avg", (4, 20, 20), 3, 2, 1), [("avg 3x3/2 4x20x20",)]),
 ])
 def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys, table, shapes, shape, labels):
     monkeypatch.setattr(bench, shapes, [shape])

@@ -107,7 +107,7 @@ def test_rewrite_takes_only_static_float32_last_axis_softmaxes(shape, dtype, axi
     x = relax.Var("x", relax.TensorType([tirx.Var("batch", "int64") if d is None else d for d in shape], dtype))
     with builder.function("main", [x]):
         builder.emit_func_output(builder.emit(relax.op.nn.softmax(x, axis=axis)))
-    rewritten = relax_build._rewrite_row_ops(builder.get(), resolve_target("arm64"), ["softmax"])
+    rewritten = relax_build._rewrite_cpu_ops(builder.get(), resolve_target("arm64"), ["softmax"])
     assert sorted(gv.name_hint for gv in rewritten.get_global_vars()) == (["main", "softmax"] if ours else ["main"])
     assert ("R.nn.softmax" in rewritten["main"].script()) != ours
     if ours:  # NEON: vectors of 4
@@ -120,6 +120,6 @@ def test_every_softmax_and_layer_norm_of_the_encoder_is_replaced():
     mod = relax_build.import_onnx(model, {name: list(array.shape) for name, array in inputs.items()})
     norms = mod["main"].script().count("R.nn.layer_norm(")
     assert mod["main"].script().count("R.nn.softmax(") == 2 and norms > 0
-    script = relax_build._rewrite_row_ops(mod, resolve_target("x86"))["main"].script()  # both kinds in one pass
+    script = relax_build._rewrite_cpu_ops(mod, resolve_target("x86"))["main"].script()  # both kinds in one pass
     assert "R.nn.softmax(" not in script and script.count("R.call_tir(softmax,") == 2
     assert "R.nn.layer_norm(" not in script and script.count("R.call_tir(layer_norm,") == norms

@@ -9,6 +9,7 @@
     python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
     python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
+    python tools/bench_kernels.py --part pool   # our max and average pool kernels vs TVM's scheduled Relax ops
     python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
     python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
     python tools/bench_kernels.py --part padding   # depthwise convs: padded copies in chunks or per channel
@@ -25,9 +26,9 @@ scores `schedule.runs_parallel`'s choice against the faster of the two (PARALLEL
 The conv table times both CPU conv layouts (`schedule.conv_schedule`: "pixvec" along output rows,
 "chanvec" over output channels) against onnxruntime in the same rounds, and marks the one the
 schedule picks.
-The norm and softmax tables time each kernel alone, ours against the one PrimFunc that the artifacts'
+The norm, softmax and pool tables time each kernel alone, ours against the one PrimFunc that the artifacts'
 pipeline makes of TVM's Relax op (`relax_op_kernel`); "ours" is what the artifacts' rewrite
-(`relax_build._rewrite_row_ops`) puts in its place.
+(`relax_build._rewrite_cpu_ops`) puts in its place.
 """
 from __future__ import annotations
 
@@ -214,40 +215,39 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     return lambda: kernel(*args)
 
 
-def bench_row_op(target, title: str, shapes, make_case: Callable, op: Callable, rewrite: Callable, rounds: int,
-                 number: int, threads: int) -> None:
-    """A table of one row-wise op per rows x cols: ours (what the artifacts' `rewrite` puts in its place), TVM's
-    own and onnxruntime's, medians and ratios. `make_case(rng, rows, cols)` gives the op's inputs (X first)
-    and the one-node ONNX model of it."""
+def bench_op(target, title: str, header: str, cases, rewrite: Callable, rounds: int, number: int,
+             threads: int) -> None:
+    """A table of one op per case: ours (what the artifacts' `rewrite` puts in its place), TVM's own and
+    onnxruntime's, medians and ratios. `cases` gives `(label, inputs, model, op)`: the op's inputs (X
+    first), the one-node ONNX model of it, and `op` making its Relax call."""
     print(title)
-    print("| rows x cols | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
+    print(f"| {header} | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
     print("|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
-    for rows, cols in shapes:
-        inputs, model = make_case(rng, rows, cols)
+    for label, inputs, model, op in cases:
         session = ort_session(model, threads)
         calls = {"ours": relax_op_kernel(target, op, inputs, rewrite), "tvm": relax_op_kernel(target, op, inputs),
                  "ort": lambda s=session, v=inputs[0]: s.run(None, {"x": v})}
         t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {rows}x{cols} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+        print(f"| {label} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
               f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
 
 
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.relax_build import _rewrite_row_ops
+    from pruneaug.codegen.relax_build import _rewrite_cpu_ops
 
     def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
         gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
-        return [x, gamma, beta], one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5)
+        model = one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5)
+        return f"{rows}x{cols}", [x, gamma, beta], model, lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5)
 
-    bench_row_op(target, f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against "
-                 "TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", NORM_SHAPES, case,
-                 lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5),
-                 lambda mod, t: _rewrite_row_ops(mod, t, ["layer_norm"]),
-                 rounds, number, threads)
+    rng = np.random.default_rng(0)
+    bench_op(target, f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against "
+             "TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", "rows x cols",
+             [case(rng, rows, cols) for rows, cols in NORM_SHAPES],
+             lambda mod, t: _rewrite_cpu_ops(mod, t, ["layer_norm"]), rounds, number, threads)
 
 
 # rows x columns: the bundled encoder's attention at batch 1, 8 and 32 (4 heads x 16 tokens of 16); BERT-base's
@@ -258,17 +258,46 @@ SOFTMAX_SHAPES = [(64, 16), (512, 16), (2048, 16), (1536, 128), (12288, 128), (1
 def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.relax_build import _rewrite_row_ops
+    from pruneaug.codegen.relax_build import _rewrite_cpu_ops
 
     def case(rng, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
-        return [x], one_node_model("Softmax", (rows, cols), axis=-1)
+        return (f"{rows}x{cols}", [x], one_node_model("Softmax", (rows, cols), axis=-1),
+                lambda v: relax.op.nn.softmax(v, axis=-1))
 
-    bench_row_op(target, f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against "
-                 "TVM's own Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime",
-                 SOFTMAX_SHAPES, case, lambda v: relax.op.nn.softmax(v, axis=-1),
-                 lambda mod, t: _rewrite_row_ops(mod, t, ["softmax"]),
-                 rounds, number, threads)
+    rng = np.random.default_rng(0)
+    bench_op(target, f"\n## Softmax over the last axis, x86 host, {threads} threads: `codegen/softmax.py` against "
+             "TVM's own Relax op (FastMathTransform's fast_softmax, DLight's CPU Reduction rule) and onnxruntime",
+             "rows x cols", [case(rng, rows, cols) for rows, cols in SOFTMAX_SHAPES],
+             lambda mod, t: _rewrite_cpu_ops(mod, t, ["softmax"]), rounds, number, threads)
+
+
+# op, channels x map, kernel, stride, pads: ResNet's stem; VGG's 2x2 pools; GoogLeNet's 3x3 stride-1 pools; the
+# late, short rows a strided pool leaves to TVM's kernel (`relax_build._pool`)
+POOLS = [
+    ("max", (64, 112, 112), 3, 2, 1), ("max", (64, 56, 56), 3, 2, 1), ("max", (64, 56, 56), 2, 2, 0),
+    ("max", (128, 28, 28), 3, 1, 1), ("max", (832, 14, 14), 3, 1, 1), ("max", (512, 14, 14), 2, 2, 0),
+    ("avg", (128, 28, 28), 3, 1, 1), ("avg", (64, 112, 112), 3, 2, 1), ("avg", (256, 14, 14), 2, 2, 0),
+]
+
+
+def bench_pool(target, rounds: int, number: int, threads: int) -> None:
+    from tvm import relax
+
+    from pruneaug.codegen.relax_build import _rewrite_cpu_ops
+
+    def case(rng, kind: str, chw: tuple[int, int, int], kernel: int, stride: int, pad: int):
+        x = rng.standard_normal((1, *chw)).astype(np.float32)
+        op, onnx_op = ((relax.op.nn.max_pool2d, "MaxPool") if kind == "max" else (relax.op.nn.avg_pool2d, "AveragePool"))
+        model = one_node_model(onnx_op, x.shape, kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4)
+        return (f"{kind} {kernel}x{kernel}/{stride} {'x'.join(map(str, chw))}", [x], model,
+                lambda v: op(v, kernel, stride, pad))
+
+    rng = np.random.default_rng(0)
+    bench_op(target, f"\n## 2-D pooling, x86 host, {threads} threads: `codegen/pooling.py` against TVM's own Relax "
+             "op and onnxruntime (where the rewrite leaves a pool to TVM, ours is TVM's)",
+             "pool, channels x map", [case(rng, *pool) for pool in POOLS],
+             lambda mod, t: _rewrite_cpu_ops(mod, t, ["max_pool", "avg_pool"]), rounds, number, threads)
 
 
 # heads, tokens, head width: the bundled encoder's; tokens that no vector width divides well (50, 100), BERT's
@@ -550,8 +579,8 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "attention", "depthwise", "padding", "dense",
-         "strided"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "pool", "attention", "depthwise", "padding",
+         "dense", "strided"]
 
 
 def main() -> None:
@@ -590,8 +619,9 @@ def main() -> None:
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
-    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "attention": bench_attention,
-              "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense, "strided": bench_strided}
+    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "pool": bench_pool,
+              "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense,
+              "strided": bench_strided}
     for part, table in tables.items():
         if args.part in ("all", part):
             table(target, args.rounds, args.number, args.threads)

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.codegen import bsr, conv_lowering, softmax
+from pruneaug.codegen import bsr, conv_lowering, pooling, softmax
 from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.codegen.workspace import lift_workspace_pass
@@ -96,7 +96,7 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
         raise CodegenError(f"weights planned for our block-sparse kernels that no MatMul/Gemm/Conv of the imported "
                            f"model reads as those kernels serve it (TVM would run them): {', '.join(missing)}")
     if target.kind != "cuda":
-        mod = _rewrite_row_ops(mod, target)
+        mod = _rewrite_cpu_ops(mod, target)
         mod = _widen_grouped_convs(mod, _vector_lanes(target))
     return relax.transform.RemoveRedundantReshape()(mod)
 
@@ -439,19 +439,23 @@ class _LinearRewriter:
 
 
 @dataclass(frozen=True)
-class _RowOp:
-    """An op over the last axis that a row kernel of ours can replace: its pattern, and
-    `kernel(call, shape, rows, cols, matched)`, which returns `(key, make, name, row_inputs, extra)`
-    (`make(*key)` builds the PrimFunc; its arguments are the `row_inputs`, each of the op's shape and
-    read as [rows, cols], then the `extra` ones) or None to leave the call to TVM."""
+class _KernelOp:
+    """An op that a kernel of ours can replace: its pattern, and `kernel(call, shape, rows, cols, matched)`
+    (`shape`: the op's output shape; `rows x cols`: that shape as a matrix of rows along its last axis),
+    which returns `(key, make, name, inputs, extra)` (`make(*key)` builds the PrimFunc; its arguments are
+    the `inputs`, then the `extra` ones) or None to leave the call to TVM. A row op (`rows`: layer norm,
+    softmax) reads each input, of the op's shape, and writes its output as [rows, cols] views; another
+    op's kernel reads its inputs and writes its output in their own shapes."""
 
     pattern: object
     kernel: Callable
+    rows: bool = True
 
 
-def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_norm", "softmax")):
-    """Each call of the `ops` (`_ROW_OPS`) with a static float32 shape that its kernel takes as `call_tir`
-    of our row kernel on a [rows, cols] view of its input.
+def _rewrite_cpu_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_norm", "softmax", "max_pool",
+                                                                      "avg_pool")):
+    """Each call of the `ops` (`_CPU_OPS`) with a static float32 shape that its kernel takes as `call_tir`
+    of our kernel (a row op's on [rows, cols] views of its input and output).
 
     One pattern pass for all of them: a pass that rewrites anything costs BERT-base ~0.8 s however
     little it rewrites. A PrimFunc is added once per key (BERT-base's 25 layer norms are one function).
@@ -462,7 +466,7 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 
-    rules = [_ROW_OPS[name](target) for name in ops]
+    rules = [_CPU_OPS[name](target) for name in ops]
     builder = relax.BlockBuilder(mod)
     added: dict[tuple, object] = {}
 
@@ -476,10 +480,12 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
         chosen = rule.kernel(call, shape, rows, cols, matched)
         if chosen is None:
             return orig
-        key, make, name, row_inputs, extra = chosen
+        key, make, name, inputs, extra = chosen
         if (name, key) not in added:
             added[name, key] = builder.add_func(make(*key), name)
-        views = [x if len(shape) == 2 else relax.op.reshape(x, [rows, cols]) for x in row_inputs]
+        if not rule.rows:
+            return relax.call_tir(added[name, key], [*inputs, *extra], relax.TensorType(shape, "float32"))
+        views = [x if len(shape) == 2 else relax.op.reshape(x, [rows, cols]) for x in inputs]
         out = relax.call_tir(added[name, key], [*views, *extra], relax.TensorType([rows, cols], "float32"))
         return out if len(shape) == 2 else relax.op.reshape(out, shape)
 
@@ -489,7 +495,7 @@ def _rewrite_row_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
     return out
 
 
-def _layer_norm_rows(target: TargetProfile) -> _RowOp:
+def _layer_norm_rows(target: TargetProfile) -> _KernelOp:
     """Every float32 layer norm over the last axis, with scale and shift, as `norm.layer_norm_primfunc`
     (vector accumulators; TVM's own sums each row as one scalar chain). A layer norm of an add of two
     tensors of its shape (a transformer's residual add) reads both in the kernel: one call and one
@@ -513,10 +519,10 @@ def _layer_norm_rows(target: TargetProfile) -> _RowOp:
         source = matched[added] if added in matched else matched[plain]  # an add that broadcasts: TVM's, then ours
         return key, norm.layer_norm_primfunc, "layer_norm", [source], scale_shift
 
-    return _RowOp(pattern, kernel)
+    return _KernelOp(pattern, kernel)
 
 
-def _softmax_rows(target: TargetProfile) -> _RowOp:
+def _softmax_rows(target: TargetProfile) -> _KernelOp:
     """Every float32 softmax over the last axis as `softmax.softmax_primfunc` (vector partial maxima and
     sums, a vectorised exp); others (another axis, a dynamic shape, float16) stay TVM's."""
     from tvm.relax.dpl import is_op, wildcard
@@ -530,10 +536,45 @@ def _softmax_rows(target: TargetProfile) -> _RowOp:
         parallel = worth_parallel(rows * cols * softmax.WORK_PER_ELEMENT, target.cores)
         return (rows, cols, _vector_lanes(target), parallel), softmax.softmax_primfunc, "softmax", [matched[x]], []
 
-    return _RowOp(pattern, kernel)
+    return _KernelOp(pattern, kernel)
 
 
-_ROW_OPS: dict[str, Callable[[TargetProfile], _RowOp]] = {"layer_norm": _layer_norm_rows, "softmax": _softmax_rows}
+def _pool(kind: str, op: str) -> Callable[[TargetProfile], _KernelOp]:
+    """Every float32 2-D NCHW pool of `kind` ("max" or "avg") as `pooling.pool2d_primfunc`; left to TVM: a
+    dilated pool, a ceil-mode average, a pool with a window of padding alone, and a pool strided along rows
+    whose interior (`PoolGeometry.interior`) is shorter than a vector."""
+    def rule(target: TargetProfile) -> _KernelOp:
+        from tvm.relax.dpl import is_op, wildcard
+
+        x = wildcard()
+        pattern = is_op(op)(x)
+
+        def kernel(call, shape, rows, cols, matched):
+            attrs = call.attrs
+            x_shape = _static_shape(matched[x])
+            if (x_shape is None or len(x_shape) != 4 or attrs.layout != "NCHW" or attrs.out_layout != "NCHW"
+                    or any(int(d) != 1 for d in attrs.dilation) or (kind == "avg" and attrs.ceil_mode)):
+                return None
+            geo = pooling.PoolGeometry(tuple(x_shape), tuple(int(k) for k in attrs.pool_size),
+                                    tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+                                    tuple(shape[2:]))
+            first, end = geo.interior
+            if not geo.windows_overlap_input() or (geo.strides[1] > 1 and end - first < _vector_lanes(target)):
+                return None  # see `pooling`: a strided row shorter than a vector ran faster in TVM's
+            parallel = worth_parallel(math.prod(shape) * math.prod(geo.kernel_hw), target.cores)
+            include_pad = kind == "avg" and bool(attrs.count_include_pad)
+            key = (kind, geo, parallel, include_pad)
+            return key, pooling.pool2d_primfunc, f"{kind}_pool2d", [matched[x]], []
+
+        return _KernelOp(pattern, kernel, rows=False)
+
+    return rule
+
+
+_CPU_OPS: dict[str, Callable[[TargetProfile], _KernelOp]] = {
+    "layer_norm": _layer_norm_rows, "softmax": _softmax_rows,
+    "max_pool": _pool("max", "relax.nn.max_pool2d"), "avg_pool": _pool("avg", "relax.nn.avg_pool2d"),
+}
 
 
 def _widen_grouped_convs(mod, lanes: int):
@@ -568,7 +609,7 @@ def _widen_grouped_convs(mod, lanes: int):
         return relax.op.strided_slice(wide, axes=[2, 3], begin=[0, 0], end=[rows, cols])
 
     if not any(_is_grouped_conv(binding.value) for block in mod["main"].body.blocks for binding in block.bindings):
-        return mod  # a pattern pass costs BERT-base ~0.8 s however little it rewrites (`_rewrite_row_ops`)
+        return mod  # a pattern pass costs BERT-base ~0.8 s however little it rewrites (`_rewrite_cpu_ops`)
     out = relax.BlockBuilder(mod).get()
     out["main"] = rewrite_call(pattern, widen, mod["main"])
     return out
