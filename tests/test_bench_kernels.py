@@ -8,7 +8,8 @@ from tool_module import load_tool
 from pruneaug.cost_model.targets import resolve_target
 
 bench = load_tool("bench_kernels")
-HEADERS = ("product", "channels x map, stride", "layer", "rows x cols", "pool, channels x map")  # the tables' first column
+# the tables' first column
+HEADERS = ("product", "channels x map, stride", "layer", "rows x cols", "pool, channels x map")
 
 
 @pytest.mark.parametrize("table, shapes, shape, labels", [

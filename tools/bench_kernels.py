@@ -288,7 +288,7 @@ def bench_pool(target, rounds: int, number: int, threads: int) -> None:
 
     def case(rng, kind: str, chw: tuple[int, int, int], kernel: int, stride: int, pad: int):
         x = rng.standard_normal((1, *chw)).astype(np.float32)
-        op, onnx_op = ((relax.op.nn.max_pool2d, "MaxPool") if kind == "max" else (relax.op.nn.avg_pool2d, "AveragePool"))
+        op, onnx_op = (relax.op.nn.max_pool2d, "MaxPool") if kind == "max" else (relax.op.nn.avg_pool2d, "AveragePool")
         model = one_node_model(onnx_op, x.shape, kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4)
         return (f"{kind} {kernel}x{kernel}/{stride} {'x'.join(map(str, chw))}", [x], model,
                 lambda v: op(v, kernel, stride, pad))
@@ -620,8 +620,8 @@ def main() -> None:
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
     tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "pool": bench_pool,
-              "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding, "dense": bench_dense,
-              "strided": bench_strided}
+              "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding,
+              "dense": bench_dense, "strided": bench_strided}
     for part, table in tables.items():
         if args.part in ("all", part):
             table(target, args.rounds, args.number, args.threads)

@@ -91,8 +91,8 @@ def pool2d_primfunc(kind: str, geo: PoolGeometry, parallel: int, count_include_p
     def tap(X, task, ky, ox, kx):  # max: the tap read clamped; avg: 0 outside the input
         if is_max:
             return pixel(X, task, ky, clamped_col(ox, kx))
-        return T.if_then_else(tirx.all(row_inside(task, ky), col_inside(ox, kx)), pixel(X, task, ky, clamped_col(ox, kx)),
-                              T.float32(0))
+        inside = tirx.all(row_inside(task, ky), col_inside(ox, kx))
+        return T.if_then_else(inside, pixel(X, task, ky, clamped_col(ox, kx)), T.float32(0))
 
     def combine(acc, value):
         return T.max(acc, value) if is_max else acc + value
