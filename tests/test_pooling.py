@@ -83,3 +83,29 @@ def test_the_resnet_stem_pool_runs_on_the_thread_pool_and_matches(x86, monkeypat
 def test_pool_geometry_interior_and_overlap(geo, interior, overlap):
     assert geo.interior == interior
     assert geo.windows_overlap_input() == overlap
+
+
+def test_kernels_of_one_op_with_two_shapes_in_one_model_match_onnxruntime(x86):
+    """Two max pools, two softmaxes and two layer norms of different shapes: one kernel each, under distinct
+    names (TVMScript names every kernel of an op alike; the module took two as a duplicate symbol)."""
+    shape = [1, 4, 8, 16]
+    rng = np.random.default_rng(1)
+    inits = {f"{name}{width}": rng.standard_normal(width).astype(np.float32)
+             for name in ("scale", "shift") for width in (15, 16)}
+    nodes = [helper.make_node("MaxPool", ["x"], ["p16"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),  # [1, 4, 8, 16]
+             helper.make_node("MaxPool", ["x"], ["p15"], kernel_shape=[2, 2]),  # [1, 4, 7, 15]
+             *(node for width in (15, 16) for node in (
+                 helper.make_node("Softmax", [f"p{width}"], [f"s{width}"], axis=-1),
+                 helper.make_node("LayerNormalization", [f"s{width}", f"scale{width}", f"shift{width}"], [f"y{width}"],
+                                  axis=-1)))]
+    graph = helper.make_graph(nodes, "two_shapes", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(f"y{width}", onnx.TensorProto.FLOAT, None)
+                               for width in (15, 16)],
+                              [onnx.numpy_helper.from_array(value, name) for name, value in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    script = rewritten_model(model, {}, x86)["main"].script()
+    assert [script.count(f"R.call_tir({op}") for op in ("max_pool2d", "softmax", "layer_norm")] == [2, 2, 2]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ours = _run_compiled(build_model(model, {}, x86, {"x": shape}), model, {"x": x}, x86)
+    for ours_y, ort_y in zip(ours, ort_outputs(model, {"x": x}), strict=True):
+        np.testing.assert_allclose(ours_y, ort_y, rtol=1e-4, atol=1e-5)

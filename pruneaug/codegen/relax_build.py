@@ -482,7 +482,8 @@ def _rewrite_cpu_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
             return orig
         key, make, name, inputs, extra = chosen
         if (name, key) not in added:
-            added[name, key] = builder.add_func(make(*key), name)
+            # without its TVMScript name: two kernels of one op (two layer norm widths) would share it
+            added[name, key] = builder.add_func(make(*key).without_attr("global_symbol"), name)
         if not rule.rows:
             return relax.call_tir(added[name, key], [*inputs, *extra], relax.TensorType(shape, "float32"))
         views = [x if len(shape) == 2 else relax.op.reshape(x, [rows, cols]) for x in inputs]
