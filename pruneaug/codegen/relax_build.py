@@ -45,7 +45,7 @@ from pruneaug.codegen.workspace import lift_workspace_pass
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
-from pruneaug.ir.prunable import weight_uses
+from pruneaug.ir.prunable import unique_node_names, weight_uses
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is
     import tvm
@@ -192,10 +192,10 @@ def import_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map()) | {"Constant", "If"}
-    for node in model.graph.node:
+    for name, node in zip(unique_node_names(model.graph.node), model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             raise CodegenError(
-                f"node {node.name or node.output[0]!r}: op {node.domain + '.' if node.domain else ''}{node.op_type} "
+                f"node {name!r}: op {node.domain + '.' if node.domain else ''}{node.op_type} "
                 "is not supported by TVM's ONNX frontend"
             )
     shapes = _static_input_shapes(model, input_shapes or {})
