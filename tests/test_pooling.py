@@ -35,6 +35,8 @@ CASES = [
     ("MaxPool", [1, 3, 3, 3], dict(kernel_shape=[5, 5], pads=[2, 2, 2, 2]), True),  # windows wider than the map
     ("MaxPool", [1, 4, 12, 12], dict(kernel_shape=[2, 2], strides=[2, 2]), False),  # 6 strided columns: TVM's
     ("MaxPool", [1, 2, 9, 9], dict(kernel_shape=[3, 3], dilations=[2, 2], pads=[2, 2, 2, 2]), False),  # dilated
+    ("MaxPool", [1, 3, 8, 9], dict(kernel_shape=[8, 9]), False),  # 72 taps: a global max, TVM's
+    ("MaxPool", [1, 3, 8, 8], dict(kernel_shape=[8, 8]), True),  # 64
     ("AveragePool", [2, 3, 9, 11], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), True),  # pads not counted
     ("AveragePool", [1, 3, 9, 11], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), True),
     ("AveragePool", [1, 2, 11, 45], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), True),

@@ -542,8 +542,8 @@ def _softmax_rows(target: TargetProfile) -> _KernelOp:
 
 def _pool(kind: str, op: str) -> Callable[[TargetProfile], _KernelOp]:
     """Every float32 2-D NCHW pool of `kind` ("max" or "avg") as `pooling.pool2d_primfunc`; left to TVM: a
-    dilated pool, a ceil-mode average, a pool with a window of padding alone, and a pool strided along rows
-    whose interior (`PoolGeometry.interior`) is shorter than a vector."""
+    dilated pool, a ceil-mode average, a pool with a window of padding alone or of more than `MAX_TAPS`
+    taps, and a pool strided along rows whose interior (`PoolGeometry.interior`) is shorter than a vector."""
     def rule(target: TargetProfile) -> _KernelOp:
         from tvm.relax.dpl import is_op, wildcard
 
@@ -560,7 +560,8 @@ def _pool(kind: str, op: str) -> Callable[[TargetProfile], _KernelOp]:
                                     tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
                                     tuple(shape[2:]))
             first, end = geo.interior
-            if not geo.windows_overlap_input() or (geo.strides[1] > 1 and end - first < _vector_lanes(target)):
+            if (not geo.windows_overlap_input() or math.prod(geo.kernel_hw) > pooling.MAX_TAPS
+                    or (geo.strides[1] > 1 and end - first < _vector_lanes(target))):
                 return None  # see `pooling`: a strided row shorter than a vector ran faster in TVM's
             parallel = worth_parallel(math.prod(shape) * math.prod(geo.kernel_hw), target.cores)
             include_pad = kind == "avg" and bool(attrs.count_include_pad)
