@@ -28,7 +28,7 @@ def test_the_floor_empties_every_prunable_layer_in_the_largest_default_block_tha
     plan = _plan(source)
     layers = bench_plans.floor_layers(source, plan)
     # weights as out x (in * kh * kw): 32x1, 64x288, 64x576, 128x1024, 10x128; default blocks up to 32x32
-    assert layers == {"pointwise/Conv": "4x1@1.0", "conv1/Conv": "32x32@1.0", "conv2/Conv": "32x32@1.0",
+    assert layers == {"pointwise/Conv": "16x1@1.0", "conv1/Conv": "32x32@1.0", "conv2/Conv": "32x32@1.0",
                       "fc1/Gemm": "32x32@1.0", "fc2/Gemm": "8x8@1.0"}
     dense, floor = lift(source, plan["input_shapes"]), rebuild(source, plan, layers)
     for node in dense.prunable_nodes():
@@ -42,7 +42,7 @@ def test_the_floor_is_listed_as_not_validated():
     source = load_model(CNN)
     figures = bench_plans.floor_figures(source, _plan(source))
     assert figures["met"] is None and figures["metric_loss"] is None and figures["predicted_latency_s"] is None
-    assert figures["blocks"] == ["32x32", "4x1", "8x8"]
+    assert figures["blocks"] == ["16x1", "32x32", "8x8"]
     assert figures["layers"] == bench_plans.floor_layers(source, _plan(source))
 
 

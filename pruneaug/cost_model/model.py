@@ -38,9 +38,11 @@ from pruneaug.cost_model.cache import (DENSE_BLOCK, ConvMeasurement, LatencyCach
 from pruneaug.cost_model.conv_shape import ConvShape
 from pruneaug.cost_model.measured import STABLE_SPREAD, DeviceLost, make_runner, running_profile
 from pruneaug.cost_model.targets import TargetProfile, resolve_target
+from pruneaug import options
 from pruneaug.errors import OptionError
+from pruneaug.options import parse_blocks
 
-DEFAULT_BLOCKS = ((1, 1), (1, 4), (4, 1), (8, 8), (16, 16), (32, 32))
+DEFAULT_BLOCKS = tuple(parse_blocks(options.DEFAULT_BLOCKS))
 DEFAULT_DENSITIES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
 MIN_FIT_POINTS = 6  # fewer measurements than this for a block shape: stay analytical
 RECHECK_ERROR = 0.25  # a new time this far from the fit is timed again
