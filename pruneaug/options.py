@@ -14,8 +14,9 @@ from pruneaug.ir.layer import BlockSpec
 # 16x1: a column of 16 output rows, one AVX-512 vector (the kernels' "chanvec" and "rowvec" layouts). At 90%
 # (`tools/bench_kernels.py --part conv`, two runs) it ran ResNet-like convs 1.0-2.6x faster than 4x1, and
 # 0.4-1.3x as fast as 16x16 (faster on 1x1 convs, slower on 3x3 ones on small maps); finer than 16x16, it keeps
-# more of the weights that matter at one sparsity: a shape to mix with the others. The bundled encoder's chosen plan mixes it with 16x16 and 8x8: 24.6 µs at 92.6% sparsity,
-# against 31.3 µs at 87.2% with 16x16 alone before (`tools/bench_plans.py`, two runs, floors 18.0 and 17.8 µs)
+# more of the weights that matter at one sparsity: a shape to mix with the others. The bundled encoder's chosen
+# plan mixes it with 16x16 and 8x8: 24.6 µs at 92.6% sparsity, against 31.3 µs at 87.2% with 16x16 alone before
+# (`tools/bench_plans.py`, two runs, floors 18.0 and 17.8 µs)
 DEFAULT_BLOCKS = "1x1,1x4,4x1,16x1,8x8,16x16,32x32"
 DEFAULT_SPARSITIES = "0:0.95:0.05"
 DEFAULT_BUDGET = 0.01  # largest metric loss: 1% top-1 accuracy by default
