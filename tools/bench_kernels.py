@@ -109,6 +109,14 @@ def summarise(samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]
     return {name: (statistics.median(times), min(times)) for name, times in samples.items()}
 
 
+def print_against_ours(label: str, calls: dict[str, Callable[[], object]], rounds: int, number: int) -> None:
+    """Time `calls` ("ours", "other", "ort") interleaved and print their table row: the label, the three
+    medians in µs, then other/ours and ort/ours (the tables of one alternative to our kernel and onnxruntime)."""
+    t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
+    print(f"| {label} | {t['ours'] * 1e6:.1f} | {t['other'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
+          f"| {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+
+
 def bench_matmul(target, m: int, rounds: int, number: int, threads: int, blocks, densities) -> None:
     import scipy.sparse
 
@@ -225,11 +233,9 @@ def bench_op(target, title: str, header: str, cases, rewrite: Callable, rounds: 
     print("|---|---|---|---|---|---|")
     for label, inputs, model, op in cases:
         session = ort_session(model, threads)
-        calls = {"ours": relax_op_kernel(target, op, inputs, rewrite), "tvm": relax_op_kernel(target, op, inputs),
+        calls = {"ours": relax_op_kernel(target, op, inputs, rewrite), "other": relax_op_kernel(target, op, inputs),
                  "ort": lambda s=session, v=inputs[0]: s.run(None, {"x": v})}
-        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {label} | {t['ours'] * 1e6:.1f} | {t['tvm'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
-              f"| {t['tvm'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+        print_against_ours(label, calls, rounds, number)
 
 
 def bench_norm(target, rounds: int, number: int, threads: int) -> None:
@@ -333,12 +339,8 @@ def bench_attention(target, rounds: int, number: int, threads: int) -> None:
                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, v.shape) for name, v in (("a", a), ("b", b))],
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
             session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
-            calls = {"ours": ours, "unpadded": unpadded,
-                     "ort": lambda s=session, a=a, b=b: s.run(None, {"a": a, "b": b})}
-            t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-            print(f"| {product} | {heads}x{tokens}x{width} | {t['ours'] * 1e6:.1f} | {t['unpadded'] * 1e6:.1f} "
-                  f"| {t['ort'] * 1e6:.1f} | {t['unpadded'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |",
-                  flush=True)
+            calls = {"ours": ours, "other": unpadded, "ort": lambda s=session, a=a, b=b: s.run(None, {"a": a, "b": b})}
+            print_against_ours(f"{product} | {heads}x{tokens}x{width}", calls, rounds, number)
 
 
 # channels, map height and width, stride: the bundled CNN's; MobileNetV2's depthwise convs at 224 pixels
@@ -405,9 +407,7 @@ def _depthwise_table(target, rounds: int, number: int, threads: int, shapes, tit
 
         calls = {"ours": build(widen=True), "other": build_other(build),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
-        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {channels}x{height}x{width}, {stride} | {t['ours'] * 1e6:.1f} | {t['other'] * 1e6:.1f} "
-              f"| {t['ort'] * 1e6:.1f} | {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+        print_against_ours(f"{channels}x{height}x{width}, {stride}", calls, rounds, number)
 
 
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in
@@ -448,9 +448,7 @@ def bench_dense(target, rounds: int, number: int, threads: int) -> None:
         session = ort_session(model, threads)
         calls = {"ours": tvm_call(kernels[ours], target, x), "other": tvm_call(kernels[other], target, x),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
-        t = {name: median for name, (median, _) in summarise(time_interleaved(calls, rounds, number)).items()}
-        print(f"| {label} | {t['ours'] * 1e6:.1f} | {t['other'] * 1e6:.1f} | {t['ort'] * 1e6:.1f} "
-              f"| {t['other'] / t['ours']:.2f}x | {t['ort'] / t['ours']:.2f}x |", flush=True)
+        print_against_ours(label, calls, rounds, number)
 
 
 STRIDED_CONVS = [  # name, x_shape, Cout, kernel, pads (stride 2): the bundled CNN's, ResNet's downsampling convs

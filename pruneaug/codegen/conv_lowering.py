@@ -67,7 +67,7 @@ def _strided_in_place(target: TargetProfile, x_shape, block, kernel_hw, strides,
     """Whether a strided conv reads X at the stride itself, with no phase split: where nothing is padded
     (the conv reads X in place) and its layout loads X one scalar at a time ("chanvec"), so a strided
     read costs what a contiguous one does. ResNet's 1x1 stride-2 shortcuts (56x56 to 14x14 inputs, 90%
-    in 16x16 and 32x32 blocks) ran 1.08-1.5x faster so than split into the one phase they read and then
+    in 16x16 and 32x32 blocks) ran 1.08-1.5x faster than split into the one phase they read and then
     convolved, and 1.65-2.7x faster than split into all four phases as before (56x56, 28x28; scratch A/Bs).
     With a padded input the conv's own padded copy, a select per element, is no cheaper than the split."""
     if any(pads):
@@ -168,6 +168,7 @@ class StridePhases:
         (cy, cx), phases_c = self.phase_counts, self.shape[1]
         top, left = self.pads[0], self.pads[1]
         outer = outer_loop(worth_parallel(math.prod(self.shape), cores))
+
         def phase_y(iy):  # the phase (row offset in Xp) of P's iy-th phase along y; phase_x likewise
             return iy * dh % sh
 
