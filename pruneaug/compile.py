@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "cosine (1 - similarity), relerr")
     parser.add_argument("--blocks", default=opt.DEFAULT_BLOCKS, help=f"block shapes to consider ({opt.DEFAULT_BLOCKS})")
     parser.add_argument("--sparsities", default=opt.DEFAULT_SPARSITIES,
-                        help=f"sparsity grid, START:STOP:STEP or a list ({opt.DEFAULT_SPARSITIES})")
+                        help=f"sparsity grid: sparsities and START:STOP:STEP ranges, comma-separated "
+                             f"({opt.DEFAULT_SPARSITIES})")
     parser.add_argument("--pruner", default="magnitude", help="importance: magnitude or activation (needs --calib)")
     parser.add_argument("--reconstruct", action="store_true",
                         help="re-fit the kept weights by least squares on the calibration activations")

@@ -50,26 +50,33 @@ def parse_sparsity(value: float | str, option: str = "--sparsity") -> float:
 
 
 def parse_sparsities(text: str) -> list[float]:
-    """`--sparsities`: `start:stop:step` (stop included when the step reaches it) or a comma list."""
+    """`--sparsities`: a comma list whose items are sparsities or `start:stop:step` ranges (stop included when
+    the step reaches it), e.g. `0:0.9:0.1,0.95,0.97,0.99` for a finer grid where a layer has weight to spare."""
     option = "--sparsities"
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise OptionError(f"{option} {text!r}: expected START:STOP:STEP or a comma-separated list")
-        start, stop = parse_sparsity(parts[0], option), parse_sparsity(parts[1], option)
-        try:
-            step = float(parts[2])
-        except ValueError:
-            raise OptionError(f"{option} {text!r}: step {parts[2]!r} is not a number") from None
-        if not step > 0 or stop < start:
-            raise OptionError(f"{option} {text!r}: need STEP > 0 and STOP >= START")
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
-        values = [round(start + i * step, 10) for i in range(count)]
-    else:
-        values = [parse_sparsity(item, option) for item in text.split(",") if item.strip()]
+    values = [value for item in text.split(",") if item.strip() for value in _sparsity_item(item.strip(), text)]
     if not values:
         raise OptionError(f"{option} {text!r}: no sparsity given")
     return sorted(set(values))
+
+
+def _sparsity_item(item: str, text: str) -> list[float]:
+    """One item of `--sparsities` `text`: a sparsity, or the sparsities of a `start:stop:step` range."""
+    option = "--sparsities"
+    if ":" not in item:
+        return [parse_sparsity(item, option)]
+    parts = item.split(":")
+    if len(parts) != 3:
+        raise OptionError(f"{option} {text!r}: {item!r} is not START:STOP:STEP; expected ranges and sparsities, "
+                          "comma-separated")
+    start, stop = parse_sparsity(parts[0], option), parse_sparsity(parts[1], option)
+    try:
+        step = float(parts[2])
+    except ValueError:
+        raise OptionError(f"{option} {text!r}: step {parts[2]!r} is not a number") from None
+    if not step > 0 or stop < start:
+        raise OptionError(f"{option} {text!r}: {item!r} needs STEP > 0 and STOP >= START")
+    count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 10) for i in range(count)]
 
 
 def parse_budget(value: float | str) -> float:

@@ -86,9 +86,11 @@ def test_cases_cover_both_cpu_layouts():
 
 @pytest.mark.slow
 @pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
-@pytest.mark.parametrize("example, block", [("cnn", "4x4"), ("mlp", "8x8")])
+@pytest.mark.parametrize("example, block", [("cnn", "4x4"), ("mlp", "8x8"), ("encoder", "16x1"), ("cnn", "16x1")])
 def test_arm64_whole_model_matches_onnxruntime_under_qemu(tmp_path, example, block):
-    """The compiled arm64 artifact (.so, Relax VM) as a deployment runs it, against pruned.onnx in onnxruntime."""
+    """The compiled arm64 artifact (.so, Relax VM) as a deployment runs it, against pruned.onnx in onnxruntime:
+    the encoder's layer norms and softmaxes run in our own row kernels, the CNN's strided conv through its
+    stride-phase split, 16x1 blocks in four NEON vectors of rows."""
     folder = Path(__file__).resolve().parent.parent / "examples" / example
     result = pruneaug.compile(folder / "model.onnx", target="arm64", block=block, sparsity=0.6, measure="none",
                               calib=folder / "calib.npz", batch=4, out=tmp_path / "out")
@@ -102,3 +104,27 @@ def test_arm64_whole_model_matches_onnxruntime_under_qemu(tmp_path, example, blo
                                              [(w.shape, w.dtype.name) for w in want])
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+@pytest.mark.parametrize("op, x_shape, attrs", [
+    ("MaxPool", [2, 3, 20, 37], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("MaxPool", [1, 4, 8, 21], dict(kernel_shape=[3, 2], pads=[1, 0, 0, 1])),
+    ("AveragePool", [1, 2, 11, 45], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("AveragePool", [1, 3, 9, 11], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)),
+])
+def test_arm64_pools_match_onnxruntime_under_qemu(tmp_path, op, x_shape, attrs):
+    """Our pool kernel (`codegen/pooling.py`) with NEON's 4 lanes: interiors vectorised, borders tested."""
+    from pruneaug.codegen.export import export_artifact, model_signature
+    from pruneaug.codegen.relax_build import build_model
+    from test_pooling import pool_model, pools_left_to_tvm
+
+    model = pool_model(op, x_shape, **attrs)
+    assert pools_left_to_tvm(model, ARM64) == 0
+    x = -np.random.default_rng(sum(x_shape)).uniform(1, 2, x_shape).astype(np.float32)  # a max from 0 would show
+    [want] = ort_run.run(model, {"x": x})
+    artifact = export_artifact(build_model(model, {}, ARM64, {"x": x_shape}), ARM64, tmp_path / "pool",
+                               model_signature(model, {"x": x_shape}))
+    [got] = arm64_runtime.run_model_under_qemu(arm64_runtime.runtime_dir(), artifact, [x], [(want.shape, "float32")])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

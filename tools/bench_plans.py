@@ -3,6 +3,7 @@
     flock /tmp/pruneaug-bench.lock python tools/bench_plans.py                 # examples/cnn and examples/mlp
     flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --examples cnn --batch 32
     flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --examples cnn --pruner activation --reconstruct
+    flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --examples cnn --sparsities 0:0.95:0.05,0.97,0.98,0.99
     flock /tmp/pruneaug-bench.lock python tools/bench_plans.py --model m.onnx --calib c.npz --eval e.npz
 
 For each model: one `pruneaug.compile` (the search and its baselines, validated end to end) gives
@@ -38,6 +39,8 @@ from typing import NamedTuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pruneaug.options import DEFAULT_SPARSITIES  # noqa: E402  (imports neither TVM nor onnxruntime)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ORT_DENSE = "onnxruntime, dense"
@@ -79,7 +82,7 @@ def compile_plans(model: Path, calib: Path, evaluation: Path, args, folder: Path
 
     result = pruneaug.compile(model, target=args.target, out=folder / "chosen", calib=calib, eval=evaluation,
                               budget=args.budget, metric=args.metric, batch=args.batch, pruner=args.pruner,
-                              reconstruct=args.reconstruct)
+                              reconstruct=args.reconstruct, sparsities=args.sparsities)
     plan, search = result.plan, result.plan["search"]
     source = load_model(model)
     calib_inputs = load_dataset(calib, source).inputs
@@ -200,7 +203,7 @@ def print_table(model: Path, plan: dict, plans: dict, runs: dict, together: dict
     ort = [run.results[ORT_DENSE].median_s for run in runs.values() if run.results[ORT_DENSE].median_s]
     print(f"\n### {model.parent.name}/{model.name}: target {args.target}, budget {args.budget:g} on {args.metric}, "
           f"batch {args.batch}, pruner {args.pruner}{', reconstructed' if args.reconstruct else ''}, "
-          f"chosen = {search['chosen_from']}\n")
+          f"sparsities {args.sparsities}, chosen = {search['chosen_from']}\n")
     print(f"One run per artifact against onnxruntime, dense: {next(iter(runs.values())).method()} (that of the first "
           f"run; onnxruntime's median over the runs {min(ort) * 1e6:,.1f}–{max(ort) * 1e6:,.1f} µs). `run` = "
           f"`pruneaug.load(...).run` (numpy in, numpy out), as onnxruntime's `session.run`; `function` = the "
@@ -293,6 +296,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pruner", default="magnitude", help="the compile's --pruner (magnitude, activation)")
     parser.add_argument("--reconstruct", action="store_true", help="the compile's --reconstruct (every plan re-fitted)")
+    parser.add_argument("--sparsities", default=DEFAULT_SPARSITIES,
+                        help=f"the compile's --sparsities (default {DEFAULT_SPARSITIES}): every plan's grid, the "
+                             "baselines' too; a layer at the grid's top may have had accuracy to spare")
     parser.add_argument("--plans", default=f"best single,unstructured,dense,{FLOOR}",
                         help=f"baselines of plan.json to compile and time beside the chosen plan, and {FLOOR!r}")
     parser.add_argument("--threads", type=int, default=2)
