@@ -128,3 +128,22 @@ def test_arm64_pools_match_onnxruntime_under_qemu(tmp_path, op, x_shape, attrs):
                                model_signature(model, {"x": x_shape}))
     [got] = arm64_runtime.run_model_under_qemu(arm64_runtime.runtime_dir(), artifact, [x], [(want.shape, "float32")])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+@pytest.mark.parametrize("op, direction", [("LSTM", "forward"), ("GRU", "bidirectional")])
+def test_arm64_recurrent_classifier_matches_onnxruntime_under_qemu(tmp_path, op, direction):
+    """A recurrent node unrolled for TVM (`codegen/recurrent.py`), compiled for arm64."""
+    from test_recurrent import keyword_spotter
+
+    path = tmp_path / "kws.onnx"
+    onnx.save(keyword_spotter(op, direction), path)
+    result = pruneaug.compile(path, target="arm64", block="4x1", sparsity=0.5, measure="none", batch=2,
+                              out=tmp_path / "out")
+    assert result.artifact is not None, result.warnings
+    x = np.random.default_rng(3).standard_normal((2, 6, 10)).astype(np.float32)
+    [want] = ort_run.run(onnx.load(result.pruned_model), {"x": x})
+    [got] = arm64_runtime.run_model_under_qemu(arm64_runtime.runtime_dir(), result.artifact, [x],
+                                               [(want.shape, "float32")])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
