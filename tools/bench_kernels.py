@@ -278,6 +278,26 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
              lambda mod, t: _rewrite_cpu_ops(mod, t, ["softmax"]), rounds, number, threads)
 
 
+# an LSTM's gates over a batch of 16 (hidden 256); SiLU's maps in EfficientNet-B0's first stages and a YOLO neck's
+SIGMOID_SHAPES = [(16, 1024), (1, 32, 112, 112), (1, 96, 56, 56), (1, 256, 20, 20)]
+
+
+def bench_sigmoid(target, rounds: int, number: int, threads: int) -> None:
+    from tvm import relax
+
+    from pruneaug.codegen.relax_build import _sigmoid_through_exp
+
+    def case(rng, shape: tuple[int, ...]):
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)
+        return "x".join(map(str, shape)), [x], one_node_model("Sigmoid", shape), relax.op.sigmoid
+
+    rng = np.random.default_rng(0)
+    bench_op(target, f"\n## Sigmoid, x86 host, {threads} threads: `relax_build._sigmoid_through_exp` (1 / (1 + "
+             "fast_exp(-x))) against TVM's own op (libm's expf per element) and onnxruntime",
+             "shape", [case(rng, shape) for shape in SIGMOID_SHAPES],
+             lambda mod, _target: _sigmoid_through_exp(mod), rounds, number, threads)
+
+
 # op, channels x map, kernel, stride, pads: ResNet's stem; VGG's 2x2 pools; GoogLeNet's 3x3 stride-1 pools; the
 # late, short rows a strided pool leaves to TVM's kernel (`relax_build._pool`)
 POOLS = [
@@ -577,8 +597,8 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "pool", "attention", "depthwise", "padding",
-         "dense", "strided"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "sigmoid", "pool", "attention", "depthwise",
+         "padding", "dense", "strided"]
 
 
 def main() -> None:
@@ -617,7 +637,8 @@ def main() -> None:
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
-    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "pool": bench_pool,
+    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "sigmoid": bench_sigmoid,
+              "pool": bench_pool,
               "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding,
               "dense": bench_dense, "strided": bench_strided}
     for part, table in tables.items():

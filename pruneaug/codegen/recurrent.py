@@ -6,10 +6,11 @@ replaced by its unrolled form for the static sequence length the artifact is com
 direction, X's product with W for every time step at once (one MatMul over the sequence, both
 biases added), then per step the hidden state's product with R, the gates and the new states, by
 ONNX's equations for the op (its activations, clip, peepholes, input_forget, linear_before_reset and
-layout). Only ops that every opset since 7 reads alike are emitted (equal Splits for slices, Reshape for
-unsqueezes, Min and Max for the clip), so the expansion imports at the model's own opset. (Gathers of the
-steps and gate columns, as first written, each imported as six index ops that FoldConstant compiled one
-by one: 17 of an LSTM's 18 s of build over 20 steps.)
+layout), in ops the model's opset has: Slice with constant bounds (Gather before opset 10: TVM's frontend
+reads only Slice's later form), Reshape for unsqueezes, Min and Max for the clip. (Gathers, as first
+written, each imported as six index ops that FoldConstant compiled one by one: 17 of an LSTM's 18 s of
+build over 20 steps. Equal Splits, tried next, made TVM's FuseTIR fail now and then on a bidirectional
+GRU, "buffer_idx == buffers.size()", one build in three to five.)
 
 The weights W, R, B and P must be initializers (they are transposed and summed here once), and
 `sequence_lens` absent or the full length for every sequence; anything else is a CodegenError naming
@@ -225,14 +226,20 @@ class _Unroller:
     def _scalar(self, value: float) -> str:
         return self._const("scalar", np.array(value, np.float32))
 
-    def _split(self, tensor: str, parts: int, axis: int, what: str) -> list[str]:
-        """`tensor` in `parts` equal slices along `axis` (opset 18 wants their count said)."""
+    def _split(self, tensor: str, parts: int, size: int, axis: int, what: str) -> list[str]:
+        """`tensor` in `parts` slices of `size` along `axis`: Slices with constant bounds, or before opset 10
+        (whose Slice takes them as attributes, which TVM's frontend does not read) Gathers."""
         if parts == 1:
             return [tensor]
-        outputs = [self._fresh(what) for _ in range(parts)]
-        attrs = {"num_outputs": parts} if self.opset >= 18 else {}
-        self.nodes.append(helper.make_node("Split", [tensor], outputs, name=self._fresh("Split"), axis=axis, **attrs))
-        return outputs
+        slices = []
+        for start in range(0, parts * size, size):
+            if self.opset >= 10:
+                bounds = [self._const("bound", np.array([value], np.int64)) for value in (start, start + size, axis)]
+                slices.append(self._emit("Slice", [tensor, *bounds], what))
+            else:
+                indices = self._const("indices", np.arange(start, start + size, dtype=np.int64))
+                slices.append(self._emit("Gather", [tensor, indices], what, axis=axis))
+        return slices
 
     def _activate(self, x: str, activation: Activation, clipped: bool = True) -> str:
         if clipped and self.clip is not None:  # the gates' inputs; onnxruntime leaves the cell state unclipped
@@ -254,7 +261,7 @@ class _Unroller:
         directions, H]); None for an absent one (zeros)."""
         if not tensor:
             return [None] * self.directions
-        slices = self._split(tensor, self.directions, 1 if self.layout else 0, "state")
+        slices = self._split(tensor, self.directions, 1, 1 if self.layout else 0, "state")
         return [self._emit("Reshape", [part, self._shape(self.batch, self.hidden)], "state") for part in slices]
 
     def _expand(self, x: str, initial_h: str, initial_c: str) -> None:
@@ -308,7 +315,7 @@ class _Unroller:
         forward = direction == 0 and self.direction != "reverse"
         step = {"LSTM": self._lstm_step, "GRU": self._gru_step, "RNN": self._rnn_step}[self.op]
         inputs = [self._emit("Reshape", [part, self._shape(self.batch, gates * hidden)], "x_t")
-                  for part in self._split(projected, self.steps, 0, "x_t")]
+                  for part in self._split(projected, self.steps, 1, 0, "x_t")]
         outputs: dict[int, str] = {}
         for t in range(self.steps) if forward else range(self.steps - 1, -1, -1):
             h, c = step(inputs[t], h, c, recurrence, activations, peepholes)
@@ -329,9 +336,9 @@ class _Unroller:
 
     def _lstm_step(self, x_t, h, c, recurrence, activations, peepholes):
         f, g, act_h = activations[:3]
-        gates = x_t if h is None else self._emit("Add", [x_t, self._emit("MatMul", [h, recurrence["R"]])], "gates")
-        i_pre, o_pre, f_pre, c_pre = self._split(gates, 4, 1, "gate")
         hidden = self.hidden
+        gates = x_t if h is None else self._emit("Add", [x_t, self._emit("MatMul", [h, recurrence["R"]])], "gates")
+        i_pre, o_pre, f_pre, c_pre = self._split(gates, 4, hidden, 1, "gate")
         if peepholes is not None and c is not None:
             i_pre = self._emit("Add", [i_pre, self._emit("Mul", [c, self._const("P_i", peepholes[:hidden])])])
             f_pre = self._emit("Add", [f_pre, self._emit("Mul", [c, self._const("P_f", peepholes[2 * hidden:])])])
@@ -346,14 +353,14 @@ class _Unroller:
 
     def _gru_step(self, x_t, h, _c, recurrence, activations, _peepholes):
         f, g = activations[:2]
-        x_z, x_r, x_h = self._split(x_t, 3, 1, "gate")
+        x_z, x_r, x_h = self._split(x_t, 3, self.hidden, 1, "gate")
         if h is None:  # H0 = 0: R's products vanish (but not Rbh, where the reset gate multiplies it)
             z, r = self._activate(x_z, f), self._activate(x_r, f)
             h_pre = self._emit("Add", [x_h, self._emit("Mul", [r, recurrence["Rb_h"]])]) if self.linear_before_reset \
                 else x_h
             candidate = self._activate(h_pre, g)
             return self._emit("Sub", [candidate, self._emit("Mul", [z, candidate])], "h"), None
-        h_z, h_r = self._split(self._emit("MatMul", [h, recurrence["R_zr"]]), 2, 1, "gate")
+        h_z, h_r = self._split(self._emit("MatMul", [h, recurrence["R_zr"]]), 2, self.hidden, 1, "gate")
         z = self._activate(self._emit("Add", [x_z, h_z]), f)
         r = self._activate(self._emit("Add", [x_r, h_r]), f)
         if self.linear_before_reset:

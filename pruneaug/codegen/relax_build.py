@@ -98,6 +98,7 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
     if target.kind != "cuda":
         mod = _rewrite_cpu_ops(mod, target)
         mod = _widen_grouped_convs(mod, _vector_lanes(target))
+        mod = _sigmoid_through_exp(mod)
     return relax.transform.RemoveRedundantReshape()(mod)
 
 
@@ -612,11 +613,40 @@ def _widen_grouped_convs(mod, lanes: int):
                                   attrs.out_layout, attrs.out_dtype)
         return relax.op.strided_slice(wide, axes=[2, 3], begin=[0, 0], end=[rows, cols])
 
-    if not any(_is_grouped_conv(binding.value) for block in mod["main"].body.blocks for binding in block.bindings):
-        return mod  # a pattern pass costs BERT-base ~0.8 s however little it rewrites (`_rewrite_cpu_ops`)
+    if not _binds(mod, _is_grouped_conv):
+        return mod
     out = relax.BlockBuilder(mod).get()
     out["main"] = rewrite_call(pattern, widen, mod["main"])
     return out
+
+
+def _sigmoid_through_exp(mod):
+    """Each float32 sigmoid as 1 / (1 + exp(-x)), whose exp `FastMathTransform` makes TVM's vectorised fast_exp.
+    TVM lowers its sigmoid op to libm's expf, one scalar call per element: 15% of an unrolled LSTM's time
+    (`codegen/recurrent.py`), and every SiLU's in a CNN (`tools/bench_kernels.py --part sigmoid`)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    pattern = is_op("relax.sigmoid")(wildcard())
+
+    def through_exp(orig, matched):
+        call = matched[pattern]
+        if call.ty.dtype != "float32":
+            return orig
+        one = relax.const(1.0, "float32")
+        return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(call.args[0]))))
+
+    if not _binds(mod, lambda value: getattr(getattr(value, "op", None), "name", None) == "relax.sigmoid"):
+        return mod
+    out = relax.BlockBuilder(mod).get()
+    out["main"] = rewrite_call(pattern, through_exp, mod["main"])
+    return out
+
+
+def _binds(mod, test: Callable[[object], bool]) -> bool:
+    """Whether any binding of `main` binds a value that passes `test`: a pattern pass costs BERT-base ~0.8 s
+    however little it rewrites (`_rewrite_cpu_ops`), so passes that may find nothing look first."""
+    return any(test(binding.value) for block in mod["main"].body.blocks for binding in block.bindings)
 
 
 def _is_grouped_conv(expr) -> bool:
