@@ -787,24 +787,38 @@ def test_unnamed_nodes_each_serve_their_own_sparse_weight(x86):
     assert_matches_onnxruntime(build_model(model, {"a": (4, 4), "b": (4, 1)}, x86), model, inputs)
 
 
-def test_sigmoid_runs_through_the_vectorised_exp_and_matches_onnxruntime(x86):
-    """SiLU (x * sigmoid(x)) and a sigmoid of inputs from -100 to 100: TVM's own sigmoid calls libm per element
-    (`_sigmoid_through_exp`). The rewrite keeps float64's values to 1e-6 relative, saturating ends included
-    (onnxruntime's own logistic is only close in absolute terms: 6e-8 for 1.9e-8 at x = -17.8)."""
+def test_sigmoid_and_cubes_run_vectorised_and_match_onnxruntime(x86):
+    """SiLU (x * sigmoid(x)), a sigmoid of inputs from -80 to 80, and GPT-2's tanh GELU (its cube) and a
+    fourth power: TVM's own sigmoid and powf call libm per element (`_vectorisable_math`). The rewrite keeps
+    float64's values to 1e-6 relative, saturating ends included (onnxruntime's own logistic is only close in
+    absolute terms: 6e-8 for 1.9e-8 at x = -17.8)."""
+    gelu_tanh = [helper.make_node("Pow", ["x", "three"], ["cube"]),
+                 helper.make_node("Mul", ["cube", "c"], ["cubic"]), helper.make_node("Add", ["x", "cubic"], ["inner"]),
+                 helper.make_node("Mul", ["inner", "k"], ["scaled"]), helper.make_node("Tanh", ["scaled"], ["t"]),
+                 helper.make_node("Add", ["t", "one"], ["t1"]), helper.make_node("Mul", ["x", "t1"], ["xt"]),
+                 helper.make_node("Mul", ["xt", "half"], ["gelu"])]
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["silu"]),
-             helper.make_node("Sigmoid", ["wide"], ["probability"])]
+             helper.make_node("Sigmoid", ["wide"], ["probability"]), *gelu_tanh,
+             helper.make_node("Pow", ["x", "four"], ["fourth"])]
+    constants = [numpy_helper.from_array(np.array(value, np.float32), name) for name, value in
+                 (("three", 3.0), ("four", 4.0), ("c", 0.044715), ("k", np.sqrt(2 / np.pi)), ("one", 1.0),
+                  ("half", 0.5))]
+    outputs = ("silu", "probability", "gelu", "fourth")
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8, 9, 9]),
-                                           helper.make_tensor_value_info("wide", onnx.TensorProto.FLOAT, [401])],
-                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                               for name in ("silu", "probability")])
+                                           helper.make_tensor_value_info("wide", onnx.TensorProto.FLOAT, [321])],
+                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+                              constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    shapes = {"x": [2, 8, 9, 9], "wide": [401]}
-    assert "R.sigmoid(" not in relax_build.rewritten_model(model, {}, x86, shapes)["main"].script()
+    shapes = {"x": [2, 8, 9, 9], "wide": [321]}
+    script = relax_build.rewritten_model(model, {}, x86, shapes)["main"].script()
+    assert "R.sigmoid(" not in script and "R.power(" not in script
     x = (np.random.default_rng(0).standard_normal([2, 8, 9, 9]) * 6).astype(np.float32)
-    wide = np.linspace(-80, 80, 401, dtype=np.float32)
-    silu, probability = relax_build._run_compiled(build_model(model, {}, x86, shapes), model, {"x": x, "wide": wide},
-                                                  x86)
-    exact = [x * (1 / (1 + np.exp(-x.astype(np.float64)))), 1 / (1 + np.exp(-wide.astype(np.float64)))]
-    for got, want, ort in zip((silu, probability), exact, ort_outputs(model, {"x": x, "wide": wide}), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    wide = np.linspace(-80, 80, 321, dtype=np.float32)
+    ours = relax_build._run_compiled(build_model(model, {}, x86, shapes), model, {"x": x, "wide": wide}, x86)
+    x64, wide64 = x.astype(np.float64), wide.astype(np.float64)
+    exact = [x64 / (1 + np.exp(-x64)), 1 / (1 + np.exp(-wide64)),
+             0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3))), x64 ** 4]
+    for index, (got, want, ort) in enumerate(zip(ours, exact, ort_outputs(model, {"x": x, "wide": wide}), strict=True)):
+        relative_only = index == 1  # the probabilities, down to 1e-35
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0 if relative_only else 1e-6 * float(np.abs(want).max()))
         np.testing.assert_allclose(got, ort, rtol=0, atol=2e-7 * float(np.abs(ort).max()))

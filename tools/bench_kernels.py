@@ -218,7 +218,9 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     [(gv, func)] = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
     kernel = tvm.compile(tvm.IRModule({gv.name_hint: func}), target=target.tvm()).mod[gv.name_hint]
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in inputs]
+    tensors = {f"x{i}": tvm.runtime.tensor(a, dev) for i, a in enumerate(inputs)}  # the variables, as named above
+    # by the PrimFunc's parameter names: an input it reads twice (x * x) is two parameters
+    args = [tensors[str(param)] for param in func.params[:-1]]
     args.append(tvm.runtime.empty([int(d) for d in y.ty.shape], "float32", dev))
     return lambda: kernel(*args)
 
@@ -278,24 +280,32 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
              lambda mod, t: _rewrite_cpu_ops(mod, t, ["softmax"]), rounds, number, threads)
 
 
-# an LSTM's gates over a batch of 16 (hidden 256); SiLU's maps in EfficientNet-B0's first stages and a YOLO neck's
-SIGMOID_SHAPES = [(16, 1024), (1, 32, 112, 112), (1, 96, 56, 56), (1, 256, 20, 20)]
+# an LSTM's gates over a batch of 16 (hidden 256); SiLU's maps in EfficientNet-B0's first stages and a YOLO neck's;
+# GPT-2's FFN over 128 tokens (its tanh GELU's cube)
+ELEMENTWISE = [
+    ("sigmoid", (16, 1024)), ("sigmoid", (1, 32, 112, 112)), ("sigmoid", (1, 96, 56, 56)),
+    ("sigmoid", (1, 256, 20, 20)), ("pow 3", (128, 3072)),
+]
 
 
-def bench_sigmoid(target, rounds: int, number: int, threads: int) -> None:
+def bench_elementwise(target, rounds: int, number: int, threads: int) -> None:
     from tvm import relax
 
-    from pruneaug.codegen.relax_build import _sigmoid_through_exp
+    from pruneaug.codegen.relax_build import _vectorisable_math
 
-    def case(rng, shape: tuple[int, ...]):
+    def case(rng, op: str, shape: tuple[int, ...]):
         x = (rng.standard_normal(shape) * 4).astype(np.float32)
-        return "x".join(map(str, shape)), [x], one_node_model("Sigmoid", shape), relax.op.sigmoid
+        if op == "sigmoid":
+            return f"sigmoid {'x'.join(map(str, shape))}", [x], one_node_model("Sigmoid", shape), relax.op.sigmoid
+        exponent = np.array(float(op.split()[1]), np.float32)
+        return (f"{op} {'x'.join(map(str, shape))}", [x], one_node_model("Pow", shape, exponent),
+                lambda v: relax.op.power(v, relax.const(exponent)))
 
     rng = np.random.default_rng(0)
-    bench_op(target, f"\n## Sigmoid, x86 host, {threads} threads: `relax_build._sigmoid_through_exp` (1 / (1 + "
-             "fast_exp(-x))) against TVM's own op (libm's expf per element) and onnxruntime",
-             "shape", [case(rng, shape) for shape in SIGMOID_SHAPES],
-             lambda mod, _target: _sigmoid_through_exp(mod), rounds, number, threads)
+    bench_op(target, f"\n## Elementwise ops TVM lowers to libm per element, x86 host, {threads} threads: "
+             "`relax_build._vectorisable_math` (sigmoid through fast_exp, constant powers as products) against "
+             "TVM's own op and onnxruntime", "op, shape", [case(rng, *c) for c in ELEMENTWISE],
+             lambda mod, _target: _vectorisable_math(mod), rounds, number, threads)
 
 
 # op, channels x map, kernel, stride, pads: ResNet's stem; VGG's 2x2 pools; GoogLeNet's 3x3 stride-1 pools; the
@@ -597,7 +607,7 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "sigmoid", "pool", "attention", "depthwise",
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "elementwise", "pool", "attention", "depthwise",
          "padding", "dense", "strided"]
 
 
@@ -637,8 +647,8 @@ def main() -> None:
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
-    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax, "sigmoid": bench_sigmoid,
-              "pool": bench_pool,
+    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax,
+              "elementwise": bench_elementwise, "pool": bench_pool,
               "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding,
               "dense": bench_dense, "strided": bench_strided}
     for part, table in tables.items():

@@ -98,7 +98,7 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
     if target.kind != "cuda":
         mod = _rewrite_cpu_ops(mod, target)
         mod = _widen_grouped_convs(mod, _vector_lanes(target))
-        mod = _sigmoid_through_exp(mod)
+        mod = _vectorisable_math(mod)
     return relax.transform.RemoveRedundantReshape()(mod)
 
 
@@ -620,26 +620,44 @@ def _widen_grouped_convs(mod, lanes: int):
     return out
 
 
-def _sigmoid_through_exp(mod):
-    """Each float32 sigmoid as 1 / (1 + exp(-x)), whose exp `FastMathTransform` makes TVM's vectorised fast_exp.
-    TVM lowers its sigmoid op to libm's expf, one scalar call per element: 15% of an unrolled LSTM's time
-    (`codegen/recurrent.py`), and every SiLU's in a CNN (`tools/bench_kernels.py --part sigmoid`)."""
+# constant exponents whose power TVM lowers to libm's powf per element, 50x the time of the products over 128x3072
+# (`tools/bench_kernels.py --part elementwise`; GPT-2's tanh GELU cubes); TVM's own lowering already makes a
+# square a product and a power of 0.5 a square root
+POWERS = (3, 4)
+
+
+def _vectorisable_math(mod):
+    """Ops that TVM lowers to a libm call per element (a scalar call in every vector loop), as ops that LLVM
+    vectorises: each float32 sigmoid as 1 / (1 + exp(-x)), whose exp `FastMathTransform` makes TVM's
+    fast_exp (15% of an unrolled LSTM's time, `codegen/recurrent.py`, and every SiLU's in a CNN), and each
+    power with a constant exponent of `POWERS` as products (`tools/bench_kernels.py --part elementwise`)."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-    pattern = is_op("relax.sigmoid")(wildcard())
+    sigmoid = is_op("relax.sigmoid")(wildcard())
+    power = is_op("relax.power")(wildcard(), is_const())
 
-    def through_exp(orig, matched):
-        call = matched[pattern]
+    def vectorisable(orig, matched):
+        call = matched[sigmoid] if sigmoid in matched else matched[power]
         if call.ty.dtype != "float32":
             return orig
-        one = relax.const(1.0, "float32")
-        return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(call.args[0]))))
+        x = call.args[0]
+        if sigmoid in matched:
+            one = relax.const(1.0, "float32")
+            return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(x))))
+        exponent = call.args[1].value.numpy()
+        if exponent.size != 1 or float(exponent.flat[0]) not in POWERS or _static_shape(call) != _static_shape(x):
+            return orig  # (a [1, 1] exponent would broadcast a vector x to a matrix)
+        product = x
+        for _ in range(int(exponent.flat[0]) - 1):
+            product = relax.op.multiply(product, x)
+        return product
 
-    if not _binds(mod, lambda value: getattr(getattr(value, "op", None), "name", None) == "relax.sigmoid"):
+    names = ("relax.sigmoid", "relax.power")
+    if not _binds(mod, lambda value: getattr(getattr(value, "op", None), "name", None) in names):
         return mod
     out = relax.BlockBuilder(mod).get()
-    out["main"] = rewrite_call(pattern, through_exp, mod["main"])
+    out["main"] = rewrite_call(sigmoid | power, vectorisable, mod["main"])
     return out
 
 
