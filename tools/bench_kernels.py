@@ -219,8 +219,10 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     kernel = tvm.compile(tvm.IRModule({gv.name_hint: func}), target=target.tvm()).mod[gv.name_hint]
     dev = tvm.cpu()
     tensors = {f"x{i}": tvm.runtime.tensor(a, dev) for i, a in enumerate(inputs)}  # the variables, as named above
-    # by the PrimFunc's parameter names: an input it reads twice (x * x) is two parameters
-    args = [tensors[str(param)] for param in func.params[:-1]]
+    names = [str(param) for param in func.params[:-1]]
+    # TVM's fused ops name their parameters after the variables, and an input read twice (x * x) is two of them;
+    # our own kernels name theirs (X, gamma, ...) and take the inputs in order
+    args = [tensors[name] for name in names] if set(names) <= set(tensors) else list(tensors.values())
     args.append(tvm.runtime.empty([int(d) for d in y.ty.shape], "float32", dev))
     return lambda: kernel(*args)
 
