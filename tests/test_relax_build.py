@@ -822,3 +822,35 @@ def test_sigmoid_and_cubes_run_vectorised_and_match_onnxruntime(x86):
         relative_only = index == 1  # the probabilities, down to 1e-35
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=0 if relative_only else 1e-6 * float(np.abs(want).max()))
         np.testing.assert_allclose(got, ort, rtol=0, atol=2e-7 * float(np.abs(ort).max()))
+
+
+def _layer_norm_in_parts(axis: int, shape: list[int]) -> onnx.ModelProto:
+    """A layer norm over `axis` as torch exports it below opset 17."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[axis]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["d2"]),
+             helper.make_node("ReduceMean", ["d2"], ["var"], axes=[axis]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    weight_shape = [shape[axis]] + [1] * (len(shape) - 1 - axis % len(shape))  # broadcast along `axis`
+    constants = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                 numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+                 numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "g"),
+                 numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+@pytest.mark.parametrize("axis, fused", [(-1, True), (1, False)])
+def test_a_layer_norm_in_parts_runs_as_our_row_kernel_and_matches_onnxruntime(x86, axis, fused):
+    """`_layer_norms_from_parts`: over the last axis it is one call of our layer norm kernel; over another
+    axis the parts stay TVM's."""
+    shape = [2, 5, 7]
+    model = _layer_norm_in_parts(axis, shape)
+    script = relax_build.rewritten_model(model, {}, x86, {"x": shape})["main"].script()
+    assert ("R.sqrt(" not in script and "layer_norm" in script) == fused
+    x = (np.random.default_rng(4).standard_normal(shape) * 3 + 2).astype(np.float32)
+    [ours] = relax_build._run_compiled(build_model(model, {}, x86, {"x": shape}), model, {"x": x}, x86)
+    np.testing.assert_allclose(ours, ort_outputs(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
