@@ -144,13 +144,13 @@ class _Unroller:
         inputs = list(node.input) + [""] * (8 - len(node.input))
         x = inputs[0]
         if x not in shapes or len(shapes[x]) != 3:
-            self._fail(f"the shape of its input {x!r} is not known statically")
+            self._fail(f"input X ({x!r}) has no static 3-D shape here")
         seq_axis, batch_axis = (1, 0) if self.layout else (0, 1)
         self.steps, self.batch = shapes[x][seq_axis], shapes[x][batch_axis]
         self.weights = {role: self._constant(constants, inputs[index], role)
                         for index, role in ((1, "W"), (2, "R"), (3, "B"), (7, "P"))}
         if self.weights["W"] is None or self.weights["R"] is None:
-            self._fail("its weights W and R must be initializers")
+            self._fail("has no W or R input")
         if not self.hidden:
             self.hidden = self.weights["R"].shape[-1]
         self._check_sequence_lens(constants, inputs[4])

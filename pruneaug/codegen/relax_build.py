@@ -624,8 +624,8 @@ def _widen_grouped_convs(mod, lanes: int):
 def _layer_norms_from_parts(mod):
     """Each layer norm exported as its parts (torch below opset 17: ReduceMean, Sub, Pow 2, ReduceMean, Add eps,
     Sqrt, Div, Mul by the weight, Add the bias) as one `layer_norm` over the last axis, which `_rewrite_cpu_ops`
-    then runs in our row kernel: TVM ran the parts as several passes over X, and a [128, 768] layer norm so
-    took twice the whole model's time of the one op (onnxruntime fuses them too)."""
+    then runs in our row kernel. TVM ran the parts as several passes over X: a model of one [128, 768] layer
+    norm in parts ran 162 µs against 84 µs for the op (onnxruntime fuses the parts too)."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -641,14 +641,14 @@ def _layer_norms_from_parts(mod):
         if (shape is None or matched[pattern].ty.dtype != "float32"
                 or any([int(a) % len(shape) for a in matched[m].attrs.axis] != [len(shape) - 1]
                        or not matched[m].attrs.keepdims for m in (mean, variance))
-                or matched[exponent].value.numpy().size != 1 or float(matched[exponent].value.numpy()) != 2.0
+                or matched[exponent].value.numpy().size != 1 or matched[exponent].value.numpy().item() != 2.0
                 or matched[eps].value.numpy().size != 1
                 or any(list(matched[v].value.numpy().shape) != shape[-1:] for v in (gamma, beta))):
             return orig
         return relax.op.nn.layer_norm(matched[x], matched[gamma], matched[beta], axes=[-1],
-                                      epsilon=float(matched[eps].value.numpy()))
+                                      epsilon=float(matched[eps].value.numpy().item()))
 
-    if not _binds(mod, lambda value: getattr(getattr(value, "op", None), "name", None) == "relax.sqrt"):
+    if not _binds(mod, lambda value: _op_name(value) == "relax.sqrt"):
         return mod
     out = relax.BlockBuilder(mod).get()
     out["main"] = rewrite_call(pattern, fused, mod["main"])
@@ -688,8 +688,7 @@ def _vectorisable_math(mod):
             product = relax.op.multiply(product, x)
         return product
 
-    names = ("relax.sigmoid", "relax.power")
-    if not _binds(mod, lambda value: getattr(getattr(value, "op", None), "name", None) in names):
+    if not _binds(mod, lambda value: _op_name(value) in ("relax.sigmoid", "relax.power")):
         return mod
     out = relax.BlockBuilder(mod).get()
     out["main"] = rewrite_call(sigmoid | power, vectorisable, mod["main"])
@@ -702,11 +701,13 @@ def _binds(mod, test: Callable[[object], bool]) -> bool:
     return any(test(binding.value) for block in mod["main"].body.blocks for binding in block.bindings)
 
 
-def _is_grouped_conv(expr) -> bool:
-    from tvm import relax
+def _op_name(expr) -> str | None:
+    """The name of the op a Relax call calls (None for anything else)."""
+    return getattr(getattr(expr, "op", None), "name", None)
 
-    return (isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.nn.conv2d"
-            and int(expr.attrs.groups) > 1)
+
+def _is_grouped_conv(expr) -> bool:
+    return _op_name(expr) == "relax.nn.conv2d" and int(expr.attrs.groups) > 1
 
 
 def _conv_input_shape(call, found: _Match, layouts: tuple[str, str, str]) -> list[int] | None:
