@@ -115,10 +115,13 @@ def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
     ([20] * 6 + [80] * 4, "serial"),
     ([20] * 8 + [80] * 2, "parallel"),  # (two slow runs in ten: still faster on average)
     ([20] * 99 + [40000], "parallel"),  # (one run in a hundred preempted: trimmed off)
+    # more than half its runs in a spell, where it is barely faster: its median says 1.05x, its mean 1.3x faster
+    ([20] * 4 + [38] * 6, "parallel"),
     # the serial twin crashed: the parallel build
     (40, "parallel"),
 ])
-def test_the_parallel_build_ships_only_where_it_is_20_percent_faster_without_a_slow_mode(tmp_path, parallel_us, kept):
+def test_the_parallel_build_ships_only_where_it_is_20_percent_faster_and_faster_on_average(tmp_path, parallel_us,
+                                                                                           kept):
     serial = [] if parallel_us == 40 else 40  # (no runs: crashed)
     got, _ = run_pick(tmp_path, {"ir-searched@2": parallel_us, "ir-searched@1": serial})
     assert got.name == "searched" and got.plans is None  # a given plan: no plans to pick among
