@@ -56,11 +56,11 @@ PICK_BUILD_BUDGET_S = 10.0  # build the rest only if the chosen plan's artifact 
 PICK_MIN_GAIN = 1.05
 # a plan ships its parallel build only if the median (or the mean) of its runs is this much faster than its serial
 # twin's: at batch 1 the bundled encoder's parallel builds read 1.03-1.16x faster in the pick and later, beside serial
-# builds of plans as fast, ran 0.70-0.86x as fast (the second vCPU's spells; at 1.16x, over the 1.15 this was, one shipped and ran 36 us
-# against 27 us for a serial plan predicted 5% faster); at batch 32 the CNN's read 1.24-1.6x faster. The mean too,
-# for a bimodal build: a MobileNetV2-like model with SiLU at 112x112 ran its parallel build 1.8x faster in one timing
-# and 1.05x in the other (the second vCPU taken); pooled, the median said 1.07x and it shipped serial, 0.73x
-# onnxruntime's speed, where side by side later its parallel build ran 1.8x faster in each of four timings
+# builds of plans as fast, ran 0.70-0.86x as fast (the second vCPU's spells; at 1.16x, over the 1.15 this was, one
+# shipped and ran 36 us against 27 us for a serial plan predicted 5% faster); at batch 32 the CNN's read 1.24-1.6x
+# faster. The mean too, for a bimodal build: a MobileNetV2-like model with SiLU at 112x112 ran its parallel build 1.8x
+# faster in one timing and 1.05x in the other (the second vCPU taken); pooled, the median said 1.07x and it shipped
+# serial, 0.73x onnxruntime's speed, where side by side later its parallel build ran 1.8x faster in each of four timings
 PARALLEL_MIN_GAIN = 1.2
 # ... and only if the (trimmed) mean of its runs is faster too: at batch 8 the encoder's parallel builds ran a median
 # 109 us against 134 us serial in the pick, but their p90 was 250 us against 137 us; shipped, one ran 244 us beside
