@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pruneaug.errors import CodegenError
+from pruneaug.ir.graph import inferred_shapes
 from pruneaug.ir.prunable import unique_node_names
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -74,7 +75,7 @@ def unrolled(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) 
     if not any(_is_recurrent(node) for node in model.graph.node):
         return model
     names = unique_node_names(model.graph.node)
-    shapes = _tensor_shapes(model, input_shapes)
+    shapes = inferred_shapes(model, input_shapes)
     constants = {init.name: init for init in model.graph.initializer}
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
     nodes, initializers = [], list(model.graph.initializer)
@@ -96,27 +97,6 @@ def unrolled(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) 
 
 def _is_recurrent(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in RECURRENT_OPS
-
-
-def _tensor_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Static shapes of the graph's tensors that shape inference can tell, with the inputs bound to `input_shapes`."""
-    bound = onnx.ModelProto()
-    bound.CopyFrom(model)
-    for value in bound.graph.input:
-        if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for size in input_shapes[value.name]:
-                dims.add().dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(bound)
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
 
 
 class _Unroller:
@@ -334,10 +314,14 @@ class _Unroller:
     def _shape(self, *dims: int) -> str:
         return self._const("shape", np.array(dims, np.int64))
 
+    def _gates(self, x_t: str, h: str | None, r_t: str) -> str:
+        """A step's gate inputs: X's share plus H times R^T (nothing where H is the zero initial state)."""
+        return x_t if h is None else self._emit("Add", [x_t, self._emit("MatMul", [h, r_t])], "gates")
+
     def _lstm_step(self, x_t, h, c, recurrence, activations, peepholes):
         f, g, act_h = activations[:3]
         hidden = self.hidden
-        gates = x_t if h is None else self._emit("Add", [x_t, self._emit("MatMul", [h, recurrence["R"]])], "gates")
+        gates = self._gates(x_t, h, recurrence["R"])
         i_pre, o_pre, f_pre, c_pre = self._split(gates, 4, hidden, 1, "gate")
         if peepholes is not None and c is not None:
             i_pre = self._emit("Add", [i_pre, self._emit("Mul", [c, self._const("P_i", peepholes[:hidden])])])
@@ -373,5 +357,4 @@ class _Unroller:
         return self._emit("Add", [candidate, self._emit("Mul", [z, self._emit("Sub", [h, candidate])])], "h"), None
 
     def _rnn_step(self, x_t, h, _c, recurrence, activations, _peepholes):
-        gates = x_t if h is None else self._emit("Add", [x_t, self._emit("MatMul", [h, recurrence["R"]])], "gates")
-        return self._activate(gates, activations[0]), None
+        return self._activate(self._gates(x_t, h, recurrence["R"]), activations[0]), None

@@ -102,7 +102,7 @@ def lift(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | Non
 
     found = classify(model)
     kept_dense = {node: why for node, why in found.items() if isinstance(why, str)}
-    shapes = _inferred_shapes(model, input_shapes or {})
+    shapes = inferred_shapes(model, input_shapes or {})
     weights: dict[str, np.ndarray] = {}
     by_weight: dict[str, list[WeightUse]] = {}
     for use in found.values():
@@ -168,9 +168,10 @@ def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
     return reads
 
 
-def _inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+def inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """Every tensor's static shape from ONNX shape inference with the inputs' dynamic dims fixed
-    (empty where inference fails: the layers' sizes are then unknown, not wrong)."""
+    (empty where inference fails: the layers' sizes are then unknown, not wrong). The IR's layer sizes
+    and the recurrent nodes' unrolling (`codegen.recurrent`) read them."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.initializer[:]  # weights' shapes suffice; small tensors (Reshape shapes...) keep their data
