@@ -591,7 +591,7 @@ def _widen_grouped_convs(mod, lanes: int):
     maps took 1.5x the time narrow, 28x28 1.3x; widened, 7x7 maps (to half vectors on a 16-lane host)
     took 1.2x and a stride-2 conv 1.6x the time they take narrow, so they are not widened."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
 
     pattern = is_op("relax.nn.conv2d")(wildcard(), wildcard())
 
@@ -614,11 +614,7 @@ def _widen_grouped_convs(mod, lanes: int):
                                   attrs.out_layout, attrs.out_dtype)
         return relax.op.strided_slice(wide, axes=[2, 3], begin=[0, 0], end=[rows, cols])
 
-    if not _binds(mod, _is_grouped_conv):
-        return mod
-    out = relax.BlockBuilder(mod).get()
-    out["main"] = rewrite_call(pattern, widen, mod["main"])
-    return out
+    return _rewrite_main(mod, pattern, widen, _is_grouped_conv)
 
 
 def _layer_norms_from_parts(mod):
@@ -627,7 +623,7 @@ def _layer_norms_from_parts(mod):
     then runs in our row kernel. TVM ran the parts as several passes over X: a model of one [128, 768] layer
     norm in parts ran 162 µs against 84 µs for the op (onnxruntime fuses the parts too)."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     x, exponent, eps, gamma, beta = wildcard(), is_const(), is_const(), is_const(), is_const()
     mean = is_op("relax.mean")(x)
@@ -648,11 +644,7 @@ def _layer_norms_from_parts(mod):
         return relax.op.nn.layer_norm(matched[x], matched[gamma], matched[beta], axes=[-1],
                                       epsilon=float(matched[eps].value.numpy().item()))
 
-    if not _binds(mod, lambda value: _op_name(value) == "relax.sqrt"):
-        return mod
-    out = relax.BlockBuilder(mod).get()
-    out["main"] = rewrite_call(pattern, fused, mod["main"])
-    return out
+    return _rewrite_main(mod, pattern, fused, lambda value: _op_name(value) == "relax.sqrt")
 
 
 # constant exponents whose power TVM lowers to libm's powf per element, 50x the time of the products over 128x3072
@@ -667,7 +659,7 @@ def _vectorisable_math(mod):
     fast_exp (15% of an unrolled LSTM's time, `codegen/recurrent.py`, and every SiLU's in a CNN), and each
     power with a constant exponent of `POWERS` as products (`tools/bench_kernels.py --part elementwise`)."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     sigmoid = is_op("relax.sigmoid")(wildcard())
     power = is_op("relax.power")(wildcard(), is_const())
@@ -688,17 +680,21 @@ def _vectorisable_math(mod):
             product = relax.op.multiply(product, x)
         return product
 
-    if not _binds(mod, lambda value: _op_name(value) in ("relax.sigmoid", "relax.power")):
+    ops = ("relax.sigmoid", "relax.power")
+    return _rewrite_main(mod, sigmoid | power, vectorisable, lambda value: _op_name(value) in ops)
+
+
+def _rewrite_main(mod, pattern, rewrite: Callable, may_match: Callable[[object], bool]):
+    """`mod` with `rewrite` applied to `main`'s matches of `pattern`, only where some binding of `main` passes
+    `may_match`: a pattern pass costs BERT-base ~0.8 s however little it rewrites (`_rewrite_cpu_ops`)."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    if not any(may_match(binding.value) for block in mod["main"].body.blocks for binding in block.bindings):
         return mod
     out = relax.BlockBuilder(mod).get()
-    out["main"] = rewrite_call(sigmoid | power, vectorisable, mod["main"])
+    out["main"] = rewrite_call(pattern, rewrite, mod["main"])
     return out
-
-
-def _binds(mod, test: Callable[[object], bool]) -> bool:
-    """Whether any binding of `main` binds a value that passes `test`: a pattern pass costs BERT-base ~0.8 s
-    however little it rewrites (`_rewrite_cpu_ops`), so passes that may find nothing look first."""
-    return any(test(binding.value) for block in mod["main"].body.blocks for binding in block.bindings)
 
 
 def _op_name(expr) -> str | None:
