@@ -824,6 +824,36 @@ def test_sigmoid_and_cubes_run_vectorised_and_match_onnxruntime(x86):
         np.testing.assert_allclose(got, ort, rtol=0, atol=2e-7 * float(np.abs(ort).max()))
 
 
+def test_softplus_and_mish_run_without_log_and_match_float64(x86):
+    """Softplus, Mish (opset 18) and Mish as torch exports it below (Softplus, Tanh, Mul), from -100 to 100:
+    TVM lowers each log(1 + exp(x)) to libm's logf per element; `_softplus` needs only an exp. Saturating ends
+    included: softplus to 1e-6 relative down to float32's least normal number (below it, as softplus(-100) =
+    3.7e-44, exp gives 0), mish(100) is 100 (no inf or nan from the exp)."""
+    nodes = [helper.make_node("Softplus", ["x"], ["softplus"]), helper.make_node("Mish", ["x"], ["mish"]),
+             helper.make_node("Softplus", ["x"], ["sp"]), helper.make_node("Tanh", ["sp"], ["t"]),
+             helper.make_node("Mul", ["x", "t"], ["torch_mish"])]
+    outputs = ("softplus", "mish", "torch_mish")
+    shape = [2, 3, 41, 41]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    script = relax_build.rewritten_model(model, {}, x86, {"x": shape})["main"].script()
+    assert "R.log(" not in script
+    x = np.concatenate([np.linspace(-100, 100, 4001), np.random.default_rng(1).standard_normal(int(np.prod(shape)) - 4001)
+                        * 4]).astype(np.float32).reshape(shape)
+    ours = relax_build._run_compiled(build_model(model, {}, x86, {"x": shape}), model, {"x": x}, x86)
+    x64 = x.astype(np.float64)
+    softplus = np.logaddexp(0, x64)
+    exact = [softplus, x64 * np.tanh(softplus), x64 * np.tanh(softplus)]
+    for index, (got, want, ort) in enumerate(zip(ours, exact, ort_outputs(model, {"x": x}), strict=True)):
+        assert np.isfinite(got).all()
+        if index == 0:
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=np.finfo(np.float32).tiny)
+        else:  # mish: tanh is TVM's fast_tanh, as for every Tanh, and mish(x) passes through 0
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(got, ort, rtol=2e-6, atol=1e-6)
+
+
 def _layer_norm_in_parts(axis: int, shape: list[int]) -> onnx.ModelProto:
     """A layer norm over `axis` as torch exports it below opset 17."""
     rng = np.random.default_rng(3)

@@ -82,7 +82,7 @@ def ort_session(model, threads: int):
     return make_session(model, threads, spinning=False)
 
 
-def one_node_model(op: str, x_shape, *constants: np.ndarray, **attrs):
+def one_node_model(op: str, x_shape, *constants: np.ndarray, opset: int = 17, **attrs):
     """`y = op(x, *constants)` as an ONNX model (the constants are initializers)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -91,7 +91,7 @@ def one_node_model(op: str, x_shape, *constants: np.ndarray, **attrs):
     graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(c, name) for c, name in zip(constants, names)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def tvm_call(kernel, target, x: np.ndarray) -> Callable[[], object]:
@@ -283,10 +283,12 @@ def bench_softmax(target, rounds: int, number: int, threads: int) -> None:
 
 
 # an LSTM's gates over a batch of 16 (hidden 256); SiLU's maps in EfficientNet-B0's first stages and a YOLO neck's;
-# GPT-2's FFN over 128 tokens (its tanh GELU's cube)
+# GPT-2's FFN over 128 tokens (its tanh GELU's cube); softplus over the LSTM's gates and a ResNet stage's map;
+# mish over YOLOv4's (at 448 pixels) first stage and a late one
 ELEMENTWISE = [
     ("sigmoid", (16, 1024)), ("sigmoid", (1, 32, 112, 112)), ("sigmoid", (1, 96, 56, 56)),
-    ("sigmoid", (1, 256, 20, 20)), ("pow 3", (128, 3072)),
+    ("sigmoid", (1, 256, 20, 20)), ("pow 3", (128, 3072)), ("softplus", (16, 1024)), ("softplus", (1, 64, 56, 56)),
+    ("mish", (1, 32, 224, 224)), ("mish", (1, 512, 28, 28)),
 ]
 
 
@@ -295,19 +297,26 @@ def bench_elementwise(target, rounds: int, number: int, threads: int) -> None:
 
     from pruneaug.codegen.relax_build import _vectorisable_math
 
+    def softplus(v):  # TVM's ONNX frontend's, stable for any v
+        return relax.op.maximum(v, relax.const(0.0)) + relax.op.log(
+            relax.const(1.0) + relax.op.exp(relax.op.negative(relax.op.abs(v))))
+
+    ops = {"sigmoid": ("Sigmoid", relax.op.sigmoid), "softplus": ("Softplus", softplus),
+           "mish": ("Mish", lambda v: v * relax.op.tanh(relax.op.log(relax.const(1.0) + relax.op.exp(v))))}
+
     def case(rng, op: str, shape: tuple[int, ...]):
         x = (rng.standard_normal(shape) * 4).astype(np.float32)
-        if op == "sigmoid":
-            return f"sigmoid {'x'.join(map(str, shape))}", [x], one_node_model("Sigmoid", shape), relax.op.sigmoid
+        label = f"{op} {'x'.join(map(str, shape))}"
+        if op in ops:
+            return label, [x], one_node_model(ops[op][0], shape, opset=18), ops[op][1]
         exponent = np.array(float(op.split()[1]), np.float32)
-        return (f"{op} {'x'.join(map(str, shape))}", [x], one_node_model("Pow", shape, exponent),
-                lambda v: relax.op.power(v, relax.const(exponent)))
+        return label, [x], one_node_model("Pow", shape, exponent), lambda v: relax.op.power(v, relax.const(exponent))
 
     rng = np.random.default_rng(0)
     bench_op(target, f"\n## Elementwise ops TVM lowers to libm per element, x86 host, {threads} threads: "
-             "`relax_build._vectorisable_math` (sigmoid through fast_exp, constant powers as products) against "
-             "TVM's own op and onnxruntime", "op, shape", [case(rng, *c) for c in ELEMENTWISE],
-             lambda mod, _target: _vectorisable_math(mod), rounds, number, threads)
+             "`relax_build._vectorisable_math` (sigmoid through fast_exp, constant powers as products, softplus and "
+             "mish's log(1 + exp(x)) by a series) against TVM's own op and onnxruntime", "op, shape",
+             [case(rng, *c) for c in ELEMENTWISE], lambda mod, _target: _vectorisable_math(mod), rounds, number, threads)
 
 
 # op, channels x map, kernel, stride, pads: ResNet's stem; VGG's 2x2 pools; GoogLeNet's 3x3 stride-1 pools; the

@@ -647,6 +647,10 @@ def _layer_norms_from_parts(mod):
     return _rewrite_main(mod, pattern, fused, lambda value: _op_name(value) == "relax.sqrt")
 
 
+# terms of log(1 + t) = 2 atanh(u) = 2u (1 + u^2/3 + u^4/5 + ...), u = t / (2 + t) <= 1/3 for t in [0, 1]: seven keep
+# the series' own error at 1.5e-8 relative, below float32's rounding (2.3e-7 in all, against float64's log1p)
+LOG1P_TERMS = 7
+
 # constant exponents whose power TVM lowers to libm's powf per element, 50x the time of the products over 128x3072
 # (`tools/bench_kernels.py --part elementwise`; GPT-2's tanh GELU cubes); TVM's own lowering already makes a
 # square a product and a power of 0.5 a square root
@@ -656,22 +660,30 @@ POWERS = (3, 4)
 def _vectorisable_math(mod):
     """Ops that TVM lowers to a libm call per element (a scalar call in every vector loop), as ops that LLVM
     vectorises: each float32 sigmoid as 1 / (1 + exp(-x)), whose exp `FastMathTransform` makes TVM's
-    fast_exp (15% of an unrolled LSTM's time, `codegen/recurrent.py`, and every SiLU's in a CNN), and each
-    power with a constant exponent of `POWERS` as products (`tools/bench_kernels.py --part elementwise`)."""
+    fast_exp (15% of an unrolled LSTM's time, `codegen/recurrent.py`, and every SiLU's in a CNN); each
+    power with a constant exponent of `POWERS` as products (`tools/bench_kernels.py --part elementwise`);
+    and each log(1 + exp(y)), the softplus of TVM's Softplus and Mish (YOLOv4's activation), by
+    `_softplus`, whose only transcendental is an exp."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     sigmoid = is_op("relax.sigmoid")(wildcard())
     power = is_op("relax.power")(wildcard(), is_const())
+    unit, exp_y = is_const(), is_op("relax.exp")(wildcard())
+    softplus = is_op("relax.log")(is_op("relax.add")(unit, exp_y) | is_op("relax.add")(exp_y, unit))
 
     def vectorisable(orig, matched):
-        call = matched[sigmoid] if sigmoid in matched else matched[power]
+        call = next(matched[p] for p in (sigmoid, power, softplus) if p in matched)
         if call.ty.dtype != "float32":
             return orig
         x = call.args[0]
         if sigmoid in matched:
-            one = relax.const(1.0, "float32")
-            return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(x))))
+            return relax.op.divide(_float32(1.0), relax.op.add(_float32(1.0), relax.op.exp(relax.op.negative(x))))
+        if softplus in matched:
+            one = matched[unit].value.numpy()
+            if one.size != 1 or one.item() != 1.0 or _static_shape(call) != _static_shape(matched[exp_y]):
+                return orig
+            return _softplus(matched[exp_y].args[0])
         exponent = call.args[1].value.numpy()
         if exponent.size != 1 or float(exponent.flat[0]) not in POWERS or _static_shape(call) != _static_shape(x):
             return orig  # (a [1, 1] exponent would broadcast a vector x to a matrix)
@@ -680,8 +692,30 @@ def _vectorisable_math(mod):
             product = relax.op.multiply(product, x)
         return product
 
-    ops = ("relax.sigmoid", "relax.power")
-    return _rewrite_main(mod, sigmoid | power, vectorisable, lambda value: _op_name(value) in ops)
+    ops = ("relax.sigmoid", "relax.power", "relax.log")
+    return _rewrite_main(mod, sigmoid | power | softplus, vectorisable, lambda value: _op_name(value) in ops)
+
+
+def _softplus(y):
+    """log(1 + exp(y)) as max(y, 0) + log1p(exp(-|y|)), stable for any y, with log1p over [0, 1] by its
+    atanh series (`LOG1P_TERMS`): no log, which TVM lowers to libm's logf per element."""
+    from tvm.relax import op
+
+    t = op.exp(op.negative(op.abs(y)))
+    u = op.divide(t, op.add(_float32(2.0), t))
+    w = op.multiply(u, u)
+    series = _float32(1.0 / (2 * LOG1P_TERMS - 1))
+    for k in reversed(range(LOG1P_TERMS - 1)):
+        series = op.add(op.multiply(series, w), _float32(1.0 / (2 * k + 1)))
+    return op.add(op.maximum(y, _float32(0.0)), op.multiply(op.multiply(_float32(2.0), u), series))
+
+
+def _float32(value: float):
+    """A scalar constant for the float32 rewrites: an op of a float32 tensor and a constant of another dtype
+    does not type-check."""
+    from tvm import relax
+
+    return relax.const(value, "float32")
 
 
 def _rewrite_main(mod, pattern, rewrite: Callable, may_match: Callable[[object], bool]):
