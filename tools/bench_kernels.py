@@ -316,7 +316,8 @@ def bench_elementwise(target, rounds: int, number: int, threads: int) -> None:
     bench_op(target, f"\n## Elementwise ops TVM lowers to libm per element, x86 host, {threads} threads: "
              "`relax_build._vectorisable_math` (sigmoid through fast_exp, constant powers as products, softplus and "
              "mish's log(1 + exp(x)) by a series) against TVM's own op and onnxruntime", "op, shape",
-             [case(rng, *c) for c in ELEMENTWISE], lambda mod, _target: _vectorisable_math(mod), rounds, number, threads)
+             [case(rng, *c) for c in ELEMENTWISE], lambda mod, _target: _vectorisable_math(mod), rounds, number,
+             threads)
 
 
 # op, channels x map, kernel, stride, pads: ResNet's stem; VGG's 2x2 pools; GoogLeNet's 3x3 stride-1 pools; the
