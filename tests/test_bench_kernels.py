@@ -1,5 +1,5 @@
-"""`tools/bench_kernels.py --part attention`, `depthwise`, `padding`, `dense`, `norm`, `pool` and `strided`: their
-tables."""
+"""`tools/bench_kernels.py --part attention`, `depthwise`, `padding`, `dense`, `norm`, `pool`, `elementwise` and
+`strided`: their tables."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from pruneaug.cost_model.targets import resolve_target
 
 bench = load_tool("bench_kernels")
 # the tables' first column
-HEADERS = ("product", "channels x map, stride", "layer", "rows x cols", "pool, channels x map")
+HEADERS = ("product", "channels x map, stride", "layer", "norm, rows x cols", "pool, channels x map", "op, shape")
 
 
 @pytest.mark.parametrize("table, shapes, shape, labels", [
@@ -17,8 +17,9 @@ HEADERS = ("product", "channels x map, stride", "layer", "rows x cols", "pool, c
     ("bench_depthwise", "DEPTHWISE_SHAPES", (8, 14, 14, 1), [("8x14x14, 1",)]),
     ("bench_padding", "PADDING_SHAPES", (16, 8, 8, 1), [("16x8x8, 1",)]),
     ("bench_dense", "DENSE_MATMULS", (4, 64, 32), [("matmul m=4 64x32",), ("conv 3x3 8->32 6x6",)]),
-    ("bench_norm", "NORM_SHAPES", (4, 37), [("4x37",)]),
+    ("bench_norm", "NORM_SHAPES", (4, 37), [("layer 4x37",), ("rms 4x37",)]),
     ("bench_pool", "POOLS", ("avg", (4, 20, 20), 3, 1, 1), [("avg 3x3/1 4x20x20",)]),
+    ("bench_elementwise", "ELEMENTWISE", ("mish", (2, 37)), [("mish 2x37",)]),
 ])
 def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys, table, shapes, shape, labels):
     monkeypatch.setattr(bench, shapes, [shape])

@@ -709,8 +709,26 @@ def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, 
     rows = int(np.prod(x_shape[:-1]))
     parallel = int(x86.cores > 1 and rows * x_shape[-1] >= threads.PARALLEL_MIN_WORK)
     assert parallel or x_shape != [256, 300] or x86.cores == 1
-    assert built == ([(rows, x_shape[-1], pytest.approx(1e-5), relax_build._vector_lanes(x86), parallel)]
+    assert built == ([(rows, x_shape[-1], pytest.approx(1e-5), relax_build._vector_lanes(x86), parallel, False, True)]
                      if ours else [])
+
+
+def test_an_rms_normalization_op_runs_as_our_row_kernel(x86, monkeypatch):
+    """ONNX's RMSNormalization (opset 23), which TVM imports as `rms_norm`: our kernel, not centred."""
+    from pruneaug.codegen import norm
+
+    built = []
+    real = norm.layer_norm_primfunc
+    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    shape = [2, 5, 37]
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal(37).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=1e-5)], "rms",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    x = (np.random.default_rng(1).standard_normal(shape) * 3 + 2).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": shape}), model, {"x": x})
+    assert [args[5:] for args in built] == [(False, False)]
 
 
 def residual_layer_norm_model(shape: list[int], other_shape: list[int], add_also_out: bool) -> onnx.ModelProto:
@@ -746,7 +764,7 @@ def test_a_residual_add_before_a_layer_norm_is_read_in_its_kernel(x86, monkeypat
     inputs = {"x": (rng.standard_normal(shape) * 3 + 5).astype(np.float32),
               "r": rng.standard_normal(other_shape).astype(np.float32)}
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": shape, "r": other_shape}), model, inputs)
-    assert len(built) == 1 and built[0][5:] == ((True,) if residual else ())
+    assert len(built) == 1 and built[0][5:] == (residual, True)
 
 
 @pytest.mark.parametrize("shape, parallel", [((1, 16, 128), False), ((8, 128, 256), True)])
@@ -854,33 +872,51 @@ def test_softplus_and_mish_run_without_log_and_match_float64(x86):
         np.testing.assert_allclose(got, ort, rtol=2e-6, atol=1e-6)
 
 
-def _layer_norm_in_parts(axis: int, shape: list[int]) -> onnx.ModelProto:
-    """A layer norm over `axis` as torch exports it below opset 17."""
+# the parts of a norm as exporters write them (torch below opset 17 for a layer norm; T5's and LLaMA's RMS
+# norms, which have no op before opset 23): ReduceMean's axes are filled in per test
+NORM_PARTS = {
+    "layer norm": [("ReduceMean", ["x"], "mu"), ("Sub", ["x", "mu"], "d"), ("Pow", ["d", "two"], "d2"),
+                   ("ReduceMean", ["d2"], "var"), ("Add", ["var", "eps"], "ve"), ("Sqrt", ["ve"], "sd"),
+                   ("Div", ["d", "sd"], "n"), ("Mul", ["n", "g"], "ng"), ("Add", ["ng", "b"], "y")],
+    "layer norm, no affine": [("ReduceMean", ["x"], "mu"), ("Sub", ["x", "mu"], "d"), ("Pow", ["d", "two"], "d2"),
+                              ("ReduceMean", ["d2"], "var"), ("Add", ["var", "eps"], "ve"), ("Sqrt", ["ve"], "sd"),
+                              ("Div", ["d", "sd"], "y")],
+    "RMS norm (T5)": [("Add", ["x", "skip"], "h"), ("Pow", ["h", "two"], "sq"), ("ReduceMean", ["sq"], "ms"),
+                      ("Add", ["ms", "eps"], "v"), ("Sqrt", ["v"], "r"), ("Reciprocal", ["r"], "ir"),
+                      ("Mul", ["h", "ir"], "n"), ("Mul", ["g", "n"], "y")],
+    "RMS norm, Div, no weight": [("Pow", ["x", "two"], "sq"), ("ReduceMean", ["sq"], "ms"), ("Add", ["ms", "eps"], "v"),
+                                 ("Sqrt", ["v"], "r"), ("Div", ["x", "r"], "y")],
+}
+
+
+def _norm_in_parts(kind: str, axis: int, shape: list[int]) -> onnx.ModelProto:
+    """A norm over `axis` as its parts (`NORM_PARTS`), its weights broadcast along `axis`."""
     rng = np.random.default_rng(3)
-    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[axis]), helper.make_node("Sub", ["x", "mu"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["d2"]),
-             helper.make_node("ReduceMean", ["d2"], ["var"], axes=[axis]),
-             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
-             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
-             helper.make_node("Add", ["ng", "b"], ["y"])]
-    weight_shape = [shape[axis]] + [1] * (len(shape) - 1 - axis % len(shape))  # broadcast along `axis`
+    nodes = [helper.make_node(op, inputs, [out], **({"axes": [axis]} if op == "ReduceMean" else {}))
+             for op, inputs, out in NORM_PARTS[kind]]
+    weight_shape = [shape[axis]] + [1] * (len(shape) - 1 - axis % len(shape))
     constants = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
                  numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
                  numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "g"),
-                 numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "b")]
+                 numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "b"),
+                 numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "skip")]
+    used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)], constants)
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+                              [c for c in constants if c.name in used])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
 
+@pytest.mark.parametrize("kind", NORM_PARTS)
 @pytest.mark.parametrize("axis, fused", [(-1, True), (1, False)])
-def test_a_layer_norm_in_parts_runs_as_our_row_kernel_and_matches_onnxruntime(x86, axis, fused):
-    """`_layer_norms_from_parts`: over the last axis it is one call of our layer norm kernel; over another
-    axis the parts stay TVM's."""
+def test_a_norm_in_parts_runs_as_our_row_kernel_and_matches_onnxruntime(x86, kind, axis, fused):
+    """`_norms_from_parts`: over the last axis it is one call of our norm kernel (a T5 RMS norm's residual
+    add read in it too); over another axis the parts stay TVM's."""
     shape = [2, 5, 7]
-    model = _layer_norm_in_parts(axis, shape)
+    model = _norm_in_parts(kind, axis, shape)
     script = relax_build.rewritten_model(model, {}, x86, {"x": shape})["main"].script()
-    assert ("R.sqrt(" not in script and "layer_norm" in script) == fused
+    assert ("R.sqrt(" not in script and "R.call_tir(layer_norm" in script) == fused
+    assert ("R.add(" not in script) == fused  # the epsilon's, a shift's, T5's residual add: all in the kernel
     x = (np.random.default_rng(4).standard_normal(shape) * 3 + 2).astype(np.float32)
     [ours] = relax_build._run_compiled(build_model(model, {}, x86, {"x": shape}), model, {"x": x}, x86)
     np.testing.assert_allclose(ours, ort_outputs(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

@@ -221,10 +221,21 @@ def relax_op_kernel(target, op: Callable, inputs: list[np.ndarray], rewrite: Cal
     tensors = {f"x{i}": tvm.runtime.tensor(a, dev) for i, a in enumerate(inputs)}  # the variables, as named above
     names = [str(param) for param in func.params[:-1]]
     # TVM's fused ops name their parameters after the variables, and an input read twice (x * x) is two of them;
-    # our own kernels name theirs (X, gamma, ...) and take the inputs in order
-    args = [tensors[name] for name in names] if set(names) <= set(tensors) else list(tensors.values())
+    # our own kernels name theirs (X, gamma, ...) and take what the rewrite's call passes them, constants too
+    args = [tensors[name] for name in names] if set(names) <= set(tensors) else [
+        tensors[str(arg)] if isinstance(arg, relax.Var) else tvm.runtime.tensor(arg.value.numpy(), dev)
+        for arg in _call_tir_args(mod)]
     args.append(tvm.runtime.empty([int(d) for d in y.ty.shape], "float32", dev))
     return lambda: kernel(*args)
+
+
+def _call_tir_args(mod) -> list:
+    """The arguments of the one `call_tir` of `mod`'s main: the inputs' variables and any constants."""
+    from tvm import relax
+
+    [call] = [binding.value for block in mod["main"].body.blocks for binding in block.bindings
+              if isinstance(binding.value, relax.Call) and binding.value.op.name == "relax.call_tir"]
+    return list(call.args[1].fields)
 
 
 def bench_op(target, title: str, header: str, cases, rewrite: Callable, rounds: int, number: int,
@@ -247,16 +258,21 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
 
     from pruneaug.codegen.relax_build import _rewrite_cpu_ops
 
-    def case(rng, rows: int, cols: int):
+    def case(rng, kind: str, rows: int, cols: int):
         x = (rng.standard_normal((rows, cols)) * 3 + 5).astype(np.float32)
         gamma, beta = (rng.standard_normal(cols).astype(np.float32) for _ in range(2))
+        label = f"{kind} {rows}x{cols}"
+        if kind == "rms":
+            model = one_node_model("RMSNormalization", (rows, cols), gamma, axis=-1, epsilon=1e-5, opset=23)
+            model.ir_version = 10  # onnxruntime's newest for opset 23
+            return label, [x, gamma], model, lambda *v: relax.op.nn.rms_norm(*v, axes=[-1], epsilon=1e-5)
         model = one_node_model("LayerNormalization", (rows, cols), gamma, beta, axis=-1, epsilon=1e-5)
-        return f"{rows}x{cols}", [x, gamma, beta], model, lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5)
+        return label, [x, gamma, beta], model, lambda *v: relax.op.nn.layer_norm(*v, axes=[-1], epsilon=1e-5)
 
     rng = np.random.default_rng(0)
-    bench_op(target, f"\n## Layer norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` against "
-             "TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", "rows x cols",
-             [case(rng, rows, cols) for rows, cols in NORM_SHAPES],
+    bench_op(target, f"\n## Layer and RMS norm over the last axis, x86 host, {threads} threads: `codegen/norm.py` "
+             "against TVM's own Relax ops (DLight's CPU Reduction rule) and onnxruntime", "norm, rows x cols",
+             [case(rng, kind, rows, cols) for kind in ("layer", "rms") for rows, cols in NORM_SHAPES],
              lambda mod, t: _rewrite_cpu_ops(mod, t, ["layer_norm"]), rounds, number, threads)
 
 

@@ -96,7 +96,7 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
         raise CodegenError(f"weights planned for our block-sparse kernels that no MatMul/Gemm/Conv of the imported "
                            f"model reads as those kernels serve it (TVM would run them): {', '.join(missing)}")
     if target.kind != "cuda":
-        mod = _layer_norms_from_parts(mod)
+        mod = _norms_from_parts(mod)
         mod = _rewrite_cpu_ops(mod, target)
         mod = _widen_grouped_convs(mod, _vector_lanes(target))
         mod = _vectorisable_math(mod)
@@ -501,30 +501,36 @@ def _rewrite_cpu_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
 
 
 def _layer_norm_rows(target: TargetProfile) -> _KernelOp:
-    """Every float32 layer norm over the last axis, with scale and shift, as `norm.layer_norm_primfunc`
-    (vector accumulators; TVM's own sums each row as one scalar chain). A layer norm of an add of two
-    tensors of its shape (a transformer's residual add) reads both in the kernel: one call and one
-    pass over the rows fewer (the bundled encoder has four)."""
+    """Every float32 layer norm over the last axis, with scale and shift, and every RMS norm over it, as
+    `norm.layer_norm_primfunc` (vector accumulators; TVM's own sums each row as one scalar chain). A norm
+    of an add of two tensors of its shape (a transformer's residual add) reads both in the kernel: one call
+    and one pass over the rows fewer (the bundled encoder has four)."""
+    from tvm import relax
     from tvm.relax.dpl import is_op, wildcard
 
     from pruneaug.codegen import norm
 
     x, other, plain, gamma, beta = wildcard(), wildcard(), wildcard(), wildcard(), wildcard()
     added = is_op("relax.add")(x, other)
-    pattern = is_op("relax.nn.layer_norm")(added | plain, gamma, beta)
+    layer_norm = is_op("relax.nn.layer_norm")(added | plain, gamma, beta)
+    rms_norm = is_op("relax.nn.rms_norm")(added | plain, gamma)
 
     def kernel(call, shape, rows, cols, matched):
         attrs = call.attrs
-        if not (attrs.center and attrs.scale) or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]:
+        centred = layer_norm in matched
+        if (centred and not (attrs.center and attrs.scale)
+                or [int(a) % len(shape) for a in attrs.axes] != [len(shape) - 1]):
             return None
         key = (rows, cols, float(attrs.epsilon), _vector_lanes(target), worth_parallel(rows * cols, target.cores))
-        scale_shift = [matched[gamma], matched[beta]]
+        shift = matched[beta] if centred else relax.const(np.zeros(cols, np.float32))
+        scale_shift = [matched[gamma], shift]
         if added in matched and _static_shape(matched[x]) == shape == _static_shape(matched[other]):
-            return (*key, True), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other]], scale_shift
+            return (*key, True, centred), norm.layer_norm_primfunc, "layer_norm", [matched[x], matched[other]], \
+                scale_shift
         source = matched[added] if added in matched else matched[plain]  # an add that broadcasts: TVM's, then ours
-        return key, norm.layer_norm_primfunc, "layer_norm", [source], scale_shift
+        return (*key, False, centred), norm.layer_norm_primfunc, "layer_norm", [source], scale_shift
 
-    return _KernelOp(pattern, kernel)
+    return _KernelOp(layer_norm | rms_norm, kernel)
 
 
 def _softmax_rows(target: TargetProfile) -> _KernelOp:
@@ -617,32 +623,50 @@ def _widen_grouped_convs(mod, lanes: int):
     return _rewrite_main(mod, pattern, widen, _is_grouped_conv)
 
 
-def _layer_norms_from_parts(mod):
-    """Each layer norm exported as its parts (torch below opset 17: ReduceMean, Sub, Pow 2, ReduceMean, Add eps,
-    Sqrt, Div, Mul by the weight, Add the bias) as one `layer_norm` over the last axis, which `_rewrite_cpu_ops`
-    then runs in our row kernel. TVM ran the parts as several passes over X: a model of one [128, 768] layer
-    norm in parts ran 162 µs against 84 µs for the op (onnxruntime fuses the parts too)."""
+def _norms_from_parts(mod):
+    """Each layer norm and RMS norm exported as its parts, over the last axis, as one `layer_norm` or
+    `rms_norm`, which `_rewrite_cpu_ops` then runs in our row kernel. A layer norm: torch below opset 17
+    exports ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, then Mul by the weight and Add the bias
+    where it has them; an RMS norm (T5's, LLaMA's: no RMSNormalization op before opset 23): Pow 2, ReduceMean,
+    Add eps, Sqrt, then Div, or Reciprocal and Mul, then Mul by the weight. TVM ran the parts as several
+    passes over X: a model of one [128, 768] layer norm in parts ran 162 µs against 84 µs for the op
+    (onnxruntime fuses the parts too)."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
-    x, exponent, eps, gamma, beta = wildcard(), is_const(), is_const(), is_const(), is_const()
+    x, eps, gamma, beta = wildcard(), is_const(), is_const(), is_const()
+    squares = {is_const(): 2.0, is_const(): 2.0, is_const(): 1.0}  # the two exponents, the reciprocal's one
+    two_centred, two, one = squares
     mean = is_op("relax.mean")(x)
     centred = is_op("relax.subtract")(x, mean)
-    variance = is_op("relax.mean")(is_op("relax.power")(centred, exponent))
-    normalised = is_op("relax.divide")(centred, is_op("relax.sqrt")(is_op("relax.add")(variance, eps)))
-    pattern = is_op("relax.add")(is_op("relax.multiply")(normalised, gamma), beta)
+    variance = is_op("relax.mean")(is_op("relax.power")(centred, two_centred))
+    mean_square = is_op("relax.mean")(is_op("relax.power")(x, two))
+    root = is_op("relax.sqrt")(is_op("relax.add")(variance | mean_square, eps))
+    inverse = is_op("relax.divide")(one, root)
+    numerator = centred | x
+    normalised = (is_op("relax.divide")(numerator, root) | is_op("relax.multiply")(numerator, inverse)
+                  | is_op("relax.multiply")(inverse, numerator))
+    scaled = is_op("relax.multiply")(normalised, gamma) | is_op("relax.multiply")(gamma, normalised)
+    pattern = is_op("relax.add")(scaled, beta) | scaled | normalised
 
     def fused(orig, matched):
-        shape = _static_shape(matched[pattern])
-        if (shape is None or matched[pattern].ty.dtype != "float32"
+        call = matched[pattern]
+        shape = _static_shape(call)
+        if (shape is None or call.ty.dtype != "float32" or (centred in matched) != (variance in matched)
                 or any([int(a) % len(shape) for a in matched[m].attrs.axis] != [len(shape) - 1]
-                       or not matched[m].attrs.keepdims for m in (mean, variance))
-                or matched[exponent].value.numpy().size != 1 or matched[exponent].value.numpy().item() != 2.0
-                or matched[eps].value.numpy().size != 1
-                or any(list(matched[v].value.numpy().shape) != shape[-1:] for v in (gamma, beta))):
+                       or not matched[m].attrs.keepdims for m in (mean, variance, mean_square) if m in matched)
+                or any(_scalar(matched[c]) != value for c, value in squares.items() if c in matched)
+                or _scalar(matched[eps]) is None
+                or any(list(matched[v].value.numpy().shape) != shape[-1:] for v in (gamma, beta) if v in matched)):
             return orig
-        return relax.op.nn.layer_norm(matched[x], matched[gamma], matched[beta], axes=[-1],
-                                      epsilon=float(matched[eps].value.numpy().item()))
+        cols, epsilon = shape[-1], _scalar(matched[eps])
+        scale = matched[gamma] if gamma in matched else relax.const(np.ones(cols, np.float32))
+        if variance in matched:
+            shift = matched[beta] if beta in matched else relax.const(np.zeros(cols, np.float32))
+            return relax.op.nn.layer_norm(matched[x], scale, shift, axes=[-1], epsilon=epsilon)
+        if beta in matched:
+            return orig  # an RMS norm with a shift: left as parts
+        return relax.op.nn.rms_norm(matched[x], scale, axes=[-1], epsilon=epsilon)
 
     return _rewrite_main(mod, pattern, fused, lambda value: _op_name(value) == "relax.sqrt")
 
@@ -708,6 +732,12 @@ def _softplus(y):
     for k in reversed(range(LOG1P_TERMS - 1)):
         series = op.add(op.multiply(series, w), _float32(1.0 / (2 * k + 1)))
     return op.add(op.maximum(y, _float32(0.0)), op.multiply(op.multiply(_float32(2.0), u), series))
+
+
+def _scalar(constant) -> float | None:
+    """A Relax constant's one value, or None where it holds more than one."""
+    value = constant.value.numpy()
+    return float(value.item()) if value.size == 1 else None
 
 
 def _float32(value: float):
