@@ -140,8 +140,9 @@ def _with_input(model: onnx.ModelProto, index: int, name: str, initializer: onnx
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: _with_input(m, 4, "lengths", numpy_helper.from_array(np.array([5, 3], np.int32), "lengths")),
-     r"node 'recurrent': LSTM with sequence_lens \('lengths'\) other than the full length 5"),
+    (lambda m: _with_input(m, 4, "lengths", numpy_helper.from_array(np.array([6, 3], np.int32), "lengths")),
+     r"node 'recurrent': LSTM sequence_lens \('lengths'\) \[6, 3\] is not one length from 0 to 5 per sequence of "
+     r"the batch of 2"),
     (lambda m: _with_input(m, 1, "W_in", None), r"node 'recurrent': LSTM input W \('W_in'\) must be an initializer"),
     (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("activations", ["Sigmoid", "Swish", "Tanh"])),
      r"node 'recurrent': LSTM activation 'Swish' is not one of Sigmoid, Tanh"),
@@ -168,6 +169,28 @@ def test_full_length_sequence_lens_is_no_obstacle():
     model, feeds = recurrent_model("GRU")
     _with_input(model, 4, "lengths", numpy_helper.from_array(np.array([5, 5], np.int32), "lengths"))
     assert_unrolled_matches(model, feeds)
+    assert not any(node.op_type == "Less" for node in unrolled(model, shapes_of(feeds)).graph.node)  # nothing masked
+
+
+def _with_lengths(model: onnx.ModelProto, feeds: dict[str, np.ndarray], lengths: list[int], constant: bool):
+    """`model`'s node given sequence_lens `lengths`, as a graph input fed them or as an initializer."""
+    array = np.array(lengths, np.int32)
+    if constant:
+        return _with_input(model, 4, "lengths", numpy_helper.from_array(array, "lengths")), feeds
+    model.graph.node[0].input.extend([""] * (5 - len(model.graph.node[0].input)))
+    model.graph.node[0].input[4] = "lengths"
+    model.graph.input.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, [len(lengths)]))
+    return model, {**feeds, "lengths": array}
+
+
+@pytest.mark.parametrize("op", RECURRENT_OPS)
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("initial, constant", [(True, False), (False, True)])
+def test_sequence_lens_ends_each_sequence_as_onnxruntime_does(op, direction, initial, constant):
+    """Sequences of 5, 3, 1 and 0 steps in one batch: past its end a sequence's Y is 0 and its last states are
+    those of its own last step (a reverse direction starts at that step); fed at run time or constant."""
+    model, feeds = recurrent_model(op, batch=4, direction=direction, initial=initial)
+    assert_unrolled_matches(*_with_lengths(model, feeds, [5, 3, 1, 0], constant))
 
 
 def keyword_spotter(op: str, direction: str, frames: int = 6, features: int = 10, hidden: int = 16) -> onnx.ModelProto:
@@ -198,6 +221,19 @@ def test_a_recurrent_classifier_compiles_and_matches_onnxruntime(x86, op, direct
     x = np.random.default_rng(2).standard_normal((3, 6, 10)).astype(np.float32)
     [got] = _run_compiled(build_model(model, {"fc.weight": (4, 1)}, x86, {"x": [3, 6, 10]}), model, {"x": x}, x86)
     np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_classifier_over_sequences_of_several_lengths_compiles_and_matches_onnxruntime(x86):
+    """sequence_lens as a graph input of the compiled model: TVM runs the masked steps."""
+    model = keyword_spotter("LSTM", "bidirectional")
+    model.graph.node[1].input.append("lengths")  # after x, W, R, B: sequence_lens
+    model.graph.input.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]))
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 6, 10)).astype(np.float32),
+             "lengths": np.array([6, 2, 4], np.int32)}
+    compiled = build_model(model, {"fc.weight": (4, 1)}, x86, shapes_of(feeds))
+    [got] = _run_compiled(compiled, model, feeds, x86)
+    np.testing.assert_allclose(got, run_ort(model, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, run_ort(model, {**feeds, "lengths": np.array([6, 6, 6], np.int32)})[0], atol=1e-3)
 
 
 def test_compile_writes_an_artifact_for_an_lstm_model(tmp_path):

@@ -12,10 +12,12 @@ written, each imported as six index ops that FoldConstant compiled one by one: 1
 build over 20 steps. Equal Splits, tried next, made TVM's FuseTIR fail now and then on a bidirectional
 GRU, "buffer_idx == buffers.size()", one build in three to five.)
 
-The weights W, R, B and P must be initializers (they are transposed and summed here once), and
-`sequence_lens` absent or the full length for every sequence; anything else is a CodegenError naming
-the node. pruned.onnx keeps its recurrent nodes: only the copy TVM compiles is unrolled, and the
-artifact's gate checks that copy's outputs against onnxruntime running the original.
+The weights W, R, B and P must be initializers (they are transposed and summed here once); anything
+else is a CodegenError naming the node. Where `sequence_lens` (a graph input, or a constant of any length
+other than the full one) may end a sequence early, each step is masked per sequence: past its end a
+sequence's states are held and its Y is 0, as onnxruntime computes it, in either direction (and an empty
+sequence's last states are zeros). pruned.onnx keeps its recurrent nodes: only the copy TVM compiles is
+unrolled, and the artifact's gate checks that copy's outputs against onnxruntime running the original.
 
     >>> flat = unrolled(model, {"x": [20, 1, 40]})     # an LSTM over 20 steps: ~18 plain nodes a step
 """
@@ -133,7 +135,8 @@ class _Unroller:
             self._fail("has no W or R input")
         if not self.hidden:
             self.hidden = self.weights["R"].shape[-1]
-        self._check_sequence_lens(constants, inputs[4])
+        self.lengths = self._sequence_lens(constants, shapes, inputs[4])
+        self._masks: dict[int, str] = {}
         self._expand(x, inputs[5], inputs[6])
 
     # -- what the node asks for
@@ -173,13 +176,21 @@ class _Unroller:
             self._fail(f"input {role} ({name!r}) must be an initializer to unroll the node")
         return numpy_helper.to_array(constants[name]).astype(np.float32)
 
-    def _check_sequence_lens(self, constants, name: str) -> None:
+    def _sequence_lens(self, constants, shapes, name: str) -> str | None:
+        """The lengths each step is masked by, or None where every sequence runs the full length (no input,
+        or a constant of full lengths: nothing to mask)."""
         if not name:
-            return
-        lengths = numpy_helper.to_array(constants[name]) if name in constants else None
-        if lengths is None or np.any(lengths != self.steps):
-            self._fail(f"with sequence_lens ({name!r}) other than the full length {self.steps} for every "
-                       "sequence has no unrolled form here: export the model without it")
+            return None
+        if name in constants:
+            lengths = numpy_helper.to_array(constants[name])
+            if lengths.shape == (self.batch,) and np.all(lengths == self.steps):
+                return None
+            if lengths.shape != (self.batch,) or np.any(lengths < 0) or np.any(lengths > self.steps):
+                self._fail(f"sequence_lens ({name!r}) {lengths.tolist()} is not one length from 0 to {self.steps} "
+                           f"per sequence of the batch of {self.batch}")
+        elif name in shapes and list(shapes[name]) != [self.batch]:
+            self._fail(f"sequence_lens ({name!r}) has shape {shapes[name]}; expected [{self.batch}]")
+        return name
 
     # -- graph building
 
@@ -298,9 +309,33 @@ class _Unroller:
                   for part in self._split(projected, self.steps, 1, 0, "x_t")]
         outputs: dict[int, str] = {}
         for t in range(self.steps) if forward else range(self.steps - 1, -1, -1):
-            h, c = step(inputs[t], h, c, recurrence, activations, peepholes)
-            outputs[t] = self._emit("Reshape", [h, self._shape(1, self.batch, hidden)], "h_t")
+            h_t, c_t = step(inputs[t], h, c, recurrence, activations, peepholes)
+            if self.lengths:  # past a sequence's end: its states held, its Y zero
+                mask = self._mask(t)
+                h, c = self._held(h, h_t, mask), None if c_t is None else self._held(c, c_t, mask)
+                h_t = self._emit("Mul", [h_t, mask], "h")
+            else:
+                h, c = h_t, c_t
+            outputs[t] = self._emit("Reshape", [h_t, self._shape(1, self.batch, hidden)], "h_t")
+        if self.lengths:  # an empty sequence's last states are zeros, not its initial ones (as onnxruntime's)
+            nonempty = self._mask(0)
+            h = self._emit("Mul", [h, nonempty], "h")
+            c = None if c is None else self._emit("Mul", [c, nonempty], "c")
         return [outputs[t] for t in range(self.steps)], h, c
+
+    def _mask(self, t: int) -> str:
+        """[batch, 1]: 1.0 for the sequences step `t` lies within, 0.0 past their end (shared by the directions)."""
+        if t not in self._masks:
+            within = self._emit("Less", [self._const("step", np.array(t, np.int32)), self.lengths], "within")
+            self._masks[t] = self._emit("Reshape", [self._emit("Cast", [within], to=onnx.TensorProto.FLOAT),
+                                                    self._shape(self.batch, 1)], "mask")
+        return self._masks[t]
+
+    def _held(self, state: str | None, new: str, mask: str) -> str:
+        """`new` where `mask` is 1, else `state` (None: the zero initial state)."""
+        if state is None:
+            return self._emit("Mul", [new, mask], "held")
+        return self._emit("Add", [state, self._emit("Mul", [mask, self._emit("Sub", [new, state])])], "held")
 
     def _recurrence(self, r_t: np.ndarray, r_bias: np.ndarray) -> dict[str, str]:
         """The initializers a step multiplies H by: R^T whole, or for a GRU its z and r columns apart from
