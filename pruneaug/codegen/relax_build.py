@@ -635,8 +635,8 @@ def _norms_from_parts(mod):
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     x, eps, gamma, beta = wildcard(), is_const(), is_const(), is_const()
-    squares = {is_const(): 2.0, is_const(): 2.0, is_const(): 1.0}  # the two exponents, the reciprocal's one
-    two_centred, two, one = squares
+    fixed = {is_const(): 2.0, is_const(): 2.0, is_const(): 1.0}  # the constants of the parts: two exponents, a 1 / x
+    two_centred, two, one = fixed
     mean = is_op("relax.mean")(x)
     centred = is_op("relax.subtract")(x, mean)
     variance = is_op("relax.mean")(is_op("relax.power")(centred, two_centred))
@@ -655,7 +655,7 @@ def _norms_from_parts(mod):
         if (shape is None or call.ty.dtype != "float32" or (centred in matched) != (variance in matched)
                 or any([int(a) % len(shape) for a in matched[m].attrs.axis] != [len(shape) - 1]
                        or not matched[m].attrs.keepdims for m in (mean, variance, mean_square) if m in matched)
-                or any(_scalar(matched[c]) != value for c, value in squares.items() if c in matched)
+                or any(_scalar(matched[c]) != value for c, value in fixed.items() if c in matched)
                 or _scalar(matched[eps]) is None
                 or any(list(matched[v].value.numpy().shape) != shape[-1:] for v in (gamma, beta) if v in matched)):
             return orig
@@ -704,15 +704,14 @@ def _vectorisable_math(mod):
         if sigmoid in matched:
             return relax.op.divide(_float32(1.0), relax.op.add(_float32(1.0), relax.op.exp(relax.op.negative(x))))
         if softplus in matched:
-            one = matched[unit].value.numpy()
-            if one.size != 1 or one.item() != 1.0 or _static_shape(call) != _static_shape(matched[exp_y]):
+            if _scalar(matched[unit]) != 1.0 or _static_shape(call) != _static_shape(matched[exp_y]):
                 return orig
             return _softplus(matched[exp_y].args[0])
-        exponent = call.args[1].value.numpy()
-        if exponent.size != 1 or float(exponent.flat[0]) not in POWERS or _static_shape(call) != _static_shape(x):
+        exponent = _scalar(call.args[1])
+        if exponent not in POWERS or _static_shape(call) != _static_shape(x):
             return orig  # (a [1, 1] exponent would broadcast a vector x to a matrix)
         product = x
-        for _ in range(int(exponent.flat[0]) - 1):
+        for _ in range(int(exponent) - 1):
             product = relax.op.multiply(product, x)
         return product
 
