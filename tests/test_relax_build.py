@@ -886,6 +886,12 @@ NORM_PARTS = {
                       ("Mul", ["h", "ir"], "n"), ("Mul", ["g", "n"], "y")],
     "RMS norm, Div, no weight": [("Pow", ["x", "two"], "sq"), ("ReduceMean", ["sq"], "ms"), ("Add", ["ms", "eps"], "v"),
                                  ("Sqrt", ["v"], "r"), ("Div", ["x", "r"], "y")],
+    "layer norm, squares as Mul": [("ReduceMean", ["x"], "mu"), ("Sub", ["x", "mu"], "d"), ("Mul", ["d", "d"], "d2"),
+                                   ("ReduceMean", ["d2"], "var"), ("Add", ["var", "eps"], "ve"), ("Sqrt", ["ve"], "sd"),
+                                   ("Div", ["d", "sd"], "n"), ("Mul", ["g", "n"], "y")],
+    "RMS norm, squares as Mul": [("Mul", ["x", "x"], "sq"), ("ReduceMean", ["sq"], "ms"), ("Add", ["ms", "eps"], "v"),
+                                 ("Sqrt", ["v"], "r"), ("Reciprocal", ["r"], "ir"), ("Mul", ["ir", "x"], "n"),
+                                 ("Mul", ["n", "g"], "y")],
 }
 
 
