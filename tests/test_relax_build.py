@@ -842,19 +842,24 @@ def test_sigmoid_and_cubes_run_vectorised_and_match_onnxruntime(x86):
         np.testing.assert_allclose(got, ort, rtol=0, atol=2e-7 * float(np.abs(ort).max()))
 
 
+def softplus_and_mish_model(shape: list[int]) -> onnx.ModelProto:
+    """x -> Softplus, Mish (opset 18) and Mish as torch exports it below opset 18 (Softplus, Tanh, Mul)."""
+    nodes = [helper.make_node("Softplus", ["x"], ["softplus"]), helper.make_node("Mish", ["x"], ["mish"]),
+             helper.make_node("Softplus", ["x"], ["sp"]), helper.make_node("Tanh", ["sp"], ["t"]),
+             helper.make_node("Mul", ["x", "t"], ["torch_mish"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                               for name in ("softplus", "mish", "torch_mish")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 def test_softplus_and_mish_run_without_log_and_match_float64(x86):
     """Softplus, Mish (opset 18) and Mish as torch exports it below (Softplus, Tanh, Mul), from -100 to 100:
     TVM lowers each log(1 + exp(x)) to libm's logf per element; `_softplus` needs only an exp. Saturating ends
     included: softplus to 1e-6 relative down to float32's least normal number (below it, as softplus(-100) =
     3.7e-44, exp gives 0), mish(100) is 100 (no inf or nan from the exp)."""
-    nodes = [helper.make_node("Softplus", ["x"], ["softplus"]), helper.make_node("Mish", ["x"], ["mish"]),
-             helper.make_node("Softplus", ["x"], ["sp"]), helper.make_node("Tanh", ["sp"], ["t"]),
-             helper.make_node("Mul", ["x", "t"], ["torch_mish"])]
-    outputs = ("softplus", "mish", "torch_mish")
     shape = [2, 3, 41, 41]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = softplus_and_mish_model(shape)
     script = relax_build.rewritten_model(model, {}, x86, {"x": shape})["main"].script()
     assert "R.log(" not in script
     spread = np.random.default_rng(1).standard_normal(int(np.prod(shape)) - 4001) * 4
