@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, softmax
+from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, shape_folding, softmax
 from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.codegen.workspace import lift_workspace_pass
@@ -190,12 +190,13 @@ def _first_differing_layer(model, inputs, rtol, sparse_weights, target) -> str |
 
 def import_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None):
     """The model as a Relax IRModule with static shapes; CodegenError naming what the frontend cannot take.
-    Its LSTM, GRU and RNN nodes are unrolled first (`recurrent.unrolled`): the frontend has no converter for them."""
+    Its LSTM, GRU and RNN nodes are unrolled first (`recurrent.unrolled`): the frontend has no converter for them;
+    and its shape computations folded to constants (`shape_folding.folded`): it left some symbolic."""
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     shapes = _static_input_shapes(model, input_shapes or {})
-    model = recurrent.unrolled(model, shapes)
+    model = shape_folding.folded(recurrent.unrolled(model, shapes), shapes)
     known = set(_get_convert_map()) | {"Constant", "If"}
     for name, node in zip(unique_node_names(model.graph.node), model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
