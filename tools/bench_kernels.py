@@ -8,6 +8,7 @@
     python tools/bench_kernels.py --threads 1 --clock thread --part conv   # only the conv table
     python tools/bench_kernels.py --part parallel   # small kernels on the calling thread vs the thread pool
     python tools/bench_kernels.py --part norm   # our layer norm kernel vs TVM's scheduled Relax op
+    python tools/bench_kernels.py --part mean   # our mean over trailing axes vs TVM's (global average pools)
     python tools/bench_kernels.py --part softmax   # our softmax kernel vs TVM's scheduled Relax op
     python tools/bench_kernels.py --part pool   # our max and average pool kernels vs TVM's scheduled Relax ops
     python tools/bench_kernels.py --part attention   # activation matmuls: padded to whole vectors or not
@@ -274,6 +275,28 @@ def bench_norm(target, rounds: int, number: int, threads: int) -> None:
              "against TVM's own Relax ops (DLight's CPU Reduction rule) and onnxruntime", "norm, rows x cols",
              [case(rng, kind, rows, cols) for kind in ("layer", "rms") for rows, cols in NORM_SHAPES],
              lambda mod, t: _rewrite_cpu_ops(mod, t, ["layer_norm"]), rounds, number, threads)
+
+
+# input shapes of global average pools written as ReduceMean over H and W: EfficientNet-B0's squeeze-and-excite
+# blocks (early, middle, late), a classifier head's
+MEAN_SHAPES = [(1, 96, 112, 112), (1, 240, 28, 28), (1, 672, 14, 14), (1, 1280, 7, 7)]
+
+
+def bench_mean(target, rounds: int, number: int, threads: int) -> None:
+    from tvm import relax
+
+    from pruneaug.codegen.relax_build import _rewrite_cpu_ops
+
+    def case(rng, shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        model = one_node_model("ReduceMean", shape, axes=[2, 3], keepdims=1)
+        return "x".join(map(str, shape)), [x], model, lambda v: relax.op.mean(v, axis=[2, 3], keepdims=True)
+
+    rng = np.random.default_rng(0)
+    bench_op(target, f"\n## Means over H and W (ReduceMean), x86 host, {threads} threads: `codegen/row_mean.py` "
+             "against TVM's own Relax op (DLight's CPU Reduction rule) and onnxruntime", "mean, input",
+             [case(rng, shape) for shape in MEAN_SHAPES], lambda mod, t: _rewrite_cpu_ops(mod, t, ["mean"]), rounds,
+             number, threads)
 
 
 # rows x columns: the bundled encoder's attention at batch 1, 8 and 32 (4 heads x 16 tokens of 16); BERT-base's
@@ -635,8 +658,8 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
               f"| {compile_s:.0f} |", flush=True)
 
 
-PARTS = ["all", "matmul", "conv", "parallel", "norm", "softmax", "elementwise", "pool", "attention", "depthwise",
-         "padding", "dense", "strided"]
+PARTS = ["all", "matmul", "conv", "parallel", "norm", "mean", "softmax", "elementwise", "pool", "attention",
+         "depthwise", "padding", "dense", "strided"]
 
 
 def main() -> None:
@@ -675,7 +698,7 @@ def main() -> None:
     if args.part in ("all", "conv"):
         bench_conv(target, args.rounds, args.number, args.threads, [(8, 8)] if args.quick else CONV_BLOCKS)
     # the parts that take only the timing settings
-    tables = {"parallel": bench_parallel, "norm": bench_norm, "softmax": bench_softmax,
+    tables = {"parallel": bench_parallel, "norm": bench_norm, "mean": bench_mean, "softmax": bench_softmax,
               "elementwise": bench_elementwise, "pool": bench_pool,
               "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding,
               "dense": bench_dense, "strided": bench_strided}

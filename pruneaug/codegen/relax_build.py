@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, shape_folding, softmax
+from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, row_mean, shape_folding, softmax
 from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.codegen.workspace import lift_workspace_pass
@@ -458,7 +458,7 @@ class _KernelOp:
 
 
 def _rewrite_cpu_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_norm", "softmax", "max_pool",
-                                                                      "avg_pool")):
+                                                                      "avg_pool", "mean")):
     """Each call of the `ops` (`_CPU_OPS`) with a static float32 shape that its kernel takes as `call_tir`
     of our kernel (a row op's on [rows, cols] views of its input and output).
 
@@ -584,9 +584,33 @@ def _pool(kind: str, op: str) -> Callable[[TargetProfile], _KernelOp]:
     return rule
 
 
+def _trailing_mean(target: TargetProfile) -> _KernelOp:
+    """Every float32 mean over trailing axes of at least a vector's length (a global average pool written as
+    ReduceMean) as `row_mean.row_mean_primfunc`; others (a leading or middle axis, a short row) stay TVM's."""
+    from tvm.relax.dpl import is_op, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.mean")(x)
+
+    def kernel(call, shape, rows, cols, matched):
+        x_shape = _static_shape(matched[x])
+        if x_shape is None or call.attrs.axis is None:
+            return None
+        axes = sorted(int(a) % len(x_shape) for a in call.attrs.axis)
+        kept = len(x_shape) - len(axes)
+        if axes != list(range(kept, len(x_shape))) or math.prod(x_shape[kept:]) < _vector_lanes(target):
+            return None
+        parallel = worth_parallel(math.prod(x_shape), target.cores)
+        key = (tuple(x_shape), tuple(shape), _vector_lanes(target), parallel)
+        return key, row_mean.row_mean_primfunc, "row_mean", [matched[x]], []
+
+    return _KernelOp(pattern, kernel, rows=False)
+
+
 _CPU_OPS: dict[str, Callable[[TargetProfile], _KernelOp]] = {
     "layer_norm": _layer_norm_rows, "softmax": _softmax_rows,
     "max_pool": _pool("max", "relax.nn.max_pool2d"), "avg_pool": _pool("avg", "relax.nn.avg_pool2d"),
+    "mean": _trailing_mean,
 }
 
 
