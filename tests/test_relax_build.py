@@ -632,6 +632,36 @@ def depthwise_chain_model(channels: int, side: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def grouped_conv_model(channels: int, per_group: int, side: int, stride: int) -> onnx.ModelProto:
+    """x -> grouped 3x3 Conv (bias) -> Relu: RegNet's and ResNeXt's."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((channels, per_group, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=channels // per_group, pads=[1, 1, 1, 1],
+                              strides=[stride, stride], name="grouped"), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, [1, channels, side, side])], [helper.make_tensor_value_info(
+            "y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("channels, per_group, side, stride, ours", [
+    (48, 8, 14, 1, True),    # RegNetY-400MF's 8 channels a group
+    (104, 8, 15, 2, True),   # strided, an odd map: the stride-phase split
+    (64, 16, 7, 1, True),    # 16 a group: blocks of 16 rows
+    (48, 24, 9, 1, True),    # 24 a group: blocks of 8 rows
+    (32, 4, 14, 1, False),   # ResNeXt-like 4 a group: TVM's
+    (32, 1, 14, 1, False),   # depthwise: TVM's
+])
+def test_a_grouped_conv_runs_in_our_kernel_with_a_block_diagonal_weight(x86, channels, per_group, side, stride, ours):
+    model = grouped_conv_model(channels, per_group, side, stride)
+    shapes = {"x": [1, channels, side, side]}
+    script = relax_build.rewritten_model(model, {}, x86, shapes).script()
+    assert ("grouped_conv2d" in script) == ours and ("R.nn.conv2d" in script) == (not ours)
+    x = np.random.default_rng(12).standard_normal(shapes["x"]).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, {}, x86, shapes), model, {"x": x})
+
+
 def test_stride_1_depthwise_convs_are_widened_to_whole_vectors_and_sliced_back(x86):
     """On a 16-lane host the 14x14 conv computes 16x16 and slices; the stride-2 conv and the 7x7 one (half
     vectors) stay as they are. The model matches onnxruntime on this host, whatever its vector width."""
