@@ -290,8 +290,7 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
     clip = is_call_tir("", (floor, high))
 
     def is_relu6(matched) -> bool:
-        return all(matched[call].args[0].name_hint.startswith(name) and matched[bound].value.numpy().size == 1
-                   and float(matched[bound].value.numpy()) == value
+        return all(matched[call].args[0].name_hint.startswith(name) and _scalar(matched[bound]) == value
                    for call, name, bound, value in ((floor, "maximum", low, 0.0), (clip, "minimum", high, 6.0)))
 
     return clip, is_relu6
