@@ -15,6 +15,8 @@ def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
         return np.maximum(y, 0)
     if activation == "relu6":
         return np.clip(y, 0, 6)
+    if activation == "hardswish":
+        return y * np.clip(y + 3, 0, 6) / 6
     assert activation is None, activation
     return y
 

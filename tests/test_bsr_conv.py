@@ -79,7 +79,7 @@ def test_bsr_conv_matches_onnxruntime(case, layout):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8], CASES[10]], ids=["1x1", "3x3", "8x8map", "ragged_h"])
-@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish"])
 def test_activation_epilogues_match_onnxruntime(case, activation):
     _check_conv(case, activation=activation)
 

@@ -215,20 +215,20 @@ def test_a_cuda_graph_replay_follows_new_inputs_in_new_tensors(tmp_path):
         assert np.max(np.abs(ours - want)) <= RTOL * np.max(np.abs(want))
 
 
-def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int], relu: bool = False,
-                clip: tuple[float, float] | None = None, **attrs) -> onnx.ModelProto:
-    """x -> Conv (with bias) [-> Relu | -> Clip(lo, hi)] -> y, weights seeded; y's shape inferred (the
-    frontend wants it)."""
+def single_conv(x_shape: list[int], c_out: int, kernel: tuple[int, int],
+                after: str | tuple[float, float] | None = None, **attrs) -> onnx.ModelProto:
+    """x -> Conv (with bias) [-> `after`: an op of one input (Relu, HardSwish) or a Clip(lo, hi)] -> y,
+    weights seeded; y's shape inferred (the frontend wants it)."""
     rng = np.random.default_rng(1)
     weight = numpy_helper.from_array(rng.standard_normal((c_out, x_shape[1], *kernel)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b")
-    after = relu or clip is not None
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if after else "y"], name="conv",
                               kernel_shape=list(kernel), **attrs)]
-    bounds = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in zip(("lo", "hi"), clip or ())]
-    if relu:
-        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
-    elif clip is not None:
+    clip = after if isinstance(after, tuple) else ()
+    bounds = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in zip(("lo", "hi"), clip)]
+    if isinstance(after, str):
+        nodes.append(helper.make_node(after, ["c"], ["y"], name="after"))
+    elif clip:
         nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip"))
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
@@ -284,9 +284,11 @@ PADDED, STRIDED = {"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 1, 1, 
 
 
 @pytest.mark.parametrize("after, attrs, fused", [
-    ("relu", PADDED, "relu"), ("relu", STRIDED, "relu"),
+    ("Relu", PADDED, "relu"), ("Relu", STRIDED, "relu"),
     ((0.0, 6.0), PADDED, "relu6"), ((0.0, 6.0), STRIDED, "relu6"),  # MobileNets' Clip(0, 6)
     ((0.0, 5.0), PADDED, None), ((-1.0, 6.0), PADDED, None),  # other clips stay TVM's, after the kernel
+    ("HardSwish", PADDED, "hardswish"), ("HardSwish", STRIDED, "hardswish"),  # MobileNetV3's
+    ("HardSigmoid", PADDED, None),
 ])
 def test_an_activation_after_a_conv_is_fused_into_its_kernel(x86, monkeypatch, after, attrs, fused):
     activations = []
@@ -297,15 +299,15 @@ def test_an_activation_after_a_conv_is_fused_into_its_kernel(x86, monkeypatch, a
         return real(*args, activation=activation, **kwargs)
 
     monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
-    clip = None if after == "relu" else after
-    model = prune_blocks(single_conv([1, 8, 8, 8], 16, (3, 3), relu=after == "relu", clip=clip, **attrs),
-                         {"w": (8, 8)}, density=0.5)
+    model = prune_blocks(single_conv([1, 8, 8, 8], 16, (3, 3), after, **attrs), {"w": (8, 8)}, density=0.5)
     inputs = {"x": 3 * np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)}
     executable = build_model(model, {"w": (8, 8)}, x86)
     assert activations == [fused]
-    if clip is not None:
-        expected = ort_outputs(model, inputs)[0]
-        assert expected.min() == clip[0] and expected.max() == clip[1]  # both bounds bite
+    expected = ort_outputs(model, inputs)[0]
+    if isinstance(after, tuple):
+        assert expected.min() == after[0] and expected.max() == after[1]  # both bounds bite
+    if after == "HardSwish":  # its three pieces bite: zero below -3, the quadratic between, identity above 3
+        assert (expected == 0).any() and ((expected < 0) & (expected > -0.375)).any() and (expected > 3).any()
     assert_matches_onnxruntime(executable, model, inputs)
 
 
@@ -324,7 +326,8 @@ def test_conv1d_runs_as_a_2d_conv_of_one_row_images(x86, monkeypatch, attrs, rel
         return real(target, x_shape, weight, kernel_hw, *args, **kwargs)
 
     monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
-    model = prune_blocks(single_conv([2, 6, 37], 12, (5,), relu=relu, **attrs), {"w": (4, 1)}, density=0.5)
+    model = prune_blocks(single_conv([2, 6, 37], 12, (5,), "Relu" if relu else None, **attrs), {"w": (4, 1)},
+                         density=0.5)
     inputs = {"x": np.random.default_rng(4).standard_normal((2, 6, 37)).astype(np.float32)}
     module = relax_build.rewritten_model(model, {"w": (4, 1)}, x86)
     assert "conv1d" not in module.script()

@@ -20,7 +20,7 @@ Parameters are `X, data, indices, <block pointers>, bias, Y`: `chunk_ptr[block_r
 for rowvec, `indptr[block_rows + 1]` for mvec.
 Accumulators are `global`-scope allocations under 1 KiB: TVM 0.27 turns those into stack
 arrays that LLVM keeps in registers, while a `local`-scope one becomes a heap workspace.
-An `activation` ("relu", "relu6") is applied as the results are stored (`activation_epilogue`), so that a
+An `activation` ("relu", "relu6", "hardswish") is applied as the results are stored (`activation_epilogue`), so that a
 following ReLU costs no pass of its own over Y.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-ACTIVATIONS = (None, "relu", "relu6")  # what the kernels can apply to their result as they store it
+ACTIVATIONS = (None, "relu", "relu6", "hardswish")  # what the kernels can apply to their result as they store it
 
 
 KERNEL_CACHE_SIZE = 256  # parsed kernels kept per builder: parsing TVMScript (~0.1 s) was most of a model's rewrite
@@ -56,6 +56,8 @@ def activation_epilogue(activation: str | None) -> Callable:
         return lambda value: T.max(value, T.float32(0))
     if activation == "relu6":  # Clip(0, 6): MobileNets'
         return lambda value: T.min(T.max(value, T.float32(0)), T.float32(6))
+    if activation == "hardswish":  # x * relu6(x + 3) / 6: MobileNetV3's, as TVM imports ONNX's HardSwish
+        return lambda value: value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6)) / T.float32(6))
     return lambda value: value
 
 

@@ -277,13 +277,24 @@ def _fold_constants(mod):
 def _activation_pattern(activation: str | None, linear) -> tuple[object, Callable[[dict], bool]]:
     """The pattern of `activation` applied to `linear`, and a check of a match that the pattern alone cannot
     express. ONNX's Clip reaches Relax as TVM's frontend emits it, `call_tir(minimum, (call_tir(maximum,
-    (y, lo)), hi))`: ReLU6 is that with lo = 0 and hi = 6 (the callees are named after their topi ops)."""
-    from tvm.relax.dpl import is_call_tir, is_const, is_op
+    (y, lo)), hi))`: ReLU6 is that with lo = 0 and hi = 6 (the callees are named after their topi ops).
+    HardSwish reaches it as `y * (clip(y + 3, 0, 6) / 6)`."""
+    from tvm.relax.dpl import is_call_tir, is_const, is_op, wildcard
 
     if activation is None:
         return linear, lambda matched: True
     if activation == "relu":
         return is_op("relax.nn.relu")(linear), lambda matched: True
+    if activation == "hardswish":
+        three, six, low, high = is_const(), is_const(), wildcard(), wildcard()
+        clip = is_op("relax.clip")(is_op("relax.add")(linear, three), low, high)
+        swish = is_op("relax.multiply")(linear, is_op("relax.divide")(clip, six))
+
+        def is_hardswish(matched) -> bool:
+            bounds = [_prim_value(matched[bound]) for bound in (low, high)]
+            return bounds == [0.0, 6.0] and _scalar(matched[three]) == 3.0 and _scalar(matched[six]) == 6.0
+
+        return swish, is_hardswish
     assert activation == "relu6", activation
     low, high = is_const(), is_const()
     floor = is_call_tir("", (linear, low))
@@ -294,6 +305,11 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
                    for call, name, bound, value in ((floor, "maximum", low, 0.0), (clip, "minimum", high, 6.0)))
 
     return clip, is_relu6
+
+
+# the op a model must call for an activation's pattern to match (`_activation_pattern`): patterns of absent
+# activations are not tried, each pass over BERT-base's graph costs ~0.8 s (`_rewrite_cpu_ops`)
+_ACTIVATION_OPS = {"hardswish": "relax.clip", "relu6": "relax.call_tir", "relu": "relax.nn.relu"}
 
 
 @dataclass
@@ -323,13 +339,18 @@ class _LinearRewriter:
 
         self._bb = relax.BlockBuilder(mod)
         func = mod["main"]
+        called = {_op_name(binding.value) for block in func.body.blocks for binding in block.bindings}
         for op, make in (("relax.matmul", self._matmul), ("relax.nn.conv2d", self._conv2d),
                          ("relax.nn.conv1d", self._conv1d)):
+            if op not in called:
+                continue
             x, weight, bias = wildcard(), is_const(), is_const()
             call = is_op(op)(x, weight)
             with_bias = is_op("relax.add")(call, bias) | is_op("relax.add")(bias, call)
-            # the longest pattern first: a ReLU or ReLU6 after the layer is fused into its kernel's stores
-            for activation in ("relu6", "relu", None):
+            # the longest pattern first: an activation after the layer is fused into its kernel's stores
+            for activation in ("hardswish", "relu6", "relu", None):
+                if activation is not None and _ACTIVATION_OPS[activation] not in called:
+                    continue
                 for linear in (with_bias, call):
                     pattern, applies = _activation_pattern(activation, linear)
                     func = relax.dpl.rewrite_call(
@@ -782,6 +803,14 @@ def _softplus(y):
     for k in reversed(range(LOG1P_TERMS - 1)):
         series = op.add(op.multiply(series, w), _float32(1.0 / (2 * k + 1)))
     return op.add(op.maximum(y, _float32(0.0)), op.multiply(op.multiply(_float32(2.0), u), series))
+
+
+def _prim_value(value) -> float | None:
+    """A Relax op's scalar attribute argument (clip's bounds: a PrimValue, or the IntImm or FloatImm it
+    holds) as a float; None if it is not a constant."""
+    value = getattr(value, "value", value)
+    value = getattr(value, "value", value)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _scalar(constant) -> float | None:
