@@ -61,6 +61,37 @@ def activation_epilogue(activation: str | None) -> Callable:
     return lambda value: value
 
 
+def row_sum_macro(cols: int, lanes: int, accumulators: int) -> Callable:
+    """A TVMScript macro `sum_row(acc, total, slot, term, args)`: `total[slot]` = the sum of `term(args, c)`
+    over a row's `cols` columns `c`, in `accumulators` vectors of `lanes` partial sums (`acc[accumulators,
+    lanes]`): independent add chains, added into one vector before its lanes are summed (one after another,
+    4 x 8 partial sums were a chain of 32 dependent adds); the columns past the last whole step one by one.
+    `term` is a Python function evaluated while parsing, `args` the buffers and loop variables it reads.
+    The row reductions of layer norms and trailing means share it (`norm`, `row_mean`)."""
+    step = accumulators * lanes
+    body = cols // step * step  # columns the vector accumulators take; the rest one by one
+
+    @T.macro
+    def sum_row(acc, total, slot, term, args):
+        for a in T.unroll(accumulators):
+            for v in T.vectorized(lanes):
+                acc[a, v] = T.float32(0)
+        for j in range(body // step):
+            for a in T.unroll(accumulators):
+                for v in T.vectorized(lanes):
+                    acc[a, v] = acc[a, v] + term(args, j * step + a * lanes + v)
+        for a in T.unroll(1, accumulators):
+            for v in T.vectorized(lanes):
+                acc[0, v] = acc[0, v] + acc[a, v]
+        total[slot] = T.float32(0)
+        for j in range(cols - body):
+            total[slot] = total[slot] + term(args, body + j)
+        for v in T.unroll(lanes):
+            total[slot] = total[slot] + acc[0, v]
+
+    return sum_row
+
+
 def largest_divisor(extent: int, candidates: Sequence[int]) -> int:
     """The first candidate that divides `extent` (candidates in decreasing preference), else 1: a tile
     or vector width that covers a loop without a tail."""

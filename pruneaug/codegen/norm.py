@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop
+from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop, row_sum_macro
 
 ACCUMULATORS = 4  # vectors of partial sums per row: independent add chains (one vector: latency-bound)
 
@@ -39,8 +39,7 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
     from tvm.script import tirx as T
 
     outer = outer_loop(parallel)
-    step = ACCUMULATORS * lanes
-    body = cols // step * step  # columns the vector accumulators take; the rest one by one
+    sum_row = row_sum_macro(cols, lanes, ACCUMULATORS)
     inv_cols = 1.0 / cols
 
     def load(X, R, r, c):  # TVMScript evaluates these Python calls while parsing
@@ -51,7 +50,9 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
 
     # pass 0 sums x into the mean, pass 1 (x - mean)^2 into 1 / standard deviation (the unrolled pass
     # index folds the selects away); an RMS norm runs pass 1 alone, of x^2
-    def term(p, x, stat):
+    def term(args, c):
+        X, R, r, p, stat = args
+        x = load(X, R, r, c)
         return T.if_then_else(p == 0, x, centre(x, stat) * centre(x, stat))
 
     def finish(p, total):
@@ -66,21 +67,7 @@ def layer_norm_primfunc(rows: int, cols: int, epsilon: float, lanes: int, parall
                 acc = T.alloc_buffer((ACCUMULATORS, lanes), "float32", scope="global")
                 stat = T.alloc_buffer((2,), "float32", scope="global")  # mean, then 1 / standard deviation
                 for p in T.unroll(0 if centred else 1, 2):
-                    for a in T.unroll(ACCUMULATORS):
-                        for v in T.vectorized(lanes):
-                            acc[a, v] = T.float32(0)
-                    for j in range(body // step):
-                        for a in T.unroll(ACCUMULATORS):
-                            for v in T.vectorized(lanes):
-                                acc[a, v] = acc[a, v] + term(p, load(X, R, r, j * step + a * lanes + v), stat)
-                    for a in T.unroll(1, ACCUMULATORS):  # one vector of partial sums, then its lanes
-                        for v in T.vectorized(lanes):
-                            acc[0, v] = acc[0, v] + acc[a, v]
-                    stat[p] = T.float32(0)
-                    for j in range(cols - body):
-                        stat[p] = stat[p] + term(p, load(X, R, r, body + j), stat)
-                    for v in T.unroll(lanes):
-                        stat[p] = stat[p] + acc[0, v]
+                    sum_row(acc, stat, p, term, (X, R, r, p, stat))
                     stat[p] = finish(p, stat[p])
                 for j in range(cols // lanes):
                     for v in T.vectorized(lanes):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop
+from pruneaug.codegen.cpu_kernels import KERNEL_CACHE_SIZE, outer_loop, row_sum_macro
 from pruneaug.codegen.norm import ACCUMULATORS
 
 
@@ -27,9 +27,12 @@ def row_mean_primfunc(x_shape: tuple[int, ...], y_shape: tuple[int, ...], lanes:
     cols = math.prod(x_shape) // rows
     outer = outer_loop(parallel)
     accumulators = max(1, min(ACCUMULATORS, cols // lanes))  # a 7x7 map's 49 columns: 3 vectors of 16, not 0 of 64
-    step = accumulators * lanes
-    body = cols // step * step  # columns the vector accumulators take; the rest one by one
+    sum_row = row_sum_macro(cols, lanes, accumulators)
     inv_cols = 1.0 / cols
+
+    def element(args, c):  # TVMScript evaluates this Python call while parsing
+        Xf, r = args
+        return Xf[r * cols + c]
 
     @T.prim_func(s_tir=True)
     def row_mean(X: T.Buffer(x_shape, "float32"), Y: T.Buffer(y_shape, "float32")):
@@ -41,21 +44,7 @@ def row_mean_primfunc(x_shape: tuple[int, ...], y_shape: tuple[int, ...], lanes:
             for r in outer(rows):
                 acc = T.alloc_buffer((accumulators, lanes), "float32", scope="global")
                 total = T.alloc_buffer((1,), "float32", scope="global")
-                for a in T.unroll(accumulators):
-                    for v in T.vectorized(lanes):
-                        acc[a, v] = T.float32(0)
-                for j in range(body // step):
-                    for a in T.unroll(accumulators):
-                        for v in T.vectorized(lanes):
-                            acc[a, v] = acc[a, v] + Xf[r * cols + j * step + a * lanes + v]
-                for a in T.unroll(1, accumulators):  # one vector of partial sums, then its lanes
-                    for v in T.vectorized(lanes):
-                        acc[0, v] = acc[0, v] + acc[a, v]
-                total[0] = T.float32(0)
-                for j in range(cols - body):
-                    total[0] = total[0] + Xf[r * cols + body + j]
-                for v in T.unroll(lanes):
-                    total[0] = total[0] + acc[0, v]
+                sum_row(acc, total, 0, element, (Xf, r))
                 Yf[r] = total[0] * T.float32(inv_cols)
 
     return row_mean
