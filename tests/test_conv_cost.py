@@ -122,11 +122,12 @@ def test_the_phase_split_of_a_long_row_is_vectorised_in_pieces_and_computes_the_
 
 
 @pytest.mark.parametrize("conv, block, names", [
-    # unpadded, in the layout that loads X a scalar at a time: the conv reads X at the stride, no split
+    # in the layout that loads X a scalar at a time: the conv reads X (or its padded copy) at the stride, no split
     (ConvShape(64, (1, 16, 14, 13), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), (32, 32), ["bsr_conv2d"]),
     (ConvShape(64, (2, 8, 11, 12), (3, 3), (2, 3), (0, 0, 0, 0), (2, 1)), (32, 32), ["bsr_conv2d"]),
-    # padded, or the layout that loads X as vectors along a row: the split first
-    (ConvShape(64, (1, 16, 14, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), (32, 32), ["stride_phases", "bsr_conv2d"]),
+    (ConvShape(64, (1, 16, 14, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), (32, 32), ["bsr_conv2d"]),
+    # the layout that loads X as vectors along a row: the split first
+    (ConvShape(64, (1, 16, 14, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), (4, 1), ["stride_phases", "bsr_conv2d"]),
     (ConvShape(64, (1, 16, 14, 13), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), (4, 1), ["stride_phases", "bsr_conv2d"]),
 ])
 def test_a_strided_conv_reads_x_in_place_where_its_layout_loads_scalars(conv, block, names):

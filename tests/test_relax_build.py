@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 import zoo
 from devices import requires_cuda_gpu
-from pruneaug.codegen import bsr, relax_build, threads
+from pruneaug.codegen import bsr, conv_lowering, relax_build, threads
 from pruneaug.codegen.export import cuda_sources
 from pruneaug.codegen.relax_build import build_model, canonical_views, check_against_onnxruntime
 from pruneaug.cost_model.targets import resolve_target
@@ -255,13 +255,26 @@ def test_strided_conv_runs_over_stride_phases(x86, x_shape, kernel, attrs):
     assert_matches_onnxruntime(build_model(model, {"w": (8, 8)}, x86), model, inputs)
 
 
-@pytest.mark.parametrize("kernel, attrs", [((1, 1), {"strides": [2, 2]}), ((3, 3), {"strides": [2, 3]})])
-def test_unpadded_strided_conv_in_wide_blocks_reads_its_input_at_the_stride(x86, kernel, attrs):
-    # 32x32 blocks: the layout that loads X a scalar at a time, which reads it in place at the stride
-    # (`conv_lowering._strided_in_place`), no phase split
+@pytest.mark.parametrize("kernel, attrs", [
+    ((1, 1), {"strides": [2, 2]}), ((3, 3), {"strides": [2, 3]}),
+    ((3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}), ((7, 7), {"strides": [2, 2], "pads": [3, 2, 1, 3]}),
+])
+def test_strided_conv_in_wide_blocks_reads_its_input_at_the_stride(x86, monkeypatch, kernel, attrs):
+    # 32x32 blocks: the layout that loads X a scalar at a time, which reads it (or its padded copy) at the
+    # stride (`conv_lowering._strided_in_place`), no phase split
+    names = []
+    real = conv_lowering.conv_calls
+
+    def spy(*args, **kwargs):
+        calls = real(*args, **kwargs)
+        names.extend(call.kernel.name for call in calls)
+        return calls
+
+    monkeypatch.setattr(conv_lowering, "conv_calls", spy)
     model = prune_blocks(single_conv([2, 16, 14, 13], 64, kernel, **attrs), {"w": (32, 32)}, density=0.5)
     inputs = {"x": np.random.default_rng(3).standard_normal([2, 16, 14, 13]).astype(np.float32)}
     assert_matches_onnxruntime(build_model(model, {"w": (32, 32)}, x86), model, inputs)
+    assert names == ["bsr_conv2d"]
 
 
 def test_sparse_layers_use_the_block_sparse_kernel(x86, monkeypatch):

@@ -42,7 +42,7 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     """The kernels for `Conv(X[x_shape], W)` with the canonical `w2d[Cout, C*kh*kw]` in `block`s (the
     zero blocks dropped; `bsr.DENSE_BLOCK` for the dense conv), pads ONNX-ordered (top, left, bottom,
     right): the conv kernel itself, or on CPUs for a strided conv the stride-phase split, then a
-    stride-1 conv over the phases (`StridePhases`), unless the conv reads X in place at the stride
+    stride-1 conv over the phases (`StridePhases`), unless the conv reads X at the stride
     (`_strided_in_place`)."""
     x_shape = tuple(int(d) for d in x_shape)
     if tuple(strides) == (1, 1) or target.kind == "cuda" or _strided_in_place(target, x_shape, block, kernel_hw,
@@ -64,14 +64,15 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
 
 
 def _strided_in_place(target: TargetProfile, x_shape, block, kernel_hw, strides, pads, dilations) -> bool:
-    """Whether a strided conv reads X at the stride itself, with no phase split: where nothing is padded
-    (the conv reads X in place) and its layout loads X one scalar at a time ("chanvec"), so a strided
-    read costs what a contiguous one does. ResNet's 1x1 stride-2 shortcuts (56x56 to 14x14 inputs, 90%
-    in 16x16 and 32x32 blocks) ran 1.08-1.5x faster than split into the one phase they read and then
-    convolved, and 1.65-2.7x faster than split into all four phases as before (56x56, 28x28; scratch A/Bs).
-    With a padded input the conv's own padded copy, a select per element, is no cheaper than the split."""
-    if any(pads):
-        return False
+    """Whether a strided conv reads X (or its own padded copy of X) at the stride itself, with no phase
+    split: where its layout loads X one scalar at a time ("chanvec"), so that a strided read costs what a
+    contiguous one does. ResNet's 1x1 stride-2 shortcuts (56x56 to 14x14 inputs, 90% in 16x16 and 32x32
+    blocks) ran 1.08-1.5x faster than split into the one phase they read and then convolved, and
+    1.65-2.7x faster than split into all four phases as before (56x56, 28x28; scratch A/Bs). Padded 3x3
+    and 7x7 stride-2 convs, 70% sparse in 16x1, 16x16 and 32x32 blocks, from 3x224x224 stems to 256x14x14
+    inputs, ran 0.99-1.40x as fast over their padded copy as split (median 1.07x; the stems 1.05-1.40x;
+    whole convs side by side, 2 threads). The "pixvec" layout reads a vector of pixels a load: at the
+    stride that is a gather, 1.4-3.6x slower than the split (4x1 blocks)."""
     geo = conv.conv_geometry(x_shape, kernel_hw, strides, pads, dilations)
     pixels = x_shape[0] * geo.out_h * geo.out_w
     return conv_schedule(target, (geo.out_h, geo.out_w), block, pixels, 1).layout == "chanvec"
