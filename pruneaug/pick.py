@@ -30,7 +30,10 @@ had to agree went wrong both ways: a spell in one of them kept the CNN at batch 
 
 That cost is paid only where it is small: the chosen plan's artifact is built first, and the rest only
 if that build took at most PICK_BUILD_BUDGET_S. A BERT-base artifact takes 18-25 s to build; it keeps
-the predicted choice's parallel build, and plan.json says why. Where the artifact's code cannot run
+the predicted choice's parallel build, and plan.json says why. The other contenders are built, those
+predicted fastest first, only as far as their builds, each estimated at the first one's time, fit in
+PICK_TOTAL_BUILD_S: MobileNetV3-small (about 9 s a build) had 9 contenders, whose 17 more builds took 197
+of its 496 s compile; plan.json names the plans left out. Where the artifact's code cannot run
 here, or its thread layouts do not differ (`deploy.picks_here`: CPU targets), the compile does not call this.
 """
 from __future__ import annotations
@@ -52,6 +55,7 @@ from pruneaug.timing import Timing, TimingError
 
 PICK_MARGIN = 2.0  # plans predicted at most this many times the chosen one's latency are contenders (the CNN: 1.51x predicted, 0.81x measured)
 PICK_BUILD_BUDGET_S = 10.0  # build the rest only if the chosen plan's artifact built within this
+PICK_TOTAL_BUILD_S = 60.0  # ... and only as many as the first build's time says fit in this, all builds counted
 # another plan replaces the predicted choice only if the median of the build it counts as is this much faster
 PICK_MIN_GAIN = 1.05
 # a plan ships its parallel build only if the median (or the mean) of its runs is this much faster than its serial
@@ -110,16 +114,27 @@ def side_by_side(inputs: Mapping[str, np.ndarray]) -> TimeArtifacts:
 
 def contenders(results: Mapping[str, Any], chosen_name: str, margin: float) -> list[str]:
     """The chosen plan, then every other distinct plan that met the budget and is predicted within
-    `margin` of it (`results` are `search.search_with_baselines`'s reports, which name some plans twice)."""
+    `margin` of it, the fastest predicted first (`results` are `search.search_with_baselines`'s reports,
+    which name some plans twice)."""
     chosen = results[chosen_name]
-    names, seen = [chosen_name], {id(chosen)}
+    others, seen = [], {id(chosen)}
     for name, report in results.items():
         if id(report) in seen or not report.met:
             continue
         seen.add(id(report))
         if report.predicted_latency_s <= margin * chosen.predicted_latency_s:
-            names.append(name)
-    return names
+            others.append(name)
+    return [chosen_name, *sorted(others, key=lambda name: results[name].predicted_latency_s)]
+
+
+def buildable(names: list[str], build_s: float, cores: int) -> tuple[list[str], list[str]]:
+    """(`names` kept, `names` left out): the chosen plan (first) and as many others, in order, as have their
+    builds fit in PICK_TOTAL_BUILD_S at `build_s` each, the chosen plan's first build counted (a plan has a
+    serial twin beside its parallel build where `cores` > 1, the chosen plan too)."""
+    per_plan = 2 if cores > 1 else 1
+    room = int(PICK_TOTAL_BUILD_S // max(build_s, 1e-9)) - per_plan  # builds left after the chosen plan's
+    fit = max(room // per_plan, 0)
+    return names[:1 + fit], names[1 + fit:]
 
 
 def build_key(plan: str, build: str) -> str:
@@ -225,6 +240,10 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     started = time.perf_counter()
     first = build(chosen_ir, profile, folder / "chosen")
     build_s = time.perf_counter() - started
+    names, not_built = buildable(names, build_s, profile.cores)
+    if not_built and len(names) == 1:
+        alone = {"skipped": f"the chosen plan's artifact took {build_s:.0f} s to build: no other plan's builds fit "
+                            f"in {PICK_TOTAL_BUILD_S:g} s (left out: {', '.join(not_built)})"}
 
     def unmeasured(plans_record: dict[str, Any], threading: dict[str, Any]) -> Pick:
         """The chosen plan's first build ships: nothing (more) to compare, or no time to compare by."""
@@ -262,7 +281,8 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
         return unmeasured(reason, reason)
     kept = _kept(times, chosen_name)
     return Pick(kept[0], irs[kept[0]], builder.artifacts[kept],
-                plans(_plans_record(names, results, pooled, times, kept, builder) if len(names) > 1 else alone),
+                plans(_plans_record(names, results, pooled, times, kept, builder, not_built) if len(names) > 1
+                      else alone),
                 _threading_record(kept, pooled, timings, profile, kept[0] in builder.pool_free))
 
 
@@ -272,9 +292,9 @@ def _figures(timing: Timing | None) -> dict[str, float | None] | None:
 
 def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[str, Timing],
                   counted: Mapping[str, tuple[str, float]], kept: tuple[str, str],
-                  builder: _Builder) -> dict[str, Any]:
+                  builder: _Builder, not_built: list[str]) -> dict[str, Any]:
     """plan.json's `search.measured_pick`: each contender's builds as timed, and the one it `counted` as
-    (`_plan_times`)."""
+    (`_plan_times`); the plans predicted close whose builds did not fit in PICK_TOTAL_BUILD_S."""
     return {
         "picked": kept[0],
         "build": kept[1],
@@ -286,6 +306,8 @@ def _plans_record(names: list[str], results: Mapping[str, Any], pooled: Mapping[
                               **{kind: _figures(pooled.get(build_key(name, kind))) for kind in BUILDS}}
                        for name in names},
         "errors": builder.errors,
+        "not_built": {name: results[name].predicted_latency_s for name in not_built},
+        "build_budget_s": PICK_TOTAL_BUILD_S,
         "method": f"every contender's builds (parallel kernels where each kernel pays for the pool, and every "
                   f"kernel serial; one build where no kernel pays for the pool), their compiled functions side by "
                   f"side in one fresh process, {PICK_TIMINGS} timings of {PICK_ROUNDS} rounds of {PICK_RUNS} runs "

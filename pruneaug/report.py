@@ -94,6 +94,9 @@ def _pick_section(pick: dict[str, Any]) -> tuple[str, str | None, list[str], lis
     text = f"Each contender's artifacts built and timed here: {pick['method']}."
     if pick.get("errors"):
         text += " Not built: " + "; ".join(f"`{name}`: {error}" for name, error in pick["errors"].items()) + "."
+    if pick.get("not_built"):
+        text += (f" Predicted close but not built (their builds would not have fit in {pick['build_budget_s']:g} s): "
+                 + ", ".join(f"`{name}` ({_us(s)} predicted)" for name, s in pick["not_built"].items()) + ".")
     rows = [[name, kind, _us(f["predicted_latency_s"]), _us(f[kind]["median_s"]), _us(f[kind]["p10_s"]),
              _us(f[kind]["p90_s"]), "yes" if (name, kind) == (pick["picked"], pick["build"]) else ""]
             for name, f in pick["contenders"].items() for kind in BUILDS if f.get(kind)]

@@ -80,6 +80,45 @@ def test_contenders_are_the_distinct_validated_plans_predicted_close():
     results["best single"] = results["single 4x1"]  # one search, two names
     assert pick.contenders(results, "searched", 1.5) == ["searched", "unstructured"]
     assert pick.contenders(results, "searched", 1.7) == ["searched", "unstructured", "single 4x1"]
+    assert pick.contenders(reports(searched=10, slower=15, faster=12), "searched", 2) == ["searched", "faster", "slower"]
+
+
+@pytest.mark.parametrize("build_s, cores, kept", [
+    (1.0, 2, 4),   # every plan's two builds fit
+    (9.0, 2, 3),   # 6 builds fit: the chosen plan's two, then two plans' two
+    (25.0, 2, 1),  # 2 builds fit: the chosen plan's own
+    (70.0, 2, 1),  # the chosen plan's first build is made whatever it costs
+    (20.0, 1, 3),  # one build a plan on one core
+])
+def test_contenders_are_built_as_far_as_their_builds_fit_in_the_budget(build_s, cores, kept):
+    names = ["searched", "a", "b", "c"]
+    assert pick.buildable(names, build_s, cores) == (names[:kept], names[kept:])
+
+
+def test_the_pick_builds_the_plans_predicted_fastest_that_fit_and_names_the_rest(tmp_path, monkeypatch):
+    clock = iter([0.0, 9.0])  # the chosen plan's first build takes 9 s: 6 builds fit in 60 s
+    monkeypatch.setattr(pick, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(pick, "PICK_TOTAL_BUILD_S", 60.0)
+    results = reports(searched=10, unstructured=14, **{"single 4x1": 12, "single 8x8": 13})
+    got, builds = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 42, "ir-4x1@2": 45, "ir-4x1@1": 30,
+                                      "ir-8x8@2": 50, "ir-8x8@1": 50}, results,
+                           make_ir=lambda report: {12e-6: "ir-4x1", 13e-6: "ir-8x8"}[report.predicted_latency_s])
+    assert builds.built == ["ir-searched@2", "ir-searched@1", "ir-4x1@2", "ir-4x1@1", "ir-8x8@2", "ir-8x8@1"]
+    assert list(got.plans["contenders"]) == ["searched", "single 4x1", "single 8x8"]
+    assert got.plans["not_built"] == {"unstructured": pytest.approx(14e-6)}
+    from pruneaug.report import _pick_section
+
+    _, text, _, rows = _pick_section(got.plans)
+    assert "not built (their builds would not have fit in 60 s): `unstructured` (14.0 µs predicted)" in text
+    assert len(rows) == 6
+
+
+def test_no_contender_built_where_none_fits_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(pick, "PICK_TOTAL_BUILD_S", 0.0)
+    got, builds = run_pick(tmp_path, {"ir-searched@2": 40, "ir-searched@1": 42}, reports(searched=10, unstructured=13))
+    assert builds.built[0] == "ir-searched@2" and "ir-unstructured@2" not in builds.built
+    assert got.name == "searched"
+    assert "no other plan's builds fit in 0 s (left out: unstructured)" in got.plans["skipped"]
 
 
 def test_every_plan_is_built_twice_and_the_fastest_build_is_kept(tmp_path):
