@@ -666,7 +666,9 @@ def grouped_conv_model(channels: int, per_group: int, side: int, stride: int) ->
     (104, 8, 15, 2, True),   # strided, an odd map: the stride-phase split
     (64, 16, 7, 1, True),    # 16 a group: blocks of 16 rows
     (48, 24, 9, 1, True),    # 24 a group: blocks of 8 rows
-    (32, 4, 14, 1, False),   # ResNeXt-like 4 a group: TVM's
+    (32, 4, 14, 1, True),    # ResNeXt's 4 a group, at stride 1: blocks of 4 rows
+    (32, 4, 14, 2, False),   # ... strided: TVM's
+    (24, 2, 14, 1, False),   # 2 a group: TVM's
     (32, 1, 14, 1, False),   # depthwise: TVM's
 ])
 def test_a_grouped_conv_runs_in_our_kernel_with_a_block_diagonal_weight(x86, channels, per_group, side, stride, ours):
