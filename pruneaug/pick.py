@@ -240,10 +240,6 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
     started = time.perf_counter()
     first = build(chosen_ir, profile, folder / "chosen")
     build_s = time.perf_counter() - started
-    names, not_built = buildable(names, build_s, profile.cores)
-    if not_built and len(names) == 1:
-        alone = {"skipped": f"the chosen plan's artifact took {build_s:.0f} s to build: no other plan's builds fit "
-                            f"in {PICK_TOTAL_BUILD_S:g} s (left out: {', '.join(not_built)})"}
 
     def unmeasured(plans_record: dict[str, Any], threading: dict[str, Any]) -> Pick:
         """The chosen plan's first build ships: nothing (more) to compare, or no time to compare by."""
@@ -253,6 +249,10 @@ def measured_pick(chosen_name: str, chosen_ir: IRModel, results: Mapping[str, An
         reason = {"skipped": f"the chosen plan's artifact took {build_s:.0f} s to build (other builds are made "
                              f"only within {PICK_BUILD_BUDGET_S:g} s)"}
         return unmeasured(reason, reason)
+    names, not_built = buildable(names, build_s, profile.cores)
+    if not_built and len(names) == 1:
+        alone = {"skipped": f"the chosen plan's artifact took {build_s:.0f} s to build: no other plan's builds fit "
+                            f"in {PICK_TOTAL_BUILD_S:g} s (left out: {', '.join(not_built)})"}
     if profile.cores <= 1 and len(names) == 1:
         return unmeasured(alone, {"skipped": ONE_CORE})
     if uses_pool is None:
