@@ -698,6 +698,20 @@ def test_stride_1_depthwise_convs_are_widened_to_whole_vectors_and_sliced_back(x
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": [1, 8, 14, 14]}), model, {"x": x})
 
 
+@pytest.mark.parametrize("side, shapes", [
+    (28, [[28, 32], [14, 14], [16, 16]]),  # 28x28 and 14x14 maps widened
+    (56, [[56, 56], [28, 28], [28, 32]]),  # a 56x56 map is not (WIDEN_MAX_PIXELS); its 28x28 successor is
+])
+def test_only_maps_up_to_the_limit_are_widened(side, shapes):
+    from tvm import relax
+
+    mod = relax_build.import_onnx(depthwise_chain_model(4, side), {"x": [1, 4, side, side]})
+    widened = relax_build._widen_grouped_convs(mod, lanes=16)
+    convs = [binding.value for block in widened["main"].body.blocks for binding in block.bindings
+             if isinstance(binding.value, relax.Call) and relax_build._is_grouped_conv(binding.value)]
+    assert [[int(d) for d in call.ty.shape][2:] for call in convs] == shapes
+
+
 def test_a_small_padded_copy_is_made_for_several_channels_at_once_where_the_conv_reads_it_at_unit_stride(x86):
     """`_pad_chunks`: a 64x8x8 depthwise conv pads 16 channels (6.4 KB) per iteration when it reads the copy
     at consecutive columns, one channel per iteration when it reads it at stride 2; both match onnxruntime."""

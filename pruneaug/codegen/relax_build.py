@@ -665,13 +665,19 @@ _CPU_OPS: dict[str, Callable[[TargetProfile], _KernelOp]] = {
 }
 
 
+WIDEN_MAX_PIXELS = 1024  # output pixels a channel up to which `_widen_grouped_convs` widens a map (28x28, not 56x56)
+
+
 def _widen_grouped_convs(mod, lanes: int):
     """Each stride-1 depthwise or grouped conv TVM schedules (`_LoopNestRule`) whose output rows or columns
     no register tile divides, as the conv of a wider output (more zero padding at the bottom and right, up
     to `_tile_factors`) sliced back, where that makes its rows whole vectors. Its loop nest cannot be
     padded as a matmul's is (its input index is a sum). `tools/bench_kernels.py --part depthwise`: 14x14
     maps took 1.5x the time narrow, 28x28 1.3x; widened, 7x7 maps (to half vectors on a 16-lane host)
-    took 1.2x and a stride-2 conv 1.6x the time they take narrow, so they are not widened."""
+    took 1.2x and a stride-2 conv 1.6x the time they take narrow, so they are not widened, nor maps of more
+    than WIDEN_MAX_PIXELS: MobileNetV2's 144x56x56 conv widened to 64 columns took 1.2x the time narrow (its
+    slice a pass over a map out of L1; AVX-512: 105.8 against 86.8 µs and 109.1 against 90.1 µs; on AVX2,
+    eight lanes, 56 columns are whole vectors and 28x28 maps widened still ran 1.09-1.12x faster)."""
     from tvm import relax
     from tvm.relax.dpl import is_op, wildcard
 
@@ -685,6 +691,8 @@ def _widen_grouped_convs(mod, lanes: int):
                 or (attrs.data_layout, attrs.out_layout) != ("NCHW", "NCHW")):
             return orig
         rows, cols = shape[2:]
+        if rows * cols > WIDEN_MAX_PIXELS:
+            return orig
         factors = _tile_factors(rows, cols, lanes)
         extra = [-(-extent // factor) * factor - extent for extent, factor in zip((rows, cols), factors)]
         if extra == [0, 0] or (cols + extra[1]) % lanes:
