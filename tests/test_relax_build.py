@@ -661,13 +661,21 @@ def grouped_conv_model(channels: int, per_group: int, side: int, stride: int) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.parametrize("per_group, strides, block", [
+    (8, (1, 1), (8, 1)), (24, (1, 1), (8, 1)), (4, (1, 1), (4, 1)), (32, (1, 1), (16, 1)),
+    (8, (2, 2), (16, 1)), (4, (2, 1), (16, 1)),  # strided: 16 rows whatever the group
+])
+def test_a_grouped_convs_blocks_are_a_groups_rows_or_16_strided(per_group, strides, block):
+    assert relax_build._grouped_block(per_group, strides) == block
+
+
 @pytest.mark.parametrize("channels, per_group, side, stride, ours", [
     (48, 8, 14, 1, True),    # RegNetY-400MF's 8 channels a group
-    (104, 8, 15, 2, True),   # strided, an odd map: the stride-phase split
+    (104, 8, 15, 2, True),   # strided, an odd map: blocks of 16 rows, read at the stride
     (64, 16, 7, 1, True),    # 16 a group: blocks of 16 rows
     (48, 24, 9, 1, True),    # 24 a group: blocks of 8 rows
     (32, 4, 14, 1, True),    # ResNeXt's 4 a group, at stride 1: blocks of 4 rows
-    (32, 4, 14, 2, False),   # ... strided: TVM's
+    (40, 4, 15, 2, True),    # ... strided: blocks of 16 rows (ragged: 40 rows), read at the stride
     (24, 2, 14, 1, False),   # 2 a group: TVM's
     (32, 1, 14, 1, False),   # depthwise: TVM's
 ])

@@ -444,18 +444,18 @@ class _LinearRewriter:
               x=None):
         """Our kernels for a float32 conv over NCHW `x` (default: the matched input) of `x_shape`, or None to
         leave it to TVM: group 1, or on CPUs a grouped conv of `GROUPED_MIN_ROWS` output channels a group or
-        more, `GROUPED_MIN_ROWS_UNSTRIDED` at stride 1 (`_block_diagonal`)."""
+        more (`_grouped_block`)."""
         c_out = found.weight.shape[0]
         groups = int(groups)
-        least = GROUPED_MIN_ROWS if tuple(int(v) for v in strides) != (1, 1) else GROUPED_MIN_ROWS_UNSTRIDED
         if found.weight.dtype != np.float32 or (groups != 1 and (self.target.kind == "cuda"
-                                                                 or c_out // groups < least)):
+                                                                 or c_out // groups < GROUPED_MIN_ROWS)):
             return None
         bias = _channel_bias(found.bias, c_out, spatial=found.weight.ndim - 2)
         if found.bias is not None and bias is None:
             return None
         if groups != 1:
-            w, block, name = _block_diagonal(found.weight, groups), (math.gcd(c_out // groups, 16), 1), "grouped_conv2d"
+            w, name = _block_diagonal(found.weight, groups), "grouped_conv2d"
+            block = _grouped_block(c_out // groups, strides)
         else:
             w = np.ascontiguousarray(found.weight.reshape(c_out, -1))
             entry = self._sparse_entry(w)
@@ -471,14 +471,25 @@ class _LinearRewriter:
 
 
 # output channels a group from which a grouped conv runs in our block-sparse kernel, its weight block-diagonal
-# (`_block_diagonal`): RegNetY-400MF's 3x3 convs of 8 channels a group ran 1.3-12x faster so than in TVM's grouped
-# conv, and 1.1-4x faster than onnxruntime's, from 56x56 to 7x7 maps, strided too (scratch A/B, 2 threads); a
-# depthwise conv (1 a group) would be blocks of one row
-GROUPED_MIN_ROWS = 8
-# ... and at stride 1: ResNeXt's 3x3 convs of 4 channels a group ran 1.3-1.85x faster so than in TVM's grouped conv
-# (3-5.5x faster than onnxruntime's), from 128x56x56 to 1024x7x7; strided they ran 0.31-0.94x as fast (the
-# stride-phase split of a large input; 8 a group strided: 0.9-2.2x TVM's speed; scratch A/B, 2 threads)
-GROUPED_MIN_ROWS_UNSTRIDED = 4
+# (`_block_diagonal`, `_grouped_block`): RegNetY-400MF's 3x3 convs of 8 channels a group ran 1.3-12x faster so than
+# in TVM's grouped conv, and 1.1-4x faster than onnxruntime's, from 56x56 to 7x7 maps; ResNeXt's of 4 a group
+# 1.3-1.85x faster than TVM's (3-5.5x onnxruntime's), from 128x56x56 to 1024x7x7; strided, in blocks of 16 rows,
+# 1.2-11x faster than TVM's and 1.8-4.1x onnxruntime's, 4 or 8 a group (scratch A/Bs, 2 threads); a depthwise conv
+# (1 a group) would be blocks of one row
+GROUPED_MIN_ROWS = 4
+STRIDED_GROUPED_ROWS = 16  # rows of a strided grouped conv's blocks
+
+
+def _grouped_block(rows_per_group: int, strides) -> tuple[int, int]:
+    """The block of a grouped conv's block-diagonal weight: at stride 1 as many rows as divide a group's (up to
+    16: no zero in a block); strided, STRIDED_GROUPED_ROWS whatever the group, so that the kernel's layout loads
+    the input a scalar at a time and reads it at the stride (`conv_lowering._strided_in_place`). Blocks of a
+    group's 8 or 4 rows split the input into stride phases first, a pass over a large input: 8 a group, 128x56x56
+    to 1024x14x14 inputs ran 1.3-3.8x faster in 16-row blocks, though half of each block is zeros (4 a group:
+    1.2-4.4x); at stride 1 16-row blocks ran 1.3-3x slower than a group's rows."""
+    if tuple(int(v) for v in strides) != (1, 1):
+        return (STRIDED_GROUPED_ROWS, 1)
+    return (math.gcd(rows_per_group, 16), 1)
 
 
 def _block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
