@@ -47,7 +47,7 @@ def test_the_strided_table_times_the_split_and_the_conv_apart_and_adds_them(monk
     bench.bench_strided(resolve_target("x86"), rounds=2, number=1, threads=1)
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| 3x3", "| 1x1"))]
-    # a strided conv in 32x32 blocks, padded or not, reads X at the stride (`conv_lowering._strided_in_place`)
+    # a strided conv in 32x32 blocks, padded or not, reads X at the stride (`conv_lowering.strided_in_place`)
     assert [(row[0], row[1], row[2] == "in place") for row in rows] == [
         ("3x3 8->16 10x10", "4x1", False), ("3x3 8->16 10x10", "32x32", True),
         ("1x1 8->32 10x10", "4x1", False), ("1x1 8->32 10x10", "32x32", True)]

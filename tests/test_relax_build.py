@@ -261,7 +261,7 @@ def test_strided_conv_runs_over_stride_phases(x86, x_shape, kernel, attrs):
 ])
 def test_strided_conv_in_wide_blocks_reads_its_input_at_the_stride(x86, monkeypatch, kernel, attrs):
     # 32x32 blocks: the layout that loads X a scalar at a time, which reads it (or its padded copy) at the
-    # stride (`conv_lowering._strided_in_place`), no phase split
+    # stride (`conv_lowering.strided_in_place`), no phase split
     names = []
     real = conv_lowering.conv_calls
 
@@ -661,12 +661,16 @@ def grouped_conv_model(channels: int, per_group: int, side: int, stride: int) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("per_group, strides, block", [
-    (8, (1, 1), (8, 1)), (24, (1, 1), (8, 1)), (4, (1, 1), (4, 1)), (32, (1, 1), (16, 1)),
-    (8, (2, 2), (16, 1)), (4, (2, 1), (16, 1)),  # strided: 16 rows whatever the group
+@pytest.mark.parametrize("simd_bytes, per_group, strides, block", [
+    (64, 8, (1, 1), (8, 1)), (64, 24, (1, 1), (8, 1)), (64, 4, (1, 1), (4, 1)), (64, 32, (1, 1), (16, 1)),
+    (64, 8, (2, 2), (16, 1)), (64, 4, (2, 1), (16, 1)),  # AVX-512, strided: 16 rows, a vector, read at the stride
+    (32, 8, (2, 2), (8, 1)),  # AVX2: a group's 8 rows are a vector already
 ])
-def test_a_grouped_convs_blocks_are_a_groups_rows_or_16_strided(per_group, strides, block):
-    assert relax_build._grouped_block(per_group, strides) == block
+def test_a_grouped_convs_blocks_are_a_groups_rows_or_16_where_strided_rows_would_split(simd_bytes, per_group,
+                                                                                        strides, block):
+    host = dataclasses.replace(resolve_target("x86"), simd_bytes=simd_bytes)
+    geometry = ((1, 64, 28, 28), (3, 3), strides, (1, 1, 1, 1), (1, 1))
+    assert relax_build._grouped_block(host, per_group, *geometry) == block
 
 
 @pytest.mark.parametrize("channels, per_group, side, stride, ours", [

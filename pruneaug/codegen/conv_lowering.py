@@ -43,9 +43,9 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     zero blocks dropped; `bsr.DENSE_BLOCK` for the dense conv), pads ONNX-ordered (top, left, bottom,
     right): the conv kernel itself, or on CPUs for a strided conv the stride-phase split, then a
     stride-1 conv over the phases (`StridePhases`), unless the conv reads X at the stride
-    (`_strided_in_place`)."""
+    (`strided_in_place`)."""
     x_shape = tuple(int(d) for d in x_shape)
-    if tuple(strides) == (1, 1) or target.kind == "cuda" or _strided_in_place(target, x_shape, block, kernel_hw,
+    if tuple(strides) == (1, 1) or target.kind == "cuda" or strided_in_place(target, x_shape, block, kernel_hw,
                                                                              strides, pads, dilations):
         kernel = bsr.bsr_conv2d_kernel(target, x_shape, bsr.to_bsr(w2d, block), tuple(kernel_hw), tuple(strides),
                                        tuple(pads), tuple(dilations), bias=bias, name=name, activation=activation)
@@ -63,7 +63,7 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     return [ConvCall(bsr.Kernel(split, "stride_phases", []), x_shape), ConvCall(kernel, phases.shape)]
 
 
-def _strided_in_place(target: TargetProfile, x_shape, block, kernel_hw, strides, pads, dilations) -> bool:
+def strided_in_place(target: TargetProfile, x_shape, block, kernel_hw, strides, pads, dilations) -> bool:
     """Whether a strided conv reads X (or its own padded copy of X) at the stride itself, with no phase
     split: where its layout loads X one scalar at a time ("chanvec"), so that a strided read costs what a
     contiguous one does. ResNet's 1x1 stride-2 shortcuts (56x56 to 14x14 inputs, 90% in 16x16 and 32x32

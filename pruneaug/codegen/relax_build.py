@@ -455,7 +455,7 @@ class _LinearRewriter:
             return None
         if groups != 1:
             w, name = _block_diagonal(found.weight, groups), "grouped_conv2d"
-            block = _grouped_block(c_out // groups, strides)
+            block = _grouped_block(self.target, c_out // groups, x_shape, kernel_hw, strides, pads, dilations)
         else:
             w = np.ascontiguousarray(found.weight.reshape(c_out, -1))
             entry = self._sparse_entry(w)
@@ -480,16 +480,22 @@ GROUPED_MIN_ROWS = 4
 STRIDED_GROUPED_ROWS = 16  # rows of a strided grouped conv's blocks
 
 
-def _grouped_block(rows_per_group: int, strides) -> tuple[int, int]:
-    """The block of a grouped conv's block-diagonal weight: at stride 1 as many rows as divide a group's (up to
-    16: no zero in a block); strided, STRIDED_GROUPED_ROWS whatever the group, so that the kernel's layout loads
-    the input a scalar at a time and reads it at the stride (`conv_lowering._strided_in_place`). Blocks of a
-    group's 8 or 4 rows split the input into stride phases first, a pass over a large input: 8 a group, 128x56x56
-    to 1024x14x14 inputs ran 1.3-3.8x faster in 16-row blocks, though half of each block is zeros (4 a group:
-    1.2-4.4x); at stride 1 16-row blocks ran 1.3-3x slower than a group's rows."""
-    if tuple(int(v) for v in strides) != (1, 1):
-        return (STRIDED_GROUPED_ROWS, 1)
-    return (math.gcd(rows_per_group, 16), 1)
+def _grouped_block(target: TargetProfile, rows_per_group: int, x_shape, kernel_hw, strides, pads,
+                   dilations) -> tuple[int, int]:
+    """The block of a grouped conv's block-diagonal weight: as many rows as divide a group's (up to 16: no
+    zero in a block); but for a strided conv whose kernel would then split its input into stride phases
+    first (the layout that loads the input as vectors along a row: a group's 8 or 4 rows on AVX-512),
+    STRIDED_GROUPED_ROWS, so that the layout loads it a scalar at a time and reads it at the stride
+    (`conv_lowering.strided_in_place`). On AVX-512, 8 a group, 128x56x56 to 1024x14x14 inputs ran 1.3-3.8x
+    faster in 16-row blocks than split, though half of each block is zeros (4 a group: 1.2-4.4x); at
+    stride 1 16-row blocks ran 1.3-3x slower than a group's rows. (With 8 or 4 lanes, a group's 8 rows
+    already load the input a scalar at a time.)"""
+    block = (math.gcd(rows_per_group, 16), 1)
+    geometry = (tuple(int(d) for d in x_shape), tuple(int(k) for k in kernel_hw), tuple(int(v) for v in strides),
+                tuple(int(v) for v in pads), tuple(int(v) for v in dilations))
+    if geometry[2] == (1, 1) or conv_lowering.strided_in_place(target, geometry[0], block, *geometry[1:]):
+        return block
+    return (STRIDED_GROUPED_ROWS, 1)
 
 
 def _block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
