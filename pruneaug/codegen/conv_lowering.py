@@ -46,7 +46,7 @@ def conv_calls(target: TargetProfile, x_shape: tuple[int, int, int, int], w2d: n
     (`strided_in_place`)."""
     x_shape = tuple(int(d) for d in x_shape)
     if tuple(strides) == (1, 1) or target.kind == "cuda" or strided_in_place(target, x_shape, block, kernel_hw,
-                                                                             strides, pads, dilations):
+                                                                            strides, pads, dilations):
         kernel = bsr.bsr_conv2d_kernel(target, x_shape, bsr.to_bsr(w2d, block), tuple(kernel_hw), tuple(strides),
                                        tuple(pads), tuple(dilations), bias=bias, name=name, activation=activation)
         return [ConvCall(kernel, x_shape)]

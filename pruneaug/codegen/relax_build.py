@@ -491,9 +491,9 @@ def _grouped_block(target: TargetProfile, rows_per_group: int, x_shape, kernel_h
     stride 1 16-row blocks ran 1.3-3x slower than a group's rows. (With 8 or 4 lanes, a group's 8 rows
     already load the input a scalar at a time.)"""
     block = (math.gcd(rows_per_group, 16), 1)
-    geometry = (tuple(int(d) for d in x_shape), tuple(int(k) for k in kernel_hw), tuple(int(v) for v in strides),
-                tuple(int(v) for v in pads), tuple(int(v) for v in dilations))
-    if geometry[2] == (1, 1) or conv_lowering.strided_in_place(target, geometry[0], block, *geometry[1:]):
+    x_shape, kernel_hw, strides, pads, dilations = (tuple(int(v) for v in values)
+                                                    for values in (x_shape, kernel_hw, strides, pads, dilations))
+    if strides == (1, 1) or conv_lowering.strided_in_place(target, x_shape, block, kernel_hw, strides, pads, dilations):
         return block
     return (STRIDED_GROUPED_ROWS, 1)
 
