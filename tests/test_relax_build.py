@@ -661,6 +661,45 @@ def grouped_conv_model(channels: int, per_group: int, side: int, stride: int) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def conv_transpose_model(x_shape: list[int], c_out: int, kernel: tuple[int, int], bias: bool, group: int = 1,
+                         **attrs) -> onnx.ModelProto:
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array(rng.standard_normal((x_shape[1], c_out // group, *kernel)).astype(np.float32),
+                                     "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"))
+    node = helper.make_node("ConvTranspose", ["x", "w", *(["b"] if bias else [])], ["y"], group=group, **attrs)
+    graph = helper.make_graph([node], "convt", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("x_shape, c_out, kernel, bias, group, attrs, ours", [
+    ([1, 16, 7, 9], 8, (2, 2), True, 1, {"strides": [2, 2]}, True),  # U-Net's upsampling
+    ([2, 6, 5, 4], 12, (3, 2), False, 1, {"strides": [3, 2]}, True),  # a batch, a kernel of two sides
+    ([1, 16, 7, 9], 8, (4, 4), True, 1, {"strides": [2, 2], "pads": [1, 1, 1, 1]}, False),  # overlapping taps
+    ([1, 16, 7, 9], 8, (2, 2), False, 2, {"strides": [2, 2]}, False),  # grouped
+    ([1, 16, 7, 9], 8, (2, 2), False, 1, {"strides": [2, 2], "output_padding": [1, 1]}, False),
+])
+def test_a_conv_transpose_whose_kernel_is_its_stride_runs_as_a_1x1_conv_and_depth_to_space(
+        x86, monkeypatch, x_shape, c_out, kernel, bias, group, attrs, ours):
+    convs = []
+    real = bsr.bsr_conv2d_kernel
+
+    def spy(target, x_shape, weight, kernel_hw, *args, bias=None, **kwargs):
+        convs.append((tuple(weight.shape), tuple(kernel_hw), bias is not None))
+        return real(target, x_shape, weight, kernel_hw, *args, bias=bias, **kwargs)
+
+    monkeypatch.setattr(bsr, "bsr_conv2d_kernel", spy)
+    model = conv_transpose_model(x_shape, c_out, kernel, bias, group, **attrs)
+    script = relax_build.rewritten_model(model, {}, x86, {"x": x_shape}).script()
+    assert ("conv2d_transpose" in script) == (not ours)
+    # every output phase of every channel one row of the 1x1 conv's weight, the bias in its stores
+    assert convs == ([((c_out * kernel[0] * kernel[1], x_shape[1]), (1, 1), bias)] if ours else [])
+    x = np.random.default_rng(14).standard_normal(x_shape).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
+
+
 @pytest.mark.parametrize("simd_bytes, per_group, strides, block", [
     (64, 8, (1, 1), (8, 1)), (64, 24, (1, 1), (8, 1)), (64, 4, (1, 1), (4, 1)), (64, 32, (1, 1), (16, 1)),
     (64, 8, (2, 2), (16, 1)), (64, 4, (2, 1), (16, 1)),  # AVX-512, strided: 16 rows, a vector, read at the stride

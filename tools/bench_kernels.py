@@ -15,6 +15,7 @@
     python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
     python tools/bench_kernels.py --part padding   # depthwise convs: padded copies in chunks or per channel
     python tools/bench_kernels.py --part dense   # the dense kernels in 16x32 blocks or 32x16
+    python tools/bench_kernels.py --part convtranspose   # ConvTranspose as a 1x1 conv and depth-to-space vs TVM's
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -34,6 +35,7 @@ pipeline makes of TVM's Relax op (`relax_op_kernel`); "ours" is what the artifac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -491,6 +493,51 @@ def _depthwise_table(target, rounds: int, number: int, threads: int, shapes, tit
         print_against_ours(f"{channels}x{height}x{width}, {stride}", calls, rounds, number)
 
 
+# Cin, Cout, map side, kernel = stride: U-Net's 2x2 upsampling convs, at 224 pixels
+CONV_TRANSPOSES = [(64, 32, 56, 2), (128, 64, 28, 2), (256, 128, 14, 2), (512, 256, 7, 2)]
+
+
+def model_call(target, model, x: np.ndarray, rewrite: bool = True) -> Callable[[], object]:
+    """The compiled function of `model` built as the artifacts are (`build_model`; with `rewrite` False,
+    ConvTranspose left to TVM), called on `x` through the Relax VM (a model's kernels and what runs between
+    them)."""
+    from unittest import mock
+
+    import tvm
+    from tvm import relax
+
+    from pruneaug.codegen import relax_build
+    from pruneaug.codegen.workspace import WORKSPACE_FUNCTION, has_workspace
+
+    keep = mock.patch.object(relax_build, "_transposed_convs_as_convs", lambda mod: mod)
+    with keep if not rewrite else contextlib.nullcontext():
+        executable = relax_build.build_model(model, {}, target, {"x": list(x.shape)})
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    workspace = list(vm[WORKSPACE_FUNCTION]()) if has_workspace(target) else []
+    vm.save_function("main", "bench_main", tvm.runtime.tensor(x), *workspace)
+    func = vm["bench_main"]
+    return lambda: func()
+
+
+def bench_conv_transpose(target, rounds: int, number: int, threads: int) -> None:
+    """ConvTranspose whose kernel is its stride as the artifacts build it (`relax_build._transposed_convs_as_convs`:
+    a 1x1 conv in our dense kernel, then depth-to-space) against TVM's own conv2d_transpose and onnxruntime's."""
+    print(f"\n## ConvTranspose, kernel = stride, bias, x86 host, {threads} threads: a 1x1 conv and depth-to-space, "
+          "TVM's conv2d_transpose, onnxruntime")
+    print("| ConvTranspose | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for c_in, c_out, side, k in CONV_TRANSPOSES:
+        x = rng.standard_normal((1, c_in, side, side)).astype(np.float32)
+        w = rng.standard_normal((c_in, c_out, k, k)).astype(np.float32)
+        model = one_node_model("ConvTranspose", x.shape, w, rng.standard_normal(c_out).astype(np.float32),
+                               strides=[k, k])
+        session = ort_session(model, threads)
+        calls = {"ours": model_call(target, model, x), "other": model_call(target, model, x, rewrite=False),
+                 "ort": lambda s=session, x=x: s.run(None, {"x": x})}
+        print_against_ours(f"{c_in}->{c_out} {side}x{side}, {k}x{k}", calls, rounds, number)
+
+
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in
 DENSE_CONVS = [*CONVS,  # and the rest of ResNet's 3x3 convs and a bottleneck's 1x1 convs
                ("3x3 128->128 28x28", (1, 128, 28, 28), 128, (3, 3), (1, 1, 1, 1)),
@@ -659,7 +706,7 @@ def bench_baked(target, m: int, rounds: int, number: int) -> None:
 
 
 PARTS = ["all", "matmul", "conv", "parallel", "norm", "mean", "softmax", "elementwise", "pool", "attention",
-         "depthwise", "padding", "dense", "strided"]
+         "depthwise", "padding", "dense", "strided", "convtranspose"]
 
 
 def main() -> None:
@@ -701,7 +748,7 @@ def main() -> None:
     tables = {"parallel": bench_parallel, "norm": bench_norm, "mean": bench_mean, "softmax": bench_softmax,
               "elementwise": bench_elementwise, "pool": bench_pool,
               "attention": bench_attention, "depthwise": bench_depthwise, "padding": bench_padding,
-              "dense": bench_dense, "strided": bench_strided}
+              "dense": bench_dense, "strided": bench_strided, "convtranspose": bench_conv_transpose}
     for part, table in tables.items():
         if args.part in ("all", part):
             table(target, args.rounds, args.number, args.threads)
