@@ -675,13 +675,16 @@ def conv_transpose_model(x_shape: list[int], c_out: int, kernel: tuple[int, int]
 
 
 @pytest.mark.parametrize("x_shape, c_out, kernel, bias, group, attrs, ours", [
-    ([1, 16, 7, 9], 8, (2, 2), True, 1, {"strides": [2, 2]}, True),  # U-Net's upsampling
+    ([1, 16, 7, 9], 8, (2, 2), True, 1, {"strides": [2, 2]}, True),  # U-Net's upsampling: a 1x1 conv
     ([2, 6, 5, 4], 12, (3, 2), False, 1, {"strides": [3, 2]}, True),  # a batch, a kernel of two sides
-    ([1, 16, 7, 9], 8, (4, 4), True, 1, {"strides": [2, 2], "pads": [1, 1, 1, 1]}, False),  # overlapping taps
-    ([1, 16, 7, 9], 8, (2, 2), False, 2, {"strides": [2, 2]}, False),  # grouped
-    ([1, 16, 7, 9], 8, (2, 2), False, 1, {"strides": [2, 2], "output_padding": [1, 1]}, False),
+    ([1, 16, 7, 9], 8, (4, 4), True, 1, {"strides": [2, 2], "pads": [1, 1, 1, 1]}, True),  # DCGAN's: taps overlap
+    ([1, 5, 6, 7], 4, (3, 3), True, 1, {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, True),
+    ([1, 5, 6, 7], 4, (5, 3), False, 1, {"strides": [3, 2], "pads": [2, 0, 1, 2]}, True),  # asymmetric pads
+    ([1, 5, 6, 7], 4, (3, 3), False, 1, {"strides": [1, 1], "pads": [1, 1, 1, 1]}, True),  # stride 1: a flipped conv
+    ([1, 16, 7, 9], 8, (2, 2), False, 2, {"strides": [2, 2]}, False),  # grouped: TVM's
+    ([1, 5, 6, 7], 4, (3, 3), False, 1, {"strides": [2, 2], "dilations": [2, 2]}, False),  # dilated: TVM's
 ])
-def test_a_conv_transpose_whose_kernel_is_its_stride_runs_as_a_1x1_conv_and_depth_to_space(
+def test_a_conv_transpose_runs_as_one_conv_of_its_output_phases_and_depth_to_space(
         x86, monkeypatch, x_shape, c_out, kernel, bias, group, attrs, ours):
     convs = []
     real = bsr.bsr_conv2d_kernel
@@ -694,8 +697,10 @@ def test_a_conv_transpose_whose_kernel_is_its_stride_runs_as_a_1x1_conv_and_dept
     model = conv_transpose_model(x_shape, c_out, kernel, bias, group, **attrs)
     script = relax_build.rewritten_model(model, {}, x86, {"x": x_shape}).script()
     assert ("conv2d_transpose" in script) == (not ours)
-    # every output phase of every channel one row of the 1x1 conv's weight, the bias in its stores
-    assert convs == ([((c_out * kernel[0] * kernel[1], x_shape[1]), (1, 1), bias)] if ours else [])
+    # every output phase of every channel one row of the conv's weight, ceil(k / s) taps a side, the bias in its stores
+    strides = attrs["strides"]
+    taps = tuple(-(-k // s) for k, s in zip(kernel, strides))
+    assert convs == ([((c_out * strides[0] * strides[1], x_shape[1] * taps[0] * taps[1]), taps, bias)] if ours else [])
     x = np.random.default_rng(14).standard_normal(x_shape).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
 

@@ -15,7 +15,7 @@
     python tools/bench_kernels.py --part depthwise   # depthwise convs: widened to whole tiles or not
     python tools/bench_kernels.py --part padding   # depthwise convs: padded copies in chunks or per channel
     python tools/bench_kernels.py --part dense   # the dense kernels in 16x32 blocks or 32x16
-    python tools/bench_kernels.py --part convtranspose   # ConvTranspose as a 1x1 conv and depth-to-space vs TVM's
+    python tools/bench_kernels.py --part convtranspose   # ConvTranspose as a conv of its phases vs TVM's
 
 Every competitor of one row is timed in the same rounds, interleaved (round-robin, `number` calls
 each), so that load from other processes hits them alike; a figure is the median over rounds of the
@@ -493,8 +493,11 @@ def _depthwise_table(target, rounds: int, number: int, threads: int, shapes, tit
         print_against_ours(f"{channels}x{height}x{width}, {stride}", calls, rounds, number)
 
 
-# Cin, Cout, map side, kernel = stride: U-Net's 2x2 upsampling convs, at 224 pixels
-CONV_TRANSPOSES = [(64, 32, 56, 2), (128, 64, 28, 2), (256, 128, 14, 2), (512, 256, 7, 2)]
+# Cin, Cout, map side, kernel, stride, pad, output padding: U-Net's 2x2 upsampling convs at 224 pixels; DCGAN's
+# 4x4 stride-2 ones; a 3x3 stride-2 one that doubles its map (segmentation decoders)
+CONV_TRANSPOSES = [(64, 32, 56, 2, 2, 0, 0), (128, 64, 28, 2, 2, 0, 0), (256, 128, 14, 2, 2, 0, 0),
+                   (512, 256, 7, 2, 2, 0, 0), (256, 128, 14, 4, 2, 1, 0), (128, 64, 16, 4, 2, 1, 0),
+                   (64, 32, 56, 3, 2, 1, 1)]
 
 
 def model_call(target, model, x: np.ndarray, rewrite: bool = True) -> Callable[[], object]:
@@ -520,22 +523,22 @@ def model_call(target, model, x: np.ndarray, rewrite: bool = True) -> Callable[[
 
 
 def bench_conv_transpose(target, rounds: int, number: int, threads: int) -> None:
-    """ConvTranspose whose kernel is its stride as the artifacts build it (`relax_build._transposed_convs_as_convs`:
-    a 1x1 conv in our dense kernel, then depth-to-space) against TVM's own conv2d_transpose and onnxruntime's."""
-    print(f"\n## ConvTranspose, kernel = stride, bias, x86 host, {threads} threads: a 1x1 conv and depth-to-space, "
-          "TVM's conv2d_transpose, onnxruntime")
+    """ConvTranspose as the artifacts build it (`relax_build._transposed_convs_as_convs`: one conv of its output
+    phases in our dense kernel, then depth-to-space) against TVM's own conv2d_transpose and onnxruntime's."""
+    print(f"\n## ConvTranspose with bias, x86 host, {threads} threads: a conv of its output phases and "
+          "depth-to-space, TVM's conv2d_transpose, onnxruntime")
     print("| ConvTranspose | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for c_in, c_out, side, k in CONV_TRANSPOSES:
+    for c_in, c_out, side, k, stride, pad, extra in CONV_TRANSPOSES:
         x = rng.standard_normal((1, c_in, side, side)).astype(np.float32)
         w = rng.standard_normal((c_in, c_out, k, k)).astype(np.float32)
         model = one_node_model("ConvTranspose", x.shape, w, rng.standard_normal(c_out).astype(np.float32),
-                               strides=[k, k])
+                               strides=[stride] * 2, pads=[pad] * 4, output_padding=[extra] * 2)
         session = ort_session(model, threads)
         calls = {"ours": model_call(target, model, x), "other": model_call(target, model, x, rewrite=False),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
-        print_against_ours(f"{c_in}->{c_out} {side}x{side}, {k}x{k}", calls, rounds, number)
+        print_against_ours(f"{c_in}->{c_out} {side}x{side}, {k}x{k}/{stride}", calls, rounds, number)
 
 
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in

@@ -727,11 +727,14 @@ def _widen_grouped_convs(mod, lanes: int):
 
 
 def _transposed_convs_as_convs(mod):
-    """Each ConvTranspose whose kernel is its stride (unpadded, group 1, no dilation or output padding: U-Net's
-    and FPN decoders' 2x2 upsampling) as the 1x1 conv that computes all its output phases at once, the weight
-    `[Cout * kh * kw, Cin]`, then a depth-to-space of the phases (reshape, transpose, reshape). The 1x1 conv runs
-    in our dense conv kernel, a bias after the ConvTranspose in its stores. TVM's own conv2d_transpose ran
-    3.5-11x slower than onnxruntime's (`tools/bench_kernels.py --part convtranspose`)."""
+    """Each ConvTranspose (group 1, no dilation) as one stride-1 conv that computes all its output phases at once
+    (`_phase_weight`), then a depth-to-space of the phases (reshape, transpose, reshape) cropped to the output.
+    Output row `o` is phase `(o + top) % s` at `(o + top) // s`, which sums input rows `q - j` times taps `j * s +
+    phase`: a correlation of the input, padded `T - 1` before, with those taps flipped, `T = ceil(k / s)` of them.
+    Where the stride divides the kernel no multiply is wasted (U-Net's 2x2 upsampling: a 1x1 conv); a 3x3
+    stride-2 kernel computes 16 taps for 9. The conv runs in our dense conv kernel, a bias after the
+    ConvTranspose in its stores. TVM's own conv2d_transpose ran 3.5-11x slower than onnxruntime's
+    (`tools/bench_kernels.py --part convtranspose`)."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
@@ -741,24 +744,30 @@ def _transposed_convs_as_convs(mod):
     def as_conv(orig, matched):
         call = matched[transposed]
         attrs, weight = call.attrs, call.args[1].value.numpy()
-        x_shape = _static_shape(call.args[0])
-        if (x_shape is None or weight.dtype != np.float32 or int(attrs.groups) != 1
-                or [int(v) for v in attrs.strides] != list(weight.shape[2:])
-                or any(int(v) for v in (*attrs.padding, *attrs.output_padding))
+        x_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+        if (x_shape is None or out_shape is None or weight.dtype != np.float32 or int(attrs.groups) != 1
                 or [int(v) for v in attrs.dilation] != [1, 1]
                 or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW")):
             return orig
-        c_in, c_out, kh, kw = weight.shape
+        c_out, (kh, kw), (sh, sw) = weight.shape[1], weight.shape[2:], [int(v) for v in attrs.strides]
         n, _, h, w = x_shape
-        phases = np.ascontiguousarray(weight.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1))
-        y = relax.op.nn.conv2d(call.args[0], relax.const(phases))
+        top, left = int(attrs.padding[0]), int(attrs.padding[1])
+        taps_h, taps_w = -(-kh // sh), -(-kw // sw)
+        rows = max(h, -(-(out_shape[2] + top) // sh))  # of each phase: enough for the output and the top crop
+        cols = max(w, -(-(out_shape[3] + left) // sw))
+        y = relax.op.nn.conv2d(call.args[0], relax.const(_phase_weight(weight, (sh, sw))),
+                               padding=(taps_h - 1, taps_w - 1, rows - h, cols - w))
         if bias in matched:
             per_channel = _channel_bias(matched[bias].value.numpy(), c_out)
             if per_channel is None:
                 return orig
-            y = relax.op.add(y, relax.const(np.repeat(per_channel, kh * kw).reshape(1, -1, 1, 1)))
-        y = relax.op.permute_dims(relax.op.reshape(y, [n, c_out, kh, kw, h, w]), [0, 1, 4, 2, 5, 3])
-        return relax.op.reshape(y, [n, c_out, h * kh, w * kw])
+            y = relax.op.add(y, relax.const(np.repeat(per_channel, sh * sw).reshape(1, -1, 1, 1)))
+        y = relax.op.permute_dims(relax.op.reshape(y, [n, c_out, sh, sw, rows, cols]), [0, 1, 4, 2, 5, 3])
+        y = relax.op.reshape(y, [n, c_out, rows * sh, cols * sw])
+        if (top, left, rows * sh, cols * sw) == (0, 0, *out_shape[2:]):
+            return y
+        return relax.op.strided_slice(y, axes=[2, 3], begin=[top, left],
+                                      end=[top + out_shape[2], left + out_shape[3]])
 
     def may_match(expr) -> bool:
         return _op_name(expr) == "relax.nn.conv2d_transpose"
@@ -767,6 +776,19 @@ def _transposed_convs_as_convs(mod):
     for pattern in (is_op("relax.add")(transposed, bias), transposed):
         mod = _rewrite_main(mod, pattern, as_conv, may_match)
     return mod
+
+
+def _phase_weight(weight: np.ndarray, strides: tuple[int, int]) -> np.ndarray:
+    """A ConvTranspose's weight `[Cin, Cout, kh, kw]` as the stride-1 conv weight `[Cout * sh * sw, Cin, Th, Tw]`
+    of its output phases (`_transposed_convs_as_convs`): channel `(co, rh, rw)` holds taps `(t * sh + rh, u * sw
+    + rw)`, flipped (`Th - 1 - t`, `Tw - 1 - u`), zero past the kernel."""
+    c_in, c_out, kh, kw = weight.shape
+    sh, sw = strides
+    taps_h, taps_w = -(-kh // sh), -(-kw // sw)
+    padded = np.zeros((c_in, c_out, taps_h * sh, taps_w * sw), np.float32)
+    padded[:, :, :kh, :kw] = weight
+    phases = padded.reshape(c_in, c_out, taps_h, sh, taps_w, sw)[:, :, ::-1, :, ::-1, :]
+    return np.ascontiguousarray(phases.transpose(1, 3, 5, 0, 2, 4).reshape(c_out * sh * sw, c_in, taps_h, taps_w))
 
 
 def _norms_from_parts(mod):
