@@ -152,14 +152,16 @@ def test_arm64_recurrent_classifier_matches_onnxruntime_under_qemu(tmp_path, op,
 @pytest.mark.slow
 @pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 @pytest.mark.parametrize("case", ["RMS norm (T5)", "layer norm, no affine", "softplus and mish", "conv, hardswish",
-                                  "grouped conv, strided"])
+                                  "grouped conv, strided", "conv transpose"])
 def test_arm64_rewritten_ops_match_onnxruntime_under_qemu(tmp_path, case):
     """The CPU rewrites with NEON's 4 lanes: RMS and layer norms in parts in our row kernel
     (`relax_build._norms_from_parts`), Softplus and Mish by their exp-only series (`_vectorisable_math`),
-    a HardSwish in our conv kernel's stores, a strided grouped conv in our conv kernel read at the stride."""
+    a HardSwish in our conv kernel's stores, a strided grouped conv in our conv kernel read at the stride, a
+    ConvTranspose as a conv of its output phases (`_transposed_convs_as_convs`)."""
     from pruneaug.codegen.export import export_artifact, model_signature
     from pruneaug.codegen.relax_build import build_model
-    from test_relax_build import _norm_in_parts, grouped_conv_model, single_conv, softplus_and_mish_model
+    from test_relax_build import (_norm_in_parts, conv_transpose_model, grouped_conv_model, single_conv,
+                                  softplus_and_mish_model)
 
     if case == "conv, hardswish":
         shape = [1, 8, 9, 9]
@@ -167,6 +169,9 @@ def test_arm64_rewritten_ops_match_onnxruntime_under_qemu(tmp_path, case):
     elif case == "grouped conv, strided":
         shape = [1, 48, 15, 15]
         model = grouped_conv_model(48, 8, 15, 2)
+    elif case == "conv transpose":
+        shape = [1, 5, 6, 7]
+        model = conv_transpose_model(shape, 4, (3, 3), True, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])
     else:
         shape = [2, 5, 37]
         model = softplus_and_mish_model(shape) if case == "softplus and mish" else _norm_in_parts(case, -1, shape)
