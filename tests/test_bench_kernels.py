@@ -22,7 +22,8 @@ HEADERS = ("product", "channels x map, stride", "layer", "norm, rows x cols", "p
     ("bench_pool", "POOLS", ("avg", (4, 20, 20), 3, 1, 1), [("avg 3x3/1 4x20x20",)]),
     ("bench_elementwise", "ELEMENTWISE", ("mish", (2, 37)), [("mish 2x37",)]),
     ("bench_mean", "MEAN_SHAPES", (1, 8, 7, 7), [("1x8x7x7",)]),
-    ("bench_conv_transpose", "CONV_TRANSPOSES", (8, 4, 5, 3, 2, 1, 1), [("8->4 5x5, 3x3/2",)]),
+    ("bench_conv_transpose", "CONV_TRANSPOSES", (8, 4, (5, 5), 3, 2, 1, 1), [("8->4 5x5, 3x3/2",)]),
+    ("bench_conv_transpose", "CONV_TRANSPOSES", (8, 4, (9,), 4, 2, 1, 0), [("8->4 9, 4/2",)]),
 ])
 def test_each_row_times_ours_the_alternative_and_onnxruntime(monkeypatch, capsys, table, shapes, shape, labels):
     monkeypatch.setattr(bench, shapes, [shape])

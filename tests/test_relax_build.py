@@ -683,6 +683,8 @@ def conv_transpose_model(x_shape: list[int], c_out: int, kernel: tuple[int, int]
     ([1, 5, 6, 7], 4, (3, 3), False, 1, {"strides": [1, 1], "pads": [1, 1, 1, 1]}, True),  # stride 1: a flipped conv
     ([1, 16, 7, 9], 8, (2, 2), False, 2, {"strides": [2, 2]}, False),  # grouped: TVM's
     ([1, 5, 6, 7], 4, (3, 3), False, 1, {"strides": [2, 2], "dilations": [2, 2]}, False),  # dilated: TVM's
+    ([2, 6, 9], 4, (16,), True, 1, {"strides": [8], "pads": [4, 4]}, True),  # 1-D: HiFi-GAN's upsampling
+    ([1, 6, 9], 4, (3,), False, 1, {"strides": [2], "pads": [1, 0], "output_padding": [1]}, True),
 ])
 def test_a_conv_transpose_runs_as_one_conv_of_its_output_phases_and_depth_to_space(
         x86, monkeypatch, x_shape, c_out, kernel, bias, group, attrs, ours):
@@ -698,8 +700,8 @@ def test_a_conv_transpose_runs_as_one_conv_of_its_output_phases_and_depth_to_spa
     script = relax_build.rewritten_model(model, {}, x86, {"x": x_shape}).script()
     assert ("conv2d_transpose" in script) == (not ours)
     # every output phase of every channel one row of the conv's weight, ceil(k / s) taps a side, the bias in its stores
-    strides = attrs["strides"]
-    taps = tuple(-(-k // s) for k, s in zip(kernel, strides))
+    strides = [1] * (2 - len(kernel)) + attrs["strides"]  # a 1-D one as a 2-D one of one-row images
+    taps = tuple(-(-k // s) for k, s in zip([1] * (2 - len(kernel)) + list(kernel), strides))
     assert convs == ([((c_out * strides[0] * strides[1], x_shape[1] * taps[0] * taps[1]), taps, bias)] if ours else [])
     x = np.random.default_rng(14).standard_normal(x_shape).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})

@@ -493,11 +493,11 @@ def _depthwise_table(target, rounds: int, number: int, threads: int, shapes, tit
         print_against_ours(f"{channels}x{height}x{width}, {stride}", calls, rounds, number)
 
 
-# Cin, Cout, map side, kernel, stride, pad, output padding: U-Net's 2x2 upsampling convs at 224 pixels; DCGAN's
-# 4x4 stride-2 ones; a 3x3 stride-2 one that doubles its map (segmentation decoders)
-CONV_TRANSPOSES = [(64, 32, 56, 2, 2, 0, 0), (128, 64, 28, 2, 2, 0, 0), (256, 128, 14, 2, 2, 0, 0),
-                   (512, 256, 7, 2, 2, 0, 0), (256, 128, 14, 4, 2, 1, 0), (128, 64, 16, 4, 2, 1, 0),
-                   (64, 32, 56, 3, 2, 1, 1)]
+# Cin, Cout, map, kernel side, stride, pad, output padding: U-Net's 2x2 upsampling convs at 224 pixels; DCGAN's
+# 4x4 stride-2 ones; a 3x3 stride-2 one that doubles its map (segmentation decoders); HiFi-GAN's 1-D upsampling
+CONV_TRANSPOSES = [(64, 32, (56, 56), 2, 2, 0, 0), (128, 64, (28, 28), 2, 2, 0, 0), (256, 128, (14, 14), 2, 2, 0, 0),
+                   (512, 256, (7, 7), 2, 2, 0, 0), (256, 128, (14, 14), 4, 2, 1, 0), (128, 64, (16, 16), 4, 2, 1, 0),
+                   (64, 32, (56, 56), 3, 2, 1, 1), (512, 256, (64,), 16, 8, 4, 0), (256, 128, (512,), 16, 8, 4, 0)]
 
 
 def model_call(target, model, x: np.ndarray, rewrite: bool = True) -> Callable[[], object]:
@@ -530,15 +530,17 @@ def bench_conv_transpose(target, rounds: int, number: int, threads: int) -> None
     print("| ConvTranspose | ours µs | TVM's µs | ort µs | TVM's/ours | ort/ours |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for c_in, c_out, side, k, stride, pad, extra in CONV_TRANSPOSES:
-        x = rng.standard_normal((1, c_in, side, side)).astype(np.float32)
-        w = rng.standard_normal((c_in, c_out, k, k)).astype(np.float32)
+    for c_in, c_out, spatial, k, stride, pad, extra in CONV_TRANSPOSES:
+        x = rng.standard_normal((1, c_in, *spatial)).astype(np.float32)
+        w = rng.standard_normal((c_in, c_out, *[k] * len(spatial))).astype(np.float32)
         model = one_node_model("ConvTranspose", x.shape, w, rng.standard_normal(c_out).astype(np.float32),
-                               strides=[stride] * 2, pads=[pad] * 4, output_padding=[extra] * 2)
+                               strides=[stride] * len(spatial), pads=[pad] * 2 * len(spatial),
+                               output_padding=[extra] * len(spatial))
         session = ort_session(model, threads)
         calls = {"ours": model_call(target, model, x), "other": model_call(target, model, x, rewrite=False),
                  "ort": lambda s=session, x=x: s.run(None, {"x": x})}
-        print_against_ours(f"{c_in}->{c_out} {side}x{side}, {k}x{k}/{stride}", calls, rounds, number)
+        sides = "x".join(map(str, spatial)), "x".join([str(k)] * len(spatial))
+        print_against_ours(f"{c_in}->{c_out} {sides[0]}, {sides[1]}/{stride}", calls, rounds, number)
 
 
 DENSE_MATMULS = [(1, 768, 3072), (16, 768, 768), (128, 768, 768), (128, 3072, 768)]  # m, out, in

@@ -26,6 +26,7 @@ sparse initializer's canonical view W[out, in] is hashed and compared with each 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import tempfile
@@ -535,7 +536,6 @@ def _rewrite_cpu_ops(mod, target: TargetProfile, ops: Sequence[str] = ("layer_no
     One pattern pass for all of them: a pass that rewrites anything costs BERT-base ~0.8 s however
     little it rewrites. A PrimFunc is added once per key (BERT-base's 25 layer norms are one function).
     A 2-D input is passed as it is: a reshape of a function's parameter to its own shape is a copy, not a view."""
-    import functools
     import operator
 
     from tvm import relax
@@ -727,54 +727,58 @@ def _widen_grouped_convs(mod, lanes: int):
 
 
 def _transposed_convs_as_convs(mod):
-    """Each ConvTranspose (group 1, no dilation) as one stride-1 conv that computes all its output phases at once
-    (`_phase_weight`), then a depth-to-space of the phases (reshape, transpose, reshape) cropped to the output.
-    Output row `o` is phase `(o + top) % s` at `(o + top) // s`, which sums input rows `q - j` times taps `j * s +
-    phase`: a correlation of the input, padded `T - 1` before, with those taps flipped, `T = ceil(k / s)` of them.
-    Where the stride divides the kernel no multiply is wasted (U-Net's 2x2 upsampling: a 1x1 conv); a 3x3
-    stride-2 kernel computes 16 taps for 9. The conv runs in our dense conv kernel, a bias after the
-    ConvTranspose in its stores. TVM's own conv2d_transpose ran 3.5-11x slower than onnxruntime's
+    """Each ConvTranspose (group 1, no dilation; 2-D, or 1-D as a 2-D one of one-row images) as one stride-1 conv
+    that computes all its output phases at once (`_phase_weight`), then a depth-to-space of the phases (reshape,
+    transpose, reshape) cropped to the output. Output row `o` is phase `(o + top) % s` at `(o + top) // s`, which
+    sums input rows `q - j` times taps `j * s + phase`: a correlation of the input, padded `T - 1` before, with
+    those taps flipped, `T = ceil(k / s)` of them. Where the stride divides the kernel no multiply is wasted
+    (U-Net's 2x2 upsampling: a 1x1 conv); a 3x3 stride-2 kernel computes 16 taps for 9. The conv runs in our
+    dense conv kernel, a bias after the ConvTranspose in its stores. TVM's own conv2d_transpose ran 3.5-11x
+    slower than onnxruntime's, its conv1d_transpose (HiFi-GAN's 16-tap stride-8 upsampling) 5.5x
     (`tools/bench_kernels.py --part convtranspose`)."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
-    transposed = is_op("relax.nn.conv2d_transpose")(wildcard(), is_const())
-    bias = is_const()
-
-    def as_conv(orig, matched):
+    def as_conv(orig, matched, transposed, bias):
         call = matched[transposed]
+        one_d = _op_name(call) == "relax.nn.conv1d_transpose"
         attrs, weight = call.attrs, call.args[1].value.numpy()
         x_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+        layouts = ("NCW", "IOW", "NCW") if one_d else ("NCHW", "IOHW", "NCHW")
         if (x_shape is None or out_shape is None or weight.dtype != np.float32 or int(attrs.groups) != 1
-                or [int(v) for v in attrs.dilation] != [1, 1]
-                or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW")):
+                or any(int(v) != 1 for v in attrs.dilation)
+                or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != layouts):
             return orig
-        c_out, (kh, kw), (sh, sw) = weight.shape[1], weight.shape[2:], [int(v) for v in attrs.strides]
+        x, strides, padding = call.args[0], [int(v) for v in attrs.strides], [int(v) for v in attrs.padding]
+        if one_d:  # [N, C, L] as [N, C, 1, L]
+            x_shape, out_shape = [*x_shape[:2], 1, x_shape[2]], [*out_shape[:2], 1, out_shape[2]]
+            weight = weight[:, :, None]
+            x, strides, padding = relax.op.reshape(x, x_shape), [1, *strides], [0, padding[0]]
+        c_out, (kh, kw), (sh, sw) = weight.shape[1], weight.shape[2:], strides
         n, _, h, w = x_shape
-        top, left = int(attrs.padding[0]), int(attrs.padding[1])
+        top, left = padding[:2]
         taps_h, taps_w = -(-kh // sh), -(-kw // sw)
         rows = max(h, -(-(out_shape[2] + top) // sh))  # of each phase: enough for the output and the top crop
         cols = max(w, -(-(out_shape[3] + left) // sw))
-        y = relax.op.nn.conv2d(call.args[0], relax.const(_phase_weight(weight, (sh, sw))),
+        y = relax.op.nn.conv2d(x, relax.const(_phase_weight(weight, (sh, sw))),
                                padding=(taps_h - 1, taps_w - 1, rows - h, cols - w))
         if bias in matched:
-            per_channel = _channel_bias(matched[bias].value.numpy(), c_out)
+            per_channel = _channel_bias(matched[bias].value.numpy(), c_out, spatial=1 if one_d else 2)
             if per_channel is None:
                 return orig
             y = relax.op.add(y, relax.const(np.repeat(per_channel, sh * sw).reshape(1, -1, 1, 1)))
         y = relax.op.permute_dims(relax.op.reshape(y, [n, c_out, sh, sw, rows, cols]), [0, 1, 4, 2, 5, 3])
         y = relax.op.reshape(y, [n, c_out, rows * sh, cols * sw])
-        if (top, left, rows * sh, cols * sw) == (0, 0, *out_shape[2:]):
-            return y
-        return relax.op.strided_slice(y, axes=[2, 3], begin=[top, left],
-                                      end=[top + out_shape[2], left + out_shape[3]])
+        if (top, left, rows * sh, cols * sw) != (0, 0, *out_shape[2:]):
+            y = relax.op.strided_slice(y, axes=[2, 3], begin=[top, left], end=[top + out_shape[2], left + out_shape[3]])
+        return relax.op.reshape(y, _static_shape(call)) if one_d else y
 
-    def may_match(expr) -> bool:
-        return _op_name(expr) == "relax.nn.conv2d_transpose"
-
-    # with its bias first: the plain pattern would take the ConvTranspose and leave the bias after it
-    for pattern in (is_op("relax.add")(transposed, bias), transposed):
-        mod = _rewrite_main(mod, pattern, as_conv, may_match)
+    for op in ("relax.nn.conv2d_transpose", "relax.nn.conv1d_transpose"):
+        transposed, bias = is_op(op)(wildcard(), is_const()), is_const()
+        # with its bias first: the plain pattern would take the ConvTranspose and leave the bias after it
+        for pattern in (is_op("relax.add")(transposed, bias), transposed):
+            mod = _rewrite_main(mod, pattern, functools.partial(as_conv, transposed=transposed, bias=bias),
+                                lambda expr, op=op: _op_name(expr) == op)
     return mod
 
 
