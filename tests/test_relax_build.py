@@ -63,6 +63,14 @@ def assert_matches_onnxruntime(executable, model, inputs, target=None):
         assert np.max(np.abs(a - b)) <= RTOL * np.max(np.abs(b))
 
 
+def recorded_calls(monkeypatch, module, name: str) -> list[tuple]:
+    """The positional arguments of every call of `module.name` while the test runs, the calls passed on to it."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
 def test_mlp_sparse_and_dense_layers(x86):
     # fc1: MatMul; fc2: Gemm transB=1 with alpha/beta; fc3 (Gemm transB=0) stays dense.
     model = prune_blocks(zoo.mlp(), {"fc1.weight": (8, 8), "fc2.weight": (16, 1)})
@@ -820,9 +828,7 @@ def layer_norm_model(x_shape: list[int], axis: int) -> onnx.ModelProto:
 def test_layer_norm_over_the_last_axis_is_our_kernel(x86, monkeypatch, x_shape, axis, ours):
     from pruneaug.codegen import norm
 
-    built = []
-    real = norm.layer_norm_primfunc
-    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    built = recorded_calls(monkeypatch, norm, "layer_norm_primfunc")
     model = layer_norm_model(x_shape, axis)
     x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
@@ -837,9 +843,7 @@ def test_an_rms_normalization_op_runs_as_our_row_kernel(x86, monkeypatch):
     """ONNX's RMSNormalization (opset 23), which TVM imports as `rms_norm`: our kernel, not centred."""
     from pruneaug.codegen import norm
 
-    built = []
-    real = norm.layer_norm_primfunc
-    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    built = recorded_calls(monkeypatch, norm, "layer_norm_primfunc")
     shape = [2, 5, 37]
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal(37).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=1e-5)], "rms",
@@ -876,9 +880,7 @@ def test_a_residual_add_before_a_layer_norm_is_read_in_its_kernel(x86, monkeypat
                                                                   residual):
     from pruneaug.codegen import norm
 
-    built = []
-    real = norm.layer_norm_primfunc
-    monkeypatch.setattr(norm, "layer_norm_primfunc", lambda *args: built.append(args) or real(*args))
+    built = recorded_calls(monkeypatch, norm, "layer_norm_primfunc")
     model = residual_layer_norm_model(shape, other_shape, add_also_out)
     rng = np.random.default_rng(8)
     inputs = {"x": (rng.standard_normal(shape) * 3 + 5).astype(np.float32),

@@ -9,7 +9,7 @@ from onnx import helper
 
 from pruneaug.codegen import relax_build, row_mean
 from pruneaug.codegen.relax_build import build_model
-from test_relax_build import assert_matches_onnxruntime, x86  # noqa: F401 (the fixture)
+from test_relax_build import assert_matches_onnxruntime, recorded_calls, x86  # noqa: F401 (the fixture)
 
 
 def mean_model(x_shape: list[int], axes: list[int], keepdims: int) -> onnx.ModelProto:
@@ -29,9 +29,7 @@ def mean_model(x_shape: list[int], axes: list[int], keepdims: int) -> onnx.Model
 ])
 def test_a_mean_over_trailing_axes_is_our_kernel_and_matches_onnxruntime(x86, monkeypatch, x_shape, axes, keepdims,
                                                                          ours):
-    built = []
-    real = row_mean.row_mean_primfunc
-    monkeypatch.setattr(row_mean, "row_mean_primfunc", lambda *args: built.append(args) or real(*args))
+    built = recorded_calls(monkeypatch, row_mean, "row_mean_primfunc")
     model = mean_model(x_shape, axes, keepdims)
     x = (np.random.default_rng(5).standard_normal(x_shape) * 3 + 1).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, {}, x86, {"x": x_shape}), model, {"x": x})
