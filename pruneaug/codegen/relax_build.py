@@ -743,7 +743,8 @@ def _transposed_convs_as_convs(mod):
         call = matched[transposed]
         one_d = _op_name(call) == "relax.nn.conv1d_transpose"
         attrs, weight = call.attrs, call.args[1].value.numpy()
-        x_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+        x_shape, shape = _static_shape(call.args[0]), _static_shape(call)
+        out_shape = shape
         layouts = ("NCW", "IOW", "NCW") if one_d else ("NCHW", "IOHW", "NCHW")
         if (x_shape is None or out_shape is None or weight.dtype != np.float32 or int(attrs.groups) != 1
                 or any(int(v) != 1 for v in attrs.dilation)
@@ -771,7 +772,7 @@ def _transposed_convs_as_convs(mod):
         y = relax.op.reshape(y, [n, c_out, rows * sh, cols * sw])
         if (top, left, rows * sh, cols * sw) != (0, 0, *out_shape[2:]):
             y = relax.op.strided_slice(y, axes=[2, 3], begin=[top, left], end=[top + out_shape[2], left + out_shape[3]])
-        return relax.op.reshape(y, _static_shape(call)) if one_d else y
+        return relax.op.reshape(y, shape) if one_d else y
 
     for op in ("relax.nn.conv2d_transpose", "relax.nn.conv1d_transpose"):
         transposed, bias = is_op(op)(wildcard(), is_const()), is_const()
