@@ -31,6 +31,12 @@ class OutputFolder:
         """Refuse clashes with the input and unusable folders before the compile starts."""
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out}: exists and is not a folder")
+        existing = self.out.resolve()  # the folder the output, or the folders leading to it, will be made in
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problem = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise OutputError(f"--out {self.out}: cannot write there: {existing} {problem}")
         for name in names:
             target = (self.out / name).resolve()
             if target in self.protected:
