@@ -174,10 +174,9 @@ def compile_model(
             pruned = finish(pruned) if finish else pruned
     phases.lap("plan")
 
-    if outcome is None:  # a given plan: its dense layers' kernels timed as a search times them
-        latency.measure_dense_kernels(costs, [pruned.layer(node) for node in pruned.prunable_nodes()
-                                              if pruned.graph.nodes[node]["block"].sparsity == 0])
-        phases.lap("dense kernels")
+    if outcome is None:  # a given plan: the kernels it may run timed, as a search times its grid
+        latency.measure_plan_kernels(costs, profile, pruned)
+        phases.lap("plan kernels")
     with folder as staging, ThreadPoolExecutor(1, thread_name_prefix="pruneaug-write") as writer:
         pruned = latency.annotate(pruned, costs, dense_where_faster=not request.searching)
         _say_layers_run_dense(pruned, notes)

@@ -8,6 +8,7 @@ import pytest
 
 import zoo
 from pruneaug.codegen.schedule import DENSE_BLOCK, WIDE_DENSE_BLOCK
+from pruneaug.cost_model.model import DEFAULT_DENSITIES
 from pruneaug.ir.graph import lift
 from pruneaug.ir.layer import BlockSpec
 from pruneaug.passes import blockmask, importance, latency
@@ -72,7 +73,8 @@ def test_a_search_times_its_layers_kernels_only_where_the_cost_model_measures():
     class Measuring:
         runner = object()
 
-        def fill(self, shapes, blocks, convs):
+        def fill(self, shapes, blocks, densities, convs):
+            assert densities == DEFAULT_DENSITIES  # the search's grid
             filled.append((shapes, blocks, convs))
             return 7
 
@@ -139,7 +141,9 @@ def test_dense_layers_in_another_block_shape_are_built_in_it_and_the_rest_as_bef
     assert deploy.sparse_weights(ir) == {weights[0]: (4, 4)}  # not annotated: the default dense kernel
 
 
-def test_a_given_plans_dense_layers_have_their_dense_kernel_timed_in_each_block_shape(tmp_path):
+def test_a_given_plans_kernels_are_timed_and_pick_between_block_sparse_and_dense(tmp_path):
+    """Each layer's dense kernel in each block shape, and a pruned layer's block-sparse kernel at its own block and
+    density: `annotate` then runs a pruned layer dense exactly where its block-sparse kernel measured slower."""
     from pruneaug.cost_model import CostModel
     from pruneaug.cost_model.cache import DENSE_BLOCK as DENSE_KEY
     from pruneaug.cost_model.cache import LatencyCache
@@ -152,18 +156,29 @@ def test_a_given_plans_dense_layers_have_their_dense_kernel_timed_in_each_block_
             self.calls = []
 
         def time_layer(self, out, in_, m, block, density):
-            self.calls.append((out, in_, m, tuple(block), density))
-            return 1e-6 if tuple(block) == WIDE_DENSE_BLOCK else 2e-6
+            self.calls.append((out, in_, m, tuple(block), round(density, 6)))
+            if tuple(block) in (DENSE_KEY, WIDE_DENSE_BLOCK):
+                return 1e-6 if tuple(block) == WIDE_DENSE_BLOCK else 2e-6
+            return 0.5e-6 if tuple(block) == (16, 1) else 3e-6  # fc2's kernel beats dense, fc3's does not
 
-    costs = CostModel(resolve_target("x86"), cache=LatencyCache(tmp_path / "c.sqlite"))
+    target = resolve_target("x86")
+    costs = CostModel(target, cache=LatencyCache(tmp_path / "c.sqlite"))
     costs.runner = Runner()
-    layers = lift(zoo.mlp(), {"x": [4, 64]}).layers()
-    assert latency.measure_dense_kernels(costs, layers) == 2 * len(layers)
-    assert sorted(costs.runner.calls) == sorted((*layer.shape, 4, block, 1.0) for layer in layers
-                                                for block in (DENSE_KEY, WIDE_DENSE_BLOCK))
-    for layer in layers:
-        block, prediction = latency.dense_kernel(costs, layer)
-        assert (block, prediction.seconds, prediction.source) == (WIDE_DENSE_BLOCK, 1e-6, "measured")
-    assert latency.measure_dense_kernels(costs, layers) == 0  # cached
+    plan = {"fc1": BlockSpec(1, 1, 0.0), "fc2/Gemm": BlockSpec(16, 1, 0.7), "y": BlockSpec(1, 4, 0.5)}
+    ir = lift(zoo.mlp(), {"x": [4, 64]})
+    ir = blockmask.apply_masks(blockmask.assign_blocks(importance.magnitude(ir), {
+        node: next(spec for name, spec in plan.items() if name in node) for node in ir.prunable_nodes()}))
+    shapes = {node: (*ir.layer(node).shape, 4) for node in ir.prunable_nodes()}
+    assert latency.measure_plan_kernels(costs, target, ir) == 2 * len(shapes) + 2
+    dense_calls = [(*shape, block, 1.0) for shape in shapes.values() for block in (DENSE_KEY, WIDE_DENSE_BLOCK)]
+    sparse_calls = [(*shapes[node], spec.shape, round(1 - spec.sparsity, 6)) for node in ir.prunable_nodes()
+                    for spec in [ir.graph.nodes[node]["block"]] if spec.sparsity > 0]
+    assert sorted(costs.runner.calls) == sorted(dense_calls + sparse_calls)
+    given = latency.annotate(ir, costs, dense_where_faster=True).graph.nodes
+    runs = {node: (given[node]["kernel"], given[node]["predicted_latency_s"], given[node]["latency_source"])
+            for node in ir.prunable_nodes()}
+    assert sorted(runs.values()) == [("block-sparse", 0.5e-6, "measured"), ("dense", 1e-6, "measured"),
+                                     ("dense", 1e-6, "measured")]
+    assert latency.measure_plan_kernels(costs, target, ir) == 0  # cached
     costs.runner = None
-    assert latency.measure_dense_kernels(costs, layers) == 0  # predicting only: nothing to time with
+    assert latency.measure_plan_kernels(costs, target, ir) == 0  # predicting only: nothing to time with
