@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pruneaug.errors import CodegenError
-from pruneaug.ir.graph import inferred_shapes
+from pruneaug.ir.shape_folding import inferred_shapes
 from pruneaug.ir.prunable import unique_node_names
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")

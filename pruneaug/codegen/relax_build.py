@@ -39,13 +39,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, row_mean, shape_folding, softmax
+from pruneaug.codegen import bsr, conv_lowering, pooling, recurrent, row_mean, softmax
 from pruneaug.codegen.cpu_kernels import largest_divisor
 from pruneaug.codegen.threads import worth_parallel
 from pruneaug.codegen.workspace import lift_workspace_pass
 from pruneaug.cost_model.targets import TargetProfile
 from pruneaug.errors import CodegenError
 from pruneaug.gate import GATE_RTOL, close, onnxruntime_outputs, output_mismatch
+from pruneaug.ir import shape_folding
 from pruneaug.ir.prunable import unique_node_names, weight_uses
 
 if TYPE_CHECKING:  # TVM's compiler is imported where it is used, not when this module is

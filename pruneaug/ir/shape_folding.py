@@ -1,4 +1,5 @@
-"""Shape computations folded to constants for the static shapes an artifact is compiled for.
+"""Shape computations folded to constants for the static shapes a model is compiled for, before TVM imports it
+and before the IR reads its layers' sizes (`inferred_shapes`).
 
 Why: torch exports sizes it computed from `x.size()` as those computations: ShuffleNetV2's
 `x.chunk(2, dim=1)` is two Slices whose bounds come from Shape, Gather, Add, Div and Mul. TVM's ONNX
@@ -10,6 +11,9 @@ evaluator) and its outputs that other nodes read become initializers. Only small
 (`MAX_FOLDED_ELEMENTS`: shapes, indices, scalars) are folded; nothing a weight flows through is.
 
     >>> folded(model, {"input": [1, 3, 224, 224]})     # ShuffleNetV2's Slices now read constant bounds
+
+Folding repeats while it finds more: Swin-T pads its maps to whole windows by pads computed from a Shape
+(Mod, Sub) and takes the Shape of the padded map, which is static only once the pads are constants.
 """
 from __future__ import annotations
 
@@ -19,23 +23,42 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pruneaug.ir.graph import inferred_shapes
+from pruneaug.ir.shapes import static_shapes
 
 MAX_FOLDED_ELEMENTS = 64  # the most elements a folded tensor holds: a shape or an index list, not a weight
 # ops evaluated where their inputs are known: the arithmetic torch's exporter writes around x.size()
 FOLDED_OPS = frozenset({
-    "Constant", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape",
-    "Add", "Sub", "Mul", "Div", "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Equal", "Less", "Greater",
-    "Not", "Where", "Range", "ReduceProd", "ConstantOfShape", "Expand",
+    "Constant", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape", "Transpose",
+    "Tile", "Add", "Sub", "Mul", "Div", "Mod", "Pow", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Neg", "Abs",
+    "Sign", "Min", "Max", "Clip", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or",
+    "Where", "Range", "ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax", "ConstantOfShape", "Expand",
 })
 
 
 def folded(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """`model` with its main graph's shape computations replaced by initializers of their values at
-    `input_shapes` (every graph input's shape); `model` itself where there is nothing to fold."""
-    if not any(node.op_type in ("Shape", "Size") for node in model.graph.node):
-        return model
-    shapes = inferred_shapes(model, input_shapes)
+    `input_shapes` (every graph input's shape); `model` itself where there is nothing to fold. Folded again
+    while a pass folds something: a Pad whose pads came from a Shape has a static output only once they are
+    constants, and Swin-T's windows take the Shape of such a Pad."""
+    while any(node.op_type in ("Shape", "Size") for node in model.graph.node):
+        folded_once = _folded_once(model, input_shapes)
+        if folded_once is model:
+            break
+        model = folded_once
+    return model
+
+
+def inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Every tensor's static shape at `input_shapes`, with the shape computations folded first (`folded`): in
+    Swin-T the attention's rows are a Reshape by a size computed from a Shape, which inference alone leaves
+    unknown. The IR's layer sizes (`m`) and the recurrent nodes' unrolling (`codegen.recurrent`) read them."""
+    return static_shapes(folded(model, input_shapes), input_shapes)
+
+
+def _folded_once(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """One pass of `folded` over the nodes in order, with the shapes inferred before it."""
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}  # inference leaves constants out
+    shapes.update(static_shapes(model, input_shapes))
     known = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
              if int(np.prod(init.dims)) <= MAX_FOLDED_ELEMENTS}
     kept, computed = [], {}
