@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import zoo
 from devices import requires_cuda_gpu
@@ -1053,3 +1053,36 @@ def test_a_norm_in_parts_runs_as_our_row_kernel_and_matches_onnxruntime(x86, kin
     x = (np.random.default_rng(4).standard_normal(shape) * 3 + 2).astype(np.float32)
     [ours] = relax_build._run_compiled(build_model(model, {}, x86, {"x": shape}), model, {"x": x}, x86)
     np.testing.assert_allclose(ours, ort_outputs(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def batch_norm_model(x_shape: list[int], conv_first: bool) -> onnx.ModelProto:
+    """An inference BatchNormalization and a Relu over x (rank 2 to 4), after a 1x1 conv (sparse) or on x itself."""
+    rng = np.random.default_rng(0)
+    channels = x_shape[1]
+    params = [rng.random(channels).astype(np.float32) + 0.5 for _ in range(4)]  # scale, B, mean, var
+    params[2] -= 1.0
+    inits = [numpy_helper.from_array(value, name) for value, name in zip(params, ("g", "b", "m", "v"))]
+    nodes, source = [], "x"
+    if conv_first:
+        inits.append(numpy_helper.from_array(rng.standard_normal((channels, channels, 1, 1)).astype(np.float32), "w"))
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["c"], name="conv"))
+        source = "c"
+    nodes += [helper.make_node("BatchNormalization", [source, "g", "b", "m", "v"], ["bn"], epsilon=1e-3),
+              helper.make_node("Relu", ["bn"], ["y"])]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("x_shape, conv_first", [([2, 16], False), ([1, 16, 10], False), ([1, 16, 6, 6], False),
+                                                 ([1, 16, 6, 6], True)])
+def test_a_batch_norm_runs_as_one_multiply_and_add_per_element(x86, x_shape, conv_first):
+    """Its channel's scale and shift folded at compile time, not TVM's divide by each channel's root."""
+    sparse = {"w": (16, 1)} if conv_first else {}
+    model = prune_blocks(batch_norm_model(x_shape, conv_first), sparse)
+    shapes = {"x": x_shape}
+    ops = [relax_build._op_name(binding.value)
+           for binding in relax_build.rewritten_model(model, sparse, x86, shapes)["main"].body.blocks[0].bindings]
+    assert "relax.divide" not in ops and "relax.subtract" not in ops and ops.count("relax.multiply") == 1, ops
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    assert_matches_onnxruntime(build_model(model, sparse, x86, shapes), model, {"x": x})

@@ -87,7 +87,7 @@ def rewritten_model(model: onnx.ModelProto, sparse_weights: Mapping[str, tuple[i
 
     mod = import_onnx(model, input_shapes)
     views = canonical_views(model, sparse_weights)
-    mod = _fold_constants(mod)
+    mod = _batch_norms_as_scale_shift(_fold_constants(mod))
     if target.kind != "cuda":
         mod = _transposed_convs_as_convs(mod)
     by_value: dict[tuple, list[tuple[str, tuple[int, int], np.ndarray]]] = {}
@@ -272,6 +272,34 @@ def _fold_constants(mod):
     from tvm import relax
 
     return relax.transform.FoldConstant()(relax.transform.DecomposeOpsForInference()(mod))
+
+
+def _batch_norms_as_scale_shift(mod):
+    """Each inference BatchNormalization, as TVM decomposes it (`(x - mean) / sqrt(var + eps) * gamma + beta`, the
+    constants folded), as `x * scale + shift` with `scale = gamma / sqrt(var + eps)` and `shift = beta - mean *
+    scale` folded here, as onnxruntime computes it: TVM divided every element by its channel's root. A BN no conv
+    precedes stays in the model (torch folds the others into the conv on export), as DenseNet-121's before each
+    layer: its whole model ran 1.04x faster so (16x1 at 70%, side by side, 2 threads)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, mean, root, gamma, beta = wildcard(), is_const(), is_const(), is_const(), is_const()
+    pattern = is_op("relax.add")(is_op("relax.multiply")(
+        is_op("relax.divide")(is_op("relax.subtract")(x, mean), root), gamma), beta)
+
+    def scale_shift(orig, matched):
+        shape = _static_shape(orig)
+        values = [matched[c].value.numpy().astype(np.float64) for c in (mean, root, gamma, beta)]
+        if (shape is None or orig.ty.dtype != "float32"
+                or any(np.broadcast_shapes(value.shape, shape) != tuple(shape) for value in values)):
+            return orig
+        mean_value, root_value, gamma_value, beta_value = values
+        scale = gamma_value / root_value
+        shift = beta_value - mean_value * scale
+        return relax.op.add(relax.op.multiply(matched[x], relax.const(scale.astype(np.float32))),
+                            relax.const(shift.astype(np.float32)))
+
+    return _rewrite_main(mod, pattern, scale_shift, lambda value: _op_name(value) == "relax.divide")
 
 
 # ---------------------------------------------------------------------------------------------------------
