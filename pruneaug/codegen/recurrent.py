@@ -31,8 +31,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pruneaug.errors import CodegenError
-from pruneaug.ir.shape_folding import inferred_shapes
 from pruneaug.ir.prunable import unique_node_names
+from pruneaug.ir.shape_folding import inferred_shapes
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

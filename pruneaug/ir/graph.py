@@ -28,8 +28,6 @@ from pruneaug.ir.prunable import WeightUse, classify, unique_node_names
 from pruneaug.ir.shape_folding import inferred_shapes
 
 
-
-
 class IRModel:
     """The graph, the prunable weights as arrays, and the ONNX model it came from (for everything else)."""
 

@@ -49,4 +49,3 @@ def _fix_input_dims(graph: onnx.GraphProto, input_shapes: Mapping[str, Sequence[
             elif not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.Clear()
                 dim.dim_value = 1
-
