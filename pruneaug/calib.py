@@ -78,8 +78,10 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
     Such a model takes any multiple of B samples, run in chunks of B (`ort_run.batches`) whose outputs are
     concatenated, so data need not hold exactly B. Where the first axes differ (inputs of different static
-    sizes, or an output whose first axis is dynamic or another size: an input fed transposed, [features,
-    batch]) axis 0 is no batch axis and no chunking could serve it: the data needs exactly the inputs' shapes.
+    sizes, or an output whose first axis is another size: an input fed transposed, [features, batch]) axis 0
+    is no batch axis and no chunking could serve it: the data needs exactly the inputs' shapes. An output the
+    exporter left a symbolic first axis (Swin-T's logits: torch could not follow its shape computations) has
+    the one shape inference finds at the inputs' static dims, its shape computations folded.
     """
     firsts = set()
     for value in graph_inputs(model):
@@ -89,10 +91,18 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
         firsts.add(dims[0].dim_value)
     if not firsts:
         return None
+    inferred: dict[str, list[int]] | None = None
     for value in model.graph.output:
         if value.type.tensor_type.HasField("shape"):
             dims = value.type.tensor_type.shape.dim
-            firsts.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0)
+            if dims and dims[0].HasField("dim_value"):
+                firsts.add(dims[0].dim_value)
+                continue
+            if inferred is None:
+                from pruneaug.ir.shape_folding import inferred_shapes
+
+                inferred = inferred_shapes(model, {})  # the inputs' static dims, their dynamic ones at 1
+            firsts.add((inferred.get(value.name) or [0])[0])
     return firsts.pop() if len(firsts) == 1 else None
 
 

@@ -99,6 +99,23 @@ def test_fixed_batch_is_the_shared_static_first_dimension():
     assert fixed_batch(mixed) is None
 
 
+def test_an_output_exported_with_a_symbolic_batch_has_the_one_its_shape_computations_give():
+    """Swin-T's logits came out of torch's export as [Gemmlogits_dim_0, 1000]: its batch is a Reshape by sizes
+    computed from a Shape (here Gather, Mod, Concat), which only folding them at the inputs' shapes resolves."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"]),
+             helper.make_node("Mod", ["b", "hundred"], ["kept"]), helper.make_node("Concat", ["kept", "minus_one"],
+                                                                               ["to"], axis=0),
+             helper.make_node("Reshape", ["x", "to"], ["y"])]
+    constants = [numpy_helper.from_array(np.array(v, np.int64), n)
+                 for n, v in (("zero", 0), ("hundred", [100]), ("minus_one", [-1]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fixed_batch(model) == 2
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 150  # 150 % 100: the output's 50 is no batch
+    assert fixed_batch(model) is None
+
+
 @pytest.mark.parametrize("name,batch", [("mlp", 1), ("mlp", 2), ("cnn", 1), ("cnn", 2)])
 def test_chunked_runs_equal_per_sample_runs_and_the_dynamic_model(tmp_path, name, batch):
     model = MODELS[name](batch)
