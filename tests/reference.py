@@ -17,6 +17,10 @@ def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
         return np.clip(y, 0, 6)
     if activation == "hardswish":
         return y * np.clip(y + 3, 0, 6) / 6
+    if activation == "gelu":  # exact erf: the kernels' rational approximation must stay within the tests' tolerance
+        from scipy.special import erf
+
+        return y * 0.5 * (1 + erf(y / np.sqrt(2)))
     assert activation is None, activation
     return y
 

@@ -112,7 +112,7 @@ def test_bsr_matmul_schedules(m, out, in_, block, density, with_bias):
     (33, 40, 30, (1, 1), True),       # mvec
     (19, 41, 29, (4, 1), False),      # mvec, ragged out tile
 ])
-@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish", "gelu"])
 def test_activation_epilogues_match_numpy(m, out, in_, block, with_bias, activation):
     _check_matmul(m, out, in_, block, 0.5, with_bias, activation=activation)
 
@@ -171,7 +171,7 @@ def test_sparsities_of_one_shape_share_one_function_and_one_compiled_module(bloc
 
 def test_unknown_activation_is_a_codegen_error():
     with pytest.raises(CodegenError, match=r"activation 'tanh' is not supported by the block-sparse kernels "
-                                           r"\(known: None, 'relu', 'relu6', 'hardswish'\)"):
+                                           r"\(known: None, 'relu', 'relu6', 'hardswish', 'gelu'\)"):
         bsr_matmul_kernel(X86, 4, random_bsr_weight(8, 8, (4, 4), 0.5), activation="tanh")
 
 

@@ -3,6 +3,7 @@ outputs against onnxruntime, and the errors a user can meet."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 
 import numpy as np
@@ -1086,3 +1087,43 @@ def test_a_batch_norm_runs_as_one_multiply_and_add_per_element(x86, x_shape, con
     assert "relax.divide" not in ops and "relax.subtract" not in ops and ops.count("relax.multiply") == 1, ops
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
     assert_matches_onnxruntime(build_model(model, sparse, x86, shapes), model, {"x": x})
+
+
+def with_torch_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its output y put through GELU as torch exports it at opset 17: Div by sqrt 2, Erf, Add 1, Mul by
+    the input, Mul by 0.5."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        node.output[:] = ["pre" if name == "y" else name for name in node.output]
+    out.graph.node.extend([helper.make_node("Div", ["pre", "root"], ["scaled"]),
+                           helper.make_node("Erf", ["scaled"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
+                           helper.make_node("Mul", ["pre", "e1"], ["g2"]), helper.make_node("Mul", ["g2", "half"], ["y"])])
+    out.graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name)
+                                 for name, value in (("root", 2 ** 0.5), ("one", 1.0), ("half", 0.5)))
+    del out.graph.value_info[:]
+    return out
+
+
+@pytest.mark.parametrize("layer", ["matmul", "conv"])
+def test_a_gelu_after_a_linear_layer_is_applied_by_its_kernel(x86, monkeypatch, layer):
+    """BERT's, ViT's and ConvNeXt's GELU, as torch exports it, in the kernel's stores (its erf TVM's fast_erf):
+    no erf is left to TVM, and the model matches onnxruntime's exact erf."""
+    activations = []
+    name = "bsr_matmul_kernel" if layer == "matmul" else "bsr_conv2d_kernel"
+    real = getattr(bsr, name)
+
+    def spy(*args, **kwargs):
+        activations.append(inspect.signature(real).bind(*args, **kwargs).arguments.get("activation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bsr, name, spy)
+    if layer == "matmul":
+        base, weight, shapes = zoo.mlp(), "fc3.weight", {"x": [3, 64]}
+    else:
+        base, weight, shapes = single_conv([1, 8, 8, 8], 16, (3, 3), pads=[1, 1, 1, 1]), "w", {"x": [1, 8, 8, 8]}
+    model = prune_blocks(with_torch_gelu(base), {weight: (4, 1)}, density=0.5)
+    assert "R.erf(" not in relax_build.rewritten_model(model, {weight: (4, 1)}, x86, shapes)["main"].script()
+    assert "gelu" in activations
+    inputs = {"x": 2 * np.random.default_rng(7).standard_normal(shapes["x"]).astype(np.float32)}
+    assert_matches_onnxruntime(build_model(model, {weight: (4, 1)}, x86, shapes), model, inputs)

@@ -9,7 +9,7 @@ A `Kernel` is one PrimFunc in destination-passing style, `X, *constants, Y`, wit
 its constants already in the layout that its schedule wants; `compile_kernel` builds it alone,
 Relax embeds the same PrimFunc with `call_tir`. Which layout and tiles a block shape gets on which
 target is decided by `schedule.kernel_schedule` and `schedule.conv_schedule`, which the cost model
-shares. Every kernel takes an `activation` (None, "relu", "relu6" or "hardswish", `ACTIVATIONS`) applied as it
+shares. Every kernel takes an `activation` (None, "relu", "relu6", "hardswish" or "gelu", `ACTIVATIONS`) applied as it
 stores Y, so that `relu(layer(x) + bias)` is one call.
 """
 from __future__ import annotations

@@ -20,8 +20,8 @@ Parameters are `X, data, indices, <block pointers>, bias, Y`: `chunk_ptr[block_r
 for rowvec, `indptr[block_rows + 1]` for mvec.
 Accumulators are `global`-scope allocations under 1 KiB: TVM 0.27 turns those into stack
 arrays that LLVM keeps in registers, while a `local`-scope one becomes a heap workspace.
-An `activation` ("relu", "relu6", "hardswish") is applied as the results are stored (`activation_epilogue`), so that a
-following ReLU costs no pass of its own over Y.
+An `activation` ("relu", "relu6", "hardswish", "gelu") is applied as the results are stored
+(`activation_epilogue`), so that a following ReLU costs no pass of its own over Y.
 """
 from __future__ import annotations
 
@@ -32,7 +32,14 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-ACTIVATIONS = (None, "relu", "relu6", "hardswish")  # what the kernels can apply to their result as they store it
+ACTIVATIONS = (None, "relu", "relu6", "hardswish", "gelu")  # what the kernels apply to their result as they store it
+# erf(x) for float32 as TVM's fast_erf computes it (the rational approximation of Eigen's generic_fast_erf_float):
+# x * P(x^2) / Q(x^2) over x clipped to [-4, 4], the coefficients highest power first
+ERF_CLIP = 4.0
+ERF_NUMERATOR = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+                 -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_DENOMINATOR = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+                   -1.42647390514189e-02)
 
 
 KERNEL_CACHE_SIZE = 256  # parsed kernels kept per builder: parsing TVMScript (~0.1 s) was most of a model's rewrite
@@ -58,7 +65,22 @@ def activation_epilogue(activation: str | None) -> Callable:
         return lambda value: T.min(T.max(value, T.float32(0)), T.float32(6))
     if activation == "hardswish":  # x * relu6(x + 3) / 6: MobileNetV3's, as TVM imports ONNX's HardSwish
         return lambda value: value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6)) / T.float32(6))
+    if activation == "gelu":  # x * (1 + erf(x / sqrt 2)) / 2: BERT's, ViT's and ConvNeXt's, as torch exports it
+        return lambda value: value * T.float32(0.5) * (T.float32(1) + fast_erf(value * T.float32(0.5 ** 0.5)))
     return lambda value: value
+
+
+def fast_erf(value):
+    """erf(`value`) as TVM's own fast_erf computes it: plain multiply-adds and one division, which vectorise (a
+    call of libm's erff would not)."""
+    x = T.min(T.max(value, T.float32(-ERF_CLIP)), T.float32(ERF_CLIP))
+    square = x * x
+    numerator, denominator = T.float32(ERF_NUMERATOR[0]), T.float32(ERF_DENOMINATOR[0])
+    for coefficient in ERF_NUMERATOR[1:]:
+        numerator = numerator * square + T.float32(coefficient)
+    for coefficient in ERF_DENOMINATOR[1:]:
+        denominator = denominator * square + T.float32(coefficient)
+    return x * numerator / denominator
 
 
 def row_sum_macro(cols: int, lanes: int, accumulators: int) -> Callable:

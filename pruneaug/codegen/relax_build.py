@@ -310,7 +310,8 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
     """The pattern of `activation` applied to `linear`, and a check of a match that the pattern alone cannot
     express. ONNX's Clip reaches Relax as TVM's frontend emits it, `call_tir(minimum, (call_tir(maximum,
     (y, lo)), hi))`: ReLU6 is that with lo = 0 and hi = 6 (the callees are named after their topi ops).
-    HardSwish reaches it as `y * (clip(y + 3, 0, 6) / 6)`."""
+    HardSwish reaches it as `y * (clip(y + 3, 0, 6) / 6)`; GELU as torch exports it (Div, Erf, Add, Mul, Mul) as
+    `y * (erf(y / sqrt 2) + 1) * 0.5`."""
     from tvm.relax.dpl import is_call_tir, is_const, is_op, wildcard
 
     if activation is None:
@@ -327,6 +328,16 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
             return bounds == [0.0, 6.0] and _scalar(matched[three]) == 3.0 and _scalar(matched[six]) == 6.0
 
         return swish, is_hardswish
+    if activation == "gelu":
+        root, one, half = is_const(), is_const(), is_const()
+        erf = is_op("relax.erf")(is_op("relax.divide")(linear, root))
+        gelu = is_op("relax.multiply")(is_op("relax.multiply")(linear, is_op("relax.add")(erf, one)), half)
+
+        def is_gelu(matched) -> bool:
+            constants = [_scalar(matched[c]) for c in (root, one, half)]
+            return None not in constants and abs(constants[0] - 2 ** 0.5) < 1e-6 and constants[1:] == [1.0, 0.5]
+
+        return gelu, is_gelu
     assert activation == "relu6", activation
     low, high = is_const(), is_const()
     floor = is_call_tir("", (linear, low))
@@ -341,7 +352,7 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
 
 # the op a model must call for an activation's pattern to match (`_activation_pattern`): patterns of absent
 # activations are not tried, each pass over BERT-base's graph costs ~0.8 s (`_rewrite_cpu_ops`)
-_ACTIVATION_OPS = {"hardswish": "relax.clip", "relu6": "relax.call_tir", "relu": "relax.nn.relu"}
+_ACTIVATION_OPS = {"hardswish": "relax.clip", "relu6": "relax.call_tir", "relu": "relax.nn.relu", "gelu": "relax.erf"}
 
 
 @dataclass
@@ -380,7 +391,7 @@ class _LinearRewriter:
             call = is_op(op)(x, weight)
             with_bias = is_op("relax.add")(call, bias) | is_op("relax.add")(bias, call)
             # the longest pattern first: an activation after the layer is fused into its kernel's stores
-            for activation in ("hardswish", "relu6", "relu", None):
+            for activation in ("gelu", "hardswish", "relu6", "relu", None):
                 if activation is not None and _ACTIVATION_OPS[activation] not in called:
                     continue
                 for linear in (with_bias, call):
