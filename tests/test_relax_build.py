@@ -1098,7 +1098,8 @@ def with_torch_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
         node.output[:] = ["pre" if name == "y" else name for name in node.output]
     out.graph.node.extend([helper.make_node("Div", ["pre", "root"], ["scaled"]),
                            helper.make_node("Erf", ["scaled"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
-                           helper.make_node("Mul", ["pre", "e1"], ["g2"]), helper.make_node("Mul", ["g2", "half"], ["y"])])
+                           helper.make_node("Mul", ["pre", "e1"], ["g2"]),
+                           helper.make_node("Mul", ["g2", "half"], ["y"])])
     out.graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name)
                                  for name, value in (("root", 2 ** 0.5), ("one", 1.0), ("half", 0.5)))
     del out.graph.value_info[:]
