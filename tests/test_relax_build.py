@@ -1089,27 +1089,32 @@ def test_a_batch_norm_runs_as_one_multiply_and_add_per_element(x86, x_shape, con
     assert_matches_onnxruntime(build_model(model, sparse, x86, shapes), model, {"x": x})
 
 
-def with_torch_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its output y put through GELU as torch exports it at opset 17: Div by sqrt 2, Erf, Add 1, Mul by
-    the input, Mul by 0.5."""
+GELU_FORMS = {  # GELU's nodes after `pre`, as torch exports it and as the bundled encoder (and HF's BERT) writes it
+    "torch": [("Div", ["pre", "root"], "scaled"), ("Erf", ["scaled"], "e"), ("Add", ["e", "one"], "e1"),
+              ("Mul", ["pre", "e1"], "g2"), ("Mul", ["g2", "half"], "y")],
+    "written out": [("Mul", ["pre", "inverse_root"], "scaled"), ("Erf", ["scaled"], "e"), ("Add", ["one", "e"], "e1"),
+                    ("Mul", ["pre", "half"], "halved"), ("Mul", ["halved", "e1"], "y")],
+}
+
+
+def with_gelu(model: onnx.ModelProto, form: str) -> onnx.ModelProto:
+    """`model` with its output y put through GELU in one of its exported forms (`GELU_FORMS`)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for node in out.graph.node:
         node.output[:] = ["pre" if name == "y" else name for name in node.output]
-    out.graph.node.extend([helper.make_node("Div", ["pre", "root"], ["scaled"]),
-                           helper.make_node("Erf", ["scaled"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
-                           helper.make_node("Mul", ["pre", "e1"], ["g2"]),
-                           helper.make_node("Mul", ["g2", "half"], ["y"])])
-    out.graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name)
-                                 for name, value in (("root", 2 ** 0.5), ("one", 1.0), ("half", 0.5)))
+    out.graph.node.extend(helper.make_node(op, inputs, [output]) for op, inputs, output in GELU_FORMS[form])
+    out.graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name) for name, value in
+                                 (("root", 2 ** 0.5), ("inverse_root", 2 ** -0.5), ("one", 1.0), ("half", 0.5)))
     del out.graph.value_info[:]
     return out
 
 
+@pytest.mark.parametrize("form", GELU_FORMS)
 @pytest.mark.parametrize("layer", ["matmul", "conv"])
-def test_a_gelu_after_a_linear_layer_is_applied_by_its_kernel(x86, monkeypatch, layer):
-    """BERT's, ViT's and ConvNeXt's GELU, as torch exports it, in the kernel's stores (its erf TVM's fast_erf):
-    no erf is left to TVM, and the model matches onnxruntime's exact erf."""
+def test_a_gelu_after_a_linear_layer_is_applied_by_its_kernel(x86, monkeypatch, layer, form):
+    """BERT's, ViT's and ConvNeXt's GELU, as torch exports it or written out, in the kernel's stores (its erf TVM's
+    fast_erf): no erf is left to TVM, and the model matches onnxruntime's exact erf."""
     activations = []
     name = "bsr_matmul_kernel" if layer == "matmul" else "bsr_conv2d_kernel"
     real = getattr(bsr, name)
@@ -1123,7 +1128,7 @@ def test_a_gelu_after_a_linear_layer_is_applied_by_its_kernel(x86, monkeypatch, 
         base, weight, shapes = zoo.mlp(), "fc3.weight", {"x": [3, 64]}
     else:
         base, weight, shapes = single_conv([1, 8, 8, 8], 16, (3, 3), pads=[1, 1, 1, 1]), "w", {"x": [1, 8, 8, 8]}
-    model = prune_blocks(with_torch_gelu(base), {weight: (4, 1)}, density=0.5)
+    model = prune_blocks(with_gelu(base, form), {weight: (4, 1)}, density=0.5)
     assert "R.erf(" not in relax_build.rewritten_model(model, {weight: (4, 1)}, x86, shapes)["main"].script()
     assert "gelu" in activations
     inputs = {"x": 2 * np.random.default_rng(7).standard_normal(shapes["x"]).astype(np.float32)}

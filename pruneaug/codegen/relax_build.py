@@ -311,7 +311,8 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
     express. ONNX's Clip reaches Relax as TVM's frontend emits it, `call_tir(minimum, (call_tir(maximum,
     (y, lo)), hi))`: ReLU6 is that with lo = 0 and hi = 6 (the callees are named after their topi ops).
     HardSwish reaches it as `y * (clip(y + 3, 0, 6) / 6)`; GELU as torch exports it (Div, Erf, Add, Mul, Mul) as
-    `y * (erf(y / sqrt 2) + 1) * 0.5`."""
+    `y * (erf(y / sqrt 2) + 1) * 0.5`, or written out as `(y * 0.5) * (1 + erf(y * (1 / sqrt 2)))` (the bundled
+    encoder's, Hugging Face's BERT's), either operand of each product and sum first."""
     from tvm.relax.dpl import is_call_tir, is_const, is_op, wildcard
 
     if activation is None:
@@ -329,13 +330,18 @@ def _activation_pattern(activation: str | None, linear) -> tuple[object, Callabl
 
         return swish, is_hardswish
     if activation == "gelu":
-        root, one, half = is_const(), is_const(), is_const()
-        erf = is_op("relax.erf")(is_op("relax.divide")(linear, root))
-        gelu = is_op("relax.multiply")(is_op("relax.multiply")(linear, is_op("relax.add")(erf, one)), half)
+        root, inverse_root, one, half = is_const(), is_const(), is_const(), is_const()
+        scaled = (is_op("relax.divide")(linear, root) | is_op("relax.multiply")(linear, inverse_root)
+                  | is_op("relax.multiply")(inverse_root, linear))
+        erf = is_op("relax.erf")(scaled)
+        one_plus = is_op("relax.add")(erf, one) | is_op("relax.add")(one, erf)
+        halved = is_op("relax.multiply")(linear, half) | is_op("relax.multiply")(half, linear)
+        gelu = (is_op("relax.multiply")(is_op("relax.multiply")(linear, one_plus), half)  # torch's export
+                | is_op("relax.multiply")(halved, one_plus) | is_op("relax.multiply")(one_plus, halved))
 
         def is_gelu(matched) -> bool:
-            constants = [_scalar(matched[c]) for c in (root, one, half)]
-            return None not in constants and abs(constants[0] - 2 ** 0.5) < 1e-6 and constants[1:] == [1.0, 0.5]
+            scale = _scalar(matched[root]) if root in matched else 1 / (_scalar(matched[inverse_root]) or np.inf)
+            return abs(scale - 2 ** 0.5) < 1e-6 and _scalar(matched[one]) == 1.0 and _scalar(matched[half]) == 0.5
 
         return gelu, is_gelu
     assert activation == "relu6", activation
