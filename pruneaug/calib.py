@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from pruneaug.errors import CalibrationError
+from pruneaug.ir.shape_folding import inferred_shapes
 
 LABELS_KEY = "labels"
 
@@ -99,8 +100,6 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
                 firsts.add(dims[0].dim_value)
                 continue
             if inferred is None:
-                from pruneaug.ir.shape_folding import inferred_shapes
-
                 inferred = inferred_shapes(model, {})  # the inputs' static dims, their dynamic ones at 1
             firsts.add((inferred.get(value.name) or [0])[0])
     return firsts.pop() if len(firsts) == 1 else None

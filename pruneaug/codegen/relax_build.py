@@ -194,13 +194,14 @@ def _first_differing_layer(model, inputs, rtol, sparse_weights, target) -> str |
 
 def import_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None):
     """The model as a Relax IRModule with static shapes; CodegenError naming what the frontend cannot take.
-    Its LSTM, GRU and RNN nodes are unrolled first (`recurrent.unrolled`): the frontend has no converter for them;
-    and its shape computations folded to constants (`shape_folding.folded`): it left some symbolic."""
+    Its shape computations are folded to constants first (`shape_folding.folded`): the frontend left some symbolic;
+    then its LSTM, GRU and RNN nodes are unrolled (`recurrent.unrolled`): the frontend has no converter for them."""
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     shapes = _static_input_shapes(model, input_shapes or {})
-    model = shape_folding.folded(recurrent.unrolled(model, shapes), shapes)
+    # folded first: the unrolling reads the model's shapes, which fold its shape computations again otherwise
+    model = recurrent.unrolled(shape_folding.folded(model, shapes), shapes)
     known = set(_get_convert_map()) | {"Constant", "If"}
     for name, node in zip(unique_node_names(model.graph.node), model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
